@@ -1,0 +1,129 @@
+"""Run settings as dataclasses. The command line is derived from these fields (see cli.py), and the
+whole `RunConfig` is saved as `config.json` in every run folder, so a field added here is at once a
+flag, a saved value and a loaded value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from vitlab.errors import VitlabError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is split and augmented.
+
+    Args:
+        data_dir: folder holding CIFAR-10 (then $VITLAB_DATA, then ./data are tried).
+        download: download CIFAR-10 when it is not found.
+        val_fraction: share of the training set held out for validation (the seeds' 80/20).
+        split_seed: seed of the train/validation split (fixed, so all runs validate on the same images).
+        subset: train on only this many of the 50,000 training images (before the split).
+        test_subset: test on only the first this-many test images.
+        crop_padding: random-crop padding in pixels (0 turns cropping off).
+        flip: random horizontal flips.
+    """
+
+    data_dir: str | None = None
+    download: bool = True
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    subset: int | None = None
+    test_subset: int | None = None
+    crop_padding: int = 4
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise VitlabError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        if not 0 <= self.crop_padding <= 16:
+            raise VitlabError(f"crop_padding must be between 0 and 16 pixels, got {self.crop_padding}")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe: AdamW with linear warmup then cosine decay to zero, per step.
+
+    Args:
+        epochs: passes over the training split.
+        batch_size: images per step.
+        lr: peak learning rate (reached after warmup).
+        weight_decay: AdamW decoupled weight decay (not applied to biases, norms, tokens, positions).
+        warmup_epochs: epochs of linear warmup from 0 to lr (fractions allowed).
+        min_lr_ratio: final learning rate as a share of lr.
+        beta1: AdamW first-moment decay.
+        beta2: AdamW second-moment decay.
+        label_smoothing: cross-entropy label smoothing.
+        grad_clip: clip the global gradient norm to this (0 turns clipping off).
+        seed: seeds weights, batch order and augmentation.
+        device: auto (CUDA, then Apple MPS, then CPU), cpu, cuda or mps.
+        precision: fp32, bf16 (autocast) or auto (bf16 where the device runs it fast).
+        eval_batch_size: images per evaluation step.
+        progress: show a live progress bar.
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    eval_batch_size: int = 500
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (self.eval_batch_size >= 1, f"eval_batch_size must be at least 1, got {self.eval_batch_size}"),
+            (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}"),
+            (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got '{self.device}'"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VitlabError(message)
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run: which model with which config, the data, and the recipe."""
+
+    model: str
+    model_config: dict[str, Any]
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        try:
+            return cls(
+                model=values["model"], model_config=dict(values["model_config"]),
+                data=DataConfig(**values.get("data", {})), train=TrainConfig(**values.get("train", {})),
+                preset=values.get("preset"),
+            )
+        except (KeyError, TypeError) as error:
+            raise VitlabError(f"config.json is not a vitlab run config ({error}); it is corrupt or from another version") from None

@@ -1,0 +1,279 @@
+"""CIFAR-10 as tensors: find or download, verify, split, and serve augmented batches on the device.
+
+The data path follows airbench: the whole split lives on the training device as one uint8 tensor
+(50,000 × 3 × 32 × 32 = 150 MB), and random crop + flip run on whole batches there. No DataLoader,
+no per-sample Python, the same code on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitlab.errors import VitlabError
+
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILES = ["test_batch"]
+META_FILE = "batches.meta"
+# The published MD5s of the official files (the ones torchvision checks).
+MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+}
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# Per-channel statistics of the 50,000 training images (pixels / 255), measured on the files.
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class CIFAR10:
+    """The three splits as uint8 tensors (N, 3, 32, 32) with int64 labels (N,), on the CPU."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: tuple[str, ...] = CLASSES
+    source: str = ""
+
+
+def candidate_dirs(data_dir: str | Path | None) -> list[Path]:
+    """Where to look, in order: --data-dir, then $VITLAB_DATA, then ./data."""
+    dirs = [data_dir, os.environ.get("VITLAB_DATA") or None, "data"]
+    return [Path(d).expanduser() for d in dirs if d]
+
+
+def batches_folder(root: Path) -> Path | None:
+    """Accept either the folder that holds `cifar-10-batches-py` or that folder itself."""
+    for folder in (root / FOLDER, root):
+        if all((folder / name).is_file() for name in MD5):
+            return folder
+    return None
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checksums(folder: Path) -> None:
+    """Compare every file with its published MD5 before anything is unpickled."""
+    for name, expected in MD5.items():
+        actual = md5_of(folder / name)
+        if actual != expected:
+            raise VitlabError(
+                f"CIFAR-10 file {folder / name} fails its checksum (md5 {actual}, expected {expected}); "
+                f"it is corrupt or incomplete: delete {folder} and download it again"
+            )
+
+
+class PlainDataUnpickler(pickle.Unpickler):
+    """Admits only what CIFAR-10's pickles contain (numpy arrays, dicts, lists, bytes); nothing can run."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: CIFAR-10 files hold plain data only")
+        return super().find_class(module, name)
+
+
+def read_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            return PlainDataUnpickler(handle, encoding="bytes").load()
+    except Exception as error:  # a file that passed its checksum but still fails is not CIFAR-10
+        raise VitlabError(f"cannot read CIFAR-10 file {path} ({error}); delete the folder and download it again") from None
+
+
+def read_split(folder: Path, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    for name in names:
+        batch = read_batch(folder / name)
+        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # planar RGB
+        labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def download(root: Path) -> Path:
+    """Fetch the official archive with torchvision (which checks its MD5) into `root`."""
+    import socket
+
+    from torchvision.datasets import CIFAR10 as TorchvisionCIFAR10
+
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try:
+        TorchvisionCIFAR10(root=str(root), train=True, download=True)
+    except Exception as error:
+        archive = root / "cifar-10-python.tar.gz"
+        if archive.exists() and batches_folder(root) is None:
+            archive.unlink()  # leave no half-downloaded archive behind
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise VitlabError(
+            f"CIFAR-10 is not in {root} and downloading it failed ({reason}); "
+            f"with no network, copy the 'cifar-10-batches-py' folder there, or point --data-dir or VITLAB_DATA at it"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+    return root / FOLDER
+
+
+def locate_cifar10(data_dir: str | Path | None = None, download_if_missing: bool = True) -> Path:
+    """Return the folder holding the batch files, downloading into the first candidate if allowed."""
+    candidates = candidate_dirs(data_dir)
+    for root in candidates:
+        folder = batches_folder(root)
+        if folder is not None:
+            return folder
+    searched = ", ".join(str(c) for c in candidates)
+    if not download_if_missing:
+        raise VitlabError(f"CIFAR-10 not found in {searched}; pass --data-dir or set VITLAB_DATA to the folder holding '{FOLDER}'")
+    return download(candidates[0])
+
+
+def split_indices(count: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded permutation cut into (train, validation) indices."""
+    permutation = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    val_count = int(round(count * val_fraction))
+    return permutation[val_count:], permutation[:val_count]
+
+
+def load_cifar10(
+    data_dir: str | Path | None = None,
+    *,
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+    subset: int | None = None,
+    test_subset: int | None = None,
+    download_if_missing: bool = True,
+) -> CIFAR10:
+    """Load CIFAR-10, verified against its published checksums, split 80/20 into train/validation.
+
+    Args:
+        data_dir: where to look first (then $VITLAB_DATA, then ./data); a download goes there.
+        val_fraction: share of the 50,000 training images held out for validation.
+        split_seed: seeds the split; fixed by default so every run validates on the same images.
+        subset: use only this many training images (before the split), for quick runs.
+        test_subset: use only the first this-many test images.
+        download_if_missing: try to download when no copy is found.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise VitlabError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    folder = locate_cifar10(data_dir, download_if_missing)
+    verify_checksums(folder)
+    images, labels = read_split(folder, TRAIN_FILES)
+    test_images, test_labels = read_split(folder, TEST_FILES)
+    if subset is not None:
+        if not 10 <= subset <= len(images):
+            raise VitlabError(f"subset must be between 10 and {len(images)}, got {subset}")
+        keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(split_seed + 1))[:subset]
+        images, labels = images[keep], labels[keep]
+    if test_subset is not None:
+        if not 1 <= test_subset <= len(test_images):
+            raise VitlabError(f"test_subset must be between 1 and {len(test_images)}, got {test_subset}")
+        test_images, test_labels = test_images[:test_subset], test_labels[:test_subset]
+    train_index, val_index = split_indices(len(images), val_fraction, split_seed)
+    return CIFAR10(
+        train_images=images[train_index], train_labels=labels[train_index],
+        val_images=images[val_index], val_labels=labels[val_index],
+        test_images=test_images, test_labels=test_labels, source=str(folder),
+    )
+
+
+def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, 3, H, W) → float, scaled to [0, 1] and standardised with the CIFAR-10 statistics."""
+    mean = torch.tensor(MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device, dtype=dtype).view(1, 3, 1, 1)
+    return (images.to(dtype) / 255.0 - mean) / std
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """Per-image random crop from a zero-padded copy and random horizontal flip, for a whole batch.
+
+    Same distribution as torchvision's RandomCrop(32, padding) + RandomHorizontalFlip, but one
+    gather for the batch instead of a Python call per image.
+    """
+    batch, _, height, width = images.shape  # (B, C, H, W) uint8
+    device = images.device
+    if padding > 0:
+        images = torch.nn.functional.pad(images, (padding, padding, padding, padding))  # (B, C, H+2p, W+2p)
+    offsets = torch.randint(0, 2 * padding + 1, (2, batch), generator=generator, device=device)
+    flips = (torch.rand(batch, generator=generator, device=device) < 0.5) & flip
+    rows = offsets[0, :, None] + torch.arange(height, device=device)  # (B, H)
+    cols = offsets[1, :, None] + torch.arange(width, device=device)  # (B, W)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)  # flipping = reading columns backwards
+    picked = images[torch.arange(batch, device=device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return picked.permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+class DeviceBatches:
+    """Iterates (images, labels) batches from tensors that already live on the device.
+
+    Training batches are shuffled each epoch and augmented; evaluation batches are in order.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        train: bool,
+        device: torch.device,
+        seed: int = 0,
+        crop_padding: int = 4,
+        flip: bool = True,
+        drop_last: bool | None = None,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> None:
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.batch_size = batch_size
+        self.train = train
+        self.device = device
+        self.crop_padding = crop_padding if train else 0
+        self.flip = flip and train
+        # Dropping the ragged last batch in training keeps every step the same shape (and speed).
+        self.drop_last = train and len(images) > batch_size if drop_last is None else drop_last
+        self.memory_format = memory_format
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __len__(self) -> int:
+        count = len(self.images)
+        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+
+    @property
+    def num_images(self) -> int:
+        return len(self) * self.batch_size if self.drop_last else len(self.images)
+
+    def __iter__(self):
+        count = len(self.images)
+        order = torch.randperm(count, generator=self.generator, device=self.device) if self.train else None
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
+            images = self.images[index]
+            if self.train:
+                images = random_crop_flip(images, self.crop_padding, self.generator, self.flip)
+            yield normalize(images).contiguous(memory_format=self.memory_format), self.labels[index]

@@ -1,0 +1,40 @@
+"""Model registry: one place that turns a model name and config values into a module."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vitlab.errors import VitlabError
+from vitlab.models.base import VitlabModel
+from vitlab.models.cnn import CNN, CNNConfig, SmallCNN, SmallCNNConfig
+from vitlab.models.mlp import MLP, MLPConfig
+from vitlab.models.vit import VisionTransformer, ViTConfig
+
+MODELS: dict[str, type[VitlabModel]] = {cls.name: cls for cls in (SmallCNN, CNN, MLP, VisionTransformer)}
+
+
+def config_fields(model_name: str) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(model_class(model_name).config_class))
+
+
+def model_class(model_name: str) -> type[VitlabModel]:
+    try:
+        return MODELS[model_name]
+    except KeyError:
+        raise VitlabError(f"unknown model '{model_name}'; choose one of {', '.join(MODELS)} (see 'vitlab models')") from None
+
+
+def build_model(model_name: str, **config_values) -> VitlabModel:
+    """Build a model by name; `config_values` override its config's defaults."""
+    cls = model_class(model_name)
+    known = {field.name for field in dataclasses.fields(cls.config_class)}
+    unknown = sorted(set(config_values) - known)
+    if unknown:
+        raise VitlabError(f"model '{model_name}' has no setting {', '.join(unknown)}; its settings are {', '.join(sorted(known))}")
+    return cls(cls.config_class(**config_values))
+
+
+__all__ = [
+    "CNN", "CNNConfig", "MLP", "MLPConfig", "MODELS", "SmallCNN", "SmallCNNConfig",
+    "VisionTransformer", "ViTConfig", "VitlabModel", "build_model", "config_fields", "model_class",
+]

@@ -1,0 +1,95 @@
+"""What every vitlab model shares: a dataclass config, and save/load as safetensors + JSON.
+
+A saved model is two files side by side: `model.safetensors` (weights only, no code can run when
+they are read) and `model.json` (`{"model": name, "config": {...}}`), enough to rebuild the module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vitlab.errors import VitlabError
+from vitlab.io import atomic_write, read_json, write_json
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model.json"
+
+
+class VitlabModel(nn.Module):
+    """Base class: subclasses set `name` and `config_class` and take their config in `__init__`."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def describe(self) -> dict:
+        """The JSON-serialisable identity of this model: its name and its config."""
+        return {"model": self.name, "config": dataclasses.asdict(self.config)}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `model.safetensors` and `model.json` into `directory`; returns the weights path."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        # contiguous() also makes channels_last weights portable across memory formats.
+        state = {key: value.detach().cpu().contiguous() for key, value in self.state_dict().items()}
+        atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
+        write_json(directory / CONFIG_FILE, self.describe())
+        return directory / WEIGHTS_FILE
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "VitlabModel":
+        """Rebuild a saved model from a run folder, or from its `model.safetensors`/`model.json` path.
+
+        Called on a subclass (`VisionTransformer.load`), it also checks the saved model is that kind.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from vitlab.models import build_model
+
+        path = Path(path)
+        directory = path if path.is_dir() else path.parent
+        weights, description_file = directory / WEIGHTS_FILE, directory / CONFIG_FILE
+        if not weights.exists():
+            raise VitlabError(f"no saved model in {directory} (missing {WEIGHTS_FILE}); pass a run folder written by 'vitlab train'")
+        description = read_json(description_file, "model description")
+        try:
+            model = build_model(description["model"], **description["config"])
+        except (KeyError, TypeError) as error:
+            raise VitlabError(f"{description_file} does not describe a vitlab model ({error}); it is corrupt or from another tool") from None
+        if cls is not VitlabModel and not isinstance(model, cls):
+            raise VitlabError(f"{directory} holds a '{model.name}' model, not a {cls.__name__}; load it with vitlab.load_model")
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise VitlabError(f"cannot read {weights} ({error}); the file is corrupt or truncated, retrain or copy it again") from None
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise VitlabError(f"{weights} does not match {description_file} ({first_line}); the two files come from different runs") from None
+        return model.to(device)
+
+
+def init_linear_weights(module: nn.Module) -> None:
+    """Truncated-normal(0.02) linear/conv weights and zero biases: the ViT paper's (and timm's) init."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

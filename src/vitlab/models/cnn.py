@@ -1,0 +1,104 @@
+"""The seeds' two CNNs: the small 2-conv net (seeds 000/001) and the BN net (seed 002)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vitlab.errors import VitlabError
+from vitlab.models.base import VitlabModel
+
+
+@dataclass
+class SmallCNNConfig:
+    """Seeds 000/001: conv 3→16, pool, conv 16→32, pool, linear 2048→10.
+
+    Args:
+        channels: output channels of the two convolutions.
+        image_size: side of the square input image (32 for CIFAR-10).
+        num_classes: number of output logits.
+    """
+
+    channels: tuple[int, int] = (16, 32)
+    image_size: int = 32
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        if len(self.channels) != 2 or min(self.channels) < 1:
+            raise VitlabError(f"cnn-small needs two positive channel counts, got channels={self.channels}")
+        if self.image_size % 4 or self.image_size < 4:
+            raise VitlabError(f"cnn-small pools twice, so image_size must be a multiple of 4, got {self.image_size}")
+
+
+class SmallCNN(VitlabModel):
+    """Two 3×3 conv + ReLU + max-pool stages and one linear layer (~20k parameters)."""
+
+    name = "cnn-small"
+    config_class = SmallCNNConfig
+
+    def __init__(self, config: SmallCNNConfig | None = None) -> None:
+        super().__init__(config or SmallCNNConfig())
+        c1, c2 = self.config.channels
+        self.features = nn.Sequential(
+            nn.Conv2d(3, c1, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        side = self.config.image_size // 4
+        self.classifier = nn.Linear(c2 * side * side, self.config.num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.features(images)  # (B, c2, H/4, W/4)
+        return self.classifier(features.flatten(1))  # (B, num_classes)
+
+
+@dataclass
+class CNNConfig:
+    """Seed 002's CNN: four stages of two 3×3 conv + BN + ReLU, each followed by a 2×2 max-pool.
+
+    Args:
+        widths: output channels of the stages.
+        num_classes: number of output logits.
+    """
+
+    widths: tuple[int, ...] = (64, 128, 256, 512)
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        self.widths = tuple(int(w) for w in self.widths)
+        if not self.widths or min(self.widths) < 1:
+            raise VitlabError(f"cnn needs at least one positive width, got widths={self.widths}")
+        if len(self.widths) > 5:
+            raise VitlabError(f"cnn halves a 32×32 image per stage, so at most 5 stages fit, got {len(self.widths)}")
+
+
+def conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class CNN(VitlabModel):
+    """A VGG-style BN network with global average pooling (~4.7M parameters at default widths)."""
+
+    name = "cnn"
+    config_class = CNNConfig
+
+    def __init__(self, config: CNNConfig | None = None) -> None:
+        super().__init__(config or CNNConfig())
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for width in self.config.widths:
+            layers += conv_bn_relu(in_channels, width) + conv_bn_relu(width, width) + [nn.MaxPool2d(2)]
+            in_channels = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(in_channels, self.config.num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.features(images)  # (B, widths[-1], 32 / 2**stages, same)
+        pooled = features.mean(dim=(2, 3))  # (B, widths[-1]): global average pool
+        return self.classifier(pooled)  # (B, num_classes)

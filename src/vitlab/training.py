@@ -1,0 +1,115 @@
+"""A whole run from config to run folder: the one path used by `vitlab train` (and by studies)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from vitlab.config import RunConfig
+from vitlab.data import load_cifar10
+from vitlab.errors import VitlabError
+from vitlab.io import read_json, write_json
+from vitlab.models import VitlabModel, build_model
+from vitlab.plots import plot_curves
+from vitlab.provenance import device_description, git_commit, versions
+from vitlab.runner import Runner
+
+CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CURVES_FILE = "config.json", "metrics.jsonl", "results.json", "curves.png"
+
+
+def default_run_dir(run: RunConfig) -> Path:
+    return Path("runs") / f"{run.preset or run.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Refuse a folder that already holds a run, and one that cannot be written."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VitlabError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise VitlabError(f"--out {out_dir} is not empty (it may hold another run); choose a new folder or delete it")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise VitlabError(f"cannot write to --out {out_dir} ({error.strerror or error}); choose a writable folder") from None
+
+
+def build_run_model(run: RunConfig) -> VitlabModel:
+    torch.manual_seed(run.train.seed)  # the same seed always gives the same initial weights
+    return build_model(run.model, **run.model_config)
+
+
+def train_run(run: RunConfig, out_dir: str | Path | None = None) -> dict:
+    """Train, validate, test and write the run folder; returns the results dictionary.
+
+    Everything that can be checked is checked before the folder is created, so a bad config or
+    missing data leaves nothing behind.
+    """
+    model = build_run_model(run)
+    data_config = run.data
+    data = load_cifar10(
+        data_config.data_dir, val_fraction=data_config.val_fraction, split_seed=data_config.split_seed,
+        subset=data_config.subset, test_subset=data_config.test_subset, download_if_missing=data_config.download,
+    )
+    out_dir = Path(out_dir) if out_dir else default_run_dir(run)
+    prepare_out_dir(out_dir)
+    run = dataclasses.replace(run, model_config=dataclasses.asdict(model.config))  # record every default too
+    write_json(out_dir / CONFIG_FILE, run.to_dict())
+
+    runner = Runner(model, run.train, run.data, history_file=out_dir / METRICS_FILE)
+    if run.train.progress:
+        print(f"training {run.preset or run.model} ({model.num_parameters:,} parameters) on {len(data.train_images):,} images, "
+              f"{runner.device} {runner.precision}; run folder {out_dir}", flush=True)
+    history = runner.fit(data)
+    test = runner.evaluate(data.test_images, data.test_labels)
+    model.save(out_dir)
+    results = {
+        "model": run.model,
+        "preset": run.preset,
+        "test_loss": test.loss,
+        "test_acc": test.accuracy,
+        "best_val_acc": max(record["val_acc"] for record in history),
+        "final_val_acc": history[-1]["val_acc"],
+        "per_class_acc": test.per_class_accuracy(data.classes),
+        "params": model.num_parameters,
+        "epochs": run.train.epochs,
+        "train_images": len(data.train_images),
+        "test_images": len(data.test_images),
+        "train_seconds": runner.train_seconds,
+        "images_per_second": runner.train_images_seen / runner.train_seconds,
+        "device": device_description(runner.device),
+        "precision": runner.precision,
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "data_source": data.source,
+    }
+    write_json(out_dir / RESULTS_FILE, results)
+    plot_curves(history, out_dir / CURVES_FILE, title=f"{run.preset or run.model}: test accuracy {test.accuracy:.2f}%")
+    return results | {"out_dir": str(out_dir)}
+
+
+def evaluate_run(run_dir: str | Path, data_dir: str | None = None, device: str | None = None) -> dict:
+    """Re-test a saved run on the test set it was tested on; returns loss, accuracy and per-class accuracy."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise VitlabError(f"run folder {run_dir} does not exist; pass a folder written by 'vitlab train'")
+    run = RunConfig.from_dict(read_json(run_dir / CONFIG_FILE, "run config"))
+    model = VitlabModel.load(run_dir)
+    if model.name != run.model:
+        raise VitlabError(f"{run_dir} has a '{model.name}' model but its config.json says '{run.model}'; the folder mixes two runs")
+    data = load_cifar10(
+        data_dir or run.data.data_dir, val_fraction=run.data.val_fraction, split_seed=run.data.split_seed,
+        subset=run.data.subset, test_subset=run.data.test_subset, download_if_missing=run.data.download,
+    )
+    train_config = dataclasses.replace(run.train, device=device or run.train.device, progress=False)
+    runner = Runner(model, train_config, run.data)
+    test = runner.evaluate(data.test_images, data.test_labels)
+    return {
+        "run": str(run_dir), "model": run.model, "test_images": len(data.test_labels),
+        "test_loss": test.loss, "test_acc": test.accuracy, "per_class_acc": test.per_class_accuracy(data.classes),
+    }
