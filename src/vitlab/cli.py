@@ -10,7 +10,8 @@ import re
 import sys
 import types
 import typing
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from vitlab.config import DataConfig, RunConfig, TrainConfig
 from vitlab.errors import VitlabError

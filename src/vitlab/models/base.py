@@ -61,6 +61,8 @@ class VitlabModel(nn.Module):
         from vitlab.models import build_model
 
         path = Path(path)
+        if not path.exists():
+            raise VitlabError(f"{path} does not exist; pass a run folder written by 'vitlab train' or its model.safetensors")
         directory = path if path.is_dir() else path.parent
         weights, description_file = directory / WEIGHTS_FILE, directory / CONFIG_FILE
         if not weights.exists():

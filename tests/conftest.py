@@ -1,0 +1,94 @@
+"""Shared fixtures: a CIFAR-10 folder (the real one when VITLAB_DATA points at it, otherwise small
+generated files in the same format) and tiny in-memory datasets for unit tests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vitlab import data as data_module
+from vitlab.data import CIFAR10, FOLDER, MD5, batches_folder
+
+
+def write_fake_cifar10(root: Path, per_batch: int = 60, seed: int = 0) -> dict[str, str]:
+    """Write CIFAR-10-format batch files whose images carry a learnable signal; returns their MD5s.
+
+    Each class gets its own mean colour plus noise, so a model can beat chance in one short epoch.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / FOLDER
+    folder.mkdir(parents=True)
+    palette = rng.integers(30, 225, size=(10, 3))
+
+    def batch(label_name: str, count: int) -> dict:
+        labels = rng.integers(0, 10, size=count)
+        pixels = palette[labels][:, :, None] + rng.normal(0, 25, size=(count, 3, 1024))
+        return {b"batch_label": label_name.encode(), b"labels": labels.tolist(),
+                b"data": np.clip(pixels, 0, 255).astype(np.uint8).reshape(count, 3072),
+                b"filenames": [f"img_{i}.png".encode() for i in range(count)]}
+
+    for index in range(1, 6):
+        with open(folder / f"data_batch_{index}", "wb") as handle:
+            pickle.dump(batch(f"training batch {index} of 5", per_batch), handle, protocol=2)
+    with open(folder / "test_batch", "wb") as handle:
+        pickle.dump(batch("testing batch 1 of 1", per_batch * 2), handle, protocol=2)
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({b"num_cases_per_batch": per_batch, b"label_names": [c.encode() for c in data_module.CLASSES],
+                     b"num_vis": 3072}, handle, protocol=2)
+    return {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in MD5}
+
+
+def real_cifar10_root() -> Path | None:
+    value = os.environ.get("VITLAB_DATA")
+    if value and batches_folder(Path(value)) is not None:
+        return Path(value)
+    return None
+
+
+@pytest.fixture
+def cifar_root(tmp_path_factory, monkeypatch) -> Path:
+    """A folder holding `cifar-10-batches-py`: real CIFAR-10 if available, else generated files
+    (with the expected checksums patched to theirs, so verification still runs)."""
+    real = real_cifar10_root()
+    if real is not None:
+        return real
+    root = tmp_path_factory.mktemp("fake-cifar")
+    monkeypatch.setattr(data_module, "MD5", write_fake_cifar10(root))
+    return root
+
+
+@pytest.fixture
+def writable_cifar_root(cifar_root, tmp_path, monkeypatch) -> Path:
+    """A private copy of the dataset folder that a test may damage."""
+    copy = tmp_path / "cifar-copy"
+    shutil.copytree(batches_folder(cifar_root), copy / FOLDER)
+    return copy
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(monkeypatch, tmp_path):
+    """Tests never download, never read ./data from the repo, and run in a scratch folder."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+
+
+def tiny_dataset(count: int = 256, seed: int = 0) -> CIFAR10:
+    """Random uint8 images whose class decides the mean colour: learnable in a few steps."""
+    generator = torch.Generator().manual_seed(seed)
+    palette = torch.randint(30, 225, (10, 3), generator=generator)
+
+    def split(n: int):
+        labels = torch.randint(0, 10, (n,), generator=generator)
+        noise = torch.randn(n, 3, 32, 32, generator=generator) * 20
+        images = (palette[labels][:, :, None, None] + noise).clamp(0, 255).to(torch.uint8)
+        return images, labels
+
+    train, val, test = split(count), split(count // 4), split(count // 4)
+    return CIFAR10(*train, *val, *test)

@@ -1,0 +1,121 @@
+import pytest
+import torch
+from torch import nn
+
+from vitlab.errors import VitlabError
+from vitlab.models import VisionTransformer, ViTConfig, build_model
+from vitlab.models.base import VitlabModel
+from vitlab.models.vit import Block, sincos_position_embedding
+
+
+def tiny_vit(**overrides) -> VisionTransformer:
+    values = dict(patch_size=4, hidden_size=32, num_heads=4, num_blocks=2) | overrides
+    return VisionTransformer(ViTConfig(**values))
+
+
+@pytest.mark.parametrize("patch_size", [1, 2, 4, 5, 6, 8, 32])
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_logits_and_attention_shapes(patch_size, pool):
+    model = tiny_vit(patch_size=patch_size, pool=pool, num_blocks=1 if patch_size == 1 else 2).eval()
+    images = torch.randn(2, 3, 32, 32)
+    logits, attention = model(images, return_attention=True)
+    grid = -(-32 // patch_size)
+    tokens = grid * grid + (pool == "cls")
+    assert logits.shape == (2, 10)
+    assert len(attention) == model.config.num_blocks
+    assert all(a.shape == (2, 4, tokens, tokens) for a in attention)
+    torch.testing.assert_close(attention[0].sum(-1), torch.ones(2, 4, tokens))
+
+
+def test_patch_size_that_does_not_divide_the_image_pads_symmetrically():
+    config = ViTConfig(patch_size=6)
+    assert config.grid_size == 6 and config.num_patches == 36
+    model = VisionTransformer(config)
+    assert model.patch_embedding.padding == (2, 2)
+
+
+@pytest.mark.parametrize("pos_embed,pool", [("learned", "cls"), ("sincos", "mean"), ("sincos", "cls")])
+def test_fast_path_and_attention_path_give_the_same_logits(pos_embed, pool):
+    model = tiny_vit(pos_embed=pos_embed, pool=pool, patch_size=6).eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        fast = model(images)
+        explicit, _ = model(images, return_attention=True)
+    torch.testing.assert_close(fast, explicit, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_block_matches_torch_multihead_attention():
+    torch.manual_seed(1)
+    block = Block(ViTConfig(hidden_size=32, num_heads=4)).eval()
+    reference = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(block.attention.qkv.weight)
+        reference.in_proj_bias.copy_(block.attention.qkv.bias)
+        reference.out_proj.weight.copy_(block.attention.projection.weight)
+        reference.out_proj.bias.copy_(block.attention.projection.bias)
+    tokens = torch.randn(2, 17, 32)
+    normed = block.attention_norm(tokens)
+    with torch.no_grad():
+        expected_out, expected_weights = reference(normed, normed, normed, average_attn_weights=False)
+        for return_attention in (False, True):
+            out, weights = block.attention(normed, return_attention=return_attention)
+            torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_size_not_divisible_by_heads_is_a_clear_error():
+    with pytest.raises(VitlabError, match="hidden_size 64 is not divisible by num_heads 3"):
+        ViTConfig(hidden_size=64, num_heads=3)
+
+
+@pytest.mark.parametrize("bad", [dict(patch_size=0), dict(patch_size=33), dict(pos_embed="rope"), dict(pool="max"),
+                                 dict(dropout=1.0), dict(hidden_size=6, num_heads=3, pos_embed="sincos")])
+def test_impossible_configs_are_rejected(bad):
+    with pytest.raises(VitlabError):
+        ViTConfig(**bad)
+
+
+def test_sincos_positions_are_fixed_and_distinct():
+    table = sincos_position_embedding(8, 32)
+    assert table.shape == (64, 32)
+    assert torch.cdist(table, table).add(torch.eye(64) * 1e3).min() > 0.1  # every position is distinguishable
+    model = tiny_vit(pos_embed="sincos")
+    assert "position_embedding" not in dict(model.named_parameters())
+    torch.testing.assert_close(model.position_embedding[0], sincos_position_embedding(8, 32))
+
+
+def test_every_parameter_gets_a_gradient():
+    model = tiny_vit()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    # The head starts at zero, so only parameters before it receive zero gradients at step 0
+    # through the head; check the head itself and the embedding.
+    assert model.head.weight.grad.abs().sum() > 0
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+
+
+def test_save_and_load_give_the_same_logits(tmp_path):
+    model = tiny_vit(pos_embed="sincos", pool="mean", patch_size=6).eval()
+    with torch.no_grad():
+        model.head.weight.normal_()
+    model.save(tmp_path)
+    loaded = VisionTransformer.load(tmp_path).eval()
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(images), loaded(images), rtol=0, atol=0)
+    assert loaded.config == model.config
+    assert isinstance(VitlabModel.load(tmp_path / "model.safetensors"), VisionTransformer)
+
+
+def test_loading_the_wrong_kind_or_a_truncated_file_is_a_clear_error(tmp_path):
+    build_model("cnn-small").save(tmp_path)
+    with pytest.raises(VitlabError, match="holds a 'cnn-small' model, not a VisionTransformer"):
+        VisionTransformer.load(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(VitlabError, match="corrupt or truncated"):
+        VitlabModel.load(tmp_path)
+    with pytest.raises(VitlabError, match="does not exist"):
+        VitlabModel.load(tmp_path / "elsewhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VitlabError, match="no saved model"):
+        VitlabModel.load(tmp_path / "empty")
