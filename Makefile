@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export VITLAB_DATA ?= $(wildcard $(abspath ../shared/data/cifar10))
-TRAIN_ARGS ?= --preset vit-seed001 --out runs/main-$(shell date +%Y%m%d-%H%M%S)
+TRAIN_ARGS ?= --out runs/main-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: train test lint clean
 

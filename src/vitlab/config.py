@@ -70,13 +70,13 @@ class TrainConfig:
 
     epochs: int = 10
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     grad_clip: float = 0.0
     seed: int = 0
     device: str = "auto"
