@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from vitlab.config import RunConfig
-from vitlab.data import load_cifar10
+from vitlab.config import DataConfig, RunConfig
+from vitlab.data import CIFAR10, load_cifar10
 from vitlab.errors import VitlabError
 from vitlab.io import read_json, write_json
 from vitlab.models import VitlabModel, build_model
@@ -39,6 +39,14 @@ def prepare_out_dir(out_dir: Path) -> None:
         raise VitlabError(f"cannot write to --out {out_dir} ({error.strerror or error}); choose a writable folder") from None
 
 
+def load_run_data(config: DataConfig, data_dir: str | None = None) -> CIFAR10:
+    """CIFAR-10 as a run's DataConfig describes it (`data_dir` overrides where to look)."""
+    return load_cifar10(
+        data_dir or config.data_dir, val_fraction=config.val_fraction, split_seed=config.split_seed,
+        subset=config.subset, test_subset=config.test_subset, download_if_missing=config.download,
+    )
+
+
 def build_run_model(run: RunConfig) -> VitlabModel:
     torch.manual_seed(run.train.seed)  # the same seed always gives the same initial weights
     return build_model(run.model, **run.model_config)
@@ -51,11 +59,7 @@ def train_run(run: RunConfig, out_dir: str | Path | None = None) -> dict:
     missing data leaves nothing behind.
     """
     model = build_run_model(run)
-    data_config = run.data
-    data = load_cifar10(
-        data_config.data_dir, val_fraction=data_config.val_fraction, split_seed=data_config.split_seed,
-        subset=data_config.subset, test_subset=data_config.test_subset, download_if_missing=data_config.download,
-    )
+    data = load_run_data(run.data)
     out_dir = Path(out_dir) if out_dir else default_run_dir(run)
     prepare_out_dir(out_dir)
     run = dataclasses.replace(run, model_config=dataclasses.asdict(model.config))  # record every default too
@@ -102,10 +106,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, device: str |
     model = VitlabModel.load(run_dir)
     if model.name != run.model:
         raise VitlabError(f"{run_dir} has a '{model.name}' model but its config.json says '{run.model}'; the folder mixes two runs")
-    data = load_cifar10(
-        data_dir or run.data.data_dir, val_fraction=run.data.val_fraction, split_seed=run.data.split_seed,
-        subset=run.data.subset, test_subset=run.data.test_subset, download_if_missing=run.data.download,
-    )
+    data = load_run_data(run.data, data_dir)
     train_config = dataclasses.replace(run.train, device=device or run.train.device, progress=False)
     runner = Runner(model, train_config, run.data)
     test = runner.evaluate(data.test_images, data.test_labels)
