@@ -87,9 +87,7 @@ def test_sincos_positions_are_fixed_and_distinct():
 def test_every_parameter_gets_a_gradient():
     model = tiny_vit()
     model(torch.randn(2, 3, 32, 32)).sum().backward()
-    # The head starts at zero, so only parameters before it receive zero gradients at step 0
-    # through the head; check the head itself and the embedding.
-    assert model.head.weight.grad.abs().sum() > 0
+    assert model.head.weight.grad.abs().sum() > 0  # the head starts at zero but still learns
     missing = [name for name, p in model.named_parameters() if p.grad is None]
     assert missing == []
 

@@ -265,10 +265,6 @@ class DeviceBatches:
         count = len(self.images)
         return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
 
-    @property
-    def num_images(self) -> int:
-        return len(self) * self.batch_size if self.drop_last else len(self.images)
-
     def __iter__(self):
         count = len(self.images)
         order = torch.randperm(count, generator=self.generator, device=self.device) if self.train else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +145,7 @@ class Runner:
             # Reading a number from the device waits for it, so do it only every few steps.
             if step % 10 == 9 or step == len(batches) - 1:
                 mean_loss = loss_sum.item() / seen
-                if not torch.isfinite(torch.tensor(mean_loss)):
+                if not math.isfinite(mean_loss):
                     raise VitlabError(f"training loss became {mean_loss} in epoch {epoch}; lower --lr or set --grad_clip 1.0")
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{100.0 * correct.item() / seen:.1f}%", img_s=f"{seen / elapsed:.0f}")
