@@ -44,3 +44,27 @@ def test_save_load_round_trip(name, tmp_path):
     loaded = type(model).load(tmp_path).eval()
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model(images), loaded(images), rtol=0, atol=0)
+
+
+def test_aircnn_shapes_and_frozen_whitening():
+    from vitlab.models import AirCNN
+
+    model = AirCNN()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert not model.whiten.weight.requires_grad
+    assert all(not m.weight.requires_grad for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_aircnn_whitening_layer_whitens_patches():
+    from vitlab.models import AirCNN
+
+    torch.manual_seed(0)
+    mixing = torch.tensor([[1.0, 0.9, 0.8], [0.0, 0.5, 0.4], [0.0, 0.0, 0.3]])
+    images = torch.einsum("ij,bjhw->bihw", mixing, torch.randn(64, 3, 32, 32))  # correlated channels
+    model = AirCNN()
+    model.init_from_data(images)
+    with torch.no_grad():
+        responses = model.whiten(images)[:, :12]  # (B, 12, 31, 31): the + half of the ± pairs
+    flat = responses.permute(1, 0, 2, 3).reshape(12, -1)
+    covariance = flat @ flat.T / flat.shape[1]
+    torch.testing.assert_close(covariance, torch.eye(12), atol=0.05, rtol=0)

@@ -67,7 +67,7 @@ def test_diverging_loss_stops_with_a_clear_error():
 
 def test_no_weight_decay_on_biases_norms_and_tokens():
     model = build_model("vit", hidden_size=16, num_heads=2, num_blocks=1)
-    decay, no_decay = parameter_groups(model, 0.05)
+    decay, no_decay = parameter_groups(model, TrainConfig(weight_decay=0.05))
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in no_decay["params"]} >= {"cls_token", "position_embedding", "norm.weight", "head.bias"}
     assert all(p.ndim >= 2 for p in decay["params"])
@@ -84,3 +84,39 @@ def test_warmup_then_cosine_to_the_floor():
 def test_train_config_rejects_impossible_values(bad):
     with pytest.raises(VitlabError):
         TrainConfig(**bad)
+
+
+def test_sgd_groups_scale_norm_bias_lr_and_keep_decay_per_step():
+    from vitlab.models import AirCNN
+
+    config = TrainConfig(optimizer="sgd", lr=0.5, weight_decay=0.01, norm_bias_lr_scale=64.0)
+    groups = parameter_groups(AirCNN(), config)
+    norm_group = next(group for group in groups if group.get("lr") == 32.0)
+    assert norm_group["weight_decay"] * norm_group["lr"] == pytest.approx(0.01 * 0.5)
+    assert all(p.ndim == 1 for p in norm_group["params"])
+
+
+def test_linear_schedule_is_a_triangle():
+    from vitlab.schedule import warmup_linear
+
+    assert warmup_linear(4, 5, 25) == pytest.approx(1.0)
+    assert warmup_linear(15, 5, 25, min_ratio=0.1) == pytest.approx(0.55)
+    assert warmup_linear(25, 5, 25, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_aircnn_with_sgd_recipe_learns_and_tta_evaluates():
+    data = tiny_dataset()
+    config = quick_config(optimizer="sgd", lr=0.2, momentum=0.85, schedule="linear", norm_bias_lr_scale=16, tta=True)
+    runner = Runner(build_model("aircnn", widths=(16, 32, 32)), config)
+    history = runner.fit(data)
+    assert history[-1]["val_acc"] > 50
+
+
+def test_tta_averages_the_mirror_logits():
+    data = tiny_dataset()
+    model = build_model("mlp", hidden_size=8)
+    plain = Runner(model, quick_config()).evaluate(data.test_images, data.test_labels)
+    mirrored = Runner(model, quick_config(tta=True)).evaluate(data.test_images.flip(3), data.test_labels)
+    both = Runner(model, quick_config(tta=True)).evaluate(data.test_images, data.test_labels)
+    assert both.loss == pytest.approx(mirrored.loss, rel=1e-5)  # TTA is symmetric under mirroring
+    assert both.loss != pytest.approx(plain.loss, rel=1e-5)

@@ -12,6 +12,8 @@ from typing import Any
 from vitlab.errors import VitlabError
 
 PRECISIONS = ("auto", "fp32", "bf16")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "linear")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -48,15 +50,20 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The optimisation recipe: AdamW with linear warmup then cosine decay to zero, per step.
+    """The optimisation recipe: by default AdamW with linear warmup then cosine decay to zero, per step.
 
     Args:
+        optimizer: adamw, or sgd (Nesterov momentum).
         epochs: passes over the training split.
         batch_size: images per step.
         lr: peak learning rate (reached after warmup).
         weight_decay: AdamW decoupled weight decay (not applied to biases, norms, tokens, positions).
         warmup_epochs: epochs of linear warmup from 0 to lr (fractions allowed).
+        schedule: after warmup, cosine or linear decay to min_lr_ratio × lr.
         min_lr_ratio: final learning rate as a share of lr.
+        momentum: SGD's Nesterov momentum.
+        norm_bias_lr_scale: learning-rate multiplier for normalisation biases (airbench uses 64), with
+            their weight decay divided by the same factor so the decay per step is unchanged.
         beta1: AdamW first-moment decay.
         beta2: AdamW second-moment decay.
         label_smoothing: cross-entropy label smoothing.
@@ -65,15 +72,21 @@ class TrainConfig:
         device: auto (CUDA, then Apple MPS, then CPU), cpu, cuda or mps.
         precision: fp32, bf16 (autocast) or auto (bf16 where the device runs it fast).
         eval_batch_size: images per evaluation step.
+        tta: evaluate on each image and its mirror image, averaging the logits.
+        compile: run the model through torch.compile (slower start, faster steps where it helps).
         progress: show a live progress bar.
     """
 
     epochs: int = 10
+    optimizer: str = "adamw"
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
+    schedule: str = "cosine"
     min_lr_ratio: float = 0.0
+    momentum: float = 0.9
+    norm_bias_lr_scale: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.999
     label_smoothing: float = 0.1
@@ -82,6 +95,8 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     eval_batch_size: int = 500
+    tta: bool = False
+    compile: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -96,6 +111,10 @@ class TrainConfig:
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.norm_bias_lr_scale > 0, f"norm_bias_lr_scale must be positive, got {self.norm_bias_lr_scale}"),
             (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got '{self.device}'"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'"),
         ]

@@ -13,11 +13,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vitlab.config import DataConfig, TrainConfig
-from vitlab.data import CIFAR10, DeviceBatches
+from vitlab.data import CIFAR10, DeviceBatches, normalize
 from vitlab.device import autocast, pick_device, resolve_precision
 from vitlab.errors import VitlabError
 from vitlab.io import append_jsonl
-from vitlab.schedule import warmup_cosine
+from vitlab.schedule import SCHEDULES
 
 # Parameters that get no weight decay besides biases and norm scales (all 1-D): decaying the
 # CLS token or the position table towards zero only erases what they encode.
@@ -42,16 +42,25 @@ class Evaluation:
         return result
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """Weights get weight decay; biases, norms, CLS token and positions do not (AdamW). For SGD
+    (airbench's recipe) everything decays, and normalisation biases can get a larger learning rate."""
+    decay, no_decay, norm_biases = [], [], []
+    norm_modules = (nn.BatchNorm2d, nn.LayerNorm)
+    norm_bias_ids = {id(m.bias) for m in model.modules() if isinstance(m, norm_modules) and m.bias is not None}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if parameter.ndim < 2 or any(key in name for key in NO_DECAY_NAMES):
+        if config.optimizer == "sgd":
+            (norm_biases if id(parameter) in norm_bias_ids else decay).append(parameter)
+        elif parameter.ndim < 2 or any(key in name for key in NO_DECAY_NAMES):
             no_decay.append(parameter)
         else:
             decay.append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    scale = config.norm_bias_lr_scale
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": norm_biases, "weight_decay": config.weight_decay / scale, "lr": config.lr * scale}]
+    return [group for group in groups if group["params"]]
 
 
 class Runner:
@@ -81,6 +90,8 @@ class Runner:
         self.device = pick_device(self.config.device)
         self.precision = resolve_precision(self.config.precision, self.device)
         self.model = model.to(self.device)
+        # The compiled wrapper shares its parameters with self.model, which is what gets saved.
+        self.forward = torch.compile(self.model) if self.config.compile else self.model
         self.history_file = Path(history_file) if history_file else None
         self.history: list[dict] = []
         self.train_seconds = 0.0
@@ -88,9 +99,12 @@ class Runner:
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
+        groups = parameter_groups(self.model, cfg)
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
         # Fused AdamW is one kernel per step on CUDA; on the CPU the foreach version is the default.
         fused = {"fused": True} if self.device.type == "cuda" else {}
-        return torch.optim.AdamW(parameter_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
 
     def fit(self, data: CIFAR10) -> list[dict]:
         """Train for `config.epochs` epochs on `data.train_*`, validating on `data.val_*` after each."""
@@ -101,11 +115,15 @@ class Runner:
         )
         if len(batches) == 0:
             raise VitlabError(f"batch_size {cfg.batch_size} is larger than the {len(data.train_images)} training images; lower --batch_size")
+        init_from_data = getattr(self.model, "init_from_data", None)
+        if init_from_data is not None:  # e.g. AirCNN's whitening layer, set from the first 5,000 training images
+            init_from_data(normalize(data.train_images[:5000].to(self.device)))
         optimizer = self.make_optimizer()
         steps_per_epoch, total_steps = len(batches), len(batches) * cfg.epochs
         warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+        multiplier = SCHEDULES[cfg.schedule]
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, cfg.min_lr_ratio)
+            optimizer, lambda step: multiplier(step, warmup_steps, total_steps, cfg.min_lr_ratio)
         )
         for epoch in range(1, cfg.epochs + 1):
             record = self.train_epoch(batches, optimizer, schedule, epoch)
@@ -121,6 +139,18 @@ class Runner:
                 )
         return self.history
 
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step on a batch; returns the detached loss () and logits (B, classes)."""
+        with autocast(self.device, self.precision):
+            logits = self.forward(images)  # (B, classes)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        optimizer.step()
+        return loss.detach(), logits.detach()
+
     def train_epoch(self, batches: DeviceBatches, optimizer, schedule, epoch: int) -> dict:
         cfg = self.config
         self.model.train()
@@ -130,17 +160,10 @@ class Runner:
         bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", disable=not cfg.progress, leave=False)
         start = time.perf_counter()
         for step, (images, labels) in enumerate(batches):
-            with autocast(self.device, self.precision):
-                logits = self.model(images)  # (B, classes)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            loss, logits = self.train_step(images, labels, optimizer)
             schedule.step()
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.detach().argmax(dim=1) == labels).sum()
+            loss_sum += loss * len(labels)
+            correct += (logits.argmax(dim=1) == labels).sum()
             seen += len(labels)
             # Reading a number from the device waits for it, so do it only every few steps.
             if step % 10 == 9 or step == len(batches) - 1:
@@ -173,7 +196,9 @@ class Runner:
         loss_sum, predictions = 0.0, []
         for batch_images, batch_labels in batches:
             with autocast(self.device, self.precision):
-                logits = self.model(batch_images)
+                logits = self.forward(batch_images).float()
+                if self.config.tta:  # average with the mirror image's logits
+                    logits = (logits + self.forward(batch_images.flip(3)).float()) / 2
             loss_sum += F.cross_entropy(logits.float(), batch_labels, reduction="sum").item()
             predictions.append(logits.argmax(dim=1).cpu())
         predictions = torch.cat(predictions)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 
 from vitlab.errors import VitlabError
+from vitlab.models.aircnn import AirCNN, AirCNNConfig
 from vitlab.models.base import VitlabModel
 from vitlab.models.cnn import CNN, CNNConfig, SmallCNN, SmallCNNConfig
 from vitlab.models.mlp import MLP, MLPConfig
 from vitlab.models.vit import VisionTransformer, ViTConfig
 
-MODELS: dict[str, type[VitlabModel]] = {cls.name: cls for cls in (SmallCNN, CNN, MLP, VisionTransformer)}
+MODELS: dict[str, type[VitlabModel]] = {cls.name: cls for cls in (SmallCNN, CNN, AirCNN, MLP, VisionTransformer)}
 
 
 def config_fields(model_name: str) -> list[dataclasses.Field]:
@@ -35,6 +36,6 @@ def build_model(model_name: str, **config_values) -> VitlabModel:
 
 
 __all__ = [
-    "CNN", "CNNConfig", "MLP", "MLPConfig", "MODELS", "SmallCNN", "SmallCNNConfig",
+    "AirCNN", "AirCNNConfig", "CNN", "CNNConfig", "MLP", "MLPConfig", "MODELS", "SmallCNN", "SmallCNNConfig",
     "VisionTransformer", "ViTConfig", "VitlabModel", "build_model", "config_fields", "model_class",
 ]
