@@ -111,7 +111,8 @@ def time_reference(model: nn.Module, loader: DataLoader, steps: int, warmup: int
 def time_vitlab(model: nn.Module, data, config: TrainConfig, steps: int, warmup: int) -> tuple[float, str]:
     runner = Runner(model, config)
     optimizer = runner.make_optimizer()
-    batches = DeviceBatches(data.train_images, data.train_labels, config.batch_size, train=True, device=runner.device)
+    batches = DeviceBatches(data.train_images, data.train_labels, config.batch_size, train=True, device=runner.device,
+                            memory_format=runner.memory_format)
     iterator = iter(batches)
     for step in range(warmup + steps):
         if step == warmup:

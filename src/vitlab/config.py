@@ -73,6 +73,7 @@ class TrainConfig:
         precision: fp32, bf16 (autocast) or auto (bf16 where the device runs it fast).
         eval_batch_size: images per evaluation step.
         tta: evaluate on each image and its mirror image, averaging the logits.
+        channels_last: store convolutional models and their batches channels-last (NHWC).
         compile: run the model through torch.compile (slower start, faster steps where it helps).
         progress: show a live progress bar.
     """
@@ -96,6 +97,7 @@ class TrainConfig:
     precision: str = "auto"
     eval_batch_size: int = 500
     tta: bool = False
+    channels_last: bool = True
     compile: bool = False
     progress: bool = True
 

@@ -89,7 +89,9 @@ class Runner:
         self.data_config = data_config or DataConfig()
         self.device = pick_device(self.config.device)
         self.precision = resolve_precision(self.config.precision, self.device)
-        self.model = model.to(self.device)
+        has_convolutions = any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in model.modules())
+        self.memory_format = torch.channels_last if self.config.channels_last and has_convolutions else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format)
         # The compiled wrapper shares its parameters with self.model, which is what gets saved.
         self.forward = torch.compile(self.model) if self.config.compile else self.model
         self.history_file = Path(history_file) if history_file else None
@@ -111,7 +113,7 @@ class Runner:
         cfg = self.config
         batches = DeviceBatches(
             data.train_images, data.train_labels, cfg.batch_size, train=True, device=self.device,
-            seed=cfg.seed, crop_padding=self.data_config.crop_padding, flip=self.data_config.flip,
+            seed=cfg.seed, crop_padding=self.data_config.crop_padding, flip=self.data_config.flip, memory_format=self.memory_format,
         )
         if len(batches) == 0:
             raise VitlabError(f"batch_size {cfg.batch_size} is larger than the {len(data.train_images)} training images; lower --batch_size")
@@ -192,7 +194,7 @@ class Runner:
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> Evaluation:
         """Plain cross-entropy loss (no label smoothing) and accuracy on uint8 images, in order."""
         self.model.eval()
-        batches = DeviceBatches(images, labels, self.config.eval_batch_size, train=False, device=self.device)
+        batches = DeviceBatches(images, labels, self.config.eval_batch_size, train=False, device=self.device, memory_format=self.memory_format)
         loss_sum, predictions = 0.0, []
         for batch_images, batch_labels in batches:
             with autocast(self.device, self.precision):
