@@ -107,7 +107,11 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, device: str |
     if model.name != run.model:
         raise VitlabError(f"{run_dir} has a '{model.name}' model but its config.json says '{run.model}'; the folder mixes two runs")
     data = load_run_data(run.data, data_dir)
-    train_config = dataclasses.replace(run.train, device=device or run.train.device, progress=False)
+    # Evaluate at the precision the run was tested at (results.json records what 'auto' resolved to).
+    results_file = run_dir / RESULTS_FILE
+    tested_precision = read_json(results_file, "run results").get("precision") if results_file.exists() else None
+    train_config = dataclasses.replace(run.train, device=device or run.train.device, progress=False,
+                                       precision=tested_precision or run.train.precision)
     runner = Runner(model, train_config, run.data)
     test = runner.evaluate(data.test_images, data.test_labels)
     return {
