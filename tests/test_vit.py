@@ -117,3 +117,13 @@ def test_loading_the_wrong_kind_or_a_truncated_file_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(VitlabError, match="no saved model"):
         VitlabModel.load(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("patch_size", [2, 4, 8])
+def test_conv_stem_reaches_the_patch_grid(patch_size):
+    model = tiny_vit(stem="conv", patch_size=patch_size, pool="mean").eval()
+    logits, attention = model(torch.randn(2, 3, 32, 32), return_attention=True)
+    grid = 32 // patch_size
+    assert logits.shape == (2, 10) and attention[0].shape[-1] == grid * grid
+    with pytest.raises(VitlabError, match="power of 2"):
+        ViTConfig(stem="conv", patch_size=6)

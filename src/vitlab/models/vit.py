@@ -26,6 +26,7 @@ from vitlab.models.base import VitlabModel, init_linear_weights
 
 POS_EMBEDS = ("learned", "sincos")
 POOLS = ("cls", "mean")
+STEMS = ("patch", "conv")
 
 
 @dataclass
@@ -42,6 +43,8 @@ class ViTConfig:
         attention_dropout: dropout on the attention probabilities.
         pos_embed: 'learned' (trained parameter) or 'sincos' (fixed 2-D sine-cosine, seed 003).
         pool: 'cls' (a learned CLS token is read out) or 'mean' (average of the patch tokens).
+        stem: 'patch' (one linear map per patch: the pure ViT) or 'conv' (stride-2 3×3 conv + BN + ReLU
+            layers down to the patch grid, then a 1×1 projection: Xiao et al. 2021; needs a power-of-2 patch_size).
         image_size: side of the square input image.
         num_classes: number of output logits.
     """
@@ -55,6 +58,7 @@ class ViTConfig:
     attention_dropout: float = 0.0
     pos_embed: str = "learned"
     pool: str = "cls"
+    stem: str = "patch"
     image_size: int = 32
     num_classes: int = 10
 
@@ -75,6 +79,10 @@ class ViTConfig:
             raise VitlabError(f"pos_embed sincos needs hidden_size divisible by 4 (2-D sin and cos), got {self.hidden_size}")
         if self.pool not in POOLS:
             raise VitlabError(f"pool must be one of {', '.join(POOLS)}, got '{self.pool}'")
+        if self.stem not in STEMS:
+            raise VitlabError(f"stem must be one of {', '.join(STEMS)}, got '{self.stem}'")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise VitlabError(f"stem conv halves the image per layer, so patch_size must be a power of 2 (2, 4, 8, ...), got {self.patch_size}")
         if self.mlp_ratio <= 0:
             raise VitlabError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
         for name in ("dropout", "attention_dropout"):
@@ -95,6 +103,18 @@ class ViTConfig:
         return self.num_patches + (1 if self.pool == "cls" else 0)
 
 
+def conv_stem(config: ViTConfig) -> nn.Sequential:
+    """3×3 stride-2 conv + BN + ReLU layers, widths doubling up to hidden_size/2, then a 1×1 projection."""
+    layers: list[nn.Module] = []
+    num_layers = config.patch_size.bit_length() - 1  # log2(patch_size) halvings
+    in_channels = 3
+    for index in range(num_layers):
+        out_channels = max(16, config.hidden_size // 2 ** (num_layers - index))
+        layers += [nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+        in_channels = out_channels
+    return nn.Sequential(*layers, nn.Conv2d(in_channels, config.hidden_size, kernel_size=1))
+
+
 class PatchEmbedding(nn.Module):
     """Pad to a multiple of the patch size, cut into patches and project each to hidden_size."""
 
@@ -103,8 +123,11 @@ class PatchEmbedding(nn.Module):
         self.patch_size = config.patch_size
         total_padding = config.grid_size * config.patch_size - config.image_size
         self.padding = (total_padding // 2, total_padding - total_padding // 2)  # (before, after)
-        # A conv with kernel = stride = patch size is exactly a linear map of each flattened patch.
-        self.projection = nn.Conv2d(3, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size)
+        if config.stem == "conv":
+            self.projection = conv_stem(config)
+        else:
+            # A conv with kernel = stride = patch size is exactly a linear map of each flattened patch.
+            self.projection = nn.Conv2d(3, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.padding != (0, 0):
