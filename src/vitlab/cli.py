@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", choices=list(MODELS), help=f"architecture (default {DEFAULT_MODEL})")
     train.add_argument("--preset", help="start from a named recipe (see 'vitlab models')")
     train.add_argument("--out", help="run folder to create (default runs/<model>-<time>)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint (takes no other settings)")
     seen: set[str] = {"model", "preset"}
     model_group = train.add_argument_group("model settings (each applies to the models that have it)")
     for cls in MODELS.values():
@@ -126,9 +127,15 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def command_train(args: argparse.Namespace) -> None:
-    from vitlab.training import train_run
+    from vitlab.training import resume_run, train_run
 
-    results = train_run(run_config_from_args(args), args.out)
+    if args.resume:
+        given = sorted(key for key, value in vars(args).items() if value is not None and key not in ("command", "resume"))
+        if given:
+            raise VitlabError(f"--resume continues a run with its saved settings; drop --{given[0]}")
+        results = resume_run(args.resume)
+    else:
+        results = train_run(run_config_from_args(args), args.out)
     print(f"test accuracy {results['test_acc']:.2f}% (test loss {results['test_loss']:.4f}, "
           f"best validation {results['best_val_acc']:.2f}%), {results['train_seconds']:.0f} s of training "
           f"at {results['images_per_second']:.0f} img/s; results in {results['out_dir']}")
@@ -164,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except VitlabError as error:
         print(f"vitlab {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     except KeyboardInterrupt:
         print(f"vitlab {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -73,6 +73,7 @@ class TrainConfig:
         precision: fp32, bf16 (autocast) or auto (bf16 where the device runs it fast).
         eval_batch_size: images per evaluation step.
         tta: evaluate on each image and its mirror image, averaging the logits.
+        checkpoint_every: also checkpoint every this many steps (the run folder always gets one per epoch).
         channels_last: store convolutional models and their batches channels-last (NHWC).
         compile: run the model through torch.compile (slower start, faster steps where it helps).
         progress: show a live progress bar.
@@ -97,6 +98,7 @@ class TrainConfig:
     precision: str = "auto"
     eval_batch_size: int = 500
     tta: bool = False
+    checkpoint_every: int = 0
     channels_last: bool = True
     compile: bool = False
     progress: bool = True
@@ -112,6 +114,7 @@ class TrainConfig:
             (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 = only at epoch ends), got {self.checkpoint_every}"),
             (self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'"),

@@ -265,12 +265,20 @@ class DeviceBatches:
         count = len(self.images)
         return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
 
+    def new_order(self) -> torch.Tensor:
+        """The shuffled image order of a new training epoch (draws from the generator)."""
+        return torch.randperm(len(self.images), generator=self.generator, device=self.device)
+
+    def batch(self, step: int, order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number `step` of an epoch: augmented (drawing from the generator) when training."""
+        start = step * self.batch_size
+        index = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
+        images = self.images[index]
+        if self.train:
+            images = random_crop_flip(images, self.crop_padding, self.generator, self.flip)
+        return normalize(images).contiguous(memory_format=self.memory_format), self.labels[index]
+
     def __iter__(self):
-        count = len(self.images)
-        order = torch.randperm(count, generator=self.generator, device=self.device) if self.train else None
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
-            images = self.images[index]
-            if self.train:
-                images = random_crop_flip(images, self.crop_padding, self.generator, self.flip)
-            yield normalize(images).contiguous(memory_format=self.memory_format), self.labels[index]
+        order = self.new_order() if self.train else None
+        for step in range(len(self)):
+            yield self.batch(step, order)

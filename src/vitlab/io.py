@@ -58,3 +58,14 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    """Replace a JSON-lines file with `records`, atomically."""
+    text = "".join(json.dumps(record) + "\n" for record in records)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    atomic_write(path, write)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -12,11 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from vitlab.checkpoint import Progress, TrainingInterrupted, load_checkpoint, save_checkpoint, stop_on_signals
 from vitlab.config import DataConfig, TrainConfig
 from vitlab.data import CIFAR10, DeviceBatches, normalize
 from vitlab.device import autocast, pick_device, resolve_precision
 from vitlab.errors import VitlabError
-from vitlab.io import append_jsonl
+from vitlab.io import append_jsonl, write_jsonl
 from vitlab.schedule import SCHEDULES
 
 # Parameters that get no weight decay besides biases and norm scales (all 1-D): decaying the
@@ -108,8 +110,14 @@ class Runner:
         fused = {"fused": True} if self.device.type == "cuda" else {}
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
 
-    def fit(self, data: CIFAR10) -> list[dict]:
-        """Train for `config.epochs` epochs on `data.train_*`, validating on `data.val_*` after each."""
+    def fit(self, data: CIFAR10, checkpoint_path: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False) -> list[dict]:
+        """Train for `config.epochs` epochs on `data.train_*`, validating on `data.val_*` after each.
+
+        Args:
+            checkpoint_path: where to keep the checkpoint (written after every epoch, and on SIGINT/SIGTERM).
+            checkpoint_every: also write it every this many steps (0: only at epoch ends).
+            resume: continue from the checkpoint at `checkpoint_path` instead of starting afresh.
+        """
         cfg = self.config
         batches = DeviceBatches(
             data.train_images, data.train_labels, cfg.batch_size, train=True, device=self.device,
@@ -118,7 +126,7 @@ class Runner:
         if len(batches) == 0:
             raise VitlabError(f"batch_size {cfg.batch_size} is larger than the {len(data.train_images)} training images; lower --batch_size")
         init_from_data = getattr(self.model, "init_from_data", None)
-        if init_from_data is not None:  # e.g. AirCNN's whitening layer, set from the first 5,000 training images
+        if init_from_data is not None and not resume:  # e.g. AirCNN's whitening layer, from 5,000 training images
             init_from_data(normalize(data.train_images[:5000].to(self.device)))
         optimizer = self.make_optimizer()
         steps_per_epoch, total_steps = len(batches), len(batches) * cfg.epochs
@@ -127,19 +135,54 @@ class Runner:
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: multiplier(step, warmup_steps, total_steps, cfg.min_lr_ratio)
         )
-        for epoch in range(1, cfg.epochs + 1):
-            record = self.train_epoch(batches, optimizer, schedule, epoch)
-            validation = self.evaluate(data.val_images, data.val_labels)
-            record.update(val_loss=validation.loss, val_acc=validation.accuracy)
-            self.history.append(record)
-            if self.history_file is not None:
-                append_jsonl(self.history_file, record)
-            if cfg.progress:
-                tqdm.write(
-                    f"epoch {epoch}/{cfg.epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}% | "
-                    f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.2f}% | {record['images_per_second']:.0f} img/s"
-                )
+        checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        progress = Progress()
+        if resume:
+            progress = self.restore(load_checkpoint(checkpoint_path), optimizer, schedule, batches)
+        save = (lambda: self.save(checkpoint_path, optimizer, schedule, batches, progress)) if checkpoint_path else (lambda: None)
+        with stop_on_signals() as stop:
+            while progress.epoch <= cfg.epochs:
+                record = self.train_epoch(batches, optimizer, schedule, progress, stop, save, checkpoint_every)
+                validation = self.evaluate(data.val_images, data.val_labels)
+                record.update(val_loss=validation.loss, val_acc=validation.accuracy)
+                self.history.append(record)
+                progress = Progress(epoch=progress.epoch + 1)
+                save()
+                if self.history_file is not None:
+                    append_jsonl(self.history_file, record)
+                if cfg.progress:
+                    tqdm.write(
+                        f"epoch {record['epoch']}/{cfg.epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}% | "
+                        f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.2f}% | {record['images_per_second']:.0f} img/s"
+                    )
         return self.history
+
+    def save(self, path: Path, optimizer, schedule, batches: DeviceBatches, progress: Progress) -> None:
+        save_checkpoint(path, {
+            "model": self.model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "torch_rng": torch.get_rng_state(), "batch_rng": batches.generator.get_state(),
+            "progress": dataclasses.asdict(progress), "history": self.history,
+            "train_seconds": self.train_seconds, "train_images_seen": self.train_images_seen,
+        })
+
+    def restore(self, state: dict, optimizer, schedule, batches: DeviceBatches) -> Progress:
+        try:
+            self.model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            torch.set_rng_state(state["torch_rng"])
+            batches.generator.set_state(state["batch_rng"])
+            progress = Progress(**state["progress"])
+            self.history = list(state["history"])
+            self.train_seconds, self.train_images_seen = state["train_seconds"], state["train_images_seen"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            reason = str(error).strip().splitlines()[0][:200]
+            raise VitlabError(f"the checkpoint does not fit this run ({reason}); it comes from another model or config") from None
+        if progress.order is not None:
+            progress.order = progress.order.to(self.device)
+        if self.history_file is not None:  # the file may hold epochs the checkpoint does not: rewrite it
+            write_jsonl(self.history_file, self.history)
+        return progress
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step on a batch; returns the detached loss () and logits (B, classes)."""
@@ -153,41 +196,61 @@ class Runner:
         optimizer.step()
         return loss.detach(), logits.detach()
 
-    def train_epoch(self, batches: DeviceBatches, optimizer, schedule, epoch: int) -> dict:
-        cfg = self.config
+    def train_epoch(self, batches: DeviceBatches, optimizer, schedule, progress: Progress, stop, save, checkpoint_every: int) -> dict:
+        """Run the rest of the epoch in `progress` (from its step on), updating `progress` as it goes."""
+        cfg, epoch = self.config, progress.epoch
         self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", disable=not cfg.progress, leave=False)
-        start = time.perf_counter()
-        for step, (images, labels) in enumerate(batches):
+        if progress.order is None:
+            progress.order = batches.new_order()
+        loss_sum = torch.tensor(progress.loss_sum, device=self.device)
+        correct = torch.tensor(progress.correct, device=self.device, dtype=torch.long)
+        bar = tqdm(total=len(batches), initial=progress.step, desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
+                   disable=not cfg.progress, leave=False)
+        start, seconds_before = time.perf_counter(), progress.seconds
+
+        def sync_progress() -> float:
+            """Copy the running sums into `progress`; returns the mean loss so far."""
+            progress.loss_sum, progress.correct = loss_sum.item(), correct.item()
+            progress.seconds = seconds_before + time.perf_counter() - start
+            mean_loss = progress.loss_sum / progress.seen
+            if not math.isfinite(mean_loss):  # the last good checkpoint stays untouched
+                raise VitlabError(f"training loss became {mean_loss} in epoch {epoch}; lower --lr or set --grad_clip 1.0")
+            return mean_loss
+
+        for step in range(progress.step, len(batches)):
+            images, labels = batches.batch(step, progress.order)
             loss, logits = self.train_step(images, labels, optimizer)
             schedule.step()
             loss_sum += loss * len(labels)
             correct += (logits.argmax(dim=1) == labels).sum()
-            seen += len(labels)
+            progress.seen += len(labels)
+            progress.step = step + 1
             # Reading a number from the device waits for it, so do it only every few steps.
             if step % 10 == 9 or step == len(batches) - 1:
-                mean_loss = loss_sum.item() / seen
-                if not math.isfinite(mean_loss):
-                    raise VitlabError(f"training loss became {mean_loss} in epoch {epoch}; lower --lr or set --grad_clip 1.0")
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{100.0 * correct.item() / seen:.1f}%", img_s=f"{seen / elapsed:.0f}")
-                bar.update(step + 1 - bar.n)
+                mean_loss = sync_progress()
+                bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{100.0 * progress.correct / progress.seen:.1f}%",
+                                img_s=f"{progress.seen / max(progress.seconds, 1e-9):.0f}")
+                bar.update(progress.step - bar.n)
+            global_step = (epoch - 1) * len(batches) + progress.step
+            if stop or (checkpoint_every and global_step % checkpoint_every == 0 and progress.step < len(batches)):
+                sync_progress()
+                save()
+                if stop:
+                    bar.close()
+                    raise TrainingInterrupted(stop.signal_name)
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        self.train_seconds += seconds
-        self.train_images_seen += seen
+        sync_progress()
+        self.train_seconds += progress.seconds
+        self.train_images_seen += progress.seen
         return {
             "epoch": epoch,
-            "train_loss": loss_sum.item() / seen,
-            "train_acc": 100.0 * correct.item() / seen,
+            "train_loss": progress.loss_sum / progress.seen,
+            "train_acc": 100.0 * progress.correct / progress.seen,
             "lr": optimizer.param_groups[0]["lr"],
-            "epoch_seconds": seconds,
-            "images_per_second": seen / seconds,
+            "epoch_seconds": progress.seconds,
+            "images_per_second": progress.seen / progress.seconds,
         }
 
     @torch.inference_mode()

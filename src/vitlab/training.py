@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
+from vitlab.checkpoint import CHECKPOINT_FILE, TrainingInterrupted, load_checkpoint
 from vitlab.config import DataConfig, RunConfig
 from vitlab.data import CIFAR10, load_cifar10
-from vitlab.errors import VitlabError
+from vitlab.errors import RunStopped, VitlabError
 from vitlab.io import read_json, write_json
 from vitlab.models import VitlabModel, build_model
 from vitlab.plots import plot_curves
@@ -64,12 +65,31 @@ def train_run(run: RunConfig, out_dir: str | Path | None = None) -> dict:
     prepare_out_dir(out_dir)
     run = dataclasses.replace(run, model_config=dataclasses.asdict(model.config))  # record every default too
     write_json(out_dir / CONFIG_FILE, run.to_dict())
+    return finish_run(run, model, data, out_dir, resume=False)
 
+
+def resume_run(run_dir: str | Path) -> dict:
+    """Continue a run from its checkpoint (after a crash, a kill or Ctrl-C) and finish it."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise VitlabError(f"run folder {run_dir} does not exist; pass a folder written by 'vitlab train'")
+    if (run_dir / RESULTS_FILE).exists():
+        raise VitlabError(f"{run_dir} has finished (it has {RESULTS_FILE}); there is nothing to resume")
+    run = RunConfig.from_dict(read_json(run_dir / CONFIG_FILE, "run config"))
+    load_checkpoint(run_dir / CHECKPOINT_FILE)  # fail early, before any work, if it is unreadable
+    model = build_run_model(run)
+    return finish_run(run, model, load_run_data(run.data), run_dir, resume=True)
+
+
+def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, out_dir: Path, resume: bool) -> dict:
     runner = Runner(model, run.train, run.data, history_file=out_dir / METRICS_FILE)
     if run.train.progress:
-        print(f"training {run.preset or run.model} ({model.num_parameters:,} parameters) on {len(data.train_images):,} images, "
-              f"{runner.device} {runner.precision}; run folder {out_dir}", flush=True)
-    history = runner.fit(data)
+        print(f"{'resuming' if resume else 'training'} {run.preset or run.model} ({model.num_parameters:,} parameters) on "
+              f"{len(data.train_images):,} images, {runner.device} {runner.precision}; run folder {out_dir}", flush=True)
+    try:
+        history = runner.fit(data, out_dir / CHECKPOINT_FILE, run.train.checkpoint_every, resume=resume)
+    except TrainingInterrupted as stop:
+        raise RunStopped(f"stopped by {stop}; checkpoint saved, continue with: vitlab train --resume {out_dir}") from None
     test = runner.evaluate(data.test_images, data.test_labels)
     model.save(out_dir)
     results = {
@@ -88,6 +108,7 @@ def train_run(run: RunConfig, out_dir: str | Path | None = None) -> dict:
         "images_per_second": runner.train_images_seen / runner.train_seconds,
         "device": device_description(runner.device),
         "precision": runner.precision,
+        "resumed": resume,
         "versions": versions(),
         "git_commit": git_commit(),
         "data_source": data.source,
