@@ -82,7 +82,7 @@ class TrainConfig:
     epochs: int = 10
     optimizer: str = "adamw"
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     schedule: str = "cosine"
