@@ -91,6 +91,8 @@ class Runner:
         self.data_config = data_config or DataConfig()
         self.device = pick_device(self.config.device)
         self.precision = resolve_precision(self.config.precision, self.device)
+        # channels_last measured in bf16 on the 2-core Sapphire Rapids: cnn-small 8,736 -> 14,430 img/s,
+        # cnn 397 -> 472, aircnn 601 -> 806. (A ViT's patchify conv, kernel = stride, gains nothing.)
         has_convolutions = any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in model.modules())
         self.memory_format = torch.channels_last if self.config.channels_last and has_convolutions else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format)
