@@ -86,49 +86,53 @@ def reference_loader(root: str, batch_size: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=2, drop_last=True, persistent_workers=True)
 
 
+def images_per_second(run_step, steps: int, warmup: int, synchronize=lambda: None) -> float:
+    """Call `run_step()` (which trains on one batch and returns its size) warmup + steps times; time the last steps."""
+    for _ in range(warmup):
+        run_step()
+    synchronize()
+    start, seen = time.perf_counter(), 0
+    for _ in range(steps):
+        seen += run_step()
+    synchronize()
+    return seen / (time.perf_counter() - start)
+
+
+def endless(batches):
+    while True:
+        yield from batches
+
+
 def time_reference(model: nn.Module, loader: DataLoader, steps: int, warmup: int) -> float:
     model = ExplicitAttention(model) if isinstance(model, VisionTransformer) else model
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    batches = iter(loader)
-    for step in range(warmup + steps):
-        if step == warmup:
-            start, seen = time.perf_counter(), 0
-        try:
-            images, labels = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            images, labels = next(batches)
+    batches = endless(loader)
+
+    def run_step() -> int:
+        images, labels = next(batches)
         loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step >= warmup:
-            seen += len(labels)
-    return seen / (time.perf_counter() - start)
+        return len(labels)
+
+    return images_per_second(run_step, steps, warmup)
 
 
 def time_vitlab(model: nn.Module, data, config: TrainConfig, steps: int, warmup: int) -> tuple[float, str]:
     runner = Runner(model, config)
     optimizer = runner.make_optimizer()
-    batches = DeviceBatches(data.train_images, data.train_labels, config.batch_size, train=True, device=runner.device,
-                            memory_format=runner.memory_format)
-    iterator = iter(batches)
-    for step in range(warmup + steps):
-        if step == warmup:
-            if runner.device.type == "cuda":
-                torch.cuda.synchronize()
-            start, seen = time.perf_counter(), 0
-        try:
-            images, labels = next(iterator)
-        except StopIteration:
-            iterator = iter(batches)
-            images, labels = next(iterator)
-        loss, _ = runner.train_step(images, labels, optimizer)
-        if step >= warmup:
-            seen += len(labels)
-    loss.item()  # wait for the device
-    return seen / (time.perf_counter() - start), runner.precision
+    batches = endless(DeviceBatches(data.train_images, data.train_labels, config.batch_size, train=True, device=runner.device,
+                                    memory_format=runner.memory_format))
+
+    def run_step() -> int:
+        images, labels = next(batches)
+        runner.train_step(images, labels, optimizer)
+        return len(labels)
+
+    synchronize = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    return images_per_second(run_step, steps, warmup, synchronize), runner.precision
 
 
 def main() -> None:

@@ -60,9 +60,9 @@ def flag_parser(annotation: Any):
     return annotation
 
 
-def add_config_flags(group, cls: type, seen: set[str]) -> None:
+def add_config_flags(group, cls: type, seen: set[str], help_override: dict[str, str] | None = None) -> None:
     """One flag per field of `cls` (default None = 'not given'); fields shared by models are added once."""
-    hints, help_texts = typing.get_type_hints(cls), docstring_args(cls)
+    hints, help_texts = typing.get_type_hints(cls), docstring_args(cls) | (help_override or {})
     for config_field in dataclasses.fields(cls):
         name = config_field.name
         if name in seen:
@@ -71,6 +71,15 @@ def add_config_flags(group, cls: type, seen: set[str]) -> None:
         spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         group.add_argument(*spellings, dest=name, type=flag_parser(hints[name]), default=None,
                            metavar=name.upper(), help=help_texts.get(name, ""))
+
+
+def model_flag_help() -> dict[str, str]:
+    """Help for each model setting, naming the models that have it: '[vit] token width ...; [mlp] width of ...'."""
+    texts: dict[str, dict[str, list[str]]] = {}
+    for model_name, cls in MODELS.items():
+        for name, text in docstring_args(cls.config_class).items():
+            texts.setdefault(name, {}).setdefault(text, []).append(model_name)
+    return {name: "; ".join(f"[{', '.join(models)}] {text.rstrip('.')}" for text, models in by_text.items()) for name, by_text in texts.items()}
 
 
 def model_fields() -> dict[str, set[str]]:
@@ -89,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint (takes no other settings)")
     seen: set[str] = {"model", "preset"}
     model_group = train.add_argument_group("model settings (each applies to the models that have it)")
+    model_help = model_flag_help()
     for cls in MODELS.values():
-        add_config_flags(model_group, cls.config_class, seen)
+        add_config_flags(model_group, cls.config_class, seen, model_help)
     add_config_flags(train.add_argument_group("data settings"), DataConfig, seen)
     add_config_flags(train.add_argument_group("training settings"), TrainConfig, seen)
 
