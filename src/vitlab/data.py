@@ -7,6 +7,7 @@ no per-sample Python, the same code on CPU and CUDA.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -203,10 +204,16 @@ def load_cifar10(
     )
 
 
+@functools.lru_cache(maxsize=8)
+def channel_statistics(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD as (1, 3, 1, 1) tensors on `device`, made once (not a host-to-device copy per batch)."""
+    return (torch.tensor(MEAN, device=device, dtype=dtype).view(1, 3, 1, 1),
+            torch.tensor(STD, device=device, dtype=dtype).view(1, 3, 1, 1))
+
+
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (B, 3, H, W) → float, scaled to [0, 1] and standardised with the CIFAR-10 statistics."""
-    mean = torch.tensor(MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device, dtype=dtype).view(1, 3, 1, 1)
+    mean, std = channel_statistics(images.device, dtype)
     return (images.to(dtype) / 255.0 - mean) / std
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from vitlab.checkpoint import CHECKPOINT_FILE, TrainingInterrupted, load_checkpoint
+from vitlab.checkpoint import CHECKPOINT_FILE, TrainingInterrupted
 from vitlab.config import DataConfig, RunConfig
 from vitlab.data import CIFAR10, load_cifar10
 from vitlab.errors import RunStopped, VitlabError
@@ -76,7 +76,8 @@ def resume_run(run_dir: str | Path) -> dict:
     if (run_dir / RESULTS_FILE).exists():
         raise VitlabError(f"{run_dir} has finished (it has {RESULTS_FILE}); there is nothing to resume")
     run = RunConfig.from_dict(read_json(run_dir / CONFIG_FILE, "run config"))
-    load_checkpoint(run_dir / CHECKPOINT_FILE)  # fail early, before any work, if it is unreadable
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        raise VitlabError(f"{run_dir} has no {CHECKPOINT_FILE}; only runs trained by this version of vitlab can be resumed")
     model = build_run_model(run)
     return finish_run(run, model, load_run_data(run.data), run_dir, resume=True)
 
