@@ -142,10 +142,12 @@ class Runner:
         if resume:
             progress = self.restore(load_checkpoint(checkpoint_path), optimizer, schedule, batches)
         save = (lambda: self.save(checkpoint_path, optimizer, schedule, batches, progress)) if checkpoint_path else (lambda: None)
+        # Moved once here, not copied to the device by every epoch's validation.
+        val_images, val_labels = data.val_images.to(self.device), data.val_labels.to(self.device)
         with stop_on_signals() as stop:
             while progress.epoch <= cfg.epochs:
                 record = self.train_epoch(batches, optimizer, schedule, progress, stop, save, checkpoint_every)
-                validation = self.evaluate(data.val_images, data.val_labels)
+                validation = self.evaluate(val_images, val_labels)
                 record.update(val_loss=validation.loss, val_acc=validation.accuracy)
                 self.history.append(record)
                 progress = Progress(epoch=progress.epoch + 1)
