@@ -26,11 +26,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.utils.data import DataLoader
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 from vitlab.config import TrainConfig
 from vitlab.data import MEAN, STD, DeviceBatches, load_cifar10, locate_cifar10
+from vitlab.flops import train_flops_per_image
 from vitlab.models import VisionTransformer, build_model
 from vitlab.presets import PRESETS
 from vitlab.runner import Runner
@@ -65,16 +65,6 @@ def matmul_peak(dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e12
-
-
-def train_flops_per_image(model: nn.Module, batch: int = 16) -> float:
-    """FLOPs of one forward + backward pass per image (explicit attention, so every matmul counts)."""
-    model = ExplicitAttention(model) if isinstance(model, VisionTransformer) else model
-    images, labels = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(images), labels).backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / batch
 
 
 def reference_loader(root: str, batch_size: int) -> DataLoader:

@@ -8,17 +8,14 @@ import dataclasses
 import json
 import re
 import sys
-import types
 import typing
 from collections.abc import Sequence
-from typing import Any
 
-from vitlab.config import DataConfig, RunConfig, TrainConfig
+from vitlab.config import DataConfig, RunConfig, TrainConfig, flag_parser
 from vitlab.errors import VitlabError
-from vitlab.models import MODELS, build_model, model_class
-from vitlab.presets import PRESETS, get_preset
-
-DEFAULT_MODEL = "cnn-small"
+from vitlab.models import MODELS, build_model
+from vitlab.presets import DEFAULT_MODEL, PRESETS, build_run_config
+from vitlab.study import BUDGETS, SEED_STUDY
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -31,33 +28,6 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def docstring_args(cls: type) -> dict[str, str]:
     """The `name: text` lines of a dataclass's `Args:` docstring section, for --help."""
     return dict(re.findall(r"^\s+(\w+): (.+)$", cls.__doc__ or "", flags=re.MULTILINE))
-
-
-def parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
-
-
-def parse_int_tuple(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 64,128, got '{text}'") from None
-
-
-def flag_parser(annotation: Any):
-    """argparse `type=` for a resolved dataclass field annotation."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
-    if annotation is bool:
-        return parse_bool
-    if typing.get_origin(annotation) is tuple:
-        return parse_int_tuple
-    return annotation
 
 
 def add_config_flags(group, cls: type, seen: set[str], help_override: dict[str, str] | None = None) -> None:
@@ -86,6 +56,29 @@ def model_fields() -> dict[str, set[str]]:
     return {name: {f.name for f in dataclasses.fields(cls.config_class)} for name, cls in MODELS.items()}
 
 
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """Every model, data and training setting as a flag."""
+    seen: set[str] = {"model", "preset"}
+    model_group = parser.add_argument_group("model settings (each applies to the models that have it)")
+    model_help = model_flag_help()
+    for cls in MODELS.values():
+        add_config_flags(model_group, cls.config_class, seen, model_help)
+    add_config_flags(parser.add_argument_group("data settings"), DataConfig, seen)
+    add_config_flags(parser.add_argument_group("training settings"), TrainConfig, seen)
+
+
+def add_study_flags(parser: argparse.ArgumentParser, with_model: bool = False) -> None:
+    if with_model:
+        parser.add_argument("--model", choices=list(MODELS), help="architecture to sweep (default vit)")
+        parser.add_argument("--preset", help="sweep around a named recipe instead")
+    parser.add_argument("--out", required=True, help="study folder (created; an existing one of the same study is resumed)")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per model (default 2); seeds are --seed, --seed+1, ...")
+    parser.add_argument("--budget", choices=list(BUDGETS), help="named budget: " + "; ".join(f"{k} = {v}" for k, v in BUDGETS.items())
+                        + " (flags given win)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, CPU threads split between them (default 1)")
+    add_settings_flags(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="vitlab", description="Train, compare and look inside ViTs and CNNs on CIFAR-10.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
@@ -96,13 +89,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", help="start from a named recipe (see 'vitlab models')")
     train.add_argument("--out", help="run folder to create (default runs/<model>-<time>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint (takes no other settings)")
-    seen: set[str] = {"model", "preset"}
-    model_group = train.add_argument_group("model settings (each applies to the models that have it)")
-    model_help = model_flag_help()
-    for cls in MODELS.values():
-        add_config_flags(model_group, cls.config_class, seen, model_help)
-    add_config_flags(train.add_argument_group("data settings"), DataConfig, seen)
-    add_config_flags(train.add_argument_group("training settings"), TrainConfig, seen)
+    add_settings_flags(train)
+
+    compare = commands.add_parser("compare", help="train several models under one budget, K seeds each; tables and figures",
+                                  description="Train every SPEC (a model or preset, optionally with overrides such as "
+                                  "vit:patch_size=4,num_blocks=6) under the same budget with --seeds K seeds; the first SPEC "
+                                  "is the baseline. With no SPEC: the seeds' study (cnn-small vs ViT at patch 2, 4, 6, 8). "
+                                  "Running the same command again resumes an interrupted study.")
+    compare.add_argument("specs", nargs="*", metavar="SPEC", help=f"models to compare (default: {' '.join(SEED_STUDY)})")
+    add_study_flags(compare)
+
+    sweep = commands.add_parser("sweep", help="vary one model setting under one budget, K seeds each",
+                                description="Train --model (or --preset) once per value of --vary FIELD=v1,v2,... "
+                                "under the same budget; the first value is the baseline.")
+    sweep.add_argument("--vary", required=True, metavar="FIELD=v1,v2,...", help="the model setting to vary and its values")
+    add_study_flags(sweep, with_model=True)
+
+    report = commands.add_parser("report", help="write a self-contained report of a study folder",
+                                 description="Write report.md (and with --html report.html, images embedded) into STUDY_DIR.")
+    report.add_argument("study_dir", metavar="STUDY_DIR")
+    report.add_argument("--html", action="store_true", help="also write report.html with the figures embedded")
 
     evaluate = commands.add_parser("evaluate", help="test a saved run and print JSON")
     evaluate.add_argument("run_dir", metavar="RUN_DIR")
@@ -113,27 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NOT_CONFIG = ("command", "model", "preset", "out", "resume", "specs", "vary", "seeds", "budget", "jobs", "study_dir", "html")
+
+
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     """Preset values, then the flags given on the command line; everything else keeps its default."""
-    preset = get_preset(args.preset) if args.preset else None
-    model = args.model or (preset.model if preset else DEFAULT_MODEL)
-    if preset and args.model and args.model != preset.model:
-        raise VitlabError(f"--preset {args.preset} is a '{preset.model}' model but --model says '{args.model}'; drop one of them")
-    model_class(model)
-    given = {key: value for key, value in vars(args).items() if value is not None}
-    own_fields = model_fields()[model]
-    all_model_fields = set().union(*model_fields().values())
-    foreign = sorted(name for name in given if name in all_model_fields and name not in own_fields)
-    if foreign:
-        raise VitlabError(f"--{foreign[0]} does not apply to model '{model}'; its settings are {', '.join(sorted(own_fields))}")
-    model_config = dict(preset.model_config) if preset else {}
-    model_config.update({name: given[name] for name in own_fields if name in given})
-    data_values = dict(preset.data) if preset else {}
-    data_values.update({f.name: given[f.name] for f in dataclasses.fields(DataConfig) if f.name in given})
-    train_values = dict(preset.train) if preset else {}
-    train_values.update({f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given})
-    return RunConfig(model=model, model_config=model_config, data=DataConfig(**data_values),
-                     train=TrainConfig(**train_values), preset=args.preset)
+    given = {key: value for key, value in vars(args).items() if value is not None and key not in NOT_CONFIG}
+    return build_run_config(args.model, args.preset, given)
 
 
 def command_train(args: argparse.Namespace) -> None:
@@ -149,6 +141,58 @@ def command_train(args: argparse.Namespace) -> None:
     print(f"test accuracy {results['test_acc']:.2f}% (test loss {results['test_loss']:.4f}, "
           f"best validation {results['best_val_acc']:.2f}%), {results['train_seconds']:.0f} s of training "
           f"at {results['images_per_second']:.0f} img/s; results in {results['out_dir']}")
+
+
+def study_plan_from_args(args: argparse.Namespace, specs: list[str], kind: str, vary: str | None = None):
+    from vitlab.study import BUDGETS, StudyPlan, parse_spec
+
+    if args.seeds < 1:
+        raise VitlabError(f"--seeds must be >= 1, got {args.seeds}")
+    given = {key: value for key, value in vars(args).items() if value is not None and key not in NOT_CONFIG}
+    budget = dict(BUDGETS[args.budget]) if args.budget else {}
+    budget.update(given)
+    first_seed = budget.pop("seed", 0)
+    for spec in specs:
+        parse_spec(spec)
+    if len(set(specs)) != len(specs):
+        raise VitlabError(f"a SPEC is given twice ({' '.join(specs)}); each model must appear once")
+    return StudyPlan(specs=list(specs), budget=budget, seeds=[first_seed + i for i in range(args.seeds)], kind=kind, vary=vary)
+
+
+def finish_study(args: argparse.Namespace, plan) -> None:
+    from vitlab.study import run_study
+    from vitlab.summary import summarize_study
+
+    run_study(plan, args.out, jobs=args.jobs)
+    summary = summarize_study(args.out)
+    print(summary.markdown_table())
+    print(f"tables and figures in {args.out}; write a report with: vitlab report {args.out}")
+
+
+def command_compare(args: argparse.Namespace) -> None:
+    from vitlab.study import SEED_STUDY
+
+    finish_study(args, study_plan_from_args(args, list(args.specs or SEED_STUDY), "compare"))
+
+
+def command_sweep(args: argparse.Namespace) -> None:
+    from vitlab.study import sweep_specs
+
+    base = args.preset or args.model or "vit"
+    if args.preset and args.model:
+        raise VitlabError("give --model or --preset, not both")
+    field_name = args.vary.partition("=")[0].strip()
+    if getattr(args, field_name, None) is not None:
+        raise VitlabError(f"--{field_name} is what --vary changes; drop one of them")
+    plan = study_plan_from_args(args, sweep_specs(base, args.vary), "sweep", vary=field_name)
+    finish_study(args, plan)
+
+
+def command_report(args: argparse.Namespace) -> None:
+    from vitlab.report import write_report
+
+    for path in write_report(args.study_dir, html=args.html):
+        print(f"wrote {path}")
 
 
 def command_evaluate(args: argparse.Namespace) -> None:
@@ -168,7 +212,8 @@ def command_models(args: argparse.Namespace) -> None:
         print(f"{name:<14}{model.num_parameters:>12,}  {preset.description}; train {json.dumps(preset.train)}")
 
 
-COMMANDS = {"train": command_train, "evaluate": command_evaluate, "models": command_models}
+COMMANDS = {"train": command_train, "evaluate": command_evaluate, "models": command_models,
+            "compare": command_compare, "sweep": command_sweep, "report": command_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,7 +5,10 @@ flag, a saved value and a loaded value.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,3 +156,39 @@ class RunConfig:
             )
         except (KeyError, TypeError) as error:
             raise VitlabError(f"config.json is not a vitlab run config ({error}); it is corrupt or from another version") from None
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def parse_int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 64,128, got '{text}'") from None
+
+
+def flag_parser(annotation: Any):
+    """Text → value for a resolved dataclass field annotation (also argparse's `type=`)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    if annotation is bool:
+        return parse_bool
+    if typing.get_origin(annotation) is tuple:
+        return parse_int_tuple
+    return annotation
+
+
+def parse_field_value(cls: type, name: str, text: str) -> Any:
+    """The value of field `name` of dataclass `cls` written as `text` ('4', 'true', 'sincos', ...)."""
+    annotation = typing.get_type_hints(cls)[name]
+    try:
+        return flag_parser(annotation)(text)
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
+        raise VitlabError(f"bad value '{text}' for {name} ({error})") from None

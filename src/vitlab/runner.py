@@ -34,6 +34,7 @@ class Evaluation:
     accuracy: float
     predictions: torch.Tensor  # (N,) int64, on the CPU
     labels: torch.Tensor  # (N,) int64, on the CPU
+    probabilities: torch.Tensor  # (N, classes) float32 softmax, on the CPU
 
     def per_class_accuracy(self, classes: tuple[str, ...]) -> dict[str, float]:
         result = {}
@@ -262,15 +263,17 @@ class Runner:
         """Plain cross-entropy loss (no label smoothing) and accuracy on uint8 images, in order."""
         self.model.eval()
         batches = DeviceBatches(images, labels, self.config.eval_batch_size, train=False, device=self.device, memory_format=self.memory_format)
-        loss_sum, predictions = 0.0, []
+        loss_sum, probabilities = 0.0, []
         for batch_images, batch_labels in batches:
             with autocast(self.device, self.precision):
                 logits = self.forward(batch_images).float()
                 if self.config.tta:  # average with the mirror image's logits
                     logits = (logits + self.forward(batch_images.flip(3)).float()) / 2
             loss_sum += F.cross_entropy(logits.float(), batch_labels, reduction="sum").item()
-            predictions.append(logits.argmax(dim=1).cpu())
-        predictions = torch.cat(predictions)
+            probabilities.append(logits.softmax(dim=1).cpu())
+        probabilities = torch.cat(probabilities)  # (N, classes)
+        predictions = probabilities.argmax(dim=1)
         labels = labels.cpu()
         accuracy = 100.0 * int((predictions == labels).sum()) / len(labels)
-        return Evaluation(loss=loss_sum / len(labels), accuracy=accuracy, predictions=predictions, labels=labels)
+        return Evaluation(loss=loss_sum / len(labels), accuracy=accuracy, predictions=predictions, labels=labels,
+                          probabilities=probabilities)

@@ -33,12 +33,16 @@ def paired_bootstrap(correct_a: torch.Tensor, correct_b: torch.Tensor, resamples
     """Paired bootstrap of accuracy(A) − accuracy(B): both models are scored on the same resampled indices.
 
     Args:
-        correct_a, correct_b: (N,) booleans, whether each model got test image i right.
+        correct_a, correct_b: (N,) booleans, whether each model got test image i right; or (S, N) for
+            S seeds each, in which case the difference is that of the seed-averaged accuracies (each
+            image's share of seeds that got it right is resampled as one unit).
     """
-    a, b = correct_a.bool().flatten(), correct_b.bool().flatten()
-    if a.shape != b.shape or a.numel() == 0:
-        raise ValueError(f"need two equally long, non-empty prediction records, got {tuple(a.shape)} and {tuple(b.shape)}")
-    per_image = a.double() - b.double()  # (N,) in {-1, 0, 1}
+    if correct_a.shape != correct_b.shape or correct_a.numel() == 0 or correct_a.ndim not in (1, 2):
+        raise ValueError(f"need two equally shaped, non-empty (N,) or (S, N) records, got {tuple(correct_a.shape)} and {tuple(correct_b.shape)}")
+    a, b = correct_a.double(), correct_b.double()
+    if a.ndim == 2:
+        a, b = a.mean(dim=0), b.mean(dim=0)
+    per_image = a - b  # (N,) in [-1, 1]
     generator = torch.Generator().manual_seed(seed)
     differences = torch.empty(resamples, dtype=torch.float64)
     chunk = max(1, 20_000_000 // per_image.numel())  # bound memory: indices for `chunk` resamples at a time

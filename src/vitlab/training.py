@@ -7,18 +7,39 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from vitlab.checkpoint import CHECKPOINT_FILE, TrainingInterrupted
 from vitlab.config import DataConfig, RunConfig
 from vitlab.data import CIFAR10, load_cifar10
 from vitlab.errors import RunStopped, VitlabError
-from vitlab.io import read_json, write_json
+from vitlab.flops import forward_flops_per_image
+from vitlab.io import atomic_write, read_json, write_json
 from vitlab.models import VitlabModel, build_model
 from vitlab.plots import plot_curves
 from vitlab.provenance import device_description, git_commit, versions
-from vitlab.runner import Runner
+from vitlab.runner import Evaluation, Runner
 
 CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CURVES_FILE = "config.json", "metrics.jsonl", "results.json", "curves.png"
+PREDICTIONS_FILE = "test_predictions.safetensors"
+
+
+def save_predictions(path: Path, test: Evaluation) -> None:
+    """The test set's labels, predicted classes and class probabilities, for paired statistics and figures."""
+    tensors = {"labels": test.labels.contiguous(), "predictions": test.predictions.contiguous(),
+               "probabilities": test.probabilities.float().contiguous()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def load_predictions(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """What `save_predictions` wrote: labels (N,), predictions (N,), probabilities (N, classes)."""
+    path = Path(run_dir) / PREDICTIONS_FILE
+    if not path.is_file():
+        raise VitlabError(f"{run_dir} has no {PREDICTIONS_FILE}; it was trained by an older vitlab; train it again")
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises several types for truncated or foreign files
+        raise VitlabError(f"{path} is unreadable ({error}); the run folder is damaged, train the run again") from None
 
 
 def default_run_dir(run: RunConfig) -> Path:
@@ -93,6 +114,7 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, out_dir: Path,
         raise RunStopped(f"stopped by {stop}; checkpoint saved, continue with: vitlab train --resume {out_dir}") from None
     test = runner.evaluate(data.test_images, data.test_labels)
     model.save(out_dir)
+    save_predictions(out_dir / PREDICTIONS_FILE, test)
     results = {
         "model": run.model,
         "preset": run.preset,
@@ -102,6 +124,7 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, out_dir: Path,
         "final_val_acc": history[-1]["val_acc"],
         "per_class_acc": test.per_class_accuracy(data.classes),
         "params": model.num_parameters,
+        "flops_per_image": forward_flops_per_image(model),
         "epochs": run.train.epochs,
         "train_images": len(data.train_images),
         "test_images": len(data.test_images),
