@@ -4,9 +4,12 @@ generated files in the same format) and tiny in-memory datasets for unit tests."
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +95,11 @@ def tiny_dataset(count: int = 256, seed: int = 0) -> CIFAR10:
 
     train, val, test = split(count), split(count // 4), split(count // 4)
     return CIFAR10(*train, *val, *test)
+
+
+def vitlab_process(argv: list[str], **popen_options) -> subprocess.Popen:
+    """`vitlab ARGV` in a child process that expects the same CIFAR-10 checksums as this test (the
+    generated files' when there is no real data)."""
+    code = ("import json, sys; import vitlab.data as d; d.MD5.update(json.loads(sys.argv[1])); "
+            "from vitlab.cli import main; sys.exit(main(sys.argv[2:]))")
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(data_module.MD5), *argv], **popen_options)

@@ -4,14 +4,13 @@ import json
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitlab import data as data_module
+from conftest import vitlab_process
 from vitlab.cli import main
 
 # A ViT with dropout (so the global RNG matters), fp32 for bit-exact CPU arithmetic, a checkpoint every step.
@@ -22,11 +21,8 @@ ARGS = ["--model", "vit", "--patch_size", "8", "--hidden_size", "32", "--num_hea
 
 def start_training(cifar_root, out):
     """`vitlab train` in a child process that sees the same expected checksums as this test."""
-    code = ("import json, sys; import vitlab.data as d; d.MD5.update(json.loads(sys.argv[1])); "
-            "from vitlab.cli import main; sys.exit(main(sys.argv[2:]))")
-    argv = ["train", *ARGS, "--data-dir", str(cifar_root), "--out", str(out)]
-    return subprocess.Popen([sys.executable, "-c", code, json.dumps(data_module.MD5), *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return vitlab_process(["train", *ARGS, "--data-dir", str(cifar_root), "--out", str(out)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(path, process, timeout=120):

@@ -47,3 +47,19 @@ def test_mean_and_ci_by_hand():
     assert spread.mean == 2.0 and spread.std == 1.0
     assert spread.ci_high - 2.0 == pytest.approx(4.303 / math.sqrt(3))
     assert mean_and_ci([5.0]).std == 0.0
+
+
+def test_bootstrap_over_seeds_averages_each_image_over_seeds():
+    # Two seeds, three images. Per image, the seed-averaged difference is (1, 0.5, 0): observed mean 50 points.
+    # Enumerating all 27 resamples of 3 indices gives the exact mean (50) and P(diff <= 0) = P(all picks are image 2) = 1/27.
+    a = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    b = torch.tensor([[0, 0, 0], [0, 0, 0]])
+    result = paired_bootstrap(a, b, resamples=60_000)
+    assert result.observed == pytest.approx(50.0)
+    assert result.mean == pytest.approx(50.0, abs=0.5)
+    assert result.share_at_or_below_zero == pytest.approx(1 / 27, abs=0.004)
+
+
+def test_bootstrap_rejects_mismatched_records():
+    with pytest.raises(ValueError):
+        paired_bootstrap(torch.ones(2, 5), torch.ones(5))

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import re
+import shlex
 import sys
 import typing
 from collections.abc import Sequence
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-NOT_CONFIG = ("command", "model", "preset", "out", "resume", "specs", "vary", "seeds", "budget", "jobs", "study_dir", "html")
+NOT_CONFIG = ("command", "model", "preset", "out", "resume", "specs", "vary", "seeds", "budget", "jobs", "study_dir", "html", "command_line")
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -132,7 +133,7 @@ def command_train(args: argparse.Namespace) -> None:
     from vitlab.training import resume_run, train_run
 
     if args.resume:
-        given = sorted(key for key, value in vars(args).items() if value is not None and key not in ("command", "resume"))
+        given = sorted(key for key, value in vars(args).items() if value is not None and key not in ("command", "resume", "command_line"))
         if given:
             raise VitlabError(f"--resume continues a run with its saved settings; drop --{given[0]}")
         results = resume_run(args.resume)
@@ -163,7 +164,7 @@ def finish_study(args: argparse.Namespace, plan) -> None:
     from vitlab.study import run_study
     from vitlab.summary import summarize_study
 
-    run_study(plan, args.out, jobs=args.jobs)
+    run_study(plan, args.out, jobs=args.jobs, command=args.command_line)
     summary = summarize_study(args.out)
     print(summary.markdown_table())
     print(f"tables and figures in {args.out}; write a report with: vitlab report {args.out}")
@@ -218,7 +219,9 @@ COMMANDS = {"train": command_train, "evaluate": command_evaluate, "models": comm
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["vitlab", *argv])
     if args.command is None:
         parser.print_help()
         return 2

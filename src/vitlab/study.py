@@ -14,6 +14,7 @@ import dataclasses
 import multiprocessing
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -184,7 +185,7 @@ def run_study(plan: StudyPlan, study_dir: str | Path, jobs: int = 1, command: st
 
     for config in {id(config.data): config for _, _, _, config in members}.values():
         load_run_data(config.data)  # missing or corrupt data fails before the folder is made
-    open_study(study_dir, plan, command or " ".join(["vitlab", *sys.argv[1:]]))
+    open_study(study_dir, plan, command or shlex.join(["vitlab", *sys.argv[1:]]))
     todo = [(spec, seed, run_dir, config) for spec, seed, run_dir, config in members if run_state(run_dir) != "finished"]
     print(f"study {study_dir}: {len(members)} runs ({len(plan.specs)} models x {len(plan.seeds)} seeds), "
           f"{len(members) - len(todo)} already finished, {len(todo)} to train", flush=True)

@@ -58,6 +58,8 @@ def plot_curves(summary, path: Path) -> None:
 def plot_accuracy_vs_setting(summary, setting: str, path: Path) -> None:
     """Test accuracy (mean, 95% CI over seeds) of the models that vary `setting`; the others as bands."""
     varying = [row for row in summary.rows if setting in row.model_config]
+    if all(isinstance(row.model_config[setting], (int, float)) for row in varying):
+        varying.sort(key=lambda row: row.model_config[setting])
     others = [row for row in summary.rows if setting not in row.model_config]
     figure, axis = plt.subplots(figsize=(5.6, 3.8))
     values = [row.model_config[setting] for row in varying]
@@ -66,8 +68,7 @@ def plot_accuracy_vs_setting(summary, setting: str, path: Path) -> None:
     axis.errorbar(positions, [r.test_acc.mean for r in varying],
                   yerr=[[r.test_acc.mean - r.test_acc.ci_low for r in varying], [r.test_acc.ci_high - r.test_acc.mean for r in varying]],
                   fmt="-o", capsize=4, label=varying[0].model if varying else "")
-    if not numeric:
-        axis.set_xticks(positions, [str(v) for v in values])
+    axis.set_xticks(positions, [str(v) for v in values])
     for index, row in enumerate(others):
         axis.axhline(row.test_acc.mean, color=f"C{index + 1}", linestyle="--", label=row.spec)
         axis.axhspan(row.test_acc.ci_low, row.test_acc.ci_high, color=f"C{index + 1}", alpha=0.15)
