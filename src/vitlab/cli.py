@@ -130,15 +130,21 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def command_train(args: argparse.Namespace) -> None:
+    from vitlab.distributed import shutdown
     from vitlab.training import resume_run, train_run
 
-    if args.resume:
-        given = sorted(key for key, value in vars(args).items() if value is not None and key not in ("command", "resume", "command_line"))
-        if given:
-            raise VitlabError(f"--resume continues a run with its saved settings; drop --{given[0]}")
-        results = resume_run(args.resume)
-    else:
-        results = train_run(run_config_from_args(args), args.out)
+    try:
+        if args.resume:
+            given = sorted(key for key, value in vars(args).items() if value is not None and key not in ("command", "resume", "command_line"))
+            if given:
+                raise VitlabError(f"--resume continues a run with its saved settings; drop --{given[0]}")
+            results = resume_run(args.resume)
+        else:
+            results = train_run(run_config_from_args(args), args.out)
+    finally:
+        shutdown()
+    if "rank" in results:  # a data-parallel process other than rank 0: rank 0 reports
+        return
     print(f"test accuracy {results['test_acc']:.2f}% (test loss {results['test_loss']:.4f}, "
           f"best validation {results['best_val_acc']:.2f}%), {results['train_seconds']:.0f} s of training "
           f"at {results['images_per_second']:.0f} img/s; results in {results['out_dir']}")

@@ -217,23 +217,35 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return (images.to(dtype) / 255.0 - mean) / std
 
 
+def draw_crop_flip(count: int, padding: int, generator: torch.Generator, flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random crop offsets (2, count) in [0, 2·padding] and flip flags (count,) for `count` images."""
+    device = generator.device
+    offsets = torch.randint(0, 2 * padding + 1, (2, count), generator=generator, device=device)
+    flips = (torch.rand(count, generator=generator, device=device) < 0.5) & flip
+    return offsets, flips
+
+
+def apply_crop_flip(images: torch.Tensor, padding: int, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Crop each image from a zero-padded copy at `offsets` (2, B) and mirror those with `flips` (B,)."""
+    batch, _, height, width = images.shape  # (B, C, H, W) uint8
+    device = images.device
+    if padding > 0:
+        images = torch.nn.functional.pad(images, (padding, padding, padding, padding))  # (B, C, H+2p, W+2p)
+    rows = offsets[0, :, None] + torch.arange(height, device=device)  # (B, H)
+    cols = offsets[1, :, None] + torch.arange(width, device=device)  # (B, W)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)  # flipping = reading columns backwards
+    picked = images[torch.arange(batch, device=device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return picked.permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
 def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
     """Per-image random crop from a zero-padded copy and random horizontal flip, for a whole batch.
 
     Same distribution as torchvision's RandomCrop(32, padding) + RandomHorizontalFlip, but one
     gather for the batch instead of a Python call per image.
     """
-    batch, _, height, width = images.shape  # (B, C, H, W) uint8
-    device = images.device
-    if padding > 0:
-        images = torch.nn.functional.pad(images, (padding, padding, padding, padding))  # (B, C, H+2p, W+2p)
-    offsets = torch.randint(0, 2 * padding + 1, (2, batch), generator=generator, device=device)
-    flips = (torch.rand(batch, generator=generator, device=device) < 0.5) & flip
-    rows = offsets[0, :, None] + torch.arange(height, device=device)  # (B, H)
-    cols = offsets[1, :, None] + torch.arange(width, device=device)  # (B, W)
-    cols = torch.where(flips[:, None], cols.flip(1), cols)  # flipping = reading columns backwards
-    picked = images[torch.arange(batch, device=device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    return picked.permute(0, 3, 1, 2)  # (B, C, H, W)
+    offsets, flips = draw_crop_flip(len(images), padding, generator, flip)
+    return apply_crop_flip(images, padding, offsets, flips)
 
 
 class DeviceBatches:
@@ -255,6 +267,7 @@ class DeviceBatches:
         flip: bool = True,
         drop_last: bool | None = None,
         memory_format: torch.memory_format = torch.contiguous_format,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.images = images.to(device)
         self.labels = labels.to(device)
@@ -267,6 +280,12 @@ class DeviceBatches:
         self.drop_last = train and len(images) > batch_size if drop_last is None else drop_last
         self.memory_format = memory_format
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        # Data parallel: every rank draws the same order and augmentation for the whole global batch
+        # (same seed) and keeps its own contiguous slice of it, so N ranks see exactly one rank's batches.
+        self.rank, self.world_size = shard
+        if batch_size % self.world_size:
+            raise VitlabError(f"batch_size {batch_size} does not split evenly over {self.world_size} processes; "
+                              f"use a multiple of {self.world_size}")
 
     def __len__(self) -> int:
         count = len(self.images)
@@ -280,9 +299,17 @@ class DeviceBatches:
         """Batch number `step` of an epoch: augmented (drawing from the generator) when training."""
         start = step * self.batch_size
         index = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
+        if self.train:
+            offsets, flips = draw_crop_flip(len(index), self.crop_padding, self.generator, self.flip)
+        if self.world_size > 1 and order is not None:  # this rank's slice of the global batch
+            share = len(index) // self.world_size
+            keep = slice(self.rank * share, (self.rank + 1) * share)
+            index = index[keep]
+            if self.train:
+                offsets, flips = offsets[:, keep], flips[keep]
         images = self.images[index]
         if self.train:
-            images = random_crop_flip(images, self.crop_padding, self.generator, self.flip)
+            images = apply_crop_flip(images, self.crop_padding, offsets, flips)
         return normalize(images).contiguous(memory_format=self.memory_format), self.labels[index]
 
     def __iter__(self):

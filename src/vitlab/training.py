@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from vitlab.checkpoint import CHECKPOINT_FILE, TrainingInterrupted
 from vitlab.config import DataConfig, RunConfig
 from vitlab.data import CIFAR10, load_cifar10
+from vitlab.distributed import SINGLE, DistContext, barrier, context_from_environment
 from vitlab.errors import RunStopped, VitlabError
 from vitlab.flops import forward_flops_per_image
 from vitlab.io import atomic_write, read_json, write_json
@@ -82,11 +83,14 @@ def train_run(run: RunConfig, out_dir: str | Path | None = None) -> dict:
     """
     model = build_run_model(run)
     data = load_run_data(run.data)
+    distributed = context_from_environment(run.train.device)
     out_dir = Path(out_dir) if out_dir else default_run_dir(run)
-    prepare_out_dir(out_dir)
     run = dataclasses.replace(run, model_config=dataclasses.asdict(model.config))  # record every default too
-    write_json(out_dir / CONFIG_FILE, run.to_dict())
-    return finish_run(run, model, data, out_dir, resume=False)
+    if distributed.is_main:
+        prepare_out_dir(out_dir)
+        write_json(out_dir / CONFIG_FILE, run.to_dict())
+    barrier(distributed)
+    return finish_run(run, model, data, out_dir, resume=False, distributed=distributed)
 
 
 def resume_run(run_dir: str | Path) -> dict:
@@ -100,12 +104,13 @@ def resume_run(run_dir: str | Path) -> dict:
     if not (run_dir / CHECKPOINT_FILE).is_file():
         raise VitlabError(f"{run_dir} has no {CHECKPOINT_FILE}; only runs trained by this version of vitlab can be resumed")
     model = build_run_model(run)
-    return finish_run(run, model, load_run_data(run.data), run_dir, resume=True)
+    distributed = context_from_environment(run.train.device)
+    return finish_run(run, model, load_run_data(run.data), run_dir, resume=True, distributed=distributed)
 
 
-def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, out_dir: Path, resume: bool) -> dict:
-    runner = Runner(model, run.train, run.data, history_file=out_dir / METRICS_FILE)
-    if run.train.progress:
+def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, out_dir: Path, resume: bool, distributed: DistContext = SINGLE) -> dict:
+    runner = Runner(model, run.train, run.data, history_file=out_dir / METRICS_FILE, distributed=distributed)
+    if run.train.progress and distributed.is_main:
         print(f"{'resuming' if resume else 'training'} {run.preset or run.model} ({model.num_parameters:,} parameters) on "
               f"{len(data.train_images):,} images, {runner.device} {runner.precision}; run folder {out_dir}", flush=True)
     try:
@@ -113,6 +118,9 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, out_dir: Path,
     except TrainingInterrupted as stop:
         raise RunStopped(f"stopped by {stop}; checkpoint saved, continue with: vitlab train --resume {out_dir}") from None
     test = runner.evaluate(data.test_images, data.test_labels)
+    if not distributed.is_main:  # every rank tested the same weights; rank 0 writes the folder
+        barrier(distributed)
+        return {"test_acc": test.accuracy, "test_loss": test.loss, "out_dir": str(out_dir), "rank": distributed.rank}
     model.save(out_dir)
     save_predictions(out_dir / PREDICTIONS_FILE, test)
     results = {
@@ -132,6 +140,7 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, out_dir: Path,
         "images_per_second": runner.train_images_seen / runner.train_seconds,
         "device": device_description(runner.device),
         "precision": runner.precision,
+        "processes": distributed.world_size,
         "resumed": resume,
         "versions": versions(),
         "git_commit": git_commit(),
@@ -139,6 +148,7 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, out_dir: Path,
     }
     write_json(out_dir / RESULTS_FILE, results)
     plot_curves(history, out_dir / CURVES_FILE, title=f"{run.preset or run.model}: test accuracy {test.accuracy:.2f}%")
+    barrier(distributed)
     return results | {"out_dir": str(out_dir)}
 
 
