@@ -116,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", "--data_dir", dest="data_dir", help="folder holding CIFAR-10")
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="device to evaluate on")
 
+    export = commands.add_parser("export", help="export a trained run's model (ONNX)",
+                                 description="Write the run's model as ONNX (input: float32 images in [0, 1], normalised in "
+                                 "the graph; output: logits) and check it with onnxruntime against PyTorch on test images.")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--onnx", required=True, metavar="FILE", help="the .onnx file to write")
+    export.add_argument("--check-images", "--check_images", dest="check_images", type=int, default=1000,
+                        help="test images to compare ONNX and PyTorch logits on (0: skip the check; default 1000)")
+    export.add_argument("--data-dir", "--data_dir", dest="data_dir", help="folder holding CIFAR-10 (for the check)")
+
+    gif = commands.add_parser("gif", help="(re)build a run's training GIF from its per-epoch snapshots",
+                              description="Render RUN_DIR/training.gif (one frame per epoch) from the snapshots a run "
+                              "trained with --gif true saved.")
+    gif.add_argument("run_dir", metavar="RUN_DIR")
+    gif.add_argument("--out", help="GIF file to write (default RUN_DIR/training.gif)")
+
     commands.add_parser("models", help="list models and presets with parameter counts")
     return parser
 
@@ -202,6 +217,27 @@ def command_report(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def command_export(args: argparse.Namespace) -> None:
+    from vitlab.data import load_cifar10
+    from vitlab.export import check_onnx, export_onnx
+    from vitlab.models import VitlabModel
+
+    model = VitlabModel.load(args.run_dir)
+    path = export_onnx(model, args.onnx)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if args.check_images > 0:
+        data = load_cifar10(args.data_dir, test_subset=args.check_images, download_if_missing=False)
+        check = check_onnx(path, model, data.test_images)
+        print(f"onnxruntime vs PyTorch on {check.images} test images: top-1 agreement {100 * check.top1_agreement:.2f}%, "
+              f"largest logit difference {check.max_abs_logit_difference:.2e}")
+
+
+def command_gif(args: argparse.Namespace) -> None:
+    from vitlab.gif import write_training_gif
+
+    print(f"wrote {write_training_gif(args.run_dir, args.out)}")
+
+
 def command_evaluate(args: argparse.Namespace) -> None:
     from vitlab.training import evaluate_run
 
@@ -220,7 +256,7 @@ def command_models(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": command_train, "evaluate": command_evaluate, "models": command_models,
-            "compare": command_compare, "sweep": command_sweep, "report": command_report}
+            "compare": command_compare, "export": command_export, "gif": command_gif, "sweep": command_sweep, "report": command_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -82,6 +82,8 @@ class TrainConfig:
             made steps slower (bf16, batch 128: cnn-small 14,785 -> 7,459 img/s, ViT p4/d64/L4 1,891 -> 1,521)
             after 15-20 s of compiling.
         progress: show a live progress bar.
+        tensorboard: also log scalars (and a ViT's attention rollout images) to RUN_DIR/tensorboard.
+        gif: save per-epoch snapshots of fixed validation images and write RUN_DIR/training.gif.
     """
 
     epochs: int = 10
@@ -107,6 +109,8 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     progress: bool = True
+    tensorboard: bool = False
+    gif: bool = False
 
     def __post_init__(self) -> None:
         checks = [

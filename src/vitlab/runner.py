@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,8 @@ class Runner:
             ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             self.train_forward = torch.compile(ddp) if self.config.compile else ddp
         self.history_file = Path(history_file) if history_file else None
+        # Called with each epoch's record after validation (TensorBoard, GIF snapshots, ...).
+        self.epoch_end_hooks: list[Callable[[dict], None]] = []
         self.history: list[dict] = []
         self.train_seconds = 0.0
         self.train_images_seen = 0
@@ -170,6 +173,8 @@ class Runner:
                 save()
                 if self.history_file is not None and self.distributed.is_main:
                     append_jsonl(self.history_file, record)
+                for hook in self.epoch_end_hooks:
+                    hook(record)
                 if cfg.progress and self.distributed.is_main:
                     tqdm.write(
                         f"epoch {record['epoch']}/{cfg.epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}% | "

@@ -15,8 +15,10 @@ from vitlab.data import CIFAR10, load_cifar10
 from vitlab.distributed import SINGLE, DistContext, barrier, context_from_environment
 from vitlab.errors import RunStopped, VitlabError
 from vitlab.flops import forward_flops_per_image
+from vitlab.gif import write_training_gif
 from vitlab.io import atomic_write, read_json, write_json
 from vitlab.models import VitlabModel, build_model
+from vitlab.monitor import WATCHED_IMAGES, SnapshotRecorder, TensorBoardLogger
 from vitlab.plots import plot_curves
 from vitlab.provenance import device_description, git_commit, versions
 from vitlab.runner import Evaluation, Runner
@@ -110,6 +112,14 @@ def resume_run(run_dir: str | Path) -> dict:
 
 def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, out_dir: Path, resume: bool, distributed: DistContext = SINGLE) -> dict:
     runner = Runner(model, run.train, run.data, history_file=out_dir / METRICS_FILE, distributed=distributed)
+    loggers = []
+    if distributed.is_main and (run.train.tensorboard or run.train.gif):
+        watched = data.val_images[:WATCHED_IMAGES], data.val_labels[:WATCHED_IMAGES]
+        if run.train.gif:
+            runner.epoch_end_hooks.append(SnapshotRecorder(model, *watched, out_dir))
+        if run.train.tensorboard:
+            loggers.append(TensorBoardLogger(model, watched[0], out_dir))
+            runner.epoch_end_hooks.append(loggers[-1])
     if run.train.progress and distributed.is_main:
         print(f"{'resuming' if resume else 'training'} {run.preset or run.model} ({model.num_parameters:,} parameters) on "
               f"{len(data.train_images):,} images, {runner.device} {runner.precision}; run folder {out_dir}", flush=True)
@@ -117,6 +127,9 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, out_dir: Path,
         history = runner.fit(data, out_dir / CHECKPOINT_FILE, run.train.checkpoint_every, resume=resume)
     except TrainingInterrupted as stop:
         raise RunStopped(f"stopped by {stop}; checkpoint saved, continue with: vitlab train --resume {out_dir}") from None
+    finally:
+        for logger in loggers:
+            logger.close()
     test = runner.evaluate(data.test_images, data.test_labels)
     if not distributed.is_main:  # every rank tested the same weights; rank 0 writes the folder
         barrier(distributed)
@@ -148,6 +161,8 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, out_dir: Path,
     }
     write_json(out_dir / RESULTS_FILE, results)
     plot_curves(history, out_dir / CURVES_FILE, title=f"{run.preset or run.model}: test accuracy {test.accuracy:.2f}%")
+    if run.train.gif:
+        write_training_gif(out_dir)
     barrier(distributed)
     return results | {"out_dir": str(out_dir)}
 
