@@ -11,6 +11,7 @@ import shlex
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 
 from vitlab.config import DataConfig, RunConfig, TrainConfig, flag_parser
 from vitlab.errors import VitlabError
@@ -68,6 +69,12 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser.add_argument_group("training settings"), TrainConfig, seen)
 
 
+def add_inspection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", type=int, default=4, help="how many test images to show when no files are given (default 4)")
+    parser.add_argument("--out", help="folder for the figures (default RUN_DIR/figures)")
+    parser.add_argument("--data-dir", "--data_dir", dest="data_dir", help="folder holding CIFAR-10")
+
+
 def add_study_flags(parser: argparse.ArgumentParser, with_model: bool = False) -> None:
     if with_model:
         parser.add_argument("--model", choices=list(MODELS), help="architecture to sweep (default vit)")
@@ -115,6 +122,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", metavar="RUN_DIR")
     evaluate.add_argument("--data-dir", "--data_dir", dest="data_dir", help="folder holding CIFAR-10")
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="device to evaluate on")
+    evaluate.add_argument("--figures", nargs="?", const="", metavar="DIR",
+                          help="also write confusion matrix, per-class accuracy and most confident mistakes (default DIR: RUN_DIR/figures)")
+
+    attention = commands.add_parser("attention", help="ViT attention maps per layer and head, rollout, attention distance",
+                                    description="Write one PNG per image: the image, each layer's attention (CLS-to-patch, or "
+                                    "attention received per patch for mean pooling), and the attention rollout, with predicted "
+                                    "and true class; plus attention_distance.png (mean attention distance per layer and head).")
+    attention.add_argument("run_dir", metavar="RUN_DIR", help="a ViT run folder")
+    attention.add_argument("files", nargs="*", metavar="IMAGE", help="image files (default: the first --images test images)")
+    add_inspection_flags(attention)
+    attention.add_argument("--layer", default="all", help="layer number (1-based) or all (default)")
+    attention.add_argument("--head", default="mean", help="head number (1-based), mean (default) or all")
+    attention.add_argument("--method", default="raw", choices=["raw", "rollout"],
+                           help="what each layer panel shows: its own attention (raw) or the rollout up to it")
+
+    explain = commands.add_parser("explain", help="CNNs and ViTs side by side: Grad-CAM, attention rollout, feature maps",
+                                  description="For the same images, show where each run's model looks (Grad-CAM at the last "
+                                  "stage for CNNs, attention rollout for ViTs), side by side; plus each CNN's feature maps.")
+    explain.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    explain.add_argument("--files", nargs="+", default=[], metavar="IMAGE", help="image files (default: the first --images test images)")
+    add_inspection_flags(explain)
+
+    predict = commands.add_parser("predict", help="top-k classes for image files",
+                                  description="Resize each image to 32x32 and print its top-k classes with probabilities.")
+    predict.add_argument("run_dir", metavar="RUN_DIR")
+    predict.add_argument("files", nargs="+", metavar="IMAGE")
+    predict.add_argument("--top", type=int, default=3, help="classes to show per image (default 3)")
 
     export = commands.add_parser("export", help="export a trained run's model (ONNX)",
                                  description="Write the run's model as ONNX (input: float32 images in [0, 1], normalised in "
@@ -241,7 +275,86 @@ def command_gif(args: argparse.Namespace) -> None:
 def command_evaluate(args: argparse.Namespace) -> None:
     from vitlab.training import evaluate_run
 
-    print(json.dumps(evaluate_run(args.run_dir, args.data_dir, args.device), indent=2))
+    figures = None if args.figures is None else (args.figures or str(Path(args.run_dir) / "figures"))
+    print(json.dumps(evaluate_run(args.run_dir, args.data_dir, args.device, figures_dir=figures), indent=2))
+
+
+def inspection_images(args: argparse.Namespace, files: list[str]):
+    """The images to look at: the given files (unreadable ones reported and skipped) or test images."""
+    from vitlab.images import load_image_files, test_images
+
+    if not files:
+        if args.images < 1:
+            raise VitlabError(f"--images must be >= 1, got {args.images}")
+        return test_images(args.images, args.data_dir)
+    images, errors = load_image_files(files)
+    for error in errors:
+        print(f"vitlab {args.command}: error: {error}", file=sys.stderr)
+    if not len(images.images):
+        raise VitlabError("none of the given files is a readable image")
+    return images
+
+
+def command_attention(args: argparse.Namespace) -> None:
+    from vitlab.models import VisionTransformer
+    from vitlab.visualize import attention_distance_plot, attention_grid
+
+    model = VisionTransformer.load(args.run_dir)
+    layers = None
+    if args.layer != "all":
+        if not args.layer.isdigit() or not 1 <= int(args.layer) <= model.config.num_blocks:
+            raise VitlabError(f"--layer must be all or a layer number 1..{model.config.num_blocks}, got '{args.layer}'")
+        layers = [int(args.layer)]
+    images = inspection_images(args, args.files)
+    out = Path(args.out or Path(args.run_dir) / "figures")
+    written = attention_grid(model, images, out, method=args.method, head=args.head, layers=layers)
+    statistics = images.images if args.files else inspection_images(argparse.Namespace(**{**vars(args), "images": max(256, args.images)}), []).images
+    written.append(attention_distance_plot(model, statistics, out / "attention_distance.png"))
+    for path in written:
+        print(f"wrote {path}")
+
+
+def command_explain(args: argparse.Namespace) -> None:
+    from vitlab.cnn_maps import model_stages
+    from vitlab.models import VisionTransformer, VitlabModel
+    from vitlab.visualize import explain_figure, feature_map_figure
+
+    models = [(Path(run_dir).name, VitlabModel.load(run_dir)) for run_dir in args.run_dirs]
+    for _, model in models:
+        if not isinstance(model, VisionTransformer):
+            model_stages(model)  # an MLP has nothing to show: say so before any work
+    images = inspection_images(args, args.files)
+    out = Path(args.out or Path(args.run_dirs[0]) / "figures")
+    written = [explain_figure(models, images, out / "explain.png")]
+    written += [feature_map_figure(model, images.images[0], out / f"feature_maps_{name}.png")
+                for name, model in models if not isinstance(model, VisionTransformer)]
+    for path in written:
+        print(f"wrote {path}")
+
+
+def command_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from vitlab.data import CLASSES, normalize
+    from vitlab.images import load_image_file
+    from vitlab.models import VitlabModel
+
+    if not 1 <= args.top <= len(CLASSES):
+        raise VitlabError(f"--top must be between 1 and {len(CLASSES)}, got {args.top}")
+    model = VitlabModel.load(args.run_dir).eval()
+    failed = 0
+    for path in args.files:
+        try:
+            image = load_image_file(path)
+        except ValueError as error:
+            print(f"vitlab predict: error: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        with torch.inference_mode():
+            probabilities = model(normalize(image[None]))[0].float().softmax(dim=0)
+        top = probabilities.topk(args.top)
+        print(f"{path}: " + ", ".join(f"{CLASSES[i]} {100 * p:.1f}%" for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)))
+    return 2 if failed else 0
 
 
 def command_models(args: argparse.Namespace) -> None:
@@ -256,7 +369,8 @@ def command_models(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": command_train, "evaluate": command_evaluate, "models": command_models,
-            "compare": command_compare, "export": command_export, "gif": command_gif, "sweep": command_sweep, "report": command_report}
+            "compare": command_compare, "export": command_export, "gif": command_gif,
+            "attention": command_attention, "explain": command_explain, "predict": command_predict, "sweep": command_sweep, "report": command_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -268,11 +382,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
     except VitlabError as error:
         print(f"vitlab {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print(f"vitlab {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0

@@ -167,8 +167,9 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, out_dir: Path,
     return results | {"out_dir": str(out_dir)}
 
 
-def evaluate_run(run_dir: str | Path, data_dir: str | None = None, device: str | None = None) -> dict:
-    """Re-test a saved run on the test set it was tested on; returns loss, accuracy and per-class accuracy."""
+def evaluate_run(run_dir: str | Path, data_dir: str | None = None, device: str | None = None, figures_dir: str | None = None) -> dict:
+    """Re-test a saved run on the test set it was tested on; returns loss, accuracy and per-class accuracy.
+    With `figures_dir`, also writes the confusion matrix, per-class accuracy and most confident mistakes."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise VitlabError(f"run folder {run_dir} does not exist; pass a folder written by 'vitlab train'")
@@ -184,7 +185,17 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, device: str |
                                        precision=tested_precision or run.train.precision)
     runner = Runner(model, train_config, run.data)
     test = runner.evaluate(data.test_images, data.test_labels)
+    figures = []
+    if figures_dir is not None:
+        from vitlab.visualize import confusion_figure, mistakes_figure, per_class_figure
+
+        folder, name = Path(figures_dir), run.preset or run.model
+        figures = [
+            confusion_figure(test.predictions, test.labels, folder / "confusion.png", title=f"{name}: confusion matrix (% of each true class)"),
+            per_class_figure(test.per_class_accuracy(data.classes), folder / "per_class.png", title=f"{name}: per-class test accuracy"),
+            mistakes_figure(data.test_images, test.labels, test.probabilities, folder / "mistakes.png"),
+        ]
     return {
         "run": str(run_dir), "model": run.model, "test_images": len(data.test_labels),
         "test_loss": test.loss, "test_acc": test.accuracy, "per_class_acc": test.per_class_accuracy(data.classes),
-    }
+    } | ({"figures": [str(path) for path in figures]} if figures else {})

@@ -101,6 +101,10 @@ class AirCNN(VitlabModel):
         filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, 3, kernel, kernel)
         self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
 
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """The whitening layer and each conv group (for figures and Grad-CAM)."""
+        return [("whitening", self.whiten)] + [(f"group {i + 1}", group) for i, group in enumerate(self.groups)]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = nn.functional.gelu(self.whiten(images))  # (B, 24, 31, 31) for 2×2 whitening
         features = self.groups(features)  # (B, widths[-1], 3, 3)

@@ -49,6 +49,10 @@ class SmallCNN(VitlabModel):
         side = self.config.image_size // 4
         self.classifier = nn.Linear(c2 * side * side, self.config.num_classes)
 
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """The modules whose outputs are the feature maps of each stage (for figures and Grad-CAM)."""
+        return [("stage 1 (conv-relu-pool)", self.features[2]), ("stage 2 (conv-relu-pool)", self.features[5])]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.features(images)  # (B, c2, H/4, W/4)
         return self.classifier(features.flatten(1))  # (B, num_classes)
@@ -97,6 +101,11 @@ class CNN(VitlabModel):
             in_channels = width
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(in_channels, self.config.num_classes)
+
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """Each stage's max-pool output (for figures and Grad-CAM)."""
+        pools = [m for m in self.features if isinstance(m, nn.MaxPool2d)]
+        return [(f"stage {i + 1} ({width} ch)", pool) for i, (width, pool) in enumerate(zip(self.config.widths, pools, strict=True))]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.features(images)  # (B, widths[-1], 32 / 2**stages, same)
