@@ -22,7 +22,7 @@ train: $(BIN)/.installed
 	$(BIN)/vitlab train $(TRAIN_ARGS)
 
 test: $(BIN)/.installed
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks notebooks
 	$(BIN)/pytest -q
 
 clean:
