@@ -389,4 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vitlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # a full disk, a vanished folder, ... (files are written atomically: nothing half-written)
+        where = f" ({error.filename})" if error.filename else ""
+        hint = "; free some space or choose another folder" + (", then continue with: vitlab train --resume RUN_DIR" if args.command == "train" else "")
+        print(f"vitlab {args.command}: error: {error.strerror or error}{where}{hint}", file=sys.stderr)
+        return 1
     return status or 0
