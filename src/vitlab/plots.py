@@ -12,6 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from vitlab.io import atomic_write  # noqa: E402
 
 
+def save_figure(figure, path: str | Path, dpi: int = 100) -> Path:
+    """Lay out, write atomically as PNG, and close a matplotlib figure."""
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
+    plt.close(figure)
+    return Path(path)
+
+
 def plot_curves(history: list[dict], path: str | Path, title: str = "") -> None:
     """Train/validation loss and accuracy per epoch, side by side."""
     epochs = [record["epoch"] for record in history]
@@ -26,6 +34,4 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> None:
         axis.legend()
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
-    plt.close(figure)
+    save_figure(figure, path, dpi=110)

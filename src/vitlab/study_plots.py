@@ -10,15 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from vitlab.io import atomic_write  # noqa: E402
-
-FIGURE_DPI = 100
-
-
-def save(figure, path: Path) -> None:
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=FIGURE_DPI, format="png"))
-    plt.close(figure)
+from vitlab.plots import save_figure as save  # noqa: E402
 
 
 def plot_bootstrap(summary, path: Path) -> None:

@@ -16,17 +16,8 @@ from vitlab.cnn_maps import feature_maps, grad_cam  # noqa: E402
 from vitlab.data import CLASSES, normalize  # noqa: E402
 from vitlab.errors import VitlabError  # noqa: E402
 from vitlab.images import ImageSet  # noqa: E402
-from vitlab.io import atomic_write  # noqa: E402
 from vitlab.models.vit import VisionTransformer  # noqa: E402
-
-DPI = 100
-
-
-def save(figure, path: Path) -> Path:
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=DPI, format="png"))
-    plt.close(figure)
-    return path
+from vitlab.plots import save_figure as save  # noqa: E402
 
 
 def show_image(axis, image: torch.Tensor, heat: torch.Tensor | None = None, title: str = "", color: str = "black") -> None:
