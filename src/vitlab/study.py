@@ -114,7 +114,10 @@ class StudyPlan:
         for spec in map(parse_spec, self.specs):
             for seed in self.seeds:
                 jobs.append((spec, seed, study_dir / RUNS_FOLDER / spec.slug / f"seed{seed}", self.run_config(spec, seed)))
-        cost = {spec.text: estimated_cost(config) for spec, _, _, config in jobs}
+        cost = {}
+        for spec, _, _, config in jobs:
+            if spec.text not in cost:  # every seed of a spec costs the same
+                cost[spec.text] = estimated_cost(config)
         return sorted(jobs, key=lambda job: -cost[job[0].text])
 
 
