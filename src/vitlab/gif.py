@@ -48,7 +48,7 @@ def render_frame(watched: dict, epoch: int, snapshot: dict, history: list[dict],
     count = len(images)
     has_attention = "attention" in snapshot
     rows = 2 if has_attention else 1
-    figure = plt.figure(figsize=(12, 1.2 + 1.9 * rows))
+    figure = plt.figure(figsize=(12, 1.0 + 1.45 * rows))
     grid = figure.add_gridspec(rows, count + 4)
     curves = figure.add_subplot(grid[:, :4])
     shown = [r for r in history if r["epoch"] <= epoch]

@@ -104,6 +104,9 @@ def attention_distance_plot(model: VisionTransformer, images: torch.Tensor, path
     layers, heads = distance.shape
     for h in range(heads):
         axis.scatter(range(1, layers + 1), distance[:, h].numpy(), s=18, label=f"head {h + 1}")
+    tokens = attention.shape[-1]
+    uniform = mean_attention_distance(torch.full((1, 1, 1, tokens, tokens), 1.0 / tokens), model)  # attending everywhere equally
+    axis.axhline(float(uniform), color="gray", linestyle="--", linewidth=1, label="uniform attention")
     axis.set(xlabel="layer", ylabel="mean attention distance (pixels)",
              title=f"attention distance ({len(images)} images, patch {model.config.patch_size})")
     axis.set_xticks(range(1, layers + 1))
