@@ -63,3 +63,14 @@ def test_bootstrap_over_seeds_averages_each_image_over_seeds():
 def test_bootstrap_rejects_mismatched_records():
     with pytest.raises(ValueError):
         paired_bootstrap(torch.ones(2, 5), torch.ones(5))
+
+
+def test_mcnemar_with_thousands_of_discordant_pairs_matches_the_normal_approximation():
+    # 3,000 discordant images (as between two CIFAR-10 models): exact binomial vs the continuity-corrected z-test.
+    a = torch.tensor([True] * 1550 + [False] * 1450)
+    b = ~a
+    exact = mcnemar(a, b)
+    z = (abs(1550 - 1450) - 1) / math.sqrt(3000)
+    normal = math.erfc(z / math.sqrt(2))
+    assert exact.p_value == pytest.approx(normal, rel=0.05)
+    assert mcnemar(torch.ones(5000, dtype=torch.bool), torch.zeros(5000, dtype=torch.bool)).p_value == 0.0  # underflows, no error

@@ -74,7 +74,7 @@ def mcnemar(correct_a: torch.Tensor, correct_b: torch.Tensor) -> McNemar:
         return McNemar(only_a, only_b, 1.0)
     # Exact: under H0 each discordant image is a fair coin, so min(only_a, only_b) ~ Binomial(n, 1/2).
     tail = sum(math.comb(discordant, k) for k in range(min(only_a, only_b) + 1))
-    return McNemar(only_a, only_b, min(1.0, 2.0 * tail / 2**discordant))
+    return McNemar(only_a, only_b, min(1.0, (2 * tail) / 2**discordant))  # int / int: exact for thousands of discordant pairs
 
 
 @dataclass
