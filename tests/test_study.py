@@ -63,6 +63,7 @@ def test_compare_writes_tables_and_figures_and_a_rerun_trains_nothing(cifar_root
     assert [row["spec"] for row in results["rows"]] == ["cnn-small", "vit:patch_size=8", "mlp"]
     assert results["rows"][0]["delta"] is None and results["rows"][1]["delta"]["resamples"] == 10_000
     assert all(row["seeds"] == [0, 1] and row["flops_per_image"] > 0 for row in results["rows"])
+    assert [(step["model"], step["minus"]) for step in results["steps"]] == [("mlp", "vit:patch_size=8")]
     assert len((out / "results.csv").read_text().splitlines()) == 4
     finished = {path: path.stat().st_mtime_ns for path in out.glob("runs/*/*/results.json")}
     assert len(finished) == 6

@@ -64,6 +64,9 @@ def report_markdown(study_dir: Path, summary: StudySummary) -> str:
         "resamples where the model is not better. McNemar: exact two-sided test per seed pair, largest p shown.", "",
         ordering_sentence(summary), "",
     ]
+    if summary.steps:
+        lines += ["Each model minus the one listed before it (same paired bootstrap), for questions of order:", "",
+                  summary.steps_table(), ""]
     if summary.missing:
         lines += [f"**Unfinished runs ({len(summary.missing)}):** {', '.join(summary.missing)}", ""]
     figures = sorted((study_dir / FIGURES_FOLDER).glob("*.png"))

@@ -53,10 +53,20 @@ class StudySummary:
     baseline: str
     rows: list[Row]
     missing: list[str]  # runs not finished yet
+    # Each model against the one listed before it (paired bootstrap): answers ordering questions such
+    # as "is patch 2 better than patch 4?" with an interval, not only each model against the baseline.
+    steps: list[tuple[str, str, BootstrapDifference]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"study": self.study, "baseline": self.baseline, "missing": self.missing,
-                "rows": [dataclasses.asdict(row) for row in self.rows]}
+                "rows": [dataclasses.asdict(row) for row in self.rows],
+                "steps": [{"model": a, "minus": b, **dataclasses.asdict(d)} for a, b, d in self.steps]}
+
+    def steps_table(self) -> str:
+        lines = ["| Model | minus | Δ test acc [95% CI] | P(Δ ≤ 0) |", "| --- | --- | --- | ---: |"]
+        lines += [f"| {a} | {b} | {d.observed:+.2f} [{d.ci_low:+.2f}, {d.ci_high:+.2f}] | {d.share_at_or_below_zero:.3f} |"
+                  for a, b, d in self.steps]
+        return "\n".join(lines)
 
     def markdown_table(self) -> str:
         lines = ["| Model | Params | FLOPs/img | Test loss | Test acc % (mean ± std) [95% CI] | "
@@ -150,18 +160,25 @@ def summarize_study(study_dir: str | Path, write: bool = True, resamples: int = 
             history=mean_history(list(runs.values())),
         ))
     baseline = specs[0]
-    if baseline in correct:
-        for row in rows:
-            if row.spec == baseline:
-                continue
-            paired = sorted(set(correct[row.spec]) & set(correct[baseline]))
-            if not paired:
-                continue
-            a = torch.stack([correct[row.spec][seed] for seed in paired])  # (S, N)
-            b = torch.stack([correct[baseline][seed] for seed in paired])
-            row.delta = paired_bootstrap(a, b, resamples=resamples)
-            row.mcnemar_max_p = max(mcnemar(a[i], b[i]).p_value for i in range(len(paired)))
-    summary = StudySummary(study=study, baseline=baseline, rows=rows, missing=missing)
+
+    def paired(spec_a: str, spec_b: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Correctness (S, N) of two specs over the seeds both have finished."""
+        seeds_both = sorted(set(correct.get(spec_a, {})) & set(correct.get(spec_b, {})))
+        if not seeds_both:
+            return None
+        return (torch.stack([correct[spec_a][seed] for seed in seeds_both]), torch.stack([correct[spec_b][seed] for seed in seeds_both]))
+
+    for row in rows:
+        pair = paired(row.spec, baseline) if row.spec != baseline else None
+        if pair is not None:
+            row.delta = paired_bootstrap(*pair, resamples=resamples)
+            row.mcnemar_max_p = max(mcnemar(a, b).p_value for a, b in zip(*pair, strict=True))
+    steps = []
+    for previous, current in zip(rows[1:-1], rows[2:], strict=False):  # among the non-baseline models, in order
+        pair = paired(current.spec, previous.spec)
+        if pair is not None:
+            steps.append((current.spec, previous.spec, paired_bootstrap(*pair, resamples=resamples)))
+    summary = StudySummary(study=study, baseline=baseline, rows=rows, missing=missing, steps=steps)
     if write:
         write_summary(summary, study_dir)
     return summary
@@ -175,6 +192,8 @@ def write_summary(summary: StudySummary, study_dir: Path) -> None:
     notes = ["# Study results\n", f"Command: `{summary.study.get('command', '')}`\n",
              f"Seeds: {', '.join(map(str, summary.study['seeds']))}; budget: `{summary.study['budget']}`\n",
              summary.markdown_table(), ""]
+    if summary.steps:
+        notes += ["Each model minus the one before it (paired bootstrap, seed-averaged):\n", summary.steps_table(), ""]
     if summary.missing:
         notes.append(f"Not finished yet ({len(summary.missing)}): {', '.join(summary.missing)}\n")
     atomic_write(study_dir / "results.md", lambda tmp: Path(tmp).write_text("\n".join(notes)))
