@@ -60,6 +60,9 @@ def plot_accuracy_vs_setting(summary, setting: str, path: Path) -> None:
     axis.errorbar(positions, [r.test_acc.mean for r in varying],
                   yerr=[[r.test_acc.mean - r.test_acc.ci_low for r in varying], [r.test_acc.ci_high - r.test_acc.mean for r in varying]],
                   fmt="-o", capsize=4, label=varying[0].model if varying else "")
+    for x, row in zip(positions, varying, strict=True):  # every seed's accuracy as a dot
+        axis.scatter([x] * len(row.per_seed_acc), list(row.per_seed_acc.values()), s=12, color="black", zorder=3,
+                     label="one seed" if x == positions[0] else None)
     axis.set_xticks(positions, [str(v) for v in values])
     for index, row in enumerate(others):
         axis.axhline(row.test_acc.mean, color=f"C{index + 1}", linestyle="--", label=row.spec)
