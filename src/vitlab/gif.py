@@ -8,7 +8,6 @@ rebuilt after training: `vitlab gif RUN_DIR`.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import matplotlib
@@ -21,7 +20,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from vitlab.data import CLASSES  # noqa: E402
 from vitlab.errors import VitlabError  # noqa: E402
-from vitlab.io import atomic_write  # noqa: E402
+from vitlab.io import atomic_write, read_epoch_history  # noqa: E402
 
 GIF_FILE = "training.gif"
 FRAME_MILLISECONDS = 600
@@ -33,13 +32,7 @@ def read_snapshots(run_dir: Path) -> tuple[dict, list[tuple[int, dict]], list[di
         raise VitlabError(f"{run_dir} has no snapshots; train with --gif true to record them")
     watched = load_file(str(folder / "images.safetensors"))
     epochs = sorted((int(path.stem.split("_")[1]), load_file(str(path))) for path in folder.glob("epoch_*.safetensors"))
-    history_by_epoch = {}
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                history_by_epoch[record["epoch"]] = record
+    history_by_epoch = read_epoch_history(run_dir / "metrics.jsonl")
     return watched, epochs, [history_by_epoch[e] for e in sorted(history_by_epoch)]
 
 

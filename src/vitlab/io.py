@@ -69,3 +69,16 @@ def write_jsonl(path: str | Path, records: list[dict]) -> None:
             handle.write(text)
 
     atomic_write(path, write)
+
+
+def read_epoch_history(path: str | Path) -> dict[int, dict]:
+    """A run's metrics.jsonl as {epoch: record}; a resumed run may repeat an epoch, the last line wins.
+    A missing file is an empty history."""
+    path = Path(path)
+    history: dict[int, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                history[record["epoch"]] = record
+    return history

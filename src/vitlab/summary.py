@@ -11,14 +11,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from vitlab.errors import VitlabError
-from vitlab.io import atomic_write, read_json, write_json
+from vitlab.io import atomic_write, read_epoch_history, read_json, write_json
 from vitlab.stats import BootstrapDifference, Spread, mcnemar, mean_and_ci, paired_bootstrap
 from vitlab.study import RUNS_FOLDER, STUDY_FILE, parse_spec
 from vitlab.training import CONFIG_FILE, METRICS_FILE, RESULTS_FILE, load_predictions
@@ -114,14 +113,7 @@ def finished_runs(study_dir: Path, spec_text: str, seeds: list[int]) -> tuple[di
 
 def mean_history(run_dirs: list[Path]) -> list[dict]:
     """Per-epoch mean of each metric over seeds (epochs every seed has)."""
-    histories = []
-    for run_dir in run_dirs:
-        by_epoch: dict[int, dict] = {}
-        for line in (run_dir / METRICS_FILE).read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                by_epoch[record["epoch"]] = record  # a resumed run may repeat an epoch: keep the last
-        histories.append(by_epoch)
+    histories = [read_epoch_history(run_dir / METRICS_FILE) for run_dir in run_dirs]
     epochs = sorted(set.intersection(*(set(h) for h in histories))) if histories else []
     keys = ("train_loss", "train_acc", "val_loss", "val_acc")
     return [{"epoch": epoch, **{key: sum(h[epoch][key] for h in histories) / len(histories) for key in keys}} for epoch in epochs]
