@@ -54,10 +54,6 @@ def model_flag_help() -> dict[str, str]:
     return {name: "; ".join(f"[{', '.join(models)}] {text.rstrip('.')}" for text, models in by_text.items()) for name, by_text in texts.items()}
 
 
-def model_fields() -> dict[str, set[str]]:
-    return {name: {f.name for f in dataclasses.fields(cls.config_class)} for name, cls in MODELS.items()}
-
-
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """Every model, data and training setting as a flag."""
     seen: set[str] = {"model", "preset"}
@@ -252,7 +248,7 @@ def command_report(args: argparse.Namespace) -> None:
 
 
 def command_export(args: argparse.Namespace) -> None:
-    from vitlab.data import load_cifar10
+    from vitlab.data import load_cifar10_test
     from vitlab.export import check_onnx, export_onnx
     from vitlab.models import VitlabModel
 
@@ -260,8 +256,7 @@ def command_export(args: argparse.Namespace) -> None:
     path = export_onnx(model, args.onnx)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if args.check_images > 0:
-        data = load_cifar10(args.data_dir, test_subset=args.check_images, download_if_missing=False)
-        check = check_onnx(path, model, data.test_images)
+        check = check_onnx(path, model, load_cifar10_test(args.data_dir, args.check_images)[0])
         print(f"onnxruntime vs PyTorch on {check.images} test images: top-1 agreement {100 * check.top1_agreement:.2f}%, "
               f"largest logit difference {check.max_abs_logit_difference:.2e}")
 
@@ -296,6 +291,7 @@ def inspection_images(args: argparse.Namespace, files: list[str]):
 
 
 def command_attention(args: argparse.Namespace) -> None:
+    from vitlab.images import ImageSet
     from vitlab.models import VisionTransformer
     from vitlab.visualize import attention_distance_plot, attention_grid
 
@@ -305,11 +301,14 @@ def command_attention(args: argparse.Namespace) -> None:
         if not args.layer.isdigit() or not 1 <= int(args.layer) <= model.config.num_blocks:
             raise VitlabError(f"--layer must be all or a layer number 1..{model.config.num_blocks}, got '{args.layer}'")
         layers = [int(args.layer)]
-    images = inspection_images(args, args.files)
+    # Attention distance is averaged over at least 256 test images; the grids show the first --images of them.
+    statistics = inspection_images(args, args.files) if args.files else inspection_images(
+        argparse.Namespace(**{**vars(args), "images": max(256, args.images)}), [])
+    images = statistics if args.files else ImageSet(statistics.images[:args.images], statistics.labels[:args.images],
+                                                    statistics.names[:args.images])
     out = Path(args.out or Path(args.run_dir) / "figures")
     written = attention_grid(model, images, out, method=args.method, head=args.head, layers=layers)
-    statistics = images.images if args.files else inspection_images(argparse.Namespace(**{**vars(args), "images": max(256, args.images)}), []).images
-    written.append(attention_distance_plot(model, statistics, out / "attention_distance.png"))
+    written.append(attention_distance_plot(model, statistics.images, out / "attention_distance.png"))
     for path in written:
         print(f"wrote {path}")
 

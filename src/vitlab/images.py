@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from vitlab.data import CLASSES, load_cifar10
+from vitlab.data import CLASSES, load_cifar10_test
 
 
 @dataclass
@@ -53,6 +53,6 @@ def load_image_files(paths: list[str]) -> tuple[ImageSet, list[str]]:
 def test_images(count: int, data_dir: str | None = None, start: int = 0) -> ImageSet:
     """Test images start..start+count of CIFAR-10 (the same for every run, so figures compare); fewer
     if the test set is smaller."""
-    data = load_cifar10(data_dir, download_if_missing=False)
-    images, labels = data.test_images[start:start + count], data.test_labels[start:start + count]
+    images, labels = load_cifar10_test(data_dir, start + count)
+    images, labels = images[start:], labels[start:]
     return ImageSet(images, labels, [f"test image {start + i}" for i in range(len(images))])
