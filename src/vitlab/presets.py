@@ -11,7 +11,7 @@ from typing import Any
 
 from vitlab.config import DataConfig, RunConfig, TrainConfig
 from vitlab.errors import VitlabError
-from vitlab.models import MODELS, model_class
+from vitlab.models import model_setting_names
 
 DEFAULT_MODEL = "cnn-small"
 
@@ -65,8 +65,7 @@ def build_run_config(model: str | None, preset_name: str | None, given: dict[str
     model = model or (preset.model if preset else DEFAULT_MODEL)
     if preset and model != preset.model:
         raise VitlabError(f"--preset {preset_name} is a '{preset.model}' model but --model says '{model}'; drop one of them")
-    own_fields = {f.name for f in dataclasses.fields(model_class(model).config_class)}
-    all_model_fields = {f.name for cls in MODELS.values() for f in dataclasses.fields(cls.config_class)}
+    own_fields, all_model_fields = model_setting_names(model), model_setting_names()
     data_fields = {f.name for f in dataclasses.fields(DataConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     foreign = sorted(name for name in given if name in all_model_fields and name not in own_fields)

@@ -28,7 +28,7 @@ from vitlab.checkpoint import CHECKPOINT_FILE
 from vitlab.config import RunConfig, parse_field_value
 from vitlab.errors import RunStopped, VitlabError
 from vitlab.io import read_json, write_json
-from vitlab.models import MODELS, build_model
+from vitlab.models import MODELS, build_model, model_setting_names
 from vitlab.presets import PRESETS, build_run_config
 from vitlab.provenance import versions
 
@@ -102,8 +102,7 @@ class StudyPlan:
     vary: str | None = None  # the field a sweep varies
 
     def run_config(self, spec: ModelSpec, seed: int) -> RunConfig:
-        own = {f.name for f in dataclasses.fields(MODELS[spec.model].config_class)}
-        all_model = {f.name for cls in MODELS.values() for f in dataclasses.fields(cls.config_class)}
+        own, all_model = model_setting_names(spec.model), model_setting_names()
         # Model settings in the budget (e.g. --hidden_size) apply to the models that have them.
         shared = {k: v for k, v in self.budget.items() if k not in all_model or k in own}
         return build_run_config(None if spec.preset else spec.model, spec.preset, {**shared, **spec.overrides, "seed": seed})

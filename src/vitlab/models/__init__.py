@@ -18,6 +18,12 @@ def config_fields(model_name: str) -> list[dataclasses.Field]:
     return list(dataclasses.fields(model_class(model_name).config_class))
 
 
+def model_setting_names(model_name: str | None = None) -> set[str]:
+    """The settings of one model, or (no name) of any model."""
+    classes = [model_class(model_name)] if model_name else list(MODELS.values())
+    return {field.name for cls in classes for field in dataclasses.fields(cls.config_class)}
+
+
 def model_class(model_name: str) -> type[VitlabModel]:
     try:
         return MODELS[model_name]
@@ -37,5 +43,5 @@ def build_model(model_name: str, **config_values) -> VitlabModel:
 
 __all__ = [
     "AirCNN", "AirCNNConfig", "CNN", "CNNConfig", "MLP", "MLPConfig", "MODELS", "SmallCNN", "SmallCNNConfig",
-    "VisionTransformer", "ViTConfig", "VitlabModel", "build_model", "config_fields", "model_class",
+    "VisionTransformer", "ViTConfig", "VitlabModel", "build_model", "config_fields", "model_class", "model_setting_names",
 ]
