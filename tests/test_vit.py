@@ -119,11 +119,24 @@ def test_loading_the_wrong_kind_or_a_truncated_file_is_a_clear_error(tmp_path):
         VitlabModel.load(tmp_path / "empty")
 
 
+@pytest.mark.parametrize("stem", ["conv", "conv-pool"])
 @pytest.mark.parametrize("patch_size", [2, 4, 8])
-def test_conv_stem_reaches_the_patch_grid(patch_size):
-    model = tiny_vit(stem="conv", patch_size=patch_size, pool="mean").eval()
+def test_conv_stems_reach_the_patch_grid(stem, patch_size):
+    model = tiny_vit(stem=stem, patch_size=patch_size, pool="mean").eval()
     logits, attention = model(torch.randn(2, 3, 32, 32), return_attention=True)
     grid = 32 // patch_size
     assert logits.shape == (2, 10) and attention[0].shape[-1] == grid * grid
     with pytest.raises(VitlabError, match="power of 2"):
-        ViTConfig(stem="conv", patch_size=6)
+        ViTConfig(stem=stem, patch_size=6)
+
+
+def test_conv_pool_stem_sees_every_pixel_through_overlapping_windows():
+    """A change to one pixel reaches its own token (and, through the overlapping windows, neighbours)."""
+    model = tiny_vit(stem="conv-pool", patch_size=4, pool="mean").eval()
+    images = torch.randn(1, 3, 32, 32)
+    changed = images.clone()
+    changed[0, :, 5, 5] += 10.0  # pixel (5, 5) lies in the token at grid cell (1, 1)
+    with torch.no_grad():
+        delta = (model.patch_embedding(changed) - model.patch_embedding(images)).abs().sum(-1)[0].reshape(8, 8)  # (G, G)
+    assert delta[1, 1] > 0
+    assert delta[4:, 4:].abs().max() == 0  # far tokens are untouched

@@ -9,6 +9,7 @@ from torch import nn
 
 from vitlab.errors import VitlabError
 from vitlab.models.base import VitlabModel
+from vitlab.models.dropout import Dropout
 
 
 @dataclass
@@ -46,7 +47,7 @@ class MLP(VitlabModel):
         layers: list[nn.Module] = []
         in_features = 3 * cfg.image_size * cfg.image_size
         for _ in range(cfg.num_hidden_layers):
-            layers += [nn.Linear(in_features, cfg.hidden_size), nn.ReLU(), nn.Dropout(cfg.dropout)]
+            layers += [nn.Linear(in_features, cfg.hidden_size), nn.ReLU(), Dropout(cfg.dropout)]
             in_features = cfg.hidden_size
         layers.append(nn.Linear(in_features, cfg.num_classes))
         self.layers = nn.Sequential(*layers)

@@ -23,10 +23,11 @@ from torch import nn
 
 from vitlab.errors import VitlabError
 from vitlab.models.base import VitlabModel, init_linear_weights
+from vitlab.models.dropout import Dropout
 
 POS_EMBEDS = ("learned", "sincos")
 POOLS = ("cls", "mean")
-STEMS = ("patch", "conv")
+STEMS = ("patch", "conv", "conv-pool")
 
 
 @dataclass
@@ -43,8 +44,11 @@ class ViTConfig:
         attention_dropout: dropout on the attention probabilities.
         pos_embed: 'learned' (trained parameter) or 'sincos' (fixed 2-D sine-cosine, seed 003).
         pool: 'cls' (a learned CLS token is read out) or 'mean' (average of the patch tokens).
-        stem: 'patch' (one linear map per patch: the pure ViT) or 'conv' (stride-2 3×3 conv + BN + ReLU
-            layers down to the patch grid, then a 1×1 projection: Xiao et al. 2021; needs a power-of-2 patch_size).
+        stem: 'patch' (one linear map per patch: the pure ViT), 'conv' (stride-2 3×3 conv + BN + ReLU
+            layers down to the patch grid, then a 1×1 projection: Xiao et al. 2021) or 'conv-pool'
+            (stride-1 3×3 conv + BN + ReLU + 3×3 stride-2 max-pool per halving, the last conv already
+            hidden_size wide: the convolutional tokenizer of Hassani et al. 2021's CCT). The conv stems
+            need a power-of-2 patch_size.
         image_size: side of the square input image.
         num_classes: number of output logits.
     """
@@ -81,8 +85,8 @@ class ViTConfig:
             raise VitlabError(f"pool must be one of {', '.join(POOLS)}, got '{self.pool}'")
         if self.stem not in STEMS:
             raise VitlabError(f"stem must be one of {', '.join(STEMS)}, got '{self.stem}'")
-        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            raise VitlabError(f"stem conv halves the image per layer, so patch_size must be a power of 2 (2, 4, 8, ...), got {self.patch_size}")
+        if self.stem != "patch" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise VitlabError(f"stem {self.stem} halves the image per layer, so patch_size must be a power of 2 (2, 4, 8, ...), got {self.patch_size}")
         if self.mlp_ratio <= 0:
             raise VitlabError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
         for name in ("dropout", "attention_dropout"):
@@ -115,6 +119,23 @@ def conv_stem(config: ViTConfig) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Conv2d(in_channels, config.hidden_size, kernel_size=1))
 
 
+def conv_pool_stem(config: ViTConfig) -> nn.Sequential:
+    """Per halving: 3×3 conv (stride 1) + BN + ReLU + 3×3 stride-2 max-pool; widths double up to hidden_size.
+
+    Overlapping windows see every pixel at full resolution, which a stride-2 stem does not: the
+    convolutional tokenizer of CCT (Hassani et al. 2021), with BatchNorm added for short schedules.
+    """
+    layers: list[nn.Module] = []
+    num_layers = config.patch_size.bit_length() - 1  # log2(patch_size) halvings
+    in_channels = 3
+    for index in range(num_layers):
+        out_channels = max(16, config.hidden_size // 2 ** (num_layers - 1 - index))  # the last one is hidden_size
+        layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+                   nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1)]
+        in_channels = out_channels
+    return nn.Sequential(*layers)
+
+
 class PatchEmbedding(nn.Module):
     """Pad to a multiple of the patch size, cut into patches and project each to hidden_size."""
 
@@ -125,6 +146,8 @@ class PatchEmbedding(nn.Module):
         self.padding = (total_padding // 2, total_padding - total_padding // 2)  # (before, after)
         if config.stem == "conv":
             self.projection = conv_stem(config)
+        elif config.stem == "conv-pool":
+            self.projection = conv_pool_stem(config)
         else:
             # A conv with kernel = stride = patch size is exactly a linear map of each flattened patch.
             self.projection = nn.Conv2d(3, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size)
@@ -159,7 +182,7 @@ class Attention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.projection = nn.Linear(config.hidden_size, config.hidden_size)
-        self.output_dropout = nn.Dropout(config.dropout)
+        self.output_dropout = Dropout(config.dropout)
 
     def forward(self, tokens: torch.Tensor, return_attention: bool = False):
         batch, num_tokens, hidden = tokens.shape  # (B, T, D)
@@ -199,9 +222,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(config.hidden_size, mlp_size),
             nn.GELU(),
-            nn.Dropout(config.dropout),
+            Dropout(config.dropout),
             nn.Linear(mlp_size, config.hidden_size),
-            nn.Dropout(config.dropout),
+            Dropout(config.dropout),
         )
 
     def forward(self, tokens: torch.Tensor, return_attention: bool = False):
@@ -229,7 +252,7 @@ class VisionTransformer(VitlabModel):
             self.position_embedding = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.hidden_size))
         else:
             self.register_buffer("position_embedding", sincos_position_embedding(cfg.grid_size, cfg.hidden_size)[None], persistent=False)
-        self.embedding_dropout = nn.Dropout(cfg.dropout)
+        self.embedding_dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
         self.norm = nn.LayerNorm(cfg.hidden_size)
         self.head = nn.Linear(cfg.hidden_size, cfg.num_classes)
