@@ -5,7 +5,7 @@ from torch import nn
 from vitlab.errors import VitlabError
 from vitlab.models import VisionTransformer, ViTConfig, build_model
 from vitlab.models.base import VitlabModel
-from vitlab.models.vit import Block, sincos_position_embedding
+from vitlab.models.vit import Attention, Block, sincos_position_embedding
 
 
 def tiny_vit(**overrides) -> VisionTransformer:
@@ -140,3 +140,16 @@ def test_conv_pool_stem_sees_every_pixel_through_overlapping_windows():
         delta = (model.patch_embedding(changed) - model.patch_embedding(images)).abs().sum(-1)[0].reshape(8, 8)  # (G, G)
     assert delta[1, 1] > 0
     assert delta[4:, 4:].abs().max() == 0  # far tokens are untouched
+
+
+def test_attention_dropout_on_the_cpu_keeps_the_expected_output():
+    """Dropping attention probabilities (scaled) leaves the mean output equal to the eval output."""
+    torch.manual_seed(0)
+    attention = Attention(ViTConfig(hidden_size=16, num_heads=2, attention_dropout=0.5))
+    tokens = torch.randn(1, 5, 16)  # (B, T, D)
+    with torch.no_grad():
+        expected = attention.eval()(tokens)[0]
+        attention.train()
+        draws = torch.stack([attention(tokens)[0] for _ in range(4000)])  # (draws, B, T, D)
+    assert not torch.allclose(draws[0], expected, atol=1e-3)  # it does drop
+    assert torch.allclose(draws.mean(0), expected, atol=0.03)

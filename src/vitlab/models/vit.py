@@ -180,6 +180,7 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.head_size = config.hidden_size // config.num_heads
         self.attention_dropout = config.attention_dropout
+        self.probability_dropout = Dropout(config.attention_dropout)
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.projection = nn.Linear(config.hidden_size, config.hidden_size)
         self.output_dropout = Dropout(config.dropout)
@@ -189,11 +190,14 @@ class Attention(nn.Module):
         qkv = self.qkv(tokens).reshape(batch, num_tokens, 3, self.num_heads, self.head_size)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, Dh)
         dropout = self.attention_dropout if self.training else 0.0
-        if return_attention:
-            # Explicit softmax(Q K^T / sqrt(Dh)) so the probabilities can be returned (slow path).
+        if return_attention or (dropout > 0 and query.device.type == "cpu"):
+            # Explicit softmax(Q K^T / sqrt(Dh)): it can return the probabilities, and it is the CPU's
+            # attention-dropout path too (SDPA with dropout_p falls back there to its math kernel,
+            # which samples with the slow bernoulli_; see models/dropout.py).
             scores = query @ key.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, H, T, T)
             weights = scores.float().softmax(dim=-1).to(value.dtype)
-            mixed = F.dropout(weights, dropout, self.training) @ value  # (B, H, T, Dh)
+            mixed = self.probability_dropout(weights) @ value  # (B, H, T, Dh)
+            weights = weights if return_attention else None
         else:
             weights = None
             if query.device.type == "cpu" and query.dtype == torch.bfloat16:
@@ -202,7 +206,7 @@ class Attention(nn.Module):
                 # to fp32 (at 257 tokens 420 vs 339 ms). So on the CPU attention runs in fp32, with
                 # autocast off for the call (CPU autocast would cast the inputs back to bf16).
                 with torch.autocast("cpu", enabled=False):
-                    mixed = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), dropout_p=dropout)
+                    mixed = F.scaled_dot_product_attention(query.float(), key.float(), value.float())
                 mixed = mixed.to(value.dtype)
             else:
                 mixed = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout)  # (B, H, T, Dh)
