@@ -81,10 +81,13 @@ def test_malicious_batch_with_matching_checksum_is_refused(writable_cifar_root, 
     assert not (writable_cifar_root / "pwned").exists()
 
 
-def test_normalize_matches_torchvision():
-    image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
-    expected = TF.normalize(image[0].float() / 255, data_module.MEAN, data_module.STD)
-    torch.testing.assert_close(normalize(image)[0], expected)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_normalize_matches_torchvision(memory_format):
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    expected = torch.stack([TF.normalize(image.float() / 255, data_module.MEAN, data_module.STD) for image in images])
+    normalized = normalize(images.contiguous(memory_format=memory_format))
+    torch.testing.assert_close(normalized, expected)
+    assert normalized.is_contiguous(memory_format=memory_format)  # the layout the model wants is kept
 
 
 def test_random_crop_flip_takes_a_window_of_the_padded_image():
