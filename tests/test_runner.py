@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -120,3 +121,22 @@ def test_tta_averages_the_mirror_logits():
     both = Runner(model, quick_config(tta=True)).evaluate(data.test_images, data.test_labels)
     assert both.loss == pytest.approx(mirrored.loss, rel=1e-5)  # TTA is symmetric under mirroring
     assert both.loss != pytest.approx(plain.loss, rel=1e-5)
+
+
+def test_mixup_and_cutmix_train_and_a_resumed_run_mixes_the_same(tmp_path):
+    """Mixing draws from the batch generator, which the checkpoint saves: resuming from the end of
+    epoch 1 gives the same final weights as the uninterrupted run."""
+    data = tiny_dataset()
+    config = quick_config(epochs=2, mixup=0.8, cutmix=1.0, precision="fp32")
+    torch.manual_seed(0)
+    straight = build_model("cnn-small")
+    runner = Runner(straight, config)
+    checkpoint = tmp_path / "checkpoint.pt"
+    runner.epoch_end_hooks.append(lambda record: record["epoch"] == 1 and shutil.copy(checkpoint, tmp_path / "epoch1.pt"))
+    history = runner.fit(data, checkpoint_path=checkpoint)
+    assert all(math.isfinite(record["train_loss"]) for record in history)
+    torch.manual_seed(123)  # the checkpoint brings back every random state
+    resumed = build_model("cnn-small")
+    Runner(resumed, config).fit(data, checkpoint_path=tmp_path / "epoch1.pt", resume=True)
+    for mine, theirs in zip(resumed.parameters(), straight.parameters(), strict=True):
+        assert torch.equal(mine, theirs)

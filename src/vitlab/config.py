@@ -70,6 +70,9 @@ class TrainConfig:
         beta1: AdamW first-moment decay.
         beta2: AdamW second-moment decay.
         label_smoothing: cross-entropy label smoothing.
+        mixup: MixUp's Beta(alpha, alpha) parameter: blend each training image with another (0 = off).
+        cutmix: CutMix's Beta(alpha, alpha) parameter: paste a box of another image (0 = off); with both
+            on, each batch uses one of the two.
         grad_clip: clip the global gradient norm to this (0 turns clipping off).
         seed: seeds weights, batch order and augmentation.
         device: auto (CUDA, then Apple MPS, then CPU), cpu, cuda or mps.
@@ -99,6 +102,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
     grad_clip: float = 0.0
     seed: int = 0
     device: str = "auto"
@@ -124,6 +129,7 @@ class TrainConfig:
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 = only at epoch ends), got {self.checkpoint_every}"),
+            (self.mixup >= 0 and self.cutmix >= 0, f"mixup and cutmix must be >= 0 (0 = off), got {self.mixup}, {self.cutmix}"),
             (self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'"),

@@ -22,6 +22,7 @@ from vitlab.device import autocast, pick_device, resolve_precision
 from vitlab.distributed import SINGLE, DistContext, all_reduce_sum, any_rank
 from vitlab.errors import VitlabError
 from vitlab.io import append_jsonl, write_jsonl
+from vitlab.mixing import mix_batch
 from vitlab.schedule import SCHEDULES
 
 # Parameters that get no weight decay besides biases and norm scales (all 1-D): decaying the
@@ -209,11 +210,18 @@ class Runner:
             write_jsonl(self.history_file, self.history)
         return progress
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimisation step on a batch; returns the detached loss () and logits (B, classes)."""
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   partner_labels: torch.Tensor | None = None, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step on a batch; returns the detached loss () and logits (B, classes).
+
+        For a MixUp/CutMix batch, `weight` of each image is `labels`' class and the rest `partner_labels`'.
+        """
         with autocast(self.device, self.precision):
             logits = self.train_forward(images)  # (B, classes)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
+        smoothing = self.config.label_smoothing
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+        if partner_labels is not None and weight < 1.0:
+            loss = weight * loss + (1.0 - weight) * F.cross_entropy(logits.float(), partner_labels, label_smoothing=smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip > 0:
@@ -245,10 +253,11 @@ class Runner:
 
         for step in range(progress.step, len(batches)):
             images, labels = batches.batch(step, progress.order)
-            loss, logits = self.train_step(images, labels, optimizer)
+            mixed = mix_batch(images, labels, cfg.mixup, cfg.cutmix, batches.generator)
+            loss, logits = self.train_step(mixed.images, labels, optimizer, mixed.partner_labels, mixed.weight)
             schedule.step()
             loss_sum += loss * len(labels)
-            correct += (logits.argmax(dim=1) == labels).sum()
+            correct += (logits.argmax(dim=1) == mixed.dominant_labels).sum()
             progress.seen += len(labels)
             progress.step = step + 1
             # Reading a number from the device waits for it, so do it only every few steps.
