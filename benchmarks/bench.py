@@ -5,9 +5,10 @@ warm-up, and reports images/s, the ratio, achieved model TFLOP/s (FLOPs counted 
 torch.utils.flop_counter) and that as a share of this machine's bf16 matmul peak, measured in the
 same run.
 
-- reference: what the seeds do. Eager fp32, torchvision DataLoader with per-image PIL transforms
-  (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize; num_workers=2 as in seed
-  002), AdamW, and for ViTs attention computed with an explicit softmax.
+- reference: what the seeds do. The models as seed 002's code writes them (reference_models.py:
+  explicit-softmax attention, nn.Dropout), eager fp32, torchvision DataLoader with per-image PIL
+  transforms (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize; num_workers=2 as
+  in seed 002), AdamW, and seed 002's loop (loss.item() and the accuracy count every step).
 - vitlab: the Runner's own training step on its device-resident uint8 data with batched
   augmentation, at the chosen precision (default: what `--precision auto` picks), SDPA attention.
 
@@ -24,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 import torchvision
+from reference_models import build_reference
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
@@ -31,7 +33,7 @@ from torchvision import transforms
 from vitlab.config import TrainConfig
 from vitlab.data import MEAN, STD, DeviceBatches, load_cifar10, locate_cifar10
 from vitlab.flops import train_flops_per_image
-from vitlab.models import VisionTransformer, build_model
+from vitlab.models import build_model
 from vitlab.presets import PRESETS
 from vitlab.runner import Runner
 
@@ -39,20 +41,18 @@ CONFIGS = {
     "cnn-small": ("cnn-small", {}),
     "cnn": ("cnn", {}),
     "vit-seed001": ("vit", PRESETS["vit-seed001"].model_config),  # p4 d64 L4 h4
-    "vit-seed002": ("vit", PRESETS["vit-seed002"].model_config),  # p4 d128 L6 h4
+    "vit-seed002": ("vit", PRESETS["vit-seed002"].model_config),  # p4 d128 L6 h4, dropout 0.1
     "vit-seed000": ("vit", PRESETS["vit-seed000"].model_config),  # p2 d64 L10 h4
 }
 
 
-class ExplicitAttention(nn.Module):
-    """A ViT run the seeds' way: attention through an explicit softmax (the model's attention path)."""
-
-    def __init__(self, vit: VisionTransformer) -> None:
-        super().__init__()
-        self.vit = vit
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vit(images, return_attention=True)[0]
+def with_dropout(model_name: str, model_config: dict, dropout: float | None) -> dict:
+    """A ViT config whose dropout sits where seed 002 puts it (embeddings, attention probabilities, MLP),
+    which vitlab needs `attention_dropout` for (vitlab also drops after the attention projection)."""
+    if model_name != "vit":
+        return model_config
+    dropout = model_config.get("dropout", 0.0) if dropout is None else dropout
+    return {**model_config, "dropout": dropout, "attention_dropout": dropout}
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float:
@@ -94,17 +94,22 @@ def endless(batches):
 
 
 def time_reference(model: nn.Module, loader: DataLoader, steps: int, warmup: int) -> float:
-    model = ExplicitAttention(model) if isinstance(model, VisionTransformer) else model
+    """Seed 002's training loop on one of reference_models' modules."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     batches = endless(loader)
+    totals = {"loss": 0.0, "correct": 0}
 
     def run_step() -> int:
         images, labels = next(batches)
-        loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad()
+        outputs = model(images)
+        outputs = outputs[0] if isinstance(outputs, tuple) else outputs  # a ViT returns (logits, attention)
+        loss = F.cross_entropy(outputs, labels)
         loss.backward()
         optimizer.step()
+        totals["loss"] += loss.item()
+        totals["correct"] += outputs.max(1)[1].eq(labels).sum().item()
         return len(labels)
 
     return images_per_second(run_step, steps, warmup)
@@ -135,8 +140,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--compile", action="store_true", help="vitlab side with torch.compile")
     parser.add_argument("--vit-dropout", type=float, default=None,
-                        help="ViTs on both sides with this dropout on embeddings, attention probabilities, attention "
-                             "output and MLP (seed 002's ViT class defaults to 0.1 everywhere)")
+                        help="every ViT on both sides with this dropout (seed 002's ViT class defaults to 0.1); "
+                             "default: the preset's (0.1 for vit-seed002, else 0)")
     parser.add_argument("--skip-reference", action="store_true", help="time vitlab only")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", default=None, help="also write the table here")
@@ -155,20 +160,21 @@ def main() -> None:
     rows = []
     for name in args.configs.split(","):
         model_name, model_config = CONFIGS[name]
-        if args.vit_dropout is not None and model_name == "vit":
-            model_config = {**model_config, "dropout": args.vit_dropout, "attention_dropout": args.vit_dropout}
+        model_config = with_dropout(model_name, model_config, args.vit_dropout)
         torch.manual_seed(0)
         flops = train_flops_per_image(build_model(model_name, **model_config))
         reference, ours, precision = [], [], ""
         for _ in range(args.rounds):
             if loader is not None:
                 torch.manual_seed(0)
-                reference.append(time_reference(build_model(model_name, **model_config), loader, args.steps, args.warmup))
+                reference.append(time_reference(build_reference(model_name, model_config), loader, args.steps, args.warmup))
             torch.manual_seed(0)
             speed, precision = time_vitlab(build_model(model_name, **model_config), data, config, args.steps, args.warmup)
             ours.append(speed)
         row = {
             "config": name, "params": build_model(model_name, **model_config).num_parameters,
+            "reference_params": sum(p.numel() for p in build_reference(model_name, model_config).parameters()),
+            "dropout": model_config.get("dropout", 0.0),
             "train_mflop_per_image": flops / 1e6, "reference_img_s": max(reference) if reference else None,
             "vitlab_img_s": max(ours), "vitlab_precision": precision, "speedup": max(ours) / max(reference) if reference else None,
             "vitlab_tflop_s": max(ours) * flops / 1e12,
@@ -182,7 +188,8 @@ def main() -> None:
     for row in rows:
         reference = f"{row['reference_img_s']:,.0f}" if row["reference_img_s"] else "-"
         speedup = f"{row['speedup']:.1f}×" if row["speedup"] else "-"
-        print(f"| {row['config']} | {row['params']:,} | {row['train_mflop_per_image']:,.1f} | {reference} | "
+        label = row["config"] + (f" (dropout {row['dropout']:g})" if row["dropout"] else "")
+        print(f"| {label} | {row['params']:,} | {row['train_mflop_per_image']:,.1f} | {reference} | "
               f"{row['vitlab_img_s']:,.0f} ({row['vitlab_precision']}) | {speedup} | {row['vitlab_tflop_s']:.3f} | "
               f"{100 * row['share_of_bf16_peak']:.1f}% |")
     if args.json:

@@ -30,5 +30,20 @@ def test_vitlab_side_times_a_few_steps():
 def test_reference_side_times_a_few_steps():
     loader = bench.reference_loader(str(real_cifar10_root()), batch_size=16)
     torch.manual_seed(0)
-    vit = build_model("vit", hidden_size=16, num_heads=2, num_blocks=1)
+    vit = bench.build_reference("vit", {"hidden_size": 16, "num_heads": 2, "num_blocks": 1, "dropout": 0.1})
     assert bench.time_reference(vit, loader, steps=2, warmup=1) > 0
+
+
+@pytest.mark.parametrize("name", sorted(bench.CONFIGS))
+def test_reference_models_are_the_same_size_as_vitlabs(name):
+    """Written separately, the seeds' way; within 1% of vitlab's parameters (the seeds' CNN has conv
+    biases before BatchNorm, their ViT a position for the CLS token) and the same output."""
+    model_name, model_config = bench.CONFIGS[name]
+    model_config = bench.with_dropout(model_name, model_config, None)
+    reference = bench.build_reference(model_name, model_config)
+    ours = build_model(model_name, **model_config)
+    reference_params = sum(p.numel() for p in reference.parameters())
+    assert abs(reference_params - ours.num_parameters) <= 0.01 * ours.num_parameters
+    outputs = reference.eval()(torch.randn(2, 3, 32, 32))
+    logits = outputs[0] if isinstance(outputs, tuple) else outputs
+    assert logits.shape == (2, 10)
