@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vitlab.models.dropout import RESOLUTION, Dropout, drop_threshold, fast_dropout, keep_mask
+from vitlab.models.dropout import RESOLUTION, Dropout, drop_threshold, dropout_matmul, fast_dropout, keep_mask
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -44,3 +44,11 @@ def test_module_is_identity_in_eval_and_reproducible_under_a_seed():
     torch.manual_seed(1)
     assert torch.equal(layer(inputs), first) and first.dtype == torch.bfloat16
     assert Dropout(0.0).train()(inputs) is inputs
+
+
+def test_dropout_matmul_equals_dropout_then_matmul():
+    probabilities, values = torch.rand(2, 3, 9, 9), torch.randn(2, 3, 9, 4)
+    torch.manual_seed(7)
+    fused = dropout_matmul(probabilities, values, 0.2)
+    torch.manual_seed(7)  # the same mask
+    torch.testing.assert_close(fused, fast_dropout(probabilities, 0.2) @ values)

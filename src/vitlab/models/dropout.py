@@ -46,3 +46,14 @@ class Dropout(nn.Dropout):
         if inputs.device.type != "cpu":
             return F.dropout(inputs, self.p, True, self.inplace)
         return fast_dropout(inputs, self.p)
+
+
+def dropout_matmul(probabilities: torch.Tensor, values: torch.Tensor, p: float) -> torch.Tensor:
+    """`dropout(probabilities) @ values` with the rescaling applied to the (smaller) product.
+
+    probabilities (..., T, T), values (..., T, Dh) → (..., T, Dh). Scaling after the matmul saves a
+    pass over the T × T tensor forward and backward (attention dropout, e.g. seed 002's ViT).
+    """
+    scale = RESOLUTION / (RESOLUTION - drop_threshold(p))
+    kept = torch.where(keep_mask(probabilities.shape, p, probabilities.device), probabilities, 0.0)
+    return (kept @ values) * scale
