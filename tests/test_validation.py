@@ -65,9 +65,9 @@ def test_a_loss_that_becomes_nan_stops_and_keeps_the_last_good_checkpoint(cifar_
     original = Runner.train_step
     steps = {"taken": 0}
 
-    def poisoned(self, images, labels, optimizer):
+    def poisoned(self, images, labels, optimizer, *mixing):
         steps["taken"] += 1
-        loss, logits = original(self, images, labels, optimizer)
+        loss, logits = original(self, images, labels, optimizer, *mixing)
         return (loss * float("nan"), logits) if steps["taken"] > 6 else (loss, logits)  # epoch 2 of 4 steps each
 
     monkeypatch.setattr(Runner, "train_step", poisoned)
