@@ -189,7 +189,8 @@ class Attention(nn.Module):
         qkv = self.qkv(tokens).reshape(batch, num_tokens, 3, self.num_heads, self.head_size)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, Dh)
         dropout = self.attention_dropout if self.training else 0.0
-        if return_attention or (dropout > 0 and query.device.type == "cpu"):
+        cpu_dropout = dropout > 0 and query.device.type == "cpu"
+        if return_attention or cpu_dropout:
             # Explicit softmax(Q K^T / sqrt(Dh)): it can return the probabilities, and it is the CPU's
             # attention-dropout path too (SDPA with dropout_p falls back there to its math kernel,
             # which samples with the slow bernoulli_; see models/dropout.py).
@@ -198,7 +199,7 @@ class Attention(nn.Module):
             # 257 tokens these passes and dtype copies took half of the step in torch.profiler.
             scores = (query * self.head_size**-0.5) @ key.transpose(-2, -1)  # (B, H, T, T)
             weights = scores.softmax(dim=-1)
-            if dropout > 0 and query.device.type == "cpu":
+            if cpu_dropout:
                 mixed = dropout_matmul(weights, value, dropout)  # (B, H, T, Dh)
             else:
                 mixed = F.dropout(weights, dropout, self.training) @ value  # (B, H, T, Dh)
