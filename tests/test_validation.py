@@ -31,9 +31,11 @@ def one_line_error(capsys, code, pattern):
     (["--batch_size", "0"], "batch_size must be at least 1"),
     (["--crop_padding", "20"], "crop_padding must be between 0 and 16"),
     (["--label_smoothing", "1"], r"label_smoothing must be in \[0, 1\)"),
+    (["--cutmix", "-1"], "mixup and cutmix must be >= 0"),
     (["--subset", "5"], "subset must be between 10 and"),
     (["--model", "vit", "--patch_size", "40"], "patch_size must be between 1 and the image size"),
     (["--model", "vit", "--stem", "conv", "--patch_size", "6"], "must be a power of 2"),
+    (["--model", "vit", "--stem", "conv-pool", "--patch_size", "6"], "stem conv-pool halves the image"),
     (["--model", "cnn", "--widths", "8,8,8,8,8,8"], "at most 5 stages"),
 ])
 def test_out_of_range_values_are_refused_before_any_work(args, pattern, cifar_root, tmp_path, capsys):
