@@ -115,7 +115,8 @@ def time_reference(model: nn.Module, loader: DataLoader, steps: int, warmup: int
     return images_per_second(run_step, steps, warmup)
 
 
-def time_vitlab(model: nn.Module, data, config: TrainConfig, steps: int, warmup: int) -> tuple[float, str]:
+def vitlab_step(model: nn.Module, data, config: TrainConfig) -> tuple[Runner, callable]:
+    """The Runner and a function that trains one step on the next device-resident batch (returns its size)."""
     runner = Runner(model, config)
     optimizer = runner.make_optimizer()
     batches = endless(DeviceBatches(data.train_images, data.train_labels, config.batch_size, train=True, device=runner.device,
@@ -126,6 +127,11 @@ def time_vitlab(model: nn.Module, data, config: TrainConfig, steps: int, warmup:
         runner.train_step(images, labels, optimizer)
         return len(labels)
 
+    return runner, run_step
+
+
+def time_vitlab(model: nn.Module, data, config: TrainConfig, steps: int, warmup: int) -> tuple[float, str]:
+    runner, run_step = vitlab_step(model, data, config)
     synchronize = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     return images_per_second(run_step, steps, warmup, synchronize), runner.precision
 

@@ -14,9 +14,8 @@ import torch
 from torch.profiler import profile
 
 from vitlab.config import TrainConfig
-from vitlab.data import DeviceBatches, load_cifar10, locate_cifar10
+from vitlab.data import load_cifar10, locate_cifar10
 from vitlab.models import build_model
-from vitlab.runner import Runner
 
 
 def main() -> None:
@@ -33,14 +32,8 @@ def main() -> None:
     model_config = bench.with_dropout(model_name, model_config, args.dropout)
     data = load_cifar10(str(locate_cifar10(args.data_dir, download_if_missing=False).parent))
     torch.manual_seed(0)
-    runner = Runner(build_model(model_name, **model_config), TrainConfig(batch_size=args.batch_size, device="cpu", progress=False))
-    optimizer = runner.make_optimizer()
-    batches = bench.endless(DeviceBatches(data.train_images, data.train_labels, args.batch_size, train=True,
-                                          device=runner.device, memory_format=runner.memory_format))
-
-    def step() -> None:
-        images, labels = next(batches)
-        runner.train_step(images, labels, optimizer)
+    config = TrainConfig(batch_size=args.batch_size, device="cpu", progress=False)
+    runner, step = bench.vitlab_step(build_model(model_name, **model_config), data, config)
 
     for _ in range(3):
         step()
