@@ -243,8 +243,8 @@ def apply_crop_flip(images: torch.Tensor, padding: int, offsets: torch.Tensor, f
     """Crop each image from a zero-padded copy at `offsets` (2, B) and mirror those with `flips` (B,).
 
     The padded batch is viewed as every 32×32 window of every image (unfold: no copy), and one index
-    picks each image's window, whole pixels (3 bytes) at a time, into channels-last order. With the
-    normalisation below this took 0.95 ms per batch of 128 on the 2-core Sapphire Rapids, against
+    picks each image's window, whole pixels (3 bytes) at a time, into channels-last order. With
+    `normalize` (above) this took 0.95 ms per batch of 128 on the 2-core Sapphire Rapids, against
     2.73 ms for a gather with per-pixel row and column indices and `(x / 255 - mean) / std`.
     """
     batch, _, height, width = images.shape  # (B, C, H, W) uint8

@@ -5,8 +5,8 @@ of seed 002's ViT (dropout 0.1): torch.profiler on the 2-core Sapphire Rapids, b
 `aten::bernoulli_` at 40% of the step (1.41 s of 3.50 s over 5 steps). Drawing the random numbers is
 the cost, so `Dropout` here draws 64 random bits per int64 and uses them as four 15-bit uniform
 numbers, one per element: a quarter of the generator calls. The drop probability is rounded to a
-multiple of 1/32768 (0.1 becomes 0.100006) and the kept elements are scaled to match. On other devices (CUDA's generator is fast) it is
-`F.dropout`.
+multiple of 1/32768 (0.1 becomes 0.100006) and the kept elements are scaled to match. On other
+devices (CUDA's generator is fast) it is `F.dropout`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ def drop_threshold(p: float) -> int:
     return min(round(p * RESOLUTION), RESOLUTION - 1)
 
 
+def keep_scale(p: float) -> float:
+    """What kept elements are multiplied by, so the expectation is unchanged: 1 / (1 - rounded p)."""
+    return RESOLUTION / (RESOLUTION - drop_threshold(p))
+
+
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """A bool tensor of `shape`, False with probability drop_threshold(p) / 32768."""
     count = shape.numel()
@@ -33,8 +38,7 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
 
 def fast_dropout(inputs: torch.Tensor, p: float) -> torch.Tensor:
     """Zero each element with probability ≈ p and scale the rest so the expectation is unchanged."""
-    scale = RESOLUTION / (RESOLUTION - drop_threshold(p))
-    return torch.where(keep_mask(inputs.shape, p, inputs.device), inputs * scale, 0.0)
+    return torch.where(keep_mask(inputs.shape, p, inputs.device), inputs * keep_scale(p), 0.0)
 
 
 class Dropout(nn.Dropout):
@@ -54,6 +58,5 @@ def dropout_matmul(probabilities: torch.Tensor, values: torch.Tensor, p: float) 
     probabilities (..., T, T), values (..., T, Dh) → (..., T, Dh). Scaling after the matmul saves a
     pass over the T × T tensor forward and backward (attention dropout, e.g. seed 002's ViT).
     """
-    scale = RESOLUTION / (RESOLUTION - drop_threshold(p))
     kept = torch.where(keep_mask(probabilities.shape, p, probabilities.device), probabilities, 0.0)
-    return (kept @ values) * scale
+    return (kept @ values) * keep_scale(p)
