@@ -298,6 +298,9 @@ class DeviceBatches:
         self.drop_last = train and len(images) > batch_size if drop_last is None else drop_last
         self.memory_format = memory_format
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        # Scalar draws (MixUp/CutMix ratios and boxes) are read on the host; from a GPU generator each
+        # read would wait for the GPU, so off the CPU they come from a host generator of their own.
+        self.host_generator = self.generator if self.generator.device.type == "cpu" else torch.Generator().manual_seed(seed)
         # Data parallel: every rank draws the same order and augmentation for the whole global batch
         # (same seed) and keeps its own contiguous slice of it, so N ranks see exactly one rank's batches.
         self.rank, self.world_size = shard

@@ -45,6 +45,23 @@ def load_predictions(run_dir: str | Path) -> dict[str, torch.Tensor]:
         raise VitlabError(f"{path} is unreadable ({error}); the run folder is damaged, train the run again") from None
 
 
+# Validation accuracies (%) whose first crossing is recorded, as the CIFAR-10 speed records compare runs.
+TIME_TO_ACCURACY_TARGETS = (50, 60, 70, 80, 90, 94)
+
+
+def time_to_accuracy(history: list[dict], targets: tuple[int, ...] = TIME_TO_ACCURACY_TARGETS) -> dict[str, float | None]:
+    """Training seconds (validation excluded) at the end of the first epoch whose validation accuracy
+    reached each target; None for a target never reached."""
+    reached: dict[str, float | None] = {str(target): None for target in targets}
+    elapsed = 0.0
+    for record in history:
+        elapsed += record["epoch_seconds"]
+        for target in targets:
+            if reached[str(target)] is None and record["val_acc"] >= target:
+                reached[str(target)] = elapsed
+    return reached
+
+
 def default_run_dir(run: RunConfig) -> Path:
     return Path("runs") / f"{run.preset or run.model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -150,6 +167,7 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, out_dir: Path,
         "train_images": len(data.train_images),
         "test_images": len(data.test_images),
         "train_seconds": runner.train_seconds,
+        "time_to_accuracy": time_to_accuracy(history),
         "images_per_second": runner.train_images_seen / runner.train_seconds,
         "device": device_description(runner.device),
         "precision": runner.precision,
