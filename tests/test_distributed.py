@@ -15,7 +15,8 @@ from vitlab.data import DeviceBatches
 # floating-point sums (gradients are averaged over two half-batches instead of summed over one batch).
 ARGS = ["train", "--model", "vit", "--patch_size", "8", "--hidden_size", "32", "--num_heads", "2", "--num_blocks", "2",
         "--subset", "300", "--test_subset", "100", "--epochs", "3", "--batch_size", "40", "--precision", "fp32",
-        "--optimizer", "sgd", "--lr", "0.05", "--progress", "false"]
+        "--optimizer", "sgd", "--lr", "0.05", "--progress", "false",
+        "--device", "cpu"]  # gloo: NCCL cannot put two ranks on one GPU
 TOLERANCE = 1e-4  # relative, on each epoch's training loss; measured differences are ~1e-7
 
 

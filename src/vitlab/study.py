@@ -210,6 +210,7 @@ def run_study(plan: StudyPlan, study_dir: str | Path, jobs: int = 1, command: st
                     print(f"<- {text} seed {seed}: test accuracy {value['test_acc']:.2f}% in {value['train_seconds']:.0f} s", flush=True)
                 else:
                     failures.append(f"{text} seed {seed}: {value}")
+                    print(f"<- {text} seed {seed}: did not finish: {value}", flush=True)
         except KeyboardInterrupt:  # the workers got the same Ctrl-C: let them save their checkpoints
             pool.close()
             pool.join()

@@ -87,7 +87,6 @@ class AirCNN(VitlabModel):
         nn.init.zeros_(self.whiten.bias)
         widths = (whitening_channels, *cfg.widths)
         self.groups = nn.Sequential(*(ConvGroup(widths[i], widths[i + 1], cfg.batchnorm_momentum) for i in range(3)))
-        self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(cfg.widths[-1], cfg.num_classes, bias=False)
 
     @torch.no_grad()
@@ -108,5 +107,5 @@ class AirCNN(VitlabModel):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = nn.functional.gelu(self.whiten(images))  # (B, 24, 31, 31) for 2×2 whitening
         features = self.groups(features)  # (B, widths[-1], 3, 3)
-        pooled = self.pool(features).flatten(1)  # (B, widths[-1])
+        pooled = features.amax(dim=(2, 3))  # (B, widths[-1]): global max-pool (exports to ONNX everywhere)
         return self.head(pooled) * self.config.logit_scale  # (B, num_classes)
