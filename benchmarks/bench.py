@@ -32,10 +32,10 @@ from torchvision import transforms
 
 from vitlab.config import TrainConfig
 from vitlab.data import MEAN, STD, DeviceBatches, load_cifar10, locate_cifar10
-from vitlab.flops import train_flops_per_image
 from vitlab.models import build_model
+from vitlab.models.flops import train_flops_per_image
 from vitlab.presets import PRESETS
-from vitlab.runner import Runner
+from vitlab.train.trainer import Runner
 
 CONFIGS = {
     "cnn-small": ("cnn-small", {}),

@@ -37,10 +37,10 @@ import torch
 
 from vitlab.config import TrainConfig
 from vitlab.data import DeviceBatches
-from vitlab.flops import train_flops_per_image
 from vitlab.models import build_model
+from vitlab.models.flops import train_flops_per_image
 from vitlab.presets import PRESETS, build_run_config
-from vitlab.runner import Runner
+from vitlab.train.trainer import Runner
 
 THROUGHPUT_CONFIGS = {  # name: (model, model config, batch size)
     "cnn-small": ("cnn-small", {}, 128),
@@ -102,7 +102,7 @@ def step_images_per_second(model_name: str, model_config: dict, batch_size: int,
     order = batches.new_order()
 
     def one_step(step: int) -> None:
-        from vitlab.mixing import mix_batch
+        from vitlab.train.mixing import mix_batch
 
         batch_images, batch_labels = batches.batch(step % len(batches), order)
         mixed = mix_batch(batch_images, batch_labels, config.mixup, config.cutmix, batches.host_generator)

@@ -69,7 +69,7 @@ print("fast path (fused attention) gives the same logits:", torch.allclose(model
 The `Runner` trains on device-resident data with batched augmentation; two epochs on 1,600 images
 only show that it learns — `vitlab train --preset vit-seed001` is the real thing."""),
     ("code", """from vitlab.config import TrainConfig
-from vitlab.runner import Runner
+from vitlab.train.trainer import Runner
 
 runner = Runner(model, TrainConfig(epochs=2, batch_size=64, progress=False))
 for record in runner.fit(data):
@@ -90,9 +90,9 @@ from pathlib import Path
 import torch
 from IPython.display import Image, display
 
-from vitlab.attention import attention_stack, mean_attention_distance, patch_scores, rollout, to_image_grid
+from vitlab.inspect.attention import attention_stack, mean_attention_distance, patch_scores, rollout, to_image_grid
 from vitlab.data import CLASSES, load_cifar10, normalize
-from vitlab.images import test_images
+from vitlab.inspect.images import test_images
 from vitlab.models import VisionTransformer
 
 run = os.environ.get("VITLAB_RUN")
@@ -100,7 +100,7 @@ if run:
     model = VisionTransformer.load(run)
 else:
     from vitlab.config import TrainConfig
-    from vitlab.runner import Runner
+    from vitlab.train.trainer import Runner
 
     from vitlab.models import build_model
 
@@ -127,7 +127,7 @@ print("rollout", tuple(flow.shape), "rows sum to 1:", torch.allclose(flow.sum(-1
 maps = to_image_grid(patch_scores(flow, has_cls), model)
 print("share of the flow on the central 16x16 pixels:", [f"{float(m[8:24, 8:24].sum() / m.sum()):.2f}" for m in maps])"""),
     ("md", """## The figures `vitlab attention` writes"""),
-    ("code", """from vitlab.visualize import attention_distance_plot, attention_grid
+    ("code", """from vitlab.inspect.figures import attention_distance_plot, attention_grid
 
 out = Path(tempfile.mkdtemp())
 for path in attention_grid(model, images, out, method="raw", head="mean")[:2]:
@@ -147,8 +147,8 @@ import tempfile
 
 from IPython.display import Image, Markdown, display
 
-from vitlab.study import StudyPlan, run_study
-from vitlab.summary import summarize_study
+from vitlab.study.plan import StudyPlan, run_study
+from vitlab.study.summary import summarize_study
 
 study = os.environ.get("VITLAB_STUDY")
 if not study:
@@ -163,9 +163,9 @@ Both models are scored on the *same* resampled test images, so the noise of whic
 be in the test set cancels. Here for the first ViT against the baseline, seed by seed."""),
     ("code", """import torch
 from pathlib import Path
-from vitlab.stats import mcnemar, paired_bootstrap
-from vitlab.study import parse_spec
-from vitlab.training import load_predictions
+from vitlab.study.stats import mcnemar, paired_bootstrap
+from vitlab.study.plan import parse_spec
+from vitlab.train.run import load_predictions
 
 def correct(spec, seed):
     record = load_predictions(Path(study) / "runs" / parse_spec(spec).slug / f"seed{seed}")

@@ -7,7 +7,7 @@ from vitlab.data import load_cifar10  # noqa: E402
 from vitlab.errors import VitlabError  # noqa: E402
 from vitlab.models import CNN, MLP, SmallCNN, VisionTransformer, ViTConfig, build_model  # noqa: E402
 from vitlab.models.base import VitlabModel  # noqa: E402
-from vitlab.runner import Runner  # noqa: E402
+from vitlab.train.trainer import Runner  # noqa: E402
 
 load_model = VitlabModel.load
 

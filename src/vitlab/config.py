@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,7 +30,9 @@ class DataConfig:
         download: download CIFAR-10 when it is not found.
         val_fraction: share of the training set held out for validation (the seeds' 80/20).
         split_seed: seed of the train/validation split (fixed, so all runs validate on the same images).
-        subset: train on only this many of the 50,000 training images (before the split).
+        subset: use only this many of the 50,000 training images, before the train/validation split (both shrink).
+        train_size: train on only this many images of the training split; the validation split stays whole
+            (for learning curves: each smaller training set is part of every larger one).
         test_subset: test on only the first this-many test images.
         crop_padding: random-crop padding in pixels (0 turns cropping off).
         flip: random horizontal flips.
@@ -40,11 +43,17 @@ class DataConfig:
     val_fraction: float = 0.2
     split_seed: int = 0
     subset: int | None = None
+    train_size: int | None = None
     test_subset: int | None = None
     crop_padding: int = 4
     flip: bool = True
 
     def __post_init__(self) -> None:
+        check_finite_numbers(self)
+        for name in ("subset", "train_size", "test_subset"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise VitlabError(f"{name} must be at least 1, got {value}")
         if not 0.0 < self.val_fraction < 1.0:
             raise VitlabError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         if not 0 <= self.crop_padding <= 16:
@@ -118,7 +127,9 @@ class TrainConfig:
     gif: bool = False
 
     def __post_init__(self) -> None:
+        check_finite_numbers(self)
         checks = [
+            (0 <= self.seed < 2**63, f"seed must be between 0 and 2**63 - 1, got {self.seed}"),
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
             (self.eval_batch_size >= 1, f"eval_batch_size must be at least 1, got {self.eval_batch_size}"),
@@ -143,29 +154,81 @@ class TrainConfig:
                 raise VitlabError(message)
 
 
+def check_finite_numbers(config) -> None:
+    """Every float setting of a config must be a finite number (inf or nan would only fail mid-run)."""
+    for config_field in dataclasses.fields(config):
+        value = getattr(config, config_field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise VitlabError(f"{config_field.name} must be finite, got {value}")
+
+
 @dataclass
 class RunConfig:
-    """Everything that defines a run: which model with which config, the data, and the recipe."""
+    """Everything that defines a run: the model's own config (its class names the model), the data and the recipe.
 
-    model: str
-    model_config: dict[str, Any]
+    Example:
+        RunConfig(model=ViTConfig(patch_size=4), train=TrainConfig(epochs=20))
+    """
+
+    model: Any  # a model config dataclass: ViTConfig, CNNConfig, ... (see vitlab.models.MODELS)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str | None = None
 
+    @property
+    def model_name(self) -> str:
+        from vitlab.models import model_name_of
+
+        return model_name_of(self.model)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"model": self.model_name, "model_config": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
+                "train": dataclasses.asdict(self.train), "preset": self.preset}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, values: Any, source: Any = "config.json") -> "RunConfig":
+        from vitlab.models import model_class
+
         try:
-            return cls(
-                model=values["model"], model_config=dict(values["model_config"]),
-                data=DataConfig(**values.get("data", {})), train=TrainConfig(**values.get("train", {})),
-                preset=values.get("preset"),
-            )
-        except (KeyError, TypeError) as error:
-            raise VitlabError(f"config.json is not a vitlab run config ({error}); it is corrupt or from another version") from None
+            if not isinstance(values, dict):
+                raise TypeError(f"expected an object, got {type(values).__name__}")
+            model_config_class = model_class(values["model"]).config_class
+            return cls(model=model_config_class(**dict(values["model_config"])), data=DataConfig(**values.get("data", {})),
+                       train=TrainConfig(**values.get("train", {})), preset=values.get("preset"))
+        except (KeyError, TypeError, ValueError) as error:
+            raise VitlabError(f"{source} is not a vitlab run config ({str(error)[:150]}); it is corrupt or from another version") from None
+
+
+def setting_owner(model_name: str, name: str) -> str:
+    """Which config a setting name belongs to for this model: 'model', 'data' or 'train'; raises for
+    settings that do not exist, that only other models have, or that the data decides."""
+    from vitlab.models import model_class, model_setting_names
+
+    own = {f.name: f for f in dataclasses.fields(model_class(model_name).config_class)}
+    if name in own:
+        if own[name].metadata.get("from_data"):
+            raise VitlabError(f"{name} is set by the dataset, not by hand; drop --{name}")
+        return "model"
+    if name in DATA_FIELDS:
+        return "data"
+    if name in TRAIN_FIELDS:
+        return "train"
+    if name in model_setting_names():
+        raise VitlabError(f"--{name} does not apply to model '{model_name}'; its settings are "
+                          f"{', '.join(sorted(n for n, f in own.items() if not f.metadata.get('from_data')))}")
+    raise VitlabError(f"unknown setting '{name}'; see 'vitlab train --help' for the settings")
+
+
+def route_settings(model_name: str, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Split flat settings by name into {'model': ..., 'data': ..., 'train': ...}: the one place that routes them."""
+    routed: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}}
+    for name, value in settings.items():
+        routed[setting_owner(model_name, name)][name] = value
+    return routed
+
+
+DATA_FIELDS = frozenset(f.name for f in dataclasses.fields(DataConfig))
+TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
 
 def parse_bool(text: str) -> bool:

@@ -169,6 +169,7 @@ def load_cifar10(
     val_fraction: float = 0.2,
     split_seed: int = 0,
     subset: int | None = None,
+    train_size: int | None = None,
     test_subset: int | None = None,
     download_if_missing: bool = True,
 ) -> CIFAR10:
@@ -179,6 +180,8 @@ def load_cifar10(
         val_fraction: share of the 50,000 training images held out for validation.
         split_seed: seeds the split; fixed by default so every run validates on the same images.
         subset: use only this many training images (before the split), for quick runs.
+        train_size: keep only this many images of the training split (the validation split is unchanged);
+            a smaller train_size is always a subset of a larger one.
         test_subset: use only the first this-many test images.
         download_if_missing: try to download when no copy is found.
     """
@@ -198,6 +201,13 @@ def load_cifar10(
             raise VitlabError(f"test_subset must be between 1 and {len(test_images)}, got {test_subset}")
         test_images, test_labels = test_images[:test_subset], test_labels[:test_subset]
     train_index, val_index = split_indices(len(images), val_fraction, split_seed)
+    if len(val_index) == 0 or len(train_index) == 0:
+        raise VitlabError(f"splitting {len(images)} images with val_fraction {val_fraction} leaves an empty "
+                          f"{'validation' if len(val_index) == 0 else 'training'} split; raise --subset or change --val_fraction")
+    if train_size is not None:
+        if not 1 <= train_size <= len(train_index):
+            raise VitlabError(f"train_size must be between 1 and the {len(train_index)} images of the training split, got {train_size}")
+        train_index = train_index[:train_size]
     return CIFAR10(
         train_images=images[train_index], train_labels=labels[train_index],
         val_images=images[val_index], val_labels=labels[val_index],

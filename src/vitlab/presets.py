@@ -5,13 +5,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from vitlab.config import DataConfig, RunConfig, TrainConfig
+from vitlab.config import DataConfig, RunConfig, TrainConfig, route_settings
 from vitlab.errors import VitlabError
-from vitlab.models import model_setting_names
+from vitlab.models import model_class
 
 DEFAULT_MODEL = "cnn-small"
 
@@ -78,20 +77,9 @@ def build_run_config(model: str | None, preset_name: str | None, given: dict[str
     model = model or (preset.model if preset else DEFAULT_MODEL)
     if preset and model != preset.model:
         raise VitlabError(f"--preset {preset_name} is a '{preset.model}' model but --model says '{model}'; drop one of them")
-    own_fields, all_model_fields = model_setting_names(model), model_setting_names()
-    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    foreign = sorted(name for name in given if name in all_model_fields and name not in own_fields)
-    if foreign:
-        raise VitlabError(f"--{foreign[0]} does not apply to model '{model}'; its settings are {', '.join(sorted(own_fields))}")
-    unknown = sorted(set(given) - all_model_fields - data_fields - train_fields)
-    if unknown:
-        raise VitlabError(f"unknown setting '{unknown[0]}'; see 'vitlab train --help' for the settings")
-    model_config = dict(preset.model_config) if preset else {}
-    model_config.update({name: value for name, value in given.items() if name in own_fields})
-    data_values = dict(preset.data) if preset else {}
-    data_values.update({name: value for name, value in given.items() if name in data_fields})
-    train_values = dict(preset.train) if preset else {}
-    train_values.update({name: value for name, value in given.items() if name in train_fields})
-    return RunConfig(model=model, model_config=model_config, data=DataConfig(**data_values),
-                     train=TrainConfig(**train_values), preset=preset_name)
+    routed = route_settings(model, given)
+    model_values = {**(preset.model_config if preset else {}), **routed["model"]}
+    data_values = {**(preset.data if preset else {}), **routed["data"]}
+    train_values = {**(preset.train if preset else {}), **routed["train"]}
+    config_class = model_class(model).config_class
+    return RunConfig(model=config_class(**model_values), data=DataConfig(**data_values), train=TrainConfig(**train_values), preset=preset_name)

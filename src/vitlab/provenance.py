@@ -22,12 +22,47 @@ def versions() -> dict[str, str]:
     }
 
 
+def cpu_description() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (e.g. 'Intel(R) Xeon(R) Platinum 8480+')."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     if device.type == "cpu":
-        return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        return f"cpu: {cpu_description()}, {torch.get_num_threads()} threads"
     return device.type
+
+
+def measured_matmul_peak(device: torch.device, size: int = 2048) -> float | None:
+    """Best bf16 TFLOP/s of a size³ matmul on the CPU (the definition of ../shared/tools/matmul_peak.py:
+    best of 5 rounds of 5 after 3 warm-ups; $VITLAB_PEAK_ROUNDS lowers the rounds). None off the CPU.
+
+    Time targets are stated for a CPU with a 0.70 TFLOP/s peak; on another CPU a target is met when
+    train_seconds × peak / 0.70 is within it, so every run records the peak it had."""
+    import time
+
+    if device.type != "cpu":
+        return None
+    rounds = max(1, int(os.environ.get("VITLAB_PEAK_ROUNDS", "5")))
+    a, b = torch.randn(size, size, dtype=torch.bfloat16), torch.randn(size, size, dtype=torch.bfloat16)
+    for _ in range(3 if rounds > 1 else 1):
+        a @ b
+    best = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = max(best, 5 * 2 * size**3 / (time.perf_counter() - start))
+    return best / 1e12
 
 
 def git_commit() -> str | None:

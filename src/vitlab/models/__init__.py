@@ -31,6 +31,20 @@ def model_class(model_name: str) -> type[VitlabModel]:
         raise VitlabError(f"unknown model '{model_name}'; choose one of {', '.join(MODELS)} (see 'vitlab models')") from None
 
 
+def model_name_of(config) -> str:
+    """The registered name of the model a config object belongs to ('vit' for a ViTConfig)."""
+    for name, cls in MODELS.items():
+        if type(config) is cls.config_class:
+            return name
+    raise VitlabError(f"{type(config).__name__} is not the config of a vitlab model; use one of "
+                      f"{', '.join(cls.config_class.__name__ for cls in MODELS.values())}")
+
+
+def model_from_config(config) -> VitlabModel:
+    """Build the model a config object describes (its class names the model)."""
+    return MODELS[model_name_of(config)](config)
+
+
 def build_model(model_name: str, **config_values) -> VitlabModel:
     """Build a model by name; `config_values` override its config's defaults."""
     cls = model_class(model_name)
@@ -43,5 +57,5 @@ def build_model(model_name: str, **config_values) -> VitlabModel:
 
 __all__ = [
     "AirCNN", "AirCNNConfig", "CNN", "CNNConfig", "MLP", "MLPConfig", "MODELS", "SmallCNN", "SmallCNNConfig",
-    "VisionTransformer", "ViTConfig", "VitlabModel", "build_model", "config_fields", "model_class", "model_setting_names",
+    "VisionTransformer", "ViTConfig", "VitlabModel", "build_model", "config_fields", "model_from_config", "model_name_of", "model_class", "model_setting_names",
 ]

@@ -11,13 +11,14 @@ Ideas taken from those write-ups (the code is ours):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from vitlab.config import check_finite_numbers
 from vitlab.errors import VitlabError
-from vitlab.models.base import VitlabModel
+from vitlab.models.base import FROM_DATA, VitlabModel
 
 
 @dataclass
@@ -27,6 +28,7 @@ class AirCNNConfig:
         whitening_kernel: side of the patches the frozen first layer whitens.
         batchnorm_momentum: PyTorch BN momentum (share of the new batch in the running statistics).
         logit_scale: multiplier on the output logits.
+        image_size: side of the square input image.
         num_classes: number of output logits.
     """
 
@@ -34,9 +36,11 @@ class AirCNNConfig:
     whitening_kernel: int = 2
     batchnorm_momentum: float = 0.4
     logit_scale: float = 1 / 9
-    num_classes: int = 10
+    image_size: int = field(default=32, metadata=FROM_DATA)
+    num_classes: int = field(default=10, metadata=FROM_DATA)
 
     def __post_init__(self) -> None:
+        check_finite_numbers(self)
         self.widths = tuple(int(w) for w in self.widths)
         if len(self.widths) != 3 or min(self.widths) < 1:
             raise VitlabError(f"aircnn needs three positive widths, got widths={self.widths}")
@@ -77,6 +81,7 @@ class AirCNN(VitlabModel):
 
     name = "aircnn"
     config_class = AirCNNConfig
+    has_stages = True
 
     def __init__(self, config: AirCNNConfig | None = None) -> None:
         super().__init__(config or AirCNNConfig())

@@ -6,6 +6,7 @@ they are read) and `model.json` (`{"model": name, "config": {...}}`), enough to 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,9 +16,10 @@ from torch import nn
 
 from vitlab.errors import VitlabError
 from vitlab.io import atomic_write, read_json, write_json
+from vitlab.rundir import MODEL_FILE, WEIGHTS_FILE
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "model.json"
+# Config fields that the data decides (image size, number of classes): not flags, set from the dataset.
+FROM_DATA = {"from_data": True}
 
 
 class VitlabModel(nn.Module):
@@ -34,6 +36,17 @@ class VitlabModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    # Capabilities a model may declare (subclasses override):
+    has_stages: ClassVar[bool] = False  # stages() names convolutional stages (feature maps, Grad-CAM)
+    returns_attention: ClassVar[bool] = False  # forward(images, return_attention=True) gives (logits, maps)
+
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of each convolutional stage whose output is a feature map."""
+        raise VitlabError(f"model '{self.name}' has no convolutional stages to show; use a CNN run")
+
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """Set data-dependent weights from normalised training images (B, 3, H, W) before training; most models have none."""
+
     def describe(self) -> dict:
         """The JSON-serialisable identity of this model: its name and its config."""
         return {"model": self.name, "config": dataclasses.asdict(self.config)}
@@ -46,7 +59,7 @@ class VitlabModel(nn.Module):
         # contiguous() also makes channels_last weights portable across memory formats.
         state = {key: value.detach().cpu().contiguous() for key, value in self.state_dict().items()}
         atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
-        write_json(directory / CONFIG_FILE, self.describe())
+        write_json(directory / MODEL_FILE, self.describe())
         return directory / WEIGHTS_FILE
 
     @classmethod
@@ -64,7 +77,7 @@ class VitlabModel(nn.Module):
         if not path.exists():
             raise VitlabError(f"{path} does not exist; pass a run folder written by 'vitlab train' or its model.safetensors")
         directory = path if path.is_dir() else path.parent
-        weights, description_file = directory / WEIGHTS_FILE, directory / CONFIG_FILE
+        weights, description_file = directory / WEIGHTS_FILE, directory / MODEL_FILE
         if not weights.exists():
             raise VitlabError(f"no saved model in {directory} (missing {WEIGHTS_FILE}); pass a run folder written by 'vitlab train'")
         description = read_json(description_file, "model description")
@@ -84,6 +97,17 @@ class VitlabModel(nn.Module):
             first_line = str(error).strip().splitlines()[0]
             raise VitlabError(f"{weights} does not match {description_file} ({first_line}); the two files come from different runs") from None
         return model.to(device)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Switch `model` to eval mode for the block and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def init_linear_weights(module: nn.Module) -> None:

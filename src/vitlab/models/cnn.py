@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from vitlab.config import check_finite_numbers
 from vitlab.errors import VitlabError
-from vitlab.models.base import VitlabModel
+from vitlab.models.base import FROM_DATA, VitlabModel
 
 
 @dataclass
@@ -22,10 +23,11 @@ class SmallCNNConfig:
     """
 
     channels: tuple[int, int] = (16, 32)
-    image_size: int = 32
-    num_classes: int = 10
+    image_size: int = field(default=32, metadata=FROM_DATA)
+    num_classes: int = field(default=10, metadata=FROM_DATA)
 
     def __post_init__(self) -> None:
+        check_finite_numbers(self)
         self.channels = tuple(int(c) for c in self.channels)
         if len(self.channels) != 2 or min(self.channels) < 1:
             raise VitlabError(f"cnn-small needs two positive channel counts, got channels={self.channels}")
@@ -38,6 +40,7 @@ class SmallCNN(VitlabModel):
 
     name = "cnn-small"
     config_class = SmallCNNConfig
+    has_stages = True
 
     def __init__(self, config: SmallCNNConfig | None = None) -> None:
         super().__init__(config or SmallCNNConfig())
@@ -64,13 +67,16 @@ class CNNConfig:
 
     Args:
         widths: output channels of the stages.
+        image_size: side of the square input image.
         num_classes: number of output logits.
     """
 
     widths: tuple[int, ...] = (64, 128, 256, 512)
-    num_classes: int = 10
+    image_size: int = field(default=32, metadata=FROM_DATA)
+    num_classes: int = field(default=10, metadata=FROM_DATA)
 
     def __post_init__(self) -> None:
+        check_finite_numbers(self)
         self.widths = tuple(int(w) for w in self.widths)
         if not self.widths or min(self.widths) < 1:
             raise VitlabError(f"cnn needs at least one positive width, got widths={self.widths}")
@@ -91,6 +97,7 @@ class CNN(VitlabModel):
 
     name = "cnn"
     config_class = CNNConfig
+    has_stages = True
 
     def __init__(self, config: CNNConfig | None = None) -> None:
         super().__init__(config or CNNConfig())

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from vitlab.config import check_finite_numbers
 from vitlab.errors import VitlabError
-from vitlab.models.base import VitlabModel
+from vitlab.models.base import FROM_DATA, VitlabModel
 from vitlab.models.dropout import Dropout
 
 
@@ -27,10 +28,11 @@ class MLPConfig:
     hidden_size: int = 512
     num_hidden_layers: int = 2
     dropout: float = 0.0
-    image_size: int = 32
-    num_classes: int = 10
+    image_size: int = field(default=32, metadata=FROM_DATA)
+    num_classes: int = field(default=10, metadata=FROM_DATA)
 
     def __post_init__(self) -> None:
+        check_finite_numbers(self)
         if self.hidden_size < 1 or self.num_hidden_layers < 0:
             raise VitlabError(f"mlp needs hidden_size >= 1 and num_hidden_layers >= 0, got {self.hidden_size} and {self.num_hidden_layers}")
         if not 0.0 <= self.dropout < 1.0:

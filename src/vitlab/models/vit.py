@@ -15,14 +15,15 @@ columns.)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab.config import check_finite_numbers
 from vitlab.errors import VitlabError
-from vitlab.models.base import VitlabModel, init_linear_weights
+from vitlab.models.base import FROM_DATA, VitlabModel, init_linear_weights
 from vitlab.models.dropout import Dropout, dropout_matmul
 
 POS_EMBEDS = ("learned", "sincos")
@@ -63,10 +64,11 @@ class ViTConfig:
     pos_embed: str = "learned"
     pool: str = "cls"
     stem: str = "patch"
-    image_size: int = 32
-    num_classes: int = 10
+    image_size: int = field(default=32, metadata=FROM_DATA)
+    num_classes: int = field(default=10, metadata=FROM_DATA)
 
     def __post_init__(self) -> None:
+        check_finite_numbers(self)
         if not 1 <= self.patch_size <= self.image_size:
             raise VitlabError(f"patch_size must be between 1 and the image size {self.image_size}, got {self.patch_size}")
         if self.hidden_size < 1 or self.num_heads < 1 or self.num_blocks < 0:
@@ -252,6 +254,7 @@ class VisionTransformer(VitlabModel):
 
     name = "vit"
     config_class = ViTConfig
+    returns_attention = True
 
     def __init__(self, config: ViTConfig | None = None) -> None:
         super().__init__(config or ViTConfig())

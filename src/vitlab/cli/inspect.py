@@ -1,0 +1,130 @@
+"""`vitlab evaluate`, `attention`, `explain`, `predict`, `export` and `gif`: looking at trained runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vitlab.cli.parser import add_data_dir_flag, positive_int
+
+
+def add_image_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", type=positive_int, default=4, help="how many test images to show when no files are given (default 4)")
+    parser.add_argument("--out", help="folder for the figures (default RUN_DIR/figures)")
+    add_data_dir_flag(parser)
+
+
+def add_parser(commands) -> None:
+    evaluate = commands.add_parser("evaluate", help="test a saved run and print JSON")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    add_data_dir_flag(evaluate)
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="device to evaluate on")
+    evaluate.add_argument("--figures", nargs="?", const="", metavar="DIR",
+                          help="also write confusion matrix, per-class accuracy and most confident mistakes (default DIR: RUN_DIR/figures)")
+
+    attention = commands.add_parser("attention", help="ViT attention maps per layer and head, rollout, attention distance",
+                                    description="Write one PNG per image: the image, each layer's attention (CLS-to-patch, or "
+                                    "attention received per patch for mean pooling), and the attention rollout, with predicted "
+                                    "and true class; plus attention_distance.png (mean attention distance per layer and head).")
+    attention.add_argument("run_dir", metavar="RUN_DIR", help="a ViT run folder")
+    attention.add_argument("files", nargs="*", metavar="IMAGE", help="image files (default: the first --images test images)")
+    add_image_flags(attention)
+    attention.add_argument("--layer", default="all", help="layer number (1-based) or all (default)")
+    attention.add_argument("--head", default="mean", help="head number (1-based), mean (default) or all")
+    attention.add_argument("--method", default="raw", choices=["raw", "rollout"],
+                           help="what each layer panel shows: its own attention (raw) or the rollout up to it")
+
+    explain = commands.add_parser("explain", help="CNNs and ViTs side by side: Grad-CAM, attention rollout, feature maps",
+                                  description="For the same images, show where each run's model looks (Grad-CAM at the last "
+                                  "stage for CNNs, attention rollout for ViTs), side by side; plus each CNN's feature maps.")
+    explain.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    explain.add_argument("--files", nargs="+", default=[], metavar="IMAGE", help="image files (default: the first --images test images)")
+    add_image_flags(explain)
+
+    predict = commands.add_parser("predict", help="top-k classes for image files",
+                                  description="Resize each image to the run's image size and print its top-k classes with probabilities.")
+    predict.add_argument("run_dir", metavar="RUN_DIR")
+    predict.add_argument("files", nargs="+", metavar="IMAGE")
+    predict.add_argument("--top", type=positive_int, default=3, help="classes to show per image (default 3)")
+
+    export = commands.add_parser("export", help="export a trained run's model (ONNX)",
+                                 description="Write the run's model as ONNX (input: float32 images in [0, 1], normalised in "
+                                 "the graph; output: logits) and check it with onnxruntime against PyTorch on test images.")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--onnx", required=True, metavar="FILE", help="the .onnx file to write")
+    export.add_argument("--check-images", "--check_images", dest="check_images", type=int, default=1000,
+                        help="test images to compare ONNX and PyTorch logits on (0: skip the check; default 1000)")
+    add_data_dir_flag(export)
+
+    gif = commands.add_parser("gif", help="(re)build a run's training GIF from its per-epoch snapshots",
+                              description="Render RUN_DIR/training.gif (one frame per epoch) from the snapshots a run "
+                              "trained with --gif true saved.")
+    gif.add_argument("run_dir", metavar="RUN_DIR")
+    gif.add_argument("--out", help="GIF file to write, ending in .gif (default RUN_DIR/training.gif)")
+
+
+def print_errors(command: str, errors: list[str]) -> None:
+    for error in errors:
+        print(f"vitlab {command}: error: {error}", file=sys.stderr)
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from vitlab.rundir import RunDir
+    from vitlab.train.run import evaluate_run
+
+    figures = None if args.figures is None else (args.figures or str(RunDir(args.run_dir).figures))
+    print(json.dumps(evaluate_run(args.run_dir, args.data_dir, args.device, figures_dir=figures), indent=2))
+
+
+def run_attention(args: argparse.Namespace) -> int:
+    from vitlab.inspect.reports import write_attention_figures
+
+    errors: list[str] = []
+    written = write_attention_figures(args.run_dir, args.files, args.images, args.out, args.layer, args.head, args.method,
+                                      args.data_dir, errors)
+    print_errors(args.command, errors)
+    for path in written:
+        print(f"wrote {path}")
+    return 2 if errors else 0
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from vitlab.inspect.reports import write_explanations
+
+    errors: list[str] = []
+    written = write_explanations(args.run_dirs, args.files, args.images, args.out, args.data_dir, errors)
+    print_errors(args.command, errors)
+    for path in written:
+        print(f"wrote {path}")
+    return 2 if errors else 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from vitlab.inspect.reports import predict_files
+
+    predictions, errors = predict_files(args.run_dir, args.files, args.top)
+    print_errors(args.command, errors)
+    for path, top in predictions:
+        print(f"{path}: " + ", ".join(f"{name} {100 * p:.1f}%" for name, p in top))
+    return 2 if errors else 0
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from vitlab.data import load_cifar10_test
+    from vitlab.inspect.export import check_onnx, export_onnx
+    from vitlab.rundir import RunDir
+
+    model = RunDir(args.run_dir).model()
+    path = export_onnx(model, args.onnx)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if args.check_images > 0:
+        check = check_onnx(path, model, load_cifar10_test(args.data_dir, args.check_images)[0])
+        print(f"onnxruntime vs PyTorch on {check.images} test images: top-1 agreement {100 * check.top1_agreement:.2f}%, "
+              f"largest logit difference {check.max_abs_logit_difference:.2e}")
+
+
+def run_gif(args: argparse.Namespace) -> None:
+    from vitlab.inspect.gif import write_training_gif
+
+    print(f"wrote {write_training_gif(args.run_dir, args.out)}")

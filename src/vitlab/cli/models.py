@@ -1,0 +1,25 @@
+"""`vitlab models`: the models and presets with their parameter counts."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+
+def add_parser(commands) -> None:
+    commands.add_parser("models", help="list models and presets with parameter counts")
+
+
+def run(args: argparse.Namespace) -> None:
+    from vitlab.models import MODELS, build_model
+    from vitlab.presets import PRESETS
+
+    print(f"{'model':<14}{'parameters':>12}  default config")
+    for name in MODELS:
+        model = build_model(name)
+        print(f"{name:<14}{model.num_parameters:>12,}  {json.dumps(dataclasses.asdict(model.config))}")
+    print(f"\n{'preset':<14}{'parameters':>12}  recipe")
+    for name, preset in PRESETS.items():
+        model = build_model(preset.model, **preset.model_config)
+        print(f"{name:<14}{model.num_parameters:>12,}  {preset.description}; train {json.dumps(preset.train)}")

@@ -1,0 +1,101 @@
+"""The command line's parser: flags derived from the config dataclasses.
+
+Every model, data and training setting is a flag (in the seeds' `--batch_size` and the `--batch-size`
+spelling), stored under a `setting:` destination so the commands collect them without a deny-list.
+Settings the data decides (image size, number of classes) are not flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import typing
+
+from vitlab.config import DataConfig, TrainConfig, flag_parser
+from vitlab.models import MODELS
+
+SETTING = "setting:"  # argparse destination prefix of every config flag
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (plus the --help hint), exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def docstring_args(cls: type) -> dict[str, str]:
+    """The `name: text` entries of a dataclass's `Args:` docstring section, continuation lines included."""
+    doc = cls.__doc__ or ""
+    section = doc.split("Args:", 1)[1] if "Args:" in doc else doc
+    entries: dict[str, str] = {}
+    current = None
+    for line in section.splitlines():
+        match = re.match(r"^\s{4,8}(\w+): (.+)$", line)
+        if match and (current is None or len(line) - len(line.lstrip()) <= entries[current][1]):
+            current = match.group(1)
+            entries[current] = (match.group(2).strip(), len(line) - len(line.lstrip()))
+        elif current and line.strip():
+            text, indent = entries[current]
+            entries[current] = (f"{text} {line.strip()}", indent)
+        elif not line.strip():
+            current = None if current is None else current
+    return {name: text for name, (text, _) in entries.items()}
+
+
+def settable_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a config that are flags (not the ones the data decides)."""
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("from_data")]
+
+
+def add_config_flags(group, cls: type, seen: set[str], help_override: dict[str, str] | None = None) -> None:
+    """One flag per settable field of `cls` (default None = 'not given'); fields shared by models are added once."""
+    hints, help_texts = typing.get_type_hints(cls), docstring_args(cls) | (help_override or {})
+    for config_field in settable_fields(cls):
+        name = config_field.name
+        if name in seen:
+            continue
+        seen.add(name)
+        spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        group.add_argument(*spellings, dest=SETTING + name, type=flag_parser(hints[name]), default=None,
+                           metavar=name.upper(), help=help_texts.get(name, "").replace("%", "%%"))
+
+
+def model_flag_help() -> dict[str, str]:
+    """Help for each model setting, naming the models that have it: '[vit] token width ...; [mlp] width of ...'."""
+    texts: dict[str, dict[str, list[str]]] = {}
+    for model_name, cls in MODELS.items():
+        for name, text in docstring_args(cls.config_class).items():
+            texts.setdefault(name, {}).setdefault(text, []).append(model_name)
+    return {name: "; ".join(f"[{', '.join(models)}] {text.rstrip('.')}" for text, models in by_text.items()) for name, by_text in texts.items()}
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """Every model, data and training setting as a flag."""
+    seen: set[str] = set()
+    model_group = parser.add_argument_group("model settings (each applies to the models that have it)")
+    model_help = model_flag_help()
+    for cls in MODELS.values():
+        add_config_flags(model_group, cls.config_class, seen, model_help)
+    add_config_flags(parser.add_argument_group("data settings"), DataConfig, seen)
+    add_config_flags(parser.add_argument_group("training settings"), TrainConfig, seen)
+
+
+def given_settings(args: argparse.Namespace) -> dict[str, typing.Any]:
+    """The settings given on the command line, by name."""
+    return {key.removeprefix(SETTING): value for key, value in vars(args).items() if key.startswith(SETTING) and value is not None}
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_data_dir_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", "--data_dir", dest="data_dir", help="folder holding CIFAR-10 (then $VITLAB_DATA, then ./data)")

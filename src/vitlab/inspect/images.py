@@ -1,0 +1,60 @@
+"""Images to look at: image files from disk (any size, resized to 32×32) or test images of CIFAR-10."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from vitlab.data import CLASSES, load_cifar10_test
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, 3, 32, 32) uint8
+    labels: torch.Tensor  # (N,) int64; -1 where the true class is unknown (image files)
+    names: list[str]
+
+    def true_name(self, index: int) -> str:
+        label = int(self.labels[index])
+        return CLASSES[label] if label >= 0 else "?"
+
+
+def load_image_file(path: str | Path, size: int = 32) -> torch.Tensor:
+    """One image file → (3, size, size) uint8 RGB, the whole image resized (antialiased). Raises ValueError
+    with a one-line reason for anything that is not a readable image."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; give image files (e.g. {path}/*.png)")
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{path}: not a readable image ({type(error).__name__}); give a PNG, JPEG or other image file") from None
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
+def load_image_files(paths: list[str]) -> tuple[ImageSet, list[str]]:
+    """The readable images among `paths`, and one error line for each that is not."""
+    images, names, errors = [], [], []
+    for path in paths:
+        try:
+            images.append(load_image_file(path))
+            names.append(str(path))
+        except ValueError as error:
+            errors.append(str(error))
+    stacked = torch.stack(images) if images else torch.zeros(0, 3, 32, 32, dtype=torch.uint8)
+    return ImageSet(stacked, torch.full((len(images),), -1, dtype=torch.long), names), errors
+
+
+def test_images(count: int, data_dir: str | None = None, start: int = 0) -> ImageSet:
+    """Test images start..start+count of CIFAR-10 (the same for every run, so figures compare); fewer
+    if the test set is smaller."""
+    images, labels = load_cifar10_test(data_dir, start + count)
+    images, labels = images[start:], labels[start:]
+    return ImageSet(images, labels, [f"test image {start + i}" for i in range(len(images))])

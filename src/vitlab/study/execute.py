@@ -1,0 +1,156 @@
+"""Running a study: every unfinished run of its plan, one or several at a time, resumable.
+
+Running the same command again skips finished runs, resumes runs that have a checkpoint and restarts
+runs that died before their first one. The study folder is locked while a process works in it, the
+data are read and checksummed once per process (not once per run), and a run that fails is reported
+the moment it fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import shlex
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from vitlab.config import DataConfig, RunConfig
+from vitlab.errors import RunStopped, VitlabError
+from vitlab.rundir import RunDir
+from vitlab.study.plan import StudyLock, StudyMember, StudyPlan, open_study
+
+_DATA_CACHE: dict[str, object] = {}
+
+
+def cached_data(config: DataConfig):
+    """The data a DataConfig describes, read once per process."""
+    from vitlab.train.run import load_run_data
+
+    key = json.dumps(dataclasses.asdict(config), sort_keys=True)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()  # one dataset at a time is enough and bounds memory
+        _DATA_CACHE[key] = load_run_data(config)
+    return _DATA_CACHE[key]
+
+
+def run_one(run: RunConfig, run_dir: Path) -> dict:
+    """Train one member of a study (or finish it): the same code path as `vitlab train`."""
+    from vitlab.train.run import resume_run, train_run
+
+    folder = RunDir(run_dir)
+    state = folder.state()
+    if state == "finished":
+        return folder.results()
+    if state == "resumable":
+        try:
+            return resume_run(run_dir)
+        except VitlabError as error:
+            raise VitlabError(f"{error}; if the run folder is damaged, delete {run_dir} and run the study again") from None
+    if run_dir.exists():  # died before its first checkpoint: nothing worth keeping
+        shutil.rmtree(run_dir)
+    return train_run(run, run_dir, data=cached_data(run.data))
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into SIGTERM for the runs
+
+
+def _worker_run(run: RunConfig, run_dir: Path, stop_file: Path) -> tuple[str, dict | str]:
+    if stop_file.exists():  # the study is stopping: start nothing new
+        return "stopped", "not started"
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return "ok", run_one(run, run_dir)
+    except RunStopped as stop:
+        return "stopped", str(stop)
+    except VitlabError as error:
+        return "error", str(error)
+
+
+def run_study(plan: StudyPlan, study_dir: str | Path, jobs: int = 1, command: str = "", launcher: str = "local",
+              slurm: dict | None = None) -> Path:
+    """Train every run of the study that is not finished; `jobs` runs at a time (CPU threads split evenly)."""
+    study_dir = Path(study_dir)
+    if jobs < 1:
+        raise VitlabError(f"--jobs must be >= 1, got {jobs}")
+    members = plan.members(study_dir)  # parses every spec and config before anything is written
+    for data_config in {json.dumps(dataclasses.asdict(m.config.data), sort_keys=True): m.config.data for m in members}.values():
+        cached_data(data_config)  # missing or corrupt data fails before the folder is made
+    with StudyLock(study_dir):
+        open_study(study_dir, plan, command or shlex.join(["vitlab", *sys.argv[1:]]))
+        todo = [member for member in members if RunDir(member.run_dir).state() != "finished"]
+        print(f"study {study_dir}: {len(members)} runs ({len(plan.specs)} models x {len(plan.seeds)} seeds), "
+              f"{len(members) - len(todo)} already finished, {len(todo)} to train", flush=True)
+        if launcher in ("slurm", "submitit-local"):
+            from vitlab.study.launch import run_with_submitit
+
+            report_failures(run_with_submitit(todo, study_dir, launcher, jobs, slurm or {}))
+        elif jobs == 1 or len(todo) <= 1:
+            run_serially(todo)
+        else:
+            run_in_pool(todo, jobs, study_dir)
+    return study_dir
+
+
+def run_serially(todo: list[StudyMember]) -> None:
+    failures = []
+    for member in todo:
+        print(f"-> {member.spec.text} seed {member.seed} ({RunDir(member.run_dir).state()})", flush=True)
+        try:
+            results = run_one(member.config, member.run_dir)
+        except RunStopped:
+            raise
+        except VitlabError as error:
+            failures.append(f"{member.spec.text} seed {member.seed}: {error}")
+            print(f"<- {member.spec.text} seed {member.seed}: did not finish: {error}", flush=True)
+            continue
+        print(f"<- {member.spec.text} seed {member.seed}: test accuracy {results['test_acc']:.2f}% in {results['train_seconds']:.0f} s", flush=True)
+    report_failures(failures)
+
+
+def run_in_pool(todo: list[StudyMember], jobs: int, study_dir: Path) -> None:
+    threads = max(1, (os.cpu_count() or 1) // jobs)  # one-thread runs side by side beat one two-thread run (docs/performance.md)
+    context = multiprocessing.get_context("spawn")
+    failures, stopped = [], False
+    stop_file = study_dir / ".stopping"
+    stop_file.unlink(missing_ok=True)
+    pool = context.Pool(jobs, initializer=_worker_init, initargs=(threads,))
+    try:
+        pending = [(member, pool.apply_async(_worker_run, (dataclasses.replace(
+            member.config, train=dataclasses.replace(member.config.train, progress=False)), member.run_dir, stop_file))) for member in todo]
+        for member, result in pending:
+            status, value = result.get()
+            name = f"{member.spec.text} seed {member.seed}"
+            if status == "ok":
+                print(f"<- {name}: test accuracy {value['test_acc']:.2f}% in {value['train_seconds']:.0f} s", flush=True)
+            elif status == "stopped":
+                stopped = True
+            else:
+                failures.append(f"{name}: {value}")
+                print(f"<- {name}: did not finish: {value}", flush=True)
+    except KeyboardInterrupt:  # the runs in progress got the same Ctrl-C: they checkpoint and stop
+        stopped = True
+        stop_file.touch()
+        for process in pool._pool:  # also when only this process got the signal: SIGTERM checkpoints and stops a run
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+    finally:
+        pool.close()
+        pool.join()
+        stop_file.unlink(missing_ok=True)
+    if stopped:
+        raise RunStopped(f"study stopped; finished runs are kept and stopped runs checkpointed; run the same command to resume ({study_dir})")
+    report_failures(failures)
+
+
+def report_failures(failures: list[str]) -> None:
+    if failures:
+        raise VitlabError(f"{len(failures)} run(s) did not finish, first: {failures[0]}; fix the cause and run the same command again "
+                          "(finished runs are kept)")

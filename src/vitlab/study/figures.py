@@ -1,0 +1,126 @@
+"""The figures of a study folder: differences with seed-aware intervals, overlaid curves, accuracy against a model
+setting (patch size, depth, ...) and accuracy against training time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vitlab.plotting import plt, save_figure
+from vitlab.study.plan import split_top_level
+
+
+def plot_differences(summary, path: Path) -> None:
+    """Forest plot: each row's accuracy difference to the baseline with its 95% seed-aware interval."""
+    rows = [row for row in summary.rows if row.delta is not None and row.delta.ci_low is not None]
+    figure, axis = plt.subplots(figsize=(6.4, 0.55 * len(rows) + 1.4))
+    for y, row in enumerate(rows):
+        delta = row.delta
+        axis.errorbar(delta.observed, y, xerr=[[delta.observed - delta.ci_low], [delta.ci_high - delta.observed]],
+                      fmt="o", color="C0" if delta.ci_low > 0 else "C3" if delta.ci_high < 0 else "C7", capsize=4)
+        axis.annotate(delta.describe(), (delta.ci_high, y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
+    axis.axvline(0, color="black", linewidth=0.8)
+    axis.set_yticks(range(len(rows)), [row.spec for row in rows])
+    axis.invert_yaxis()
+    axis.margins(x=0.35)
+    axis.set(xlabel=f"test accuracy − {summary.baseline} (points)", title="Δ with 95% seed-aware interval (seeds and test images)")
+    axis.grid(axis="x", alpha=0.3)
+    save_figure(figure, path)
+
+
+def plot_curves(summary, path: Path) -> None:
+    """Validation accuracy and loss per epoch of every model (mean over seeds), overlaid."""
+    figure, (acc_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for index, row in enumerate(summary.rows):
+        epochs = [record["epoch"] for record in row.history]
+        acc_axis.plot(epochs, [r["val_acc"] for r in row.history], "-o", markersize=3, color=f"C{index}", label=row.spec)
+        loss_axis.plot(epochs, [r["val_loss"] for r in row.history], "-o", markersize=3, color=f"C{index}", label=row.spec)
+    acc_axis.set(xlabel="epoch", ylabel="validation accuracy (%)", title="validation accuracy")
+    loss_axis.set(xlabel="epoch", ylabel="validation loss", title="validation loss")
+    for axis in (acc_axis, loss_axis):
+        axis.grid(alpha=0.3)
+    acc_axis.legend(fontsize=8)
+    save_figure(figure, path)
+
+
+def base_of(spec: str, setting: str) -> str:
+    """The SPEC without its `setting=...` part: the curve a row belongs to in an accuracy-vs-setting figure."""
+    name, _, settings = spec.partition(":")
+    kept = [item for item in split_top_level(settings) if item and item.partition("=")[0] != setting]
+    return name + (":" + ",".join(kept) if kept else "")
+
+
+def plot_accuracy_vs_setting(summary, setting: str, path: Path) -> None:
+    """Test accuracy (mean and 95% t-interval over seeds, every seed a dot) against `setting`, one curve per
+    base SPEC; log x for training-set sizes."""
+    groups: dict[str, list] = {}
+    for row in summary.rows:
+        groups.setdefault(base_of(row.spec, setting), []).append(row)
+    values = [row.settings.get(setting) for row in summary.rows]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    labels = sorted({str(v) for v in values}, key=lambda text: [str(v) for v in values].index(text))
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for index, (base, rows) in enumerate(groups.items()):
+        rows = sorted(rows, key=lambda row: row.settings.get(setting)) if numeric else rows
+        xs = [row.settings.get(setting) if numeric else labels.index(str(row.settings.get(setting))) for row in rows]
+        means = [row.test_acc.mean for row in rows]
+        axis.plot(xs, means, "-o", color=f"C{index}", label=base, markersize=4)
+        with_ci = [(x, row) for x, row in zip(xs, rows, strict=True) if row.test_acc.ci_low is not None]
+        if with_ci:
+            axis.fill_between([x for x, _ in with_ci], [r.test_acc.ci_low for _, r in with_ci], [r.test_acc.ci_high for _, r in with_ci],
+                              color=f"C{index}", alpha=0.15)
+        for x, row in zip(xs, rows, strict=True):
+            axis.scatter([x] * len(row.per_seed_acc), list(row.per_seed_acc.values()), s=10, color=f"C{index}", alpha=0.7, zorder=3)
+    if numeric and setting in ("train_size", "subset", "lr", "weight_decay") or (numeric and min(values) > 0 and max(values) / min(values) >= 16):
+        axis.set_xscale("log")
+        axis.set_xticks(sorted(set(values)), [f"{v:g}" for v in sorted(set(values))])
+        axis.minorticks_off()
+    elif not numeric:
+        axis.set_xticks(range(len(labels)), labels)
+    axis.set(xlabel=setting, ylabel="test accuracy (%)", title=f"test accuracy vs {setting} (bands: 95% CI over seeds; dots: seeds)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    save_figure(figure, path)
+
+
+def plot_accuracy_vs_time(summary, path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(5.6, 3.8))
+    for index, row in enumerate(summary.rows):
+        acc = row.test_acc
+        error = None if acc.ci_low is None else [[acc.mean - acc.ci_low], [acc.ci_high - acc.mean]]
+        axis.errorbar(row.train_seconds.mean, acc.mean, yerr=error, fmt="o", capsize=4, color=f"C{index}", label=row.spec)
+    axis.set_xscale("log")
+    axis.set(xlabel="training time per run (s, log scale)", ylabel="test accuracy (%)", title="accuracy vs training time")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8)
+    save_figure(figure, path)
+
+
+def varied_setting(summary) -> str | None:
+    """The setting a study varies: a sweep's field, or the one setting that differs across rows of one model."""
+    if summary.study.get("vary"):
+        return summary.study["vary"]
+    for model in {row.model for row in summary.rows}:
+        settings = [row.settings for row in summary.rows if row.model == model]
+        if len(settings) < 2:
+            continue
+        differing = [key for key in settings[0] if key != "seed" and len({repr(s.get(key)) for s in settings}) > 1]
+        if len(differing) == 1:
+            return differing[0]
+    return None
+
+
+def write_study_figures(summary, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    if any(row.delta is not None and row.delta.ci_low is not None for row in summary.rows):
+        plot_differences(summary, folder / "differences.png")
+        written.append(folder / "differences.png")
+    plot_curves(summary, folder / "curves.png")
+    plot_accuracy_vs_time(summary, folder / "accuracy_vs_time.png")
+    written += [folder / "curves.png", folder / "accuracy_vs_time.png"]
+    setting = varied_setting(summary)
+    if setting:
+        path = folder / f"accuracy_vs_{setting}.png"
+        plot_accuracy_vs_setting(summary, setting, path)
+        written.append(path)
+    return written

@@ -1,0 +1,73 @@
+"""The optimiser and its schedule: parameter groups (what gets weight decay), AdamW or SGD, and the
+per-step learning-rate schedule: linear warmup, then cosine (Loshchilov & Hutter 2017) or linear decay."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vitlab.config import TrainConfig
+
+# Parameters that get no weight decay besides biases and norm scales (all 1-D): decaying the
+# CLS token, the position table or register tokens towards zero only erases what they encode.
+NO_DECAY_NAMES = ("cls_token", "position_embedding", "register_tokens")
+# SyncBatchNorm is not a BatchNorm2d subclass: both must count as normalisation layers.
+NORM_LAYERS = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.LayerNorm)
+
+
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """Weights get weight decay; biases, norms, CLS token and positions do not (AdamW). For SGD
+    (airbench's recipe) everything decays, and normalisation biases can get a larger learning rate."""
+    decay, no_decay, norm_biases = [], [], []
+    norm_bias_ids = {id(m.bias) for m in model.modules() if isinstance(m, NORM_LAYERS) and m.bias is not None}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if config.optimizer == "sgd":
+            (norm_biases if id(parameter) in norm_bias_ids else decay).append(parameter)
+        elif parameter.ndim < 2 or any(key in name for key in NO_DECAY_NAMES):
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    scale = config.norm_bias_lr_scale
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": norm_biases, "weight_decay": config.weight_decay / scale, "lr": config.lr * scale}]
+    return [group for group in groups if group["params"]]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, config)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
+    # Fused AdamW is one kernel per step on CUDA; on the CPU the foreach version is the default.
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), **fused)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step multiplier of each group's peak learning rate."""
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
+    multiplier = SCHEDULES[config.schedule]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: multiplier(step, warmup_steps, total_steps, config.min_lr_ratio))
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak learning rate at `step` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def warmup_linear(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Linear warmup then linear decay to `min_ratio`: the triangle schedule of airbench."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 1.0 - (1.0 - min_ratio) * min(1.0, progress)
+
+
+SCHEDULES = {"cosine": warmup_cosine, "linear": warmup_linear}

@@ -1,0 +1,129 @@
+"""Studies end to end: compare and sweep from the command line, resuming, locking, refusing."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from conftest import vitlab_process
+from vitlab.cli import main
+
+TINY = ["--subset", "200", "--test_subset", "100", "--epochs", "1", "--batch-size", "50", "--progress", "false", "--seeds", "2"]
+SMALL_VIT = "vit:patch_size=8,hidden_size=16,num_blocks=1"
+
+
+def test_compare_writes_tables_and_figures_and_a_rerun_trains_nothing(cifar_root, tmp_path, capsys):
+    out = tmp_path / "study"
+    args = ["compare", "cnn-small", SMALL_VIT, "mlp:hidden_size=16", *TINY, "--data-dir", str(cifar_root), "--out", str(out)]
+    assert main(args) == 0
+    for name in ("study.json", "results.md", "results.csv", "results.json", "figures/differences.png", "figures/curves.png",
+                 "figures/accuracy_vs_time.png"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert [row["spec"] for row in results["rows"]] == ["cnn-small", SMALL_VIT, "mlp:hidden_size=16"]
+    assert results["rows"][0]["delta"] is None and results["rows"][1]["delta"]["degrees_of_freedom"] > 0
+    assert all(row["seeds"] == [0, 1] and row["flops_per_image"] > 0 for row in results["rows"])
+    assert [(step["spec"], step["minus"]) for step in results["steps"]] == [(SMALL_VIT, "cnn-small"), ("mlp:hidden_size=16", SMALL_VIT)]
+    assert len((out / "results.csv").read_text().splitlines()) == 4
+    finished = {path: path.stat().st_mtime_ns for path in out.glob("runs/*/*/results.json")}
+    assert len(finished) == 6
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "0 to train" in capsys.readouterr().out
+    assert {path: path.stat().st_mtime_ns for path in out.glob("runs/*/*/results.json")} == finished
+
+
+def test_a_shared_setting_that_a_spec_lacks_is_an_error_before_anything_is_made(cifar_root, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert main(["compare", "cnn-small", "mlp", *TINY, "--patch_size", "4", "--data-dir", str(cifar_root), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "--patch_size does not apply to model 'cnn-small'" in error and len(error.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_different_study_in_the_same_folder_is_refused(cifar_root, tmp_path, capsys):
+    out = tmp_path / "study"
+    base = [*TINY, "--data-dir", str(cifar_root), "--out", str(out), "--seeds", "1"]
+    assert main(["compare", "cnn-small", "mlp:hidden_size=16", *base]) == 0
+    capsys.readouterr()
+    assert main(["compare", "cnn-small", SMALL_VIT, *base]) == 2
+    error = capsys.readouterr().err
+    assert "holds a different study" in error and len(error.strip().splitlines()) == 1
+
+
+def test_sweep_varies_a_training_setting_and_a_data_setting(cifar_root, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", "cnn-small", "--vary", "lr=0.001,0.003", *TINY, "--data-dir", str(cifar_root), "--out", str(out)]) == 0
+    assert "[" in capsys.readouterr().out  # the table prints seed-aware intervals
+    study = json.loads((out / "study.json").read_text())
+    assert study["specs"] == ["cnn-small:lr=0.001", "cnn-small:lr=0.003"] and study["vary"] == "lr"
+    assert (out / "figures" / "accuracy_vs_lr.png").is_file()
+    sizes = tmp_path / "sizes"
+    assert main(["compare", "cnn-small", "mlp:hidden_size=16", "--vary", "train_size=40,80", *TINY, "--seeds", "1",
+                 "--data-dir", str(cifar_root), "--out", str(sizes)]) == 0
+    rows = json.loads((sizes / "results.json").read_text())["rows"]
+    assert [row["settings"]["train_size"] for row in rows] == [40, 80, 40, 80]
+    assert (sizes / "figures" / "accuracy_vs_train_size.png").is_file()
+    assert json.loads((sizes / "runs" / "cnn-small_train_size-40" / "seed0" / "results.json").read_text())["train_images"] == 40
+
+
+def test_a_tuple_budget_study_can_be_resumed(cifar_root, tmp_path, capsys):
+    out = tmp_path / "study"
+    args = ["sweep", "--model", "cnn-small", "--vary", "lr=0.001,0.003", "--channels", "8,16", *TINY, "--seeds", "1",
+            "--data-dir", str(cifar_root), "--out", str(out)]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "0 to train" in capsys.readouterr().out
+
+
+def test_a_second_process_on_the_same_study_folder_is_refused_and_the_first_finishes(cifar_root, tmp_path):
+    out = tmp_path / "study"
+    command = ["compare", "cnn-small", "mlp:hidden_size=16", *TINY, "--epochs", "2", "--data-dir", str(cifar_root), "--out", str(out)]
+    first = vitlab_process(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "study.json").exists():
+        time.sleep(0.05)
+    second = vitlab_process(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, error = second.communicate(timeout=120)
+    assert second.returncode == 2 and "is in use by another vitlab process" in error
+    _, first_error = first.communicate(timeout=600)
+    assert first.returncode == 0, first_error
+    assert len(list(out.glob("runs/*/*/results.json"))) == 4
+
+
+def test_a_killed_study_resumes_without_redoing_finished_runs(cifar_root, tmp_path):
+    out = tmp_path / "study"
+    command = ["compare", "mlp:hidden_size=16", SMALL_VIT, *TINY, "--epochs", "3", "--data-dir", str(cifar_root), "--out", str(out)]
+    process = vitlab_process(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("runs/*/*/results.json")):
+        assert process.poll() is None, process.stderr.read().decode()
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = {path: path.stat().st_mtime_ns for path in out.glob("runs/*/*/results.json")}
+    assert 1 <= len(finished) < 4, "kill the study half-way"
+    rerun = vitlab_process(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, stderr
+    assert f"{len(finished)} already finished" in stdout
+    assert {path: path.stat().st_mtime_ns for path in finished} == finished
+    assert len(list(out.glob("runs/*/*/results.json"))) == 4
+
+
+def test_ctrl_c_on_a_parallel_study_exits_130_and_the_study_resumes(cifar_root, tmp_path):
+    out = tmp_path / "study"
+    command = ["compare", "mlp:hidden_size=16", SMALL_VIT, *TINY, "--epochs", "300", "--jobs", "2", "--data-dir", str(cifar_root),
+               "--out", str(out)]
+    process = vitlab_process(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("runs/*/*/checkpoint.pt"))) < 2:
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group gets SIGINT
+    _, error = process.communicate(timeout=240)
+    assert process.returncode == 130, error
+    assert "run the same command to resume" in error
+    assert not list(out.glob("runs/*/*/results.json")) or len(list(out.glob("runs/*/*/results.json"))) < 4

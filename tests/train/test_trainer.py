@@ -1,0 +1,142 @@
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_dataset
+from vitlab.config import TrainConfig
+from vitlab.errors import VitlabError
+from vitlab.models import build_model
+from vitlab.train.optim import warmup_cosine
+from vitlab.train.trainer import Runner, parameter_groups
+
+
+def quick_config(**overrides) -> TrainConfig:
+    return TrainConfig(**(dict(epochs=3, batch_size=32, lr=3e-3, warmup_epochs=0.5, progress=False, device="cpu") | overrides))
+
+
+def test_fit_learns_and_writes_history(tmp_path):
+    data = tiny_dataset()
+    model = build_model("cnn-small")
+    runner = Runner(model, quick_config(), history_file=tmp_path / "metrics.jsonl")
+    before = runner.evaluate(data.val_images, data.val_labels)
+    history = runner.fit(data)
+    assert [record["epoch"] for record in history] == [1, 2, 3]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_acc"] > before.accuracy + 20  # colour-coded classes are easy
+    assert runner.train_images_seen == 3 * (256 // 32) * 32
+
+
+def test_same_seed_same_weights():
+    data = tiny_dataset()
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_model("vit", hidden_size=16, num_heads=2, num_blocks=1, patch_size=8)
+        Runner(model, quick_config(epochs=1)).fit(data)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_evaluate_reports_percent_and_per_class():
+    data = tiny_dataset()
+    runner = Runner(build_model("mlp", hidden_size=16), quick_config())
+    result = runner.evaluate(data.test_images, data.test_labels)
+    assert len(result.predictions) == len(data.test_labels)
+    assert 0 <= result.accuracy <= 100 and result.loss > 0
+    per_class = result.per_class_accuracy(data.classes)
+    assert set(per_class) == set(data.classes)
+
+
+def test_bf16_autocast_trains_on_cpu():
+    data = tiny_dataset()
+    runner = Runner(build_model("cnn-small"), quick_config(epochs=1, precision="bf16"))
+    assert runner.precision == "bf16"
+    assert math.isfinite(runner.fit(data)[-1]["train_loss"])
+
+
+def test_diverging_loss_stops_with_a_clear_error():
+    data = tiny_dataset()
+    runner = Runner(build_model("mlp", hidden_size=16), quick_config(lr=1e6, warmup_epochs=0))
+    with pytest.raises(VitlabError, match="training loss became"):
+        runner.fit(data)
+
+
+def test_no_weight_decay_on_biases_norms_and_tokens():
+    model = build_model("vit", hidden_size=16, num_heads=2, num_blocks=1)
+    decay, no_decay = parameter_groups(model, TrainConfig(weight_decay=0.05))
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} >= {"cls_token", "position_embedding", "norm.weight", "head.bias"}
+    assert all(p.ndim >= 2 for p in decay["params"])
+
+
+def test_warmup_then_cosine_to_the_floor():
+    assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100) == pytest.approx(0.5)
+    assert warmup_cosine(100, 10, 100, min_ratio=0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(lr=-1.0), dict(precision="fp8"), dict(device="tpu"), dict(label_smoothing=1.0)])
+def test_train_config_rejects_impossible_values(bad):
+    with pytest.raises(VitlabError):
+        TrainConfig(**bad)
+
+
+def test_sgd_groups_scale_norm_bias_lr_and_keep_decay_per_step():
+    from vitlab.models import AirCNN
+
+    config = TrainConfig(optimizer="sgd", lr=0.5, weight_decay=0.01, norm_bias_lr_scale=64.0)
+    groups = parameter_groups(AirCNN(), config)
+    norm_group = next(group for group in groups if group.get("lr") == 32.0)
+    assert norm_group["weight_decay"] * norm_group["lr"] == pytest.approx(0.01 * 0.5)
+    assert all(p.ndim == 1 for p in norm_group["params"])
+
+
+def test_linear_schedule_is_a_triangle():
+    from vitlab.train.optim import warmup_linear
+
+    assert warmup_linear(4, 5, 25) == pytest.approx(1.0)
+    assert warmup_linear(15, 5, 25, min_ratio=0.1) == pytest.approx(0.55)
+    assert warmup_linear(25, 5, 25, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_aircnn_with_sgd_recipe_learns_and_tta_evaluates():
+    data = tiny_dataset()
+    config = quick_config(optimizer="sgd", lr=0.2, momentum=0.85, schedule="linear", norm_bias_lr_scale=16, tta=True)
+    runner = Runner(build_model("aircnn", widths=(16, 32, 32)), config)
+    history = runner.fit(data)
+    assert history[-1]["val_acc"] > 50
+
+
+def test_tta_averages_the_mirror_logits():
+    data = tiny_dataset()
+    model = build_model("mlp", hidden_size=8)
+    plain = Runner(model, quick_config()).evaluate(data.test_images, data.test_labels)
+    mirrored = Runner(model, quick_config(tta=True)).evaluate(data.test_images.flip(3), data.test_labels)
+    both = Runner(model, quick_config(tta=True)).evaluate(data.test_images, data.test_labels)
+    assert both.loss == pytest.approx(mirrored.loss, rel=1e-5)  # TTA is symmetric under mirroring
+    assert both.loss != pytest.approx(plain.loss, rel=1e-5)
+
+
+def test_mixup_and_cutmix_train_and_a_resumed_run_mixes_the_same(tmp_path):
+    """Mixing draws from the batch generator, which the checkpoint saves: resuming from the end of
+    epoch 1 gives the same final weights as the uninterrupted run."""
+    data = tiny_dataset()
+    config = quick_config(epochs=2, mixup=0.8, cutmix=1.0, precision="fp32")
+    torch.manual_seed(0)
+    straight = build_model("cnn-small")
+    runner = Runner(straight, config)
+    checkpoint = tmp_path / "checkpoint.pt"
+    runner.epoch_end_hooks.append(lambda record: record["epoch"] == 1 and shutil.copy(checkpoint, tmp_path / "epoch1.pt"))
+    history = runner.fit(data, checkpoint_path=checkpoint)
+    assert all(math.isfinite(record["train_loss"]) for record in history)
+    torch.manual_seed(123)  # the checkpoint brings back every random state
+    resumed = build_model("cnn-small")
+    Runner(resumed, config).fit(data, checkpoint_path=tmp_path / "epoch1.pt", resume=True)
+    for mine, theirs in zip(resumed.parameters(), straight.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
