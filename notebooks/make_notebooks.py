@@ -1,6 +1,6 @@
-"""Writes the three notebooks from the cells below, without outputs (run: python notebooks/make_notebooks.py).
-
-Editing a notebook by hand is fine too; the test suite executes them and checks they carry no outputs.
+"""The one source of the three notebooks: their cells are written here, and
+`python notebooks/make_notebooks.py` writes the .ipynb files, without outputs. Edit the cells here, not the
+.ipynb files: the test suite checks that the committed notebooks are exactly what this file writes, and runs them.
 """
 
 from pathlib import Path
@@ -19,8 +19,9 @@ self-attention, a pre-norm block, the whole model, and a short training run.
 
 CIFAR-10 is read from `$VITLAB_DATA` (or `./data`, downloaded when missing)."""),
     ("code", """import torch
+
 from vitlab.data import CLASSES, load_cifar10, normalize
-from vitlab.models.vit import Attention, Block, PatchEmbedding, ViTConfig, VisionTransformer, sincos_position_embedding
+from vitlab.models.vit import Attention, Block, PatchEmbedding, VisionTransformer, ViTConfig, sincos_position_embedding
 
 torch.manual_seed(0)
 data = load_cifar10(subset=2000, test_subset=1000)  # 1,600 training, 400 validation, 1,000 test images
@@ -90,8 +91,8 @@ from pathlib import Path
 import torch
 from IPython.display import Image, display
 
-from vitlab.inspect.attention import attention_stack, mean_attention_distance, patch_scores, rollout, to_image_grid
 from vitlab.data import CLASSES, load_cifar10, normalize
+from vitlab.inspect.attention import attention_stack, mean_attention_distance, patch_scores, rollout, to_image_grid
 from vitlab.inspect.images import test_images
 from vitlab.models import VisionTransformer
 
@@ -100,9 +101,8 @@ if run:
     model = VisionTransformer.load(run)
 else:
     from vitlab.config import TrainConfig
-    from vitlab.train.trainer import Runner
-
     from vitlab.models import build_model
+    from vitlab.train.trainer import Runner
 
     torch.manual_seed(0)
     model = build_model("vit", patch_size=4, hidden_size=64, num_heads=4, num_blocks=4)
@@ -140,35 +140,41 @@ MODEL_COMPARISON = [
     ("md", """# CNN vs ViT: a study with confidence intervals
 
 Set `VITLAB_STUDY` to a study folder from `vitlab compare` (for example the README's CPU study);
-without it, this notebook runs a tiny study (2,000 images, 2 epochs, 2 seeds) so it finishes in a
-minute or two. The numbers of a tiny study are only a demonstration."""),
+without it, this notebook runs a tiny study (2,000 images, 2 epochs, 3 seeds) so it finishes in a
+few minutes. The numbers of a tiny study are only a demonstration.
+
+Each Δ in the table has a *seed-aware* interval: it accounts for the noise of training seeds and of
+the test set (`vitlab.study.stats`)."""),
     ("code", """import os
 import tempfile
 
 from IPython.display import Image, Markdown, display
 
-from vitlab.study.plan import StudyPlan, run_study
+from vitlab.study.execute import run_study
+from vitlab.study.plan import StudyPlan
 from vitlab.study.summary import summarize_study
 
 study = os.environ.get("VITLAB_STUDY")
 if not study:
     study = tempfile.mkdtemp() + "/tiny-study"
     plan = StudyPlan(specs=["cnn-small", "vit:patch_size=4", "vit:patch_size=8"],
-                     budget={"subset": 2000, "test_subset": 1000, "epochs": 2, "progress": False}, seeds=[0, 1])
+                     budget={"subset": 2000, "test_subset": 1000, "epochs": 2, "progress": False}, seeds=[0, 1, 2])
     run_study(plan, study)
 summary = summarize_study(study)
 display(Markdown(summary.markdown_table()))"""),
-    ("md", """## The paired bootstrap, step by step
-Both models are scored on the *same* resampled test images, so the noise of which images happen to
-be in the test set cancels. Here for the first ViT against the baseline, seed by seed."""),
-    ("code", """import torch
-from pathlib import Path
-from vitlab.study.stats import mcnemar, paired_bootstrap
+    ("md", """## Per seed: the paired bootstrap and McNemar's test
+Per seed, both trained networks are scored on the *same* resampled test images. This answers "do
+these two networks differ on this test set?", not "do these two configurations differ?": a second
+seed can land elsewhere, which is why the table's interval also includes the seed-to-seed spread."""),
+    ("code", """from pathlib import Path
+
+from vitlab.rundir import RunDir
 from vitlab.study.plan import parse_spec
-from vitlab.train.run import load_predictions
+from vitlab.study.stats import mcnemar, paired_bootstrap
+
 
 def correct(spec, seed):
-    record = load_predictions(Path(study) / "runs" / parse_spec(spec).slug / f"seed{seed}")
+    record = RunDir(Path(study) / "runs" / parse_spec(spec).slug / f"seed{seed}").predictions()
     return record["predictions"] == record["labels"]
 
 baseline, other = summary.rows[0], summary.rows[1]
@@ -179,7 +185,7 @@ for seed in other.seeds:
     print(f"seed {seed}: {other.spec} - {baseline.spec} = {difference.observed:+.2f} points "
           f"[{difference.ci_low:+.2f}, {difference.ci_high:+.2f}]; McNemar {test.only_a_right} vs {test.only_b_right}, p = {test.p_value:.3g}")"""),
     ("md", """## Figures"""),
-    ("code", """for name in ("bootstrap.png", "curves.png", "accuracy_vs_patch_size.png", "accuracy_vs_time.png"):
+    ("code", """for name in ("differences.png", "curves.png", "accuracy_vs_patch_size.png", "accuracy_vs_time.png"):
     path = Path(study) / "figures" / name
     if path.exists():
         display(Image(filename=str(path)))"""),
@@ -193,7 +199,18 @@ def build(cells) -> nbformat.NotebookNode:
     return notebook
 
 
+NOTEBOOKS = {"vit_tutorial": VIT_TUTORIAL, "attention_maps": ATTENTION_MAPS, "model_comparison": MODEL_COMPARISON}
+
+
+def notebook_text(cells) -> str:
+    """The .ipynb file's exact text for these cells (cell ids derived from the content, so it is reproducible)."""
+    notebook = build(cells)
+    for index, cell in enumerate(notebook.cells):
+        cell["id"] = f"cell-{index:02d}"
+    return nbformat.writes(notebook) + "\n"
+
+
 if __name__ == "__main__":
-    for name, cells in [("vit_tutorial", VIT_TUTORIAL), ("attention_maps", ATTENTION_MAPS), ("model_comparison", MODEL_COMPARISON)]:
-        nbformat.write(build(cells), HERE / f"{name}.ipynb")
+    for name, cells in NOTEBOOKS.items():
+        (HERE / f"{name}.ipynb").write_text(notebook_text(cells))
         print(f"wrote notebooks/{name}.ipynb")

@@ -1,5 +1,7 @@
-"""The three notebooks run headless from top to bottom (on real CIFAR-10) and are committed without outputs."""
+"""The three notebooks are exactly what notebooks/make_notebooks.py writes (one source), carry no outputs,
+and run headless from top to bottom on real CIFAR-10."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -11,6 +13,20 @@ from conftest import real_cifar10_root
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NAMES = ["vit_tutorial.ipynb", "attention_maps.ipynb", "model_comparison.ipynb"]
+
+
+def notebook_source():
+    spec = importlib.util.spec_from_file_location("make_notebooks", NOTEBOOKS / "make_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_notebook_is_what_the_source_writes(name):
+    source = notebook_source()
+    assert (NOTEBOOKS / name).read_text() == source.notebook_text(source.NOTEBOOKS[name.removesuffix(".ipynb")]), (
+        f"notebooks/{name} differs from notebooks/make_notebooks.py: edit the cells there and run it")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -50,8 +50,8 @@ def test_explain_shows_cnn_and_vit_side_by_side_with_feature_maps(cifar_root, tm
     out = tmp_path / "explain"
     assert main(["explain", str(cnn), str(vit), "--images", "2", "--data-dir", str(cifar_root), "--out", str(out)]) == 0
     assert (out / "explain.png").is_file() and (out / "feature_maps_cnn.png").is_file()
-    with Image.open(out / "explain.png") as figure:
-        assert figure.width > figure.height / 2  # three columns, two rows
+    with Image.open(out / "explain.png") as figure:  # rows: images; columns: the image, then one per run (2.0 × 2.1 inches each)
+        assert figure.width / figure.height == pytest.approx((2.0 * 3) / (2.1 * 2), rel=0.05)
 
 
 def test_evaluate_figures_and_the_confusion_matrix(cifar_root, tmp_path, capsys):

@@ -22,6 +22,8 @@ class LooksTopLeft(nn.Module):
     """A CNN whose output depends only on the top-left 8×8 pixels: the input is masked to that region,
     then conv (no bias) + ReLU (the explained stage), global average pool and a positive linear head."""
 
+    has_stages = True
+
     def __init__(self) -> None:
         super().__init__()
         mask = torch.zeros(1, 1, 32, 32)

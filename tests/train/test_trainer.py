@@ -47,7 +47,10 @@ def test_evaluate_reports_percent_and_per_class():
     runner = Runner(build_model("mlp", hidden_size=16), quick_config())
     result = runner.evaluate(data.test_images, data.test_labels)
     assert len(result.predictions) == len(data.test_labels)
-    assert 0 <= result.accuracy <= 100 and result.loss > 0
+    # Accuracy in percent and loss as plain cross-entropy, recomputed here from the probabilities it returns.
+    expected_accuracy = 100.0 * (result.probabilities.argmax(1) == data.test_labels).double().mean().item()
+    expected_loss = -result.probabilities[torch.arange(len(data.test_labels)), data.test_labels].log().mean().item()
+    assert result.accuracy == pytest.approx(expected_accuracy) and result.loss == pytest.approx(expected_loss, rel=1e-4)
     per_class = result.per_class_accuracy(data.classes)
     assert set(per_class) == set(data.classes)
 

@@ -2,7 +2,6 @@
 leaves nothing half-written. (Cases tested elsewhere are listed in that table with their test.)"""
 
 import errno
-import json
 import re
 from pathlib import Path
 
@@ -15,7 +14,8 @@ from vitlab.train.checkpoint import load_checkpoint
 from vitlab.train.trainer import Runner
 
 QUICK = ["--subset", "300", "--test_subset", "100", "--batch-size", "50", "--progress", "false"]
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "validation.md"
+TESTS = Path(__file__).resolve().parents[1]
+DOCS = TESTS.parent / "docs" / "validation.md"
 
 
 def one_line_error(capsys, code, pattern):
@@ -97,10 +97,9 @@ def test_a_run_folder_mixing_two_models_is_refused(cifar_root, tmp_path, capsys)
 
 
 def test_every_case_in_the_validation_table_names_a_test_that_exists():
-    tests = {match for path in Path(__file__).parent.glob("test_*.py") for match in re.findall(r"^def (test_\w+)", path.read_text(), re.M)}
+    tests = {match for path in TESTS.rglob("test_*.py") for match in re.findall(r"^def (test_\w+)", path.read_text(), re.M)}
     rows = [line for line in DOCS.read_text().splitlines() if line.startswith("| ") and "`test_" in line]
     assert len(rows) >= 20
     for row in rows:
         for name in re.findall(r"`(test_\w+)`", row):
             assert name in tests, f"docs/validation.md names {name}, which does not exist"
-    assert json.dumps(rows)  # the table parsed
