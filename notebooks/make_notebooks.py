@@ -114,8 +114,7 @@ print(model.config)"""),
     ("code", """images = test_images(4)
 logits, attention = attention_stack(model, normalize(images.images))
 print("attention", tuple(attention.shape))
-has_cls = model.config.pool == "cls"
-first_layer = to_image_grid(patch_scores(attention[0].mean(dim=1), has_cls), model)  # (batch, 32, 32)
+first_layer = to_image_grid(patch_scores(attention[0].mean(dim=1), model.config), model)  # (batch, 32, 32)
 print("layer-1 CLS->patch map over the image", tuple(first_layer.shape))
 for i in range(len(images.images)):
     print(images.names[i], "true", images.true_name(i), "| predicted", CLASSES[int(logits[i].argmax())])"""),
@@ -124,7 +123,7 @@ Average the heads, add the identity for the residual connection, renormalise the
 through the layers. Row 0 then says how much each patch flows into the CLS token at the end."""),
     ("code", """flow = rollout(attention)  # (batch, tokens, tokens)
 print("rollout", tuple(flow.shape), "rows sum to 1:", torch.allclose(flow.sum(-1), torch.ones(())))
-maps = to_image_grid(patch_scores(flow, has_cls), model)
+maps = to_image_grid(patch_scores(flow, model.config), model)
 print("share of the flow on the central 16x16 pixels:", [f"{float(m[8:24, 8:24].sum() / m.sum()):.2f}" for m in maps])"""),
     ("md", """## The figures `vitlab attention` writes"""),
     ("code", """from vitlab.inspect.figures import attention_distance_plot, attention_grid

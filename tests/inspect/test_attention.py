@@ -6,6 +6,7 @@ import torch
 
 from vitlab.inspect.attention import attention_stack, mean_attention_distance, patch_scores, rollout, to_image_grid
 from vitlab.models import build_model
+from vitlab.models.vit import ViTConfig
 
 
 def rollout_by_hand(layers: list[np.ndarray]) -> np.ndarray:
@@ -42,10 +43,15 @@ def test_rollout_of_no_mixing_is_the_identity():
     torch.testing.assert_close(rollout(stack), torch.eye(5).expand(2, 5, 5))
 
 
-def test_patch_scores_read_the_cls_row_or_average_the_rows():
+def test_patch_scores_read_the_cls_row_or_average_the_patch_rows_and_skip_registers():
     matrix = torch.arange(16.0).reshape(1, 4, 4)
-    assert patch_scores(matrix, has_cls=True).tolist() == [[1.0, 2.0, 3.0]]
-    assert patch_scores(matrix, has_cls=False).tolist() == [[6.0, 7.0, 8.0, 9.0]]
+    with_cls = ViTConfig(patch_size=16, hidden_size=8, num_heads=2, pool="cls")  # 4 patches: tokens [CLS, p0..p3]
+    assert patch_scores(torch.arange(25.0).reshape(1, 5, 5), with_cls).tolist() == [[1.0, 2.0, 3.0, 4.0]]
+    mean = ViTConfig(patch_size=16, hidden_size=8, num_heads=2, pool="mean")
+    assert patch_scores(matrix, mean).tolist() == [[6.0, 7.0, 8.0, 9.0]]
+    registers = ViTConfig(patch_size=16, hidden_size=8, num_heads=2, pool="cls", registers=2)  # [CLS, p0..p3, r0, r1]
+    scores = patch_scores(torch.arange(49.0).reshape(1, 7, 7), registers)
+    assert scores.tolist() == [[1.0, 2.0, 3.0, 4.0]]
 
 
 def test_maps_of_a_non_dividing_patch_size_line_up_with_the_image():

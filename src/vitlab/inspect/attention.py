@@ -1,9 +1,10 @@
 """What a ViT attends to: raw attention per layer and head, attention rollout, attention distance.
 
-Token layout (see `VisionTransformer`): `[CLS] + patches` for pool='cls', only patches for pool='mean',
-patches in row-major order over the padded grid. For a mean-pooled model there is no CLS row; the
-class token's role is played by the pooled output, the mean of all tokens, so "attention to patch j"
-is the mean over all query tokens of their attention to j.
+Token layout (see `VisionTransformer`): `[CLS] + patches + registers` for pool='cls', `patches +
+registers` otherwise, patches in row-major order over the padded grid (`config.patch_tokens`). For a
+model without a CLS token the pooled output (mean or learned weighting of the patch tokens) plays its
+role, so "attention to patch j" is the mean over the patch queries of their attention to j (for
+sequence pooling an approximation: its weights depend on the image). Register tokens are left out.
 
 Rollout (Abnar & Zuidema 2020): average the heads, add the identity for the residual path,
 renormalise the rows, and multiply the layers' matrices from the first to the last.
@@ -35,8 +36,10 @@ def rollout(attention: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
         fused = attention.mean(dim=2)  # (L, B, T, T)
     elif head_fusion == "max":
         fused = attention.amax(dim=2)
+    elif head_fusion == "min":
+        fused = attention.amin(dim=2)
     else:
-        raise ValueError(f"head_fusion must be mean or max, got {head_fusion}")
+        raise ValueError(f"head_fusion must be mean, max or min, got {head_fusion}")
     identity = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
     result = identity.expand_as(fused[0]).clone()  # (B, T, T)
     for layer in fused:
@@ -46,14 +49,15 @@ def rollout(attention: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
     return result
 
 
-def patch_scores(matrix: torch.Tensor, has_cls: bool) -> torch.Tensor:
+def patch_scores(matrix: torch.Tensor, config) -> torch.Tensor:
     """How much the output attends to each patch: (B, T, T) or (B, heads, T, T) → (B, [heads,] N).
 
-    CLS models: the CLS row over the patch columns. Mean-pooled models: the mean over all rows.
+    CLS models: the CLS row over the patch columns. Others: the mean of the patch rows over the patch columns.
     """
-    if has_cls:
-        return matrix[..., 0, 1:]
-    return matrix.mean(dim=-2)
+    patches = config.patch_tokens
+    if config.pool == "cls":
+        return matrix[..., 0, patches]
+    return matrix[..., patches, patches].mean(dim=-2)
 
 
 def to_image_grid(scores: torch.Tensor, model: VisionTransformer, image_size: int | None = None) -> torch.Tensor:
@@ -77,8 +81,9 @@ def mean_attention_distance(attention: torch.Tensor, model: VisionTransformer) -
     images. (L, B, heads, T, T) → (L, heads). The CLS token is left out."""
     config = model.config
     grid = config.grid_size
-    if config.pool == "cls":
-        attention = attention[..., 1:, 1:]
+    patches = config.patch_tokens
+    if config.num_tokens != config.num_patches:  # leave out CLS and register tokens
+        attention = attention[..., patches, patches]
         attention = attention / attention.sum(dim=-1, keepdim=True)  # renormalise over patches
     coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), dim=-1).reshape(-1, 2)
     distances = torch.cdist(coords.double(), coords.double()).to(attention.dtype) * config.patch_size  # (N, N) pixels
@@ -87,4 +92,4 @@ def mean_attention_distance(attention: torch.Tensor, model: VisionTransformer) -
 
 def rollout_maps(model: VisionTransformer, attention: torch.Tensor, image_size: int | None = None) -> torch.Tensor:
     """The attention rollout of `attention` (L, B, heads, T, T) as one map per image over its pixels (B, H, W)."""
-    return to_image_grid(patch_scores(rollout(attention), has_cls=model.config.pool == "cls"), model, image_size)
+    return to_image_grid(patch_scores(rollout(attention), model.config), model, image_size)

@@ -46,7 +46,6 @@ def vit_attention(model: VisionTransformer, images: torch.Tensor) -> tuple[torch
 def layer_maps(model: VisionTransformer, attention: torch.Tensor, method: str, head: str) -> torch.Tensor:
     """Per-layer attention over the image: (L, B, heads, T, T) → (L, B, R, H, W) with R = 1 (mean or one
     head) or heads (all). `method` raw: each layer's own attention; rollout: rollout up to that layer."""
-    has_cls = model.config.pool == "cls"
     num_layers, _, num_heads = attention.shape[:3]
     if head not in ("mean", "all") and not (head.isdigit() and 1 <= int(head) <= num_heads):
         raise VitlabError(f"--head must be mean, all or a head number 1..{num_heads}, got '{head}'")
@@ -61,7 +60,7 @@ def layer_maps(model: VisionTransformer, attention: torch.Tensor, method: str, h
             matrices = matrices.mean(dim=1, keepdim=True) if head == "mean" else matrices
             if head.isdigit():
                 matrices = matrices[:, int(head) - 1:int(head)]
-        per_layer.append(to_image_grid(patch_scores(matrices, has_cls), model))  # (B, R, H, W)
+        per_layer.append(to_image_grid(patch_scores(matrices, model.config), model))  # (B, R, H, W)
     return torch.stack(per_layer)
 
 

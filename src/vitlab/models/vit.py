@@ -24,11 +24,15 @@ from torch import nn
 from vitlab.config import check_finite_numbers
 from vitlab.errors import VitlabError
 from vitlab.models.base import FROM_DATA, VitlabModel, init_linear_weights
-from vitlab.models.dropout import Dropout, dropout_matmul
+from vitlab.models.dropout import Dropout
+from vitlab.models.layers import attention
 
 POS_EMBEDS = ("learned", "sincos")
-POOLS = ("cls", "mean")
-STEMS = ("patch", "conv", "conv-pool")
+POOLS = ("cls", "mean", "seq")
+STEMS = ("patch", "spt", "conv", "conv-pool")
+NORMS = ("pre", "post")
+INITS = ("trunc_normal", "mimetic")
+ACTIVATIONS = ("gelu", "relu")
 
 
 @dataclass
@@ -44,12 +48,23 @@ class ViTConfig:
         dropout: dropout on embeddings, attention output and MLP.
         attention_dropout: dropout on the attention probabilities.
         pos_embed: 'learned' (trained parameter) or 'sincos' (fixed 2-D sine-cosine, seed 003).
-        pool: 'cls' (a learned CLS token is read out) or 'mean' (average of the patch tokens).
-        stem: 'patch' (one linear map per patch: the pure ViT), 'conv' (stride-2 3×3 conv + BN + ReLU
-            layers down to the patch grid, then a 1×1 projection: Xiao et al. 2021) or 'conv-pool'
-            (stride-1 3×3 conv + BN + ReLU + 3×3 stride-2 max-pool per halving, the last conv already
-            hidden_size wide: the convolutional tokenizer of Hassani et al. 2021's CCT). The conv stems
+        pool: 'cls' (a learned CLS token is read out), 'mean' (average of the patch tokens) or 'seq'
+            (sequence pooling, Hassani et al. 2021: a learned softmax weighting of the patch tokens).
+        stem: 'patch' (one linear map per patch: the pure ViT), 'spt' (shifted patch tokenization, Lee et
+            al. 2021: the image and its four diagonal half-patch shifts, patchified, LayerNorm, one linear
+            map; no convolution), 'conv' (stride-2 3×3 conv + BN + ReLU layers down to the patch grid, then
+            a 1×1 projection: Xiao et al. 2021) or 'conv-pool' (stride-1 3×3 conv + BN + ReLU + 3×3 stride-2
+            max-pool per halving: the convolutional tokenizer of Hassani et al. 2021's CCT). The conv stems
             need a power-of-2 patch_size.
+        lsa: locality self-attention (Lee et al. 2021): a learned softmax temperature per block and no
+            attention of a token to itself.
+        registers: extra learned tokens that take part in attention and are dropped at the output
+            (Darcet et al. 2023).
+        init: 'trunc_normal' (ViT/timm) or 'mimetic' (Trockman & Kolter 2023: W_q W_kᵀ ≈ 0.7 Z + 0.7 I and
+            W_v W_o ≈ 0.4 Z - 0.4 I at initialisation, Z random, so attention starts out local-looking).
+        norm: 'pre' (x + f(LN(x)): the ViT paper) or 'post' (LN(x + f(x)): nn.TransformerEncoderLayer's
+            default, as in seed 003's code).
+        activation: the MLP's nonlinearity, 'gelu' or 'relu' (nn.TransformerEncoderLayer's default).
         image_size: side of the square input image.
         num_classes: number of output logits.
     """
@@ -64,6 +79,11 @@ class ViTConfig:
     pos_embed: str = "learned"
     pool: str = "cls"
     stem: str = "patch"
+    lsa: bool = False
+    registers: int = 0
+    init: str = "trunc_normal"
+    norm: str = "pre"
+    activation: str = "gelu"
     image_size: int = field(default=32, metadata=FROM_DATA)
     num_classes: int = field(default=10, metadata=FROM_DATA)
 
@@ -87,7 +107,12 @@ class ViTConfig:
             raise VitlabError(f"pool must be one of {', '.join(POOLS)}, got '{self.pool}'")
         if self.stem not in STEMS:
             raise VitlabError(f"stem must be one of {', '.join(STEMS)}, got '{self.stem}'")
-        if self.stem != "patch" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+        for name, allowed in (("norm", NORMS), ("init", INITS), ("activation", ACTIVATIONS)):
+            if getattr(self, name) not in allowed:
+                raise VitlabError(f"{name} must be one of {', '.join(allowed)}, got '{getattr(self, name)}'")
+        if not 0 <= self.registers <= 64:
+            raise VitlabError(f"registers must be between 0 and 64, got {self.registers}")
+        if self.stem in ("conv", "conv-pool") and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise VitlabError(f"stem {self.stem} halves the image per layer, so patch_size must be a power of 2 (2, 4, 8, ...), got {self.patch_size}")
         if self.mlp_ratio <= 0:
             raise VitlabError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
@@ -106,7 +131,14 @@ class ViTConfig:
 
     @property
     def num_tokens(self) -> int:
-        return self.num_patches + (1 if self.pool == "cls" else 0)
+        """Tokens in every block: [CLS] + patches + registers."""
+        return (1 if self.pool == "cls" else 0) + self.num_patches + self.registers
+
+    @property
+    def patch_tokens(self) -> slice:
+        """Where the patch tokens sit in the token sequence."""
+        start = 1 if self.pool == "cls" else 0
+        return slice(start, start + self.num_patches)
 
 
 def conv_stem(config: ViTConfig) -> nn.Sequential:
@@ -138,8 +170,32 @@ def conv_pool_stem(config: ViTConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class ShiftedPatchTokenizer(nn.Module):
+    """Shifted patch tokenization (Lee et al. 2021): the image and its four diagonal half-patch shifts are
+    stacked as 15 channels, cut into patches, layer-normalised and mapped linearly. No convolution: the
+    patches are cut with `unfold` (kernel = stride), which is a reshape."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.shift = max(1, config.patch_size // 2)
+        patch_values = 5 * 3 * config.patch_size**2
+        self.norm = nn.LayerNorm(patch_values)
+        self.projection = nn.Linear(patch_values, config.hidden_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        _, _, height, width = images.shape  # (B, 3, H, W), H and W multiples of the patch size
+        s = self.shift
+        padded = F.pad(images, (s, s, s, s))  # (B, 3, H+2s, W+2s), zeros = the mean colour
+        # view (dy, dx) shows the image moved by (-dy, -dx): pixel (y, x) of it is pixel (y + dy, x + dx) of the image
+        shifted = [padded[..., s + dy:s + dy + height, s + dx:s + dx + width] for dy, dx in ((0, 0), (-s, -s), (-s, s), (s, -s), (s, s))]
+        stacked = torch.cat(shifted, dim=1)  # (B, 15, H, W)
+        patches = F.unfold(stacked, kernel_size=self.patch_size, stride=self.patch_size)  # (B, 15·P², G·G)
+        return self.projection(self.norm(patches.transpose(1, 2)))  # (B, G·G, D)
+
+
 class PatchEmbedding(nn.Module):
-    """Pad to a multiple of the patch size, cut into patches and project each to hidden_size."""
+    """Pad to a multiple of the patch size, cut into patches and project each to hidden_size (or a conv stem)."""
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
@@ -150,6 +206,8 @@ class PatchEmbedding(nn.Module):
             self.projection = conv_stem(config)
         elif config.stem == "conv-pool":
             self.projection = conv_pool_stem(config)
+        elif config.stem == "spt":
+            self.projection = ShiftedPatchTokenizer(config)
         else:
             # A conv with kernel = stride = patch size is exactly a linear map of each flattened patch.
             self.projection = nn.Conv2d(3, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size)
@@ -158,6 +216,8 @@ class PatchEmbedding(nn.Module):
         if self.padding != (0, 0):
             before, after = self.padding
             images = F.pad(images, (before, after, before, after))  # (B, 3, G*P, G*P)
+        if isinstance(self.projection, ShiftedPatchTokenizer):
+            return self.projection(images)  # (B, G*G, D)
         patches = self.projection(images)  # (B, D, G, G)
         return patches.flatten(2).transpose(1, 2)  # (B, G*G, D)
 
@@ -175,7 +235,7 @@ def sincos_position_embedding(grid_size: int, hidden_size: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused fast path and an explicit path that returns weights."""
+    """Multi-head self-attention; the kernel (fused or explicit) is chosen in `models/layers.py`."""
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
@@ -185,71 +245,84 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.projection = nn.Linear(config.hidden_size, config.hidden_size)
         self.output_dropout = Dropout(config.dropout)
+        self.lsa = config.lsa
+        # LSA's learned temperature, stored as its logarithm (starts at sqrt(Dh), the usual scaling).
+        self.log_temperature = nn.Parameter(torch.tensor(0.5 * math.log(self.head_size))) if config.lsa else None
 
     def forward(self, tokens: torch.Tensor, return_attention: bool = False):
         batch, num_tokens, hidden = tokens.shape  # (B, T, D)
         qkv = self.qkv(tokens).reshape(batch, num_tokens, 3, self.num_heads, self.head_size)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, Dh)
-        dropout = self.attention_dropout if self.training else 0.0
-        cpu_dropout = dropout > 0 and query.device.type == "cpu"
-        if return_attention or cpu_dropout:
-            # Explicit softmax(Q K^T / sqrt(Dh)): it can return the probabilities, and it is the CPU's
-            # attention-dropout path too (SDPA with dropout_p falls back there to its math kernel,
-            # which samples with the slow bernoulli_; see models/dropout.py).
-            # Scaling Q (T × Dh) instead of the scores (T × T), and a softmax in the scores' dtype (the
-            # CPU kernel accumulates bf16 in fp32) save passes over the largest tensor: with dropout at
-            # 257 tokens these passes and dtype copies took half of the step in torch.profiler.
-            scores = (query * self.head_size**-0.5) @ key.transpose(-2, -1)  # (B, H, T, T)
-            weights = scores.softmax(dim=-1)
-            if cpu_dropout:
-                mixed = dropout_matmul(weights, value, dropout)  # (B, H, T, Dh)
-            else:
-                mixed = F.dropout(weights, dropout, self.training) @ value  # (B, H, T, Dh)
-            weights = weights if return_attention else None
-        else:
-            weights = None
-            if query.device.type == "cpu" and query.dtype == torch.bfloat16:
-                # PyTorch's CPU flash-attention backward is slow in bf16: measured on the 2-core
-                # Sapphire Rapids at (128, 4, 65, 16) fwd+bwd took 107 ms in bf16 and 53 ms upcast
-                # to fp32 (at 257 tokens 420 vs 339 ms). So on the CPU attention runs in fp32, with
-                # autocast off for the call (CPU autocast would cast the inputs back to bf16).
-                with torch.autocast("cpu", enabled=False):
-                    mixed = F.scaled_dot_product_attention(query.float(), key.float(), value.float())
-                mixed = mixed.to(value.dtype)
-            else:
-                mixed = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout)  # (B, H, T, Dh)
+        scale = torch.exp(-self.log_temperature) if self.lsa else None
+        mixed, weights = attention(query, key, value, dropout=self.attention_dropout if self.training else 0.0, scale=scale,
+                                   mask_self=self.lsa, return_weights=return_attention)  # (B, H, T, Dh)
         mixed = mixed.transpose(1, 2).reshape(batch, num_tokens, hidden)  # (B, T, D)
         return self.output_dropout(self.projection(mixed)), weights
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """A transformer block: pre-norm x + Attn(LN(x)), x + MLP(LN(x)); or post-norm LN(x + Attn(x)), LN(x + MLP(x))."""
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         mlp_size = int(config.hidden_size * config.mlp_ratio)
+        self.pre_norm = config.norm == "pre"
         self.attention_norm = nn.LayerNorm(config.hidden_size)
         self.attention = Attention(config)
         self.mlp_norm = nn.LayerNorm(config.hidden_size)
         self.mlp = nn.Sequential(
             nn.Linear(config.hidden_size, mlp_size),
-            nn.GELU(),
+            nn.GELU() if config.activation == "gelu" else nn.ReLU(),
             Dropout(config.dropout),
             nn.Linear(mlp_size, config.hidden_size),
             Dropout(config.dropout),
         )
 
     def forward(self, tokens: torch.Tensor, return_attention: bool = False):
-        mixed, weights = self.attention(self.attention_norm(tokens), return_attention)
-        tokens = tokens + mixed  # (B, T, D)
-        tokens = tokens + self.mlp(self.mlp_norm(tokens))  # (B, T, D)
-        return tokens, weights
+        if self.pre_norm:
+            mixed, weights = self.attention(self.attention_norm(tokens), return_attention)
+            tokens = tokens + mixed  # (B, T, D)
+            return tokens + self.mlp(self.mlp_norm(tokens)), weights
+        mixed, weights = self.attention(tokens, return_attention)
+        tokens = self.attention_norm(tokens + mixed)  # (B, T, D)
+        return self.mlp_norm(tokens + self.mlp(tokens)), weights
+
+
+def mimetic_factors(target: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two factors A (D, r), B (D, r) with A Bᵀ the best rank-r approximation of `target` (D, D), split evenly (SVD)."""
+    left, singular, right = torch.linalg.svd(target)
+    root = singular[:rank].sqrt()
+    return left[:, :rank] * root, right.T[:, :rank] * root
+
+
+@torch.no_grad()
+def mimetic_init(attention_layer: Attention, generator: torch.Generator | None = None,
+                 query_key: tuple[float, float] = (0.7, 0.7), value_output: tuple[float, float] = (0.4, 0.4)) -> None:
+    """Trockman & Kolter 2023: per head W_qᵀ W_k ≈ a1 Z1 + b1 I, and W_vᵀ W_oᵀ ≈ a2 Z2 - b2 I, Z with N(0, 1/D) entries.
+
+    With nn.Linear's (out, in) weights, the scores are x W_qᵀ W_k xᵀ and the value path x W_vᵀ W_oᵀ, so those
+    D × D products are what is set."""
+    hidden = attention_layer.qkv.in_features
+    heads, head_size = attention_layer.num_heads, attention_layer.head_size
+    eye = torch.eye(hidden)
+    weight = attention_layer.qkv.weight  # (3D, D): rows [query; key; value]
+    for head in range(heads):
+        target = query_key[0] * torch.randn(hidden, hidden, generator=generator) / math.sqrt(hidden) + query_key[1] * eye
+        query_t, key_t = mimetic_factors(target, head_size)  # (D, Dh) each: W_q_hᵀ and W_k_hᵀ
+        rows = slice(head * head_size, (head + 1) * head_size)
+        weight[rows] = query_t.T.to(weight.dtype)
+        weight[hidden:][rows] = key_t.T.to(weight.dtype)
+    target = value_output[0] * torch.randn(hidden, hidden, generator=generator) / math.sqrt(hidden) - value_output[1] * eye
+    value_t, output = mimetic_factors(target, hidden)  # W_vᵀ (D, D) and W_oᵀ's transpose
+    weight[2 * hidden:] = value_t.T.to(weight.dtype)
+    attention_layer.projection.weight.copy_(output)  # W_oᵀ = output.T, so W_o = output
 
 
 class VisionTransformer(VitlabModel):
     """ViT for small images. `forward(images)` gives logits (B, classes); with `return_attention=True`
-    it gives `(logits, [attention (B, heads, tokens, tokens) for each block])`, where tokens are
-    `[CLS] + patches` in row-major grid order for pool='cls', and just the patches for pool='mean'.
+    it gives `(logits, [attention (B, heads, T, T) for each block])`. Tokens are `[CLS] + patches +
+    registers` for pool='cls' and `patches + registers` otherwise, patches in row-major grid order
+    (`config.patch_tokens` says where they are).
     """
 
     name = "vit"
@@ -261,13 +334,16 @@ class VisionTransformer(VitlabModel):
         cfg = self.config
         self.patch_embedding = PatchEmbedding(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size)) if cfg.pool == "cls" else None
+        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.registers, cfg.hidden_size)) if cfg.registers else None
         if cfg.pos_embed == "learned":
             self.position_embedding = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.hidden_size))
         else:
             self.register_buffer("position_embedding", sincos_position_embedding(cfg.grid_size, cfg.hidden_size)[None], persistent=False)
         self.embedding_dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
-        self.norm = nn.LayerNorm(cfg.hidden_size)
+        # Post-norm blocks end in a LayerNorm already (as nn.TransformerEncoder without a final norm).
+        self.norm = nn.LayerNorm(cfg.hidden_size) if cfg.norm == "pre" else nn.Identity()
+        self.pool_weights = nn.Linear(cfg.hidden_size, 1) if cfg.pool == "seq" else None
         self.head = nn.Linear(cfg.hidden_size, cfg.num_classes)
         self.reset_parameters()
 
@@ -275,22 +351,38 @@ class VisionTransformer(VitlabModel):
         self.apply(init_linear_weights)
         if isinstance(self.position_embedding, nn.Parameter):
             nn.init.trunc_normal_(self.position_embedding, std=0.02)
-        if self.cls_token is not None:
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for token in (self.cls_token, self.register_tokens):
+            if token is not None:
+                nn.init.trunc_normal_(token, std=0.02)
+        if self.config.init == "mimetic":
+            for block in self.blocks:
+                mimetic_init(block.attention)
         # A zero head starts every class at equal probability (timm does the same for fine-tuning).
         nn.init.zeros_(self.head.weight)
 
     def forward(self, images: torch.Tensor, return_attention: bool = False):
         tokens = self.patch_embedding(images) + self.position_embedding  # (B, N, D)
-        if self.cls_token is not None:
-            cls = self.cls_token.expand(tokens.shape[0], -1, -1)  # (B, 1, D); the CLS token has no position
-            tokens = torch.cat([cls, tokens], dim=1)  # (B, 1+N, D)
+        batch = tokens.shape[0]
+        parts = [self.cls_token.expand(batch, -1, -1)] if self.cls_token is not None else []  # the CLS token has no position
+        parts.append(tokens)
+        if self.register_tokens is not None:
+            parts.append(self.register_tokens.expand(batch, -1, -1))  # (B, R, D), no position either
+        tokens = torch.cat(parts, dim=1) if len(parts) > 1 else tokens  # (B, T, D)
         tokens = self.embedding_dropout(tokens)
         attention_maps = []
         for block in self.blocks:
             tokens, weights = block(tokens, return_attention)
             attention_maps.append(weights)
         tokens = self.norm(tokens)  # (B, T, D)
-        pooled = tokens[:, 0] if self.cls_token is not None else tokens.mean(dim=1)  # (B, D)
-        logits = self.head(pooled)  # (B, num_classes)
+        logits = self.head(self.pool(tokens))  # (B, num_classes)
         return (logits, attention_maps) if return_attention else logits
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) → (B, D): the CLS token, the mean of the patch tokens, or their learned weighting."""
+        if self.cls_token is not None:
+            return tokens[:, 0]
+        patches = tokens[:, self.config.patch_tokens]  # (B, N, D)
+        if self.pool_weights is None:
+            return patches.mean(dim=1)
+        weights = self.pool_weights(patches).softmax(dim=1)  # (B, N, 1)
+        return (weights * patches).sum(dim=1)

@@ -1,0 +1,57 @@
+"""Attention kernels: the one place that decides how softmax(Q Kᵀ / τ) V is computed.
+
+Three ways, one result (tests check they agree):
+
+- **fused**: `F.scaled_dot_product_attention`, the default while training and evaluating;
+- **explicit**: the softmax written out, when the weights are wanted (attention maps, rollout), when the
+  attention needs a diagonal mask or a learned temperature (LSA), and for attention dropout on the CPU
+  (SDPA's dropout there samples with the slow `bernoulli_`; see models/dropout.py);
+- on the CPU in bf16, the fused kernel runs in fp32: PyTorch's CPU flash-attention backward is slower in
+  bf16 than in fp32, and CPU autocast would cast fp32 inputs back to bf16 (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vitlab.models.dropout import dropout_matmul
+
+
+def diagonal_mask(tokens: int, device: torch.device) -> torch.Tensor:
+    """(T, T) bool, True on the diagonal: the entries LSA removes (a token may not attend to itself)."""
+    return torch.eye(tokens, dtype=torch.bool, device=device)
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, dropout: float = 0.0,
+              scale: torch.Tensor | float | None = None, mask_self: bool = False,
+              return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(scale · Q Kᵀ [self masked]) V for query, key, value (B, H, T, Dh) → ((B, H, T, Dh), weights or None).
+
+    Args:
+        dropout: attention dropout on the weights (only pass > 0 while training).
+        scale: multiplies the scores; a float, a (H, 1, 1) tensor (a learned per-head temperature), or
+            None for 1/sqrt(Dh).
+        mask_self: leave out each token's attention to itself (Lee et al. 2021's diagonal masking).
+        return_weights: also return the attention weights (B, H, T, T) (the explicit path).
+    """
+    head_size = query.shape[-1]
+    scale = head_size**-0.5 if scale is None else scale
+    cpu_dropout = dropout > 0 and query.device.type == "cpu"
+    learned_scale = isinstance(scale, torch.Tensor)
+    if return_weights or cpu_dropout or mask_self or learned_scale:
+        # Scaling Q (T × Dh) instead of the scores (T × T) saves a pass over the largest tensor.
+        scores = (query * scale) @ key.transpose(-2, -1)  # (B, H, T, T)
+        if mask_self:
+            scores = scores.masked_fill(diagonal_mask(scores.shape[-1], scores.device), float("-inf"))
+        weights = scores.softmax(dim=-1)
+        if cpu_dropout:
+            mixed = dropout_matmul(weights, value, dropout)
+        else:
+            mixed = F.dropout(weights, dropout, dropout > 0) @ value  # (B, H, T, Dh)
+        return mixed, weights if return_weights else None
+    if query.device.type == "cpu" and query.dtype == torch.bfloat16:
+        with torch.autocast("cpu", enabled=False):
+            mixed = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), scale=scale)
+        return mixed.to(value.dtype), None
+    return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scale), None
