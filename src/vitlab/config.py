@@ -36,6 +36,9 @@ class DataConfig:
         test_subset: test on only the first this-many test images.
         crop_padding: random-crop padding in pixels (0 turns cropping off).
         flip: random horizontal flips.
+        trivial_augment: TrivialAugment (Müller & Hutter 2021): one random operation (geometric or colour) at a
+            random magnitude per training image, on the device.
+        random_erasing: probability of erasing a random rectangle of each training image (Zhong et al. 2020).
     """
 
     data_dir: str | None = None
@@ -47,6 +50,8 @@ class DataConfig:
     test_subset: int | None = None
     crop_padding: int = 4
     flip: bool = True
+    trivial_augment: bool = False
+    random_erasing: float = 0.0
 
     def __post_init__(self) -> None:
         check_finite_numbers(self)
@@ -56,6 +61,8 @@ class DataConfig:
                 raise VitlabError(f"{name} must be at least 1, got {value}")
         if not 0.0 < self.val_fraction < 1.0:
             raise VitlabError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        if not 0.0 <= self.random_erasing <= 1.0:
+            raise VitlabError(f"random_erasing is a probability in [0, 1], got {self.random_erasing}")
         if not 0 <= self.crop_padding <= 16:
             raise VitlabError(f"crop_padding must be between 0 and 16 pixels, got {self.crop_padding}")
 

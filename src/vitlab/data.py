@@ -296,6 +296,8 @@ class DeviceBatches:
         drop_last: bool | None = None,
         memory_format: torch.memory_format = torch.contiguous_format,
         shard: tuple[int, int] = (0, 1),
+        trivial_augment: bool = False,
+        random_erasing: float = 0.0,
     ) -> None:
         self.images = images.to(device)
         self.labels = labels.to(device)
@@ -307,6 +309,8 @@ class DeviceBatches:
         # Dropping the ragged last batch in training keeps every step the same shape (and speed).
         self.drop_last = train and len(images) > batch_size if drop_last is None else drop_last
         self.memory_format = memory_format
+        self.trivial_augment = trivial_augment and train
+        self.random_erasing = random_erasing if train else 0.0
         self.generator = torch.Generator(device=device).manual_seed(seed)
         # Scalar draws (MixUp/CutMix ratios and boxes) are read on the host; from a GPU generator each
         # read would wait for the GPU, so off the CPU they come from a host generator of their own.
@@ -327,22 +331,39 @@ class DeviceBatches:
         return torch.randperm(len(self.images), generator=self.generator, device=self.device)
 
     def batch(self, step: int, order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch number `step` of an epoch: augmented (drawing from the generator) when training."""
+        """Batch number `step` of an epoch: augmented (drawing from the generator) when training.
+
+        Every random draw is made for the whole (global) batch, in a fixed order, and each process keeps
+        its slice: N processes augment exactly as one."""
+        from vitlab.augment import apply_random_erasing, apply_trivial_augment, draw_random_erasing, draw_trivial_augment
+
         start = step * self.batch_size
         index = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
-        if self.train:
-            offsets, flips = draw_crop_flip(len(index), self.crop_padding, self.generator, self.flip)
+        keep = slice(None)
         if self.world_size > 1 and order is not None:  # this rank's slice of the global batch
             share = len(index) // self.world_size
             keep = slice(self.rank * share, (self.rank + 1) * share)
-            index = index[keep]
-            if self.train:
-                offsets, flips = offsets[:, keep], flips[keep]
+        if self.train:
+            count = len(index)
+            offsets, flips = draw_crop_flip(count, self.crop_padding, self.generator, self.flip)
+            augment_draws = draw_trivial_augment(count, self.generator)[:, keep] if self.trivial_augment else None
+            height, width = self.images.shape[-2:]
+            erase_boxes = erase_noise = None
+            if self.random_erasing > 0:
+                erase_boxes = draw_random_erasing(count, height, width, self.random_erasing, self.generator)[:, keep]
+                erase_noise = torch.randn((count, self.images.shape[1], height, width), generator=self.generator, device=self.device)[keep]
+            offsets, flips = offsets[:, keep], flips[keep]
+        index = index[keep] if isinstance(index, torch.Tensor) else index
         images = self.images[index]
         if self.train:
             images = apply_crop_flip(images, self.crop_padding, offsets, flips)
+            if augment_draws is not None:
+                images = apply_trivial_augment(images, augment_draws)
         # The layout change happens on uint8 (a quarter of the bytes); normalize keeps it.
-        return normalize(images.contiguous(memory_format=self.memory_format)), self.labels[index]
+        images = normalize(images.contiguous(memory_format=self.memory_format))
+        if self.train and erase_boxes is not None:
+            images = apply_random_erasing(images, erase_boxes, erase_noise)
+        return images, self.labels[index]
 
     def __iter__(self):
         order = self.new_order() if self.train else None

@@ -13,10 +13,12 @@ from safetensors.torch import load_file
 from conftest import vitlab_process
 from vitlab.cli import main
 
-# A ViT with dropout (so the global RNG matters), fp32 on the CPU for bit-exact arithmetic (a GPU's
-# autotuned and atomic-add kernels are not bit-reproducible), a checkpoint every step.
+# A ViT with dropout (so the global RNG matters) and every batch augmentation (TrivialAugment, random
+# erasing, MixUp/CutMix: their draws must resume exactly too), fp32 on the CPU for bit-exact arithmetic
+# (a GPU's autotuned and atomic-add kernels are not bit-reproducible), a checkpoint every step.
 ARGS = ["--model", "vit", "--patch_size", "8", "--hidden_size", "32", "--num_heads", "2", "--num_blocks", "2", "--dropout", "0.1",
         "--subset", "300", "--test_subset", "100", "--epochs", "4", "--batch_size", "20", "--precision", "fp32", "--device", "cpu",
+        "--trivial_augment", "true", "--random_erasing", "0.25", "--mixup", "0.8", "--cutmix", "1.0",
         "--checkpoint_every", "1", "--progress", "false"]
 
 

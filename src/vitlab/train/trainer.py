@@ -69,7 +69,8 @@ class Runner:
         batches = DeviceBatches(
             data.train_images, data.train_labels, cfg.batch_size, train=True, device=self.device,
             seed=cfg.seed, crop_padding=self.data_config.crop_padding, flip=self.data_config.flip, memory_format=self.memory_format,
-            shard=(self.distributed.rank, self.distributed.world_size),
+            shard=(self.distributed.rank, self.distributed.world_size), trivial_augment=self.data_config.trivial_augment,
+            random_erasing=self.data_config.random_erasing,
         )
         if len(batches) == 0:
             raise VitlabError(f"batch_size {cfg.batch_size} is larger than the {len(data.train_images)} training images; lower --batch_size")
