@@ -127,3 +127,16 @@ def test_ctrl_c_on_a_parallel_study_exits_130_and_the_study_resumes(cifar_root, 
     assert process.returncode == 130, error
     assert "run the same command to resume" in error
     assert not list(out.glob("runs/*/*/results.json")) or len(list(out.glob("runs/*/*/results.json"))) < 4
+
+
+def test_identical_runs_are_reused_from_another_study_instead_of_trained_again(cifar_root, tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    base = [*TINY, "--data-dir", str(cifar_root)]
+    assert main(["compare", "cnn-small", "mlp:hidden_size=16", *base, "--out", str(first)]) == 0
+    capsys.readouterr()
+    assert main(["sweep", "--model", "mlp", "--vary", "hidden_size=16,24", *base, "--out", str(second), "--reuse", str(first)]) == 0
+    out = capsys.readouterr().out
+    assert sum(line.startswith("== ") for line in out.splitlines()) == 2 and "2 to train" in out  # hidden_size=16 (seeds 0, 1) reused; 24 trained
+    reused = json.loads((second / "runs" / "mlp_hidden_size-16" / "seed0" / "results.json").read_text())
+    original = json.loads((first / "runs" / "mlp_hidden_size-16" / "seed0" / "results.json").read_text())
+    assert reused["reused_from"].endswith("mlp_hidden_size-16/seed0") and reused["test_acc"] == original["test_acc"]

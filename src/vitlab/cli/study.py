@@ -18,6 +18,9 @@ def add_study_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--launcher", choices=["local", "slurm", "submitit-local"], default="local",
                         help="local (this machine, --jobs at a time), slurm (each run a Slurm job, through submitit) or "
                              "submitit-local (submitit's local executor: each run its own process)")
+    parser.add_argument("--reuse", action="append", default=[], metavar="STUDY_DIR",
+                        help="copy finished runs with exactly the same config (and seed) from this study folder instead of training "
+                             "them again (repeatable); each copy's results.json names its source")
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                         help="a Slurm parameter for --launcher slurm, e.g. --slurm partition=gpu --slurm timeout_min=120")
     add_settings_flags(parser)
@@ -71,7 +74,7 @@ def finish(args: argparse.Namespace, plan) -> None:
     from vitlab.study.summary import summarize_study
 
     run_study(plan, args.out, jobs=args.jobs, command=args.command_line, launcher=args.launcher,
-              slurm=slurm_parameters(args.slurm))
+              slurm=slurm_parameters(args.slurm), reuse=args.reuse)
     summary = summarize_study(args.out)
     print(summary.markdown_table())
     print(f"tables and figures in {args.out}; write a report with: vitlab report {args.out}")

@@ -74,8 +74,48 @@ def _worker_run(run: RunConfig, run_dir: Path, stop_file: Path) -> tuple[str, di
         return "error", str(error)
 
 
+def comparable_config(config: RunConfig) -> str:
+    """A run's config as JSON, without what does not change the training (its preset's name, the progress bar)."""
+    values = config.to_dict()
+    values.pop("preset", None)
+    values["train"].pop("progress", None)
+    return json.dumps(values, sort_keys=True)
+
+
+def reuse_finished_runs(todo: list[StudyMember], reuse_dirs: list[Path]) -> list[StudyMember]:
+    """Copy finished runs with exactly the same config (seed included) from other study folders instead of
+    training them again; returns the members still to train. Each copy's results.json names its source."""
+    import shutil
+
+    if not reuse_dirs:
+        return todo
+    finished: dict[str, Path] = {}
+    for study in reuse_dirs:
+        if not (Path(study) / "study.json").is_file():
+            raise VitlabError(f"--reuse {study} is not a study folder (no study.json)")
+        for results in sorted(Path(study).glob("runs/*/seed*/results.json")):
+            try:
+                finished.setdefault(comparable_config(RunDir(results.parent).config()), results.parent)
+            except VitlabError:
+                continue  # a damaged run is simply not reused
+    remaining = []
+    for member in todo:
+        source = finished.get(comparable_config(member.config))
+        if source is None:
+            remaining.append(member)
+            continue
+        if member.run_dir.exists():
+            shutil.rmtree(member.run_dir)
+        shutil.copytree(source, member.run_dir, ignore=shutil.ignore_patterns("checkpoint.pt"))
+        copy = RunDir(member.run_dir)
+        copy.write_config(member.config)  # the same run; this study's preset label
+        copy.write_results(copy.results() | {"reused_from": str(source)})
+        print(f"== {member.spec.text} seed {member.seed}: reused {source} (same config)", flush=True)
+    return remaining
+
+
 def run_study(plan: StudyPlan, study_dir: str | Path, jobs: int = 1, command: str = "", launcher: str = "local",
-              slurm: dict | None = None) -> Path:
+              slurm: dict | None = None, reuse: list[str] | None = None) -> Path:
     """Train every run of the study that is not finished; `jobs` runs at a time (CPU threads split evenly)."""
     study_dir = Path(study_dir)
     if jobs < 1:
@@ -85,7 +125,8 @@ def run_study(plan: StudyPlan, study_dir: str | Path, jobs: int = 1, command: st
         cached_data(data_config)  # missing or corrupt data fails before the folder is made
     with StudyLock(study_dir):
         open_study(study_dir, plan, command or shlex.join(["vitlab", *sys.argv[1:]]))
-        todo = [member for member in members if RunDir(member.run_dir).state() != "finished"]
+        todo = reuse_finished_runs([member for member in members if RunDir(member.run_dir).state() != "finished"],
+                                   [Path(path) for path in reuse or []])
         print(f"study {study_dir}: {len(members)} runs ({len(plan.specs)} models x {len(plan.seeds)} seeds), "
               f"{len(members) - len(todo)} already finished, {len(todo)} to train", flush=True)
         if launcher in ("slurm", "submitit-local"):
