@@ -73,7 +73,9 @@ class TrainConfig:
 
     Args:
         optimizer: adamw, or sgd (Nesterov momentum).
-        epochs: passes over the training split.
+        epochs: passes over the training split (with images_budget: the most passes).
+        images_budget: train on this many images in all, whatever the size of the training split: epochs =
+            ceil(images_budget / training images), at most --epochs (for learning curves with equal compute).
         batch_size: images per step.
         lr: peak learning rate (reached after warmup).
         weight_decay: AdamW decoupled weight decay (not applied to biases, norms, tokens, positions).
@@ -106,6 +108,7 @@ class TrainConfig:
     """
 
     epochs: int = 10
+    images_budget: int | None = None
     optimizer: str = "adamw"
     batch_size: int = 128
     lr: float = 3e-3
@@ -138,6 +141,7 @@ class TrainConfig:
         checks = [
             (0 <= self.seed < 2**63, f"seed must be between 0 and 2**63 - 1, got {self.seed}"),
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.images_budget is None or self.images_budget >= 1, f"images_budget must be at least 1, got {self.images_budget}"),
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
             (self.eval_batch_size >= 1, f"eval_batch_size must be at least 1, got {self.eval_batch_size}"),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
@@ -167,6 +171,13 @@ def check_finite_numbers(config) -> None:
         value = getattr(config, config_field.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise VitlabError(f"{config_field.name} must be finite, got {value}")
+
+
+def epochs_for(config: TrainConfig, train_images: int) -> int:
+    """The epochs a run trains: --epochs, or with --images_budget the passes that budget buys (at most --epochs)."""
+    if config.images_budget is None:
+        return config.epochs
+    return max(1, min(config.epochs, math.ceil(config.images_budget / max(train_images, 1))))
 
 
 @dataclass

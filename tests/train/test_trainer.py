@@ -143,3 +143,15 @@ def test_mixup_and_cutmix_train_and_a_resumed_run_mixes_the_same(tmp_path):
     Runner(resumed, config).fit(data, checkpoint_path=tmp_path / "epoch1.pt", resume=True)
     for mine, theirs in zip(resumed.parameters(), straight.parameters(), strict=True):
         assert torch.equal(mine, theirs)
+
+
+def test_an_images_budget_sets_the_epochs_from_the_training_set_size():
+    from vitlab.config import epochs_for
+
+    assert epochs_for(TrainConfig(epochs=100, images_budget=160_000), 1_000) == 100  # capped at --epochs
+    assert epochs_for(TrainConfig(epochs=100, images_budget=160_000), 4_000) == 40
+    assert epochs_for(TrainConfig(epochs=100, images_budget=160_000), 40_000) == 4
+    assert epochs_for(TrainConfig(epochs=7), 40_000) == 7
+    data = tiny_dataset(count=128)
+    runner = Runner(build_model("mlp", hidden_size=16), quick_config(epochs=10, images_budget=300))
+    assert len(runner.fit(data)) == 3  # ceil(300 / 128)

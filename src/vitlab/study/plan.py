@@ -225,11 +225,12 @@ class StudyPlan:
 
 def estimated_cost(run: RunConfig) -> float:
     """Training FLOPs, roughly: forward FLOPs per image × training images × epochs (for ordering jobs only)."""
+    from vitlab.config import epochs_for
     from vitlab.models import model_from_config
     from vitlab.models.flops import forward_flops_per_image
 
-    images = run.data.train_size or run.data.subset or 50_000
-    return forward_flops_per_image(model_from_config(run.model), batch=1) * images * run.train.epochs
+    images = run.data.train_size or run.data.subset or 40_000
+    return forward_flops_per_image(model_from_config(run.model), batch=1) * images * epochs_for(run.train, images)
 
 
 def open_study(study_dir: Path, plan: StudyPlan, command: str) -> None:

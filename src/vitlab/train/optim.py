@@ -46,9 +46,9 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), **fused)
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step multiplier of each group's peak learning rate."""
-    total_steps = steps_per_epoch * config.epochs
+def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step multiplier of each group's peak learning rate over `epochs` epochs."""
+    total_steps = steps_per_epoch * epochs
     warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
     multiplier = SCHEDULES[config.schedule]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: multiplier(step, warmup_steps, total_steps, config.min_lr_ratio))

@@ -139,7 +139,7 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir
         "per_class_acc": test.per_class_accuracy(data.classes),
         "params": model.num_parameters,
         "flops_per_image": forward_flops_per_image(model, image_size=data.test_images.shape[-1]),
-        "epochs": run.train.epochs,
+        "epochs": runner.epochs,
         "train_images": len(data.train_images),
         "test_images": len(data.test_images),
         "train_seconds": runner.train_seconds,

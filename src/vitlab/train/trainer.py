@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from vitlab.config import DataConfig, TrainConfig
+from vitlab.config import DataConfig, TrainConfig, epochs_for
 from vitlab.data import CIFAR10, DeviceBatches, normalize
 from vitlab.errors import VitlabError
 from vitlab.train.checkpoint import Progress, TrainingInterrupted, TrainingState, load_checkpoint, save_checkpoint, stop_on_signals
@@ -53,12 +53,13 @@ class Runner:
         self.history: list[dict] = []
         self.train_seconds = 0.0
         self.train_images_seen = 0
+        self.epochs = self.config.epochs  # fit() sets what the data make of it (images_budget)
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         return make_optimizer(self.model, self.config, self.device)
 
     def fit(self, data: CIFAR10, checkpoint_path: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False) -> list[dict]:
-        """Train for `config.epochs` epochs on `data.train_*`, validating on `data.val_*` after each.
+        """Train for `config.epochs` epochs (see `epochs_for`) on `data.train_*`, validating on `data.val_*` after each.
 
         Args:
             checkpoint_path: where to keep the checkpoint (written after every epoch, and on SIGINT/SIGTERM).
@@ -78,8 +79,9 @@ class Runner:
             raise VitlabError("the validation split is empty; raise --val_fraction or --subset")
         if not resume:  # e.g. AirCNN's whitening layer, from 5,000 training images
             self.model.init_from_data(normalize(data.train_images[:5000].to(self.device)))
+        self.epochs = epochs_for(cfg, len(data.train_images))
         optimizer = self.make_optimizer()
-        schedule = make_schedule(optimizer, cfg, len(batches))
+        schedule = make_schedule(optimizer, cfg, len(batches), self.epochs)
         state = TrainingState(self.model, optimizer, schedule, batches.generator, batches.host_generator, self.device)
         checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         progress = Progress()
@@ -98,7 +100,7 @@ class Runner:
         # Moved once here, not copied to the device by every epoch's validation.
         val_images, val_labels = data.val_images.to(self.device), data.val_labels.to(self.device)
         with stop_on_signals() as stop:
-            while progress.epoch <= cfg.epochs:
+            while progress.epoch <= self.epochs:
                 record = self.train_epoch(batches, optimizer, schedule, progress, stop, save, checkpoint_every)
                 validation = self.evaluate(val_images, val_labels)
                 if not math.isfinite(validation.loss):
@@ -116,7 +118,7 @@ class Runner:
                     hook(record)
                 if cfg.progress and self.distributed.is_main:
                     tqdm.write(
-                        f"epoch {record['epoch']}/{cfg.epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}% | "
+                        f"epoch {record['epoch']}/{self.epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}% | "
                         f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.2f}% | {record['images_per_second']:.0f} img/s"
                     )
         return self.history
@@ -148,7 +150,7 @@ class Runner:
             progress.order = batches.new_order()
         loss_sum = torch.tensor(progress.loss_sum, device=self.device)
         correct = torch.tensor(progress.correct, device=self.device, dtype=torch.long)
-        bar = tqdm(total=len(batches), initial=progress.step, desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
+        bar = tqdm(total=len(batches), initial=progress.step, desc=f"epoch {epoch}/{self.epochs}", unit="step",
                    disable=not cfg.progress or not self.distributed.is_main, leave=False)
         start, seconds_before = time.perf_counter(), progress.seconds
 
