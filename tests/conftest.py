@@ -103,3 +103,22 @@ def vitlab_process(argv: list[str], **popen_options) -> subprocess.Popen:
     code = ("import json, sys; import vitlab.data as d; d.MD5.update(json.loads(sys.argv[1])); "
             "from vitlab.cli import main; sys.exit(main(sys.argv[2:]))")
     return subprocess.Popen([sys.executable, "-c", code, json.dumps(data_module.MD5), *argv], **popen_options)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="run the fuzzers with many more examples (minutes instead of seconds)")
+
+
+@pytest.fixture
+def fuzz_examples(request) -> int:
+    """How many inputs each fuzzer tries: a quick default in `make test`, many more with --slow."""
+    return 400 if request.config.getoption("--slow") else 25
+
+
+@pytest.fixture
+def small_cifar_root(tmp_path_factory, monkeypatch) -> Path:
+    """Generated CIFAR-10-format files (300 training, 120 test images): fast to read for fuzzers."""
+    root = tmp_path_factory.mktemp("small-cifar")
+    monkeypatch.setattr(data_module, "MD5", write_fake_cifar10(root))
+    return root

@@ -64,6 +64,8 @@ def train_run(run: RunConfig, out_dir: str | Path | None = None, data: CIFAR10 |
     missing data leaves nothing behind. `data` may be passed in when several runs share it (studies).
     """
     data = data if data is not None else load_run_data(run.data)
+    if len(data.train_images) == 0 or len(data.val_images) == 0:
+        raise VitlabError("the training or validation split is empty; raise --subset or --train_size, or change --val_fraction")
     run = fit_to_data(run, data)
     model = build_run_model(run)
     distributed = context_from_environment(run.train.device)
@@ -77,10 +79,15 @@ def train_run(run: RunConfig, out_dir: str | Path | None = None, data: CIFAR10 |
 
 
 def check_device(run: RunConfig) -> None:
-    """Refuse a device or precision this machine cannot run before any folder is made."""
+    """Refuse a device, precision or logger this machine cannot run before any folder is made."""
     from vitlab.train.device import pick_device, resolve_precision
 
     resolve_precision(run.train.precision, pick_device(run.train.device))
+    if run.train.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise VitlabError("--tensorboard needs the tensorboard package; pip install 'vitlab[tensorboard]'") from None
 
 
 def resume_run(run_dir: str | Path) -> dict:
