@@ -99,9 +99,7 @@ class TrainConfig:
         tta: evaluate on each image and its mirror image, averaging the logits.
         checkpoint_every: also checkpoint every this many steps (the run folder always gets one per epoch).
         channels_last: store convolutional models and their batches channels-last (NHWC).
-        compile: run the model through torch.compile. Off by default: on the 2-core Sapphire Rapids it
-            made steps slower (bf16, batch 128: cnn-small 14,785 -> 7,459 img/s, ViT p4/d64/L4 1,891 -> 1,521)
-            after 15-20 s of compiling.
+        compile: run the model through torch.compile (off by default: it has not paid on the CPU; docs/performance.md).
         progress: show a live progress bar.
         tensorboard: also log scalars (and a ViT's attention rollout images) to RUN_DIR/tensorboard.
         gif: save per-epoch snapshots of fixed validation images and write RUN_DIR/training.gif.

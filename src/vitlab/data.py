@@ -235,7 +235,7 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     """uint8 (B, 3, H, W) → float, scaled to [0, 1] and standardised with the CIFAR-10 statistics.
 
     One multiply and one add in place after the conversion, instead of three new tensors for
-    `(x / 255 - mean) / std` (0.49 against 0.56 ms for a channels-last batch of 128 on the 2-core CPU).
+    `(x / 255 - mean) / std` (timings in docs/performance.md).
     """
     scale, shift = normalization_affine(images.device, dtype)
     return images.to(dtype).mul_(scale).add_(shift)
@@ -253,9 +253,8 @@ def apply_crop_flip(images: torch.Tensor, padding: int, offsets: torch.Tensor, f
     """Crop each image from a zero-padded copy at `offsets` (2, B) and mirror those with `flips` (B,).
 
     The padded batch is viewed as every 32×32 window of every image (unfold: no copy), and one index
-    picks each image's window, whole pixels (3 bytes) at a time, into channels-last order. With
-    `normalize` (above) this took 0.95 ms per batch of 128 on the 2-core Sapphire Rapids, against
-    2.73 ms for a gather with per-pixel row and column indices and `(x / 255 - mean) / std`.
+    picks each image's window, whole pixels (3 bytes) at a time, into channels-last order (about 3× faster than
+    a gather with per-pixel row and column indices; docs/performance.md).
     """
     batch, _, height, width = images.shape  # (B, C, H, W) uint8
     if padding > 0:

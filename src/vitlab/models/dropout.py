@@ -1,8 +1,7 @@
 """Dropout that is cheap on the CPU.
 
 `nn.Dropout` on the CPU draws one Bernoulli sample per element, and that dominated the training step
-of seed 002's ViT (dropout 0.1): torch.profiler on the 2-core Sapphire Rapids, batch 128, bf16, showed
-`aten::bernoulli_` at 40% of the step (1.41 s of 3.50 s over 5 steps). Drawing the random numbers is
+of seed 002's ViT (dropout 0.1; the profile is in docs/performance.md). Drawing the random numbers is
 the cost, so `Dropout` here draws 64 random bits per int64 and uses them as four 15-bit uniform
 numbers, one per element: a quarter of the generator calls. The drop probability is rounded to a
 multiple of 1/32768 (0.1 becomes 0.100006) and the kept elements are scaled to match. On other
