@@ -1,9 +1,12 @@
-"""vitlab's training speed against common practice, side by side in one run.
+"""vitlab's training speed as a share of the machine's own limits, and against the seeds' way, in one run.
 
-For each seed configuration it alternates two trainers, each for a fixed number of steps after a
-warm-up, and reports images/s, the ratio, achieved model TFLOP/s (FLOPs counted with
-torch.utils.flop_counter) and that as a share of this machine's bf16 matmul peak, measured in the
-same run.
+For each configuration it alternates two trainers, each for a fixed number of steps after a warm-up,
+and reports images/s, achieved model TFLOP/s (FLOPs counted with torch.utils.flop_counter) as a share of
+the bf16 matmul peak measured in the same run (the definition of ../shared/tools/matmul_peak.py:
+2048³, best of 5 rounds of 5), the speed-up over the seeds' way, and where the step's time goes that is
+not matrix multiplication (torch.profiler, self time by operator). For memory-bound configurations
+(cnn-small) it also reports the bytes the step's operators read and write per second against a copy
+bandwidth measured in the same run.
 
 - reference: what the seeds do. The models as seed 002's code writes them (reference_models.py:
   explicit-softmax attention, nn.Dropout), eager fp32, torchvision DataLoader with per-image PIL
@@ -12,14 +15,13 @@ same run.
 - vitlab: the Runner's own training step on its device-resident uint8 data with batched
   augmentation, at the chosen precision (default: what `--precision auto` picks), SDPA attention.
 
-Usage: python benchmarks/bench.py [--steps 30] [--rounds 2] [--configs cnn-small,vit-seed001] [--json out.json]
+Usage: python benchmarks/bench.py [--steps 30] [--rounds 2] [--configs cnn-small,vit-seed001] [--device cpu|cuda] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
@@ -43,7 +45,13 @@ CONFIGS = {
     "vit-seed001": ("vit", PRESETS["vit-seed001"].model_config),  # p4 d64 L4 h4
     "vit-seed002": ("vit", PRESETS["vit-seed002"].model_config),  # p4 d128 L6 h4, dropout 0.1
     "vit-seed000": ("vit", PRESETS["vit-seed000"].model_config),  # p2 d64 L10 h4
+    "vit-pure": ("vit", PRESETS["vit-pure"].model_config),
 }
+# Configurations the seeds never wrote (no reference side): their techniques (SPT, LSA) have no seed version.
+WITHOUT_REFERENCE = {"vit-pure"}
+MATMUL_OPS = ("mm", "addmm", "bmm", "matmul", "linear", "convolution", "conv2d", "mkldnn_convolution", "_convolution",
+              "convolution_backward", "scaled_dot_product", "flash_attention", "baddbmm", "_efficient_attention", "mkldnn_rnn",
+              "mkldnn_matmul", "onednn")
 
 
 def with_dropout(model_name: str, model_config: dict, dropout: float | None) -> dict:
@@ -55,16 +63,76 @@ def with_dropout(model_name: str, model_config: dict, dropout: float | None) -> 
     return {**model_config, "dropout": dropout, "attention_dropout": dropout}
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float:
-    """Best-of-`repeats` TFLOP/s of one square matmul on the CPU."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+def synchronizer(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 2048) -> float:
+    """TFLOP/s of a size³ matmul: best of 5 rounds of 5 after 3 warm-ups (../shared/tools/matmul_peak.py)."""
+    a, b = torch.randn(size, size, dtype=dtype, device=device), torch.randn(size, size, dtype=dtype, device=device)
+    sync = synchronizer(device)
+    for _ in range(3):
         a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e12
+    best = 0.0
+    for _ in range(5):
+        sync()
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        sync()
+        best = max(best, 5 * 2 * size**3 / (time.perf_counter() - start))
+    return best / 1e12
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:
+    """GB/s of a large tensor copy, counting the bytes read and written (best of 5)."""
+    source = torch.ones(megabytes * 2**20 // 4, device=device)
+    target = torch.empty_like(source)
+    sync = synchronizer(device)
+    best = 0.0
+    for _ in range(6):
+        sync()
+        start = time.perf_counter()
+        target.copy_(source)
+        sync()
+        best = max(best, 2 * source.numel() * 4 / (time.perf_counter() - start))
+    return best / 1e9
+
+
+class ByteCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of every tensor each operator reads and writes (an upper bound on traffic: caches ignored)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, output)) if isinstance(t, torch.Tensor)]
+        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+        return output
+
+
+def bytes_per_step(run_step) -> int:
+    with ByteCounter() as counter:
+        run_step()
+    return counter.bytes
+
+
+def non_matmul_breakdown(run_step, steps: int = 5, rows: int = 6) -> tuple[float, list[tuple[str, float]]]:
+    """Share of the step's operator self time that is matrix multiplication, and the largest other operators
+    as (name, share of the step)."""
+    from torch.profiler import profile
+
+    with profile() as profiler:
+        for _ in range(steps):
+            run_step()
+    events = [event for event in profiler.key_averages() if event.key.startswith("aten::")]
+    total = sum(event.self_cpu_time_total for event in events) or 1.0
+    matmul = sum(event.self_cpu_time_total for event in events if any(op in event.key for op in MATMUL_OPS))
+    others = sorted(((event.key.removeprefix("aten::"), event.self_cpu_time_total / total) for event in events
+                     if not any(op in event.key for op in MATMUL_OPS)), key=lambda item: -item[1])
+    return matmul / total, others[:rows]
 
 
 def reference_loader(root: str, batch_size: int) -> DataLoader:
@@ -130,10 +198,15 @@ def vitlab_step(model: nn.Module, data, config: TrainConfig) -> tuple[Runner, ca
     return runner, run_step
 
 
-def time_vitlab(model: nn.Module, data, config: TrainConfig, steps: int, warmup: int) -> tuple[float, str]:
+def time_vitlab(model: nn.Module, data, config: TrainConfig, steps: int, warmup: int, profile_steps: int = 0) -> tuple[float, str, dict]:
+    """img/s and precision of vitlab's step; with `profile_steps`, also its bytes per step and non-matmul breakdown."""
     runner, run_step = vitlab_step(model, data, config)
-    synchronize = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
-    return images_per_second(run_step, steps, warmup, synchronize), runner.precision
+    speed = images_per_second(run_step, steps, warmup, synchronizer(runner.device))
+    details = {}
+    if profile_steps:
+        details["bytes_per_step"] = bytes_per_step(run_step)
+        details["matmul_share"], details["non_matmul"] = non_matmul_breakdown(run_step, profile_steps)
+    return speed, runner.precision, details
 
 
 def main() -> None:
@@ -142,8 +215,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of reference and vitlab per config")
+    parser.add_argument("--profile-steps", type=int, default=5, help="steps profiled for the per-operator breakdown (0: none)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where vitlab's side runs (the reference runs on the CPU)")
     parser.add_argument("--compile", action="store_true", help="vitlab side with torch.compile")
     parser.add_argument("--vit-dropout", type=float, default=None,
                         help="every ViT on both sides with this dropout (seed 002's ViT class defaults to 0.1); "
@@ -155,53 +230,72 @@ def main() -> None:
     unknown = [name for name in args.configs.split(",") if name not in CONFIGS]
     if unknown:
         parser.error(f"unknown config '{unknown[0]}'; choose from {', '.join(CONFIGS)}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA GPU is visible")
+
+    from vitlab.provenance import cpu_description
 
     root = str(locate_cifar10(args.data_dir, download_if_missing=False).parent)
     data = load_cifar10(root)
-    peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"measured matmul peak: bf16 {peak_bf16:.3f} TFLOP/s, fp32 {peak_fp32:.3f} TFLOP/s (4096², best of 5)")
+    peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16, device), matmul_peak(torch.float32, device)
+    bandwidth = copy_bandwidth(device)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
+    print(f"{machine}, torch {torch.__version__}, {torch.get_num_threads()} threads; same-run peaks: bf16 matmul {peak_bf16:.3f} TFLOP/s, "
+          f"fp32 {peak_fp32:.3f} TFLOP/s (2048³, best of 5 × 5); copy {bandwidth:.1f} GB/s (read + write)", flush=True)
     loader = None if args.skip_reference else reference_loader(root, args.batch_size)
-    config = TrainConfig(batch_size=args.batch_size, precision=args.precision, device="cpu", progress=False, compile=args.compile)
+    config = TrainConfig(batch_size=args.batch_size, precision=args.precision, device=args.device, progress=False, compile=args.compile)
     rows = []
     for name in args.configs.split(","):
         model_name, model_config = CONFIGS[name]
         model_config = with_dropout(model_name, model_config, args.vit_dropout)
         torch.manual_seed(0)
         flops = train_flops_per_image(build_model(model_name, **model_config))
-        reference, ours, precision = [], [], ""
-        for _ in range(args.rounds):
-            if loader is not None:
+        reference, ours, precision, details = [], [], "", {}
+        for round_index in range(args.rounds):
+            if loader is not None and name not in WITHOUT_REFERENCE:
                 torch.manual_seed(0)
                 reference.append(time_reference(build_reference(model_name, model_config), loader, args.steps, args.warmup))
             torch.manual_seed(0)
-            speed, precision = time_vitlab(build_model(model_name, **model_config), data, config, args.steps, args.warmup)
+            last = round_index == args.rounds - 1
+            speed, precision, found = time_vitlab(build_model(model_name, **model_config), data, config, args.steps, args.warmup,
+                                                  profile_steps=args.profile_steps if last else 0)
             ours.append(speed)
+            details.update(found)
+        best = max(ours)
         row = {
             "config": name, "params": build_model(model_name, **model_config).num_parameters,
-            "reference_params": sum(p.numel() for p in build_reference(model_name, model_config).parameters()),
+            "reference_params": None if name in WITHOUT_REFERENCE else sum(p.numel() for p in build_reference(model_name, model_config).parameters()),
             "dropout": model_config.get("dropout", 0.0),
             "train_mflop_per_image": flops / 1e6, "reference_img_s": max(reference) if reference else None,
-            "vitlab_img_s": max(ours), "vitlab_precision": precision, "speedup": max(ours) / max(reference) if reference else None,
-            "vitlab_tflop_s": max(ours) * flops / 1e12,
+            "vitlab_img_s": best, "vitlab_precision": precision, "speedup": best / max(reference) if reference else None,
+            "vitlab_tflop_s": best * flops / 1e12, "share_of_bf16_peak": best * flops / 1e12 / peak_bf16,
         }
-        row["share_of_bf16_peak"] = row["vitlab_tflop_s"] / peak_bf16
+        if "bytes_per_step" in details:
+            row["bandwidth_gb_s"] = details["bytes_per_step"] * best / args.batch_size / 1e9
+            row["share_of_copy_bandwidth"] = row["bandwidth_gb_s"] / bandwidth
+            row["matmul_share_of_op_time"] = details["matmul_share"]
+            row["largest_non_matmul_ops"] = details["non_matmul"]
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    print(f"\n| config | params | train MFLOP/img | reference img/s | vitlab img/s | speed-up | vitlab TFLOP/s | % of bf16 peak ({peak_bf16:.2f}) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"\n| config | params | train MFLOP/img | reference img/s | vitlab img/s | speed-up | vitlab TFLOP/s | % of bf16 peak ({peak_bf16:.2f}) "
+          f"| GB/s (% of copy {bandwidth:.0f}) | matmul share | largest other operators (share of op time) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for row in rows:
         reference = f"{row['reference_img_s']:,.0f}" if row["reference_img_s"] else "-"
         speedup = f"{row['speedup']:.1f}×" if row["speedup"] else "-"
         label = row["config"] + (f" (dropout {row['dropout']:g})" if row["dropout"] else "")
+        traffic = f"{row['bandwidth_gb_s']:.1f} ({100 * row['share_of_copy_bandwidth']:.0f}%)" if "bandwidth_gb_s" in row else "-"
+        matmul = f"{100 * row['matmul_share_of_op_time']:.0f}%" if "matmul_share_of_op_time" in row else "-"
+        others = ", ".join(f"{op} {100 * share:.0f}%" for op, share in row.get("largest_non_matmul_ops", [])[:4]) or "-"
         print(f"| {label} | {row['params']:,} | {row['train_mflop_per_image']:,.1f} | {reference} | "
               f"{row['vitlab_img_s']:,.0f} ({row['vitlab_precision']}) | {speedup} | {row['vitlab_tflop_s']:.3f} | "
-              f"{100 * row['share_of_bf16_peak']:.1f}% |")
+              f"{100 * row['share_of_bf16_peak']:.1f}% | {traffic} | {matmul} | {others} |")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"peak_bf16_tflop_s": peak_bf16, "peak_fp32_tflop_s": peak_fp32, "rows": rows,
-                       "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args)}, handle, indent=2)
+            json.dump({"machine": machine, "peak_bf16_tflop_s": peak_bf16, "peak_fp32_tflop_s": peak_fp32, "copy_gb_s": bandwidth,
+                       "rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args)}, handle, indent=2)
 
 
 if __name__ == "__main__":
