@@ -9,6 +9,7 @@ import pytest
 
 from vitlab.cli import main as vitlab_main
 
+
 def main(argv) -> int:
     """The command line's exit status, also when argparse itself refuses the command (SystemExit)."""
     try:

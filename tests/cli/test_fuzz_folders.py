@@ -11,8 +11,8 @@ import shutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from test_fuzz import check_outcome, run_cli
+
 from vitlab.cli import main
 
 ABSURD = [None, True, "text", -1, 0, 1e308, -1e308, [], {}, [1, "a"], {"x": 1}, 2**70, "NaN", ""]
