@@ -26,7 +26,9 @@ class DataConfig:
     """Where the data comes from and how it is split and augmented.
 
     Args:
-        data_dir: folder holding CIFAR-10 (then $VITLAB_DATA, then ./data are tried).
+        dataset: cifar10, cifar100, or folder:PATH (PATH/train/<class>/images, optional val/ and test/; see vitlab.datasets).
+        image_size: side the images of a folder dataset are resized to, once (default 32); CIFAR images are 32.
+        data_dir: folder holding CIFAR-10 or CIFAR-100 (then $VITLAB_DATA, then ./data are tried).
         download: download CIFAR-10 when it is not found.
         val_fraction: share of the training set held out for validation (the seeds' 80/20).
         split_seed: seed of the train/validation split (fixed, so all runs validate on the same images).
@@ -41,6 +43,8 @@ class DataConfig:
         random_erasing: probability of erasing a random rectangle of each training image (Zhong et al. 2020).
     """
 
+    dataset: str = "cifar10"
+    image_size: int | None = None
     data_dir: str | None = None
     download: bool = True
     val_fraction: float = 0.2
@@ -61,6 +65,13 @@ class DataConfig:
                 raise VitlabError(f"{name} must be at least 1, got {value}")
         if not 0.0 < self.val_fraction < 1.0:
             raise VitlabError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        if self.dataset not in ("cifar10", "cifar100") and not (self.dataset.startswith("folder:") and len(self.dataset) > 7):
+            raise VitlabError(f"dataset must be cifar10, cifar100 or folder:PATH, got '{self.dataset}'")
+        if self.image_size is not None:
+            if not self.dataset.startswith("folder:"):
+                raise VitlabError(f"image_size applies to folder datasets only ({self.dataset} images are 32×32); drop --image_size")
+            if not 8 <= self.image_size <= 512:
+                raise VitlabError(f"image_size must be between 8 and 512, got {self.image_size}")
         if not 0.0 <= self.random_erasing <= 1.0:
             raise VitlabError(f"random_erasing is a probability in [0, 1], got {self.random_erasing}")
         if not 0 <= self.crop_padding <= 16:
@@ -221,14 +232,14 @@ def setting_owner(model_name: str, name: str) -> str:
     from vitlab.models import model_class, model_setting_names
 
     own = {f.name: f for f in dataclasses.fields(model_class(model_name).config_class)}
-    if name in own:
-        if own[name].metadata.get("from_data"):
-            raise VitlabError(f"{name} is set by the dataset, not by hand; drop --{name}")
+    if name in own and not own[name].metadata.get("from_data"):
         return "model"
     if name in DATA_FIELDS:
         return "data"
     if name in TRAIN_FIELDS:
         return "train"
+    if name in own:
+        raise VitlabError(f"{name} is set by the dataset, not by hand; drop --{name}")
     if name in model_setting_names():
         raise VitlabError(f"--{name} does not apply to model '{model_name}'; its settings are "
                           f"{', '.join(sorted(n for n, f in own.items() if not f.metadata.get('from_data')))}")

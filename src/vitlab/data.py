@@ -33,15 +33,16 @@ MD5 = {
     "test_batch": "40351d587109b95175f43aff81a1287e",
     "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
 }
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-# Per-channel statistics of the 50,000 training images (pixels / 255), measured on the files.
-MEAN = (0.4914, 0.4822, 0.4465)
-STD = (0.2470, 0.2435, 0.2616)
+# CIFAR-10's class names and the per-channel statistics of its 50,000 training images (pixels / 255).
+from vitlab.models.base import CIFAR10_CLASSES as CLASSES  # noqa: E402
+from vitlab.models.base import CIFAR10_MEAN as MEAN  # noqa: E402
+from vitlab.models.base import CIFAR10_STD as STD  # noqa: E402
 
 
 @dataclass
 class CIFAR10:
-    """The three splits as uint8 tensors (N, 3, 32, 32) with int64 labels (N,), on the CPU."""
+    """A dataset's three splits as uint8 tensors (N, 3, H, W) with int64 labels (N,), on the CPU, its class
+    names and the per-channel statistics its images are normalised with (any dataset, despite the name)."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -51,6 +52,18 @@ class CIFAR10:
     test_labels: torch.Tensor
     classes: tuple[str, ...] = CLASSES
     source: str = ""
+    mean: tuple[float, ...] = MEAN
+    std: tuple[float, ...] = STD
+    name: str = "cifar10"
+
+    def input_spec(self):
+        """What a model trained on these data expects (class names, normalisation)."""
+        from vitlab.models.base import InputSpec
+
+        return InputSpec(classes=tuple(self.classes), mean=tuple(self.mean), std=tuple(self.std), dataset=self.name)
+
+
+Dataset = CIFAR10  # the general name
 
 
 def candidate_dirs(data_dir: str | Path | None) -> list[Path]:
@@ -224,20 +237,20 @@ def load_cifar10_test(data_dir: str | Path | None = None, count: int | None = No
     return images[:count], labels[:count]
 
 
-@functools.lru_cache(maxsize=8)
-def normalization_affine(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) as (1, 3, 1, 1) tensors with (x / 255 - MEAN) / STD = x * scale + shift."""
-    mean, std = (torch.tensor(values, dtype=torch.float64).view(1, 3, 1, 1) for values in (MEAN, STD))
+@functools.lru_cache(maxsize=16)
+def normalization_affine(device: torch.device, dtype: torch.dtype, mean: tuple = MEAN, std: tuple = STD) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) as (1, 3, 1, 1) tensors with (x / 255 - mean) / std = x * scale + shift."""
+    mean, std = (torch.tensor(values, dtype=torch.float64).view(1, 3, 1, 1) for values in (mean, std))
     return (1.0 / (255.0 * std)).to(device, dtype), (-mean / std).to(device, dtype)
 
 
-def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (B, 3, H, W) → float, scaled to [0, 1] and standardised with the CIFAR-10 statistics.
+def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32, mean: tuple = MEAN, std: tuple = STD) -> torch.Tensor:
+    """uint8 (B, 3, H, W) → float, scaled to [0, 1] and standardised with the dataset's statistics (CIFAR-10's by default).
 
     One multiply and one add in place after the conversion, instead of three new tensors for
     `(x / 255 - mean) / std` (timings in docs/performance.md).
     """
-    scale, shift = normalization_affine(images.device, dtype)
+    scale, shift = normalization_affine(images.device, dtype, tuple(mean), tuple(std))
     return images.to(dtype).mul_(scale).add_(shift)
 
 
@@ -297,6 +310,8 @@ class DeviceBatches:
         shard: tuple[int, int] = (0, 1),
         trivial_augment: bool = False,
         random_erasing: float = 0.0,
+        mean: tuple = MEAN,
+        std: tuple = STD,
     ) -> None:
         self.images = images.to(device)
         self.labels = labels.to(device)
@@ -308,6 +323,7 @@ class DeviceBatches:
         # Dropping the ragged last batch in training keeps every step the same shape (and speed).
         self.drop_last = train and len(images) > batch_size if drop_last is None else drop_last
         self.memory_format = memory_format
+        self.mean, self.std = tuple(mean), tuple(std)
         self.trivial_augment = trivial_augment and train
         self.random_erasing = random_erasing if train else 0.0
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -359,7 +375,7 @@ class DeviceBatches:
             if augment_draws is not None:
                 images = apply_trivial_augment(images, augment_draws)
         # The layout change happens on uint8 (a quarter of the bytes); normalize keeps it.
-        images = normalize(images.contiguous(memory_format=self.memory_format))
+        images = normalize(images.contiguous(memory_format=self.memory_format), mean=self.mean, std=self.std)
         if self.train and erase_boxes is not None:
             images = apply_random_erasing(images, erase_boxes, erase_noise)
         return images, self.labels[index]

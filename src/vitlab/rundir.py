@@ -217,6 +217,13 @@ class RunDir:
 
     # -- model and predictions -------------------------------------------------------------------------
 
+    def input_spec(self):
+        """The class names and normalisation the run's model was trained with (model.json), without loading it."""
+        from vitlab.models.base import InputSpec
+
+        description = read_json(self.path / MODEL_FILE, "model description")
+        return InputSpec.from_dict(description.get("data") if isinstance(description, dict) else None)
+
     def model(self, device: str | torch.device = "cpu") -> VitlabModel:
         from vitlab.models.base import VitlabModel
 

@@ -47,7 +47,8 @@ def vit_run(cifar_root, tmp_path_factory):
     (["--seed", str(2**70)], "seed must be between 0 and 2**63 - 1"),
     (["--subset", "40", "--val_fraction", "0.01"], "leaves an empty validation split"),
     (["--device", "cuda"], "--device cuda"),
-    (["--image_size", "64"], "unrecognized arguments"),
+    (["--image_size", "64"], "image_size applies to folder datasets only"),
+    (["--dataset", "imagenet"], "dataset must be cifar10, cifar100 or folder:PATH"),
     (["--num_classes", "20"], "unrecognized arguments"),
 ])
 def test_bad_training_settings_are_refused_before_any_folder_is_made(flags, fragment, cifar_root, tmp_path, capsys):

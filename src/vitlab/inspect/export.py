@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitlab.data import CLASSES, MEAN, STD
 from vitlab.errors import VitlabError
 from vitlab.io import atomic_write
 from vitlab.models import VitlabModel
@@ -29,8 +28,8 @@ class NormalizedModel(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(model.input_spec.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(model.input_spec.std).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) in [0, 1] → (B, classes)
         return self.model((images - self.mean) / self.std)
@@ -55,7 +54,8 @@ def export_onnx(model: VitlabModel, path: str | Path, opset: int = 18) -> Path:
     if path.suffix != ".onnx":
         raise VitlabError(f"--onnx {path} should end in .onnx")
     wrapper = NormalizedModel(model.float().cpu().eval()).eval()
-    example = torch.rand(2, 3, model.config.image_size if hasattr(model.config, "image_size") else 32, 32)
+    size = getattr(model.config, "image_size", 32)
+    example = torch.rand(2, 3, size, size)
     batch = torch.export.Dim("batch", min=1, max=65536)
 
     def write(tmp: str) -> None:
@@ -63,8 +63,8 @@ def export_onnx(model: VitlabModel, path: str | Path, opset: int = 18) -> Path:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(wrapper, (example,), input_names=["images"], output_names=["logits"],
                                         dynamic_shapes=({0: batch},), dynamo=True, opset_version=opset, verbose=False)
-        program.model.metadata_props["classes"] = json.dumps(list(CLASSES))
-        program.model.metadata_props["input"] = "float32 (B, 3, 32, 32) RGB in [0, 1]; normalised inside the graph"
+        program.model.metadata_props["classes"] = json.dumps(list(model.input_spec.classes))
+        program.model.metadata_props["input"] = f"float32 (B, 3, {size}, {size}) RGB in [0, 1]; normalised inside the graph"
         program.model.metadata_props["vitlab_model"] = json.dumps({"model": model.name, "config": vars(model.config)})
         program.save(tmp)
 

@@ -26,20 +26,31 @@ def show_image(axis, image: torch.Tensor, heat: torch.Tensor | None = None, titl
     axis.axis("off")
 
 
-def prediction_title(probabilities: torch.Tensor, true_label: int) -> tuple[str, str]:
+def prediction_title(probabilities: torch.Tensor, true_label: int, classes: tuple[str, ...] = CLASSES) -> tuple[str, str]:
     predicted = int(probabilities.argmax())
-    text = f"pred {CLASSES[predicted]} {100 * float(probabilities[predicted]):.0f}%"
-    if true_label < 0:
+    text = f"pred {classes[predicted]} {100 * float(probabilities[predicted]):.0f}%"
+    if true_label < 0 or true_label >= len(classes):
         return text, "black"
-    return f"{text}\ntrue {CLASSES[true_label]}", "green" if predicted == true_label else "red"
+    return f"{text}\ntrue {classes[true_label]}", "green" if predicted == true_label else "red"
+
+
+def model_inputs(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images, normalised as the model was trained, on its device."""
+    device = next(model.parameters()).device
+    spec = getattr(model, "input_spec", None)
+    return spec.normalize(images.to(device)) if spec is not None else normalize(images.to(device))
+
+
+def class_names(model: torch.nn.Module) -> tuple[str, ...]:
+    spec = getattr(model, "input_spec", None)
+    return spec.classes if spec is not None else CLASSES
 
 
 # ---------------------------------------------------------------- ViT attention
 
 def vit_attention(model: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities (B, classes) and attention (L, B, heads, T, T) of uint8 images."""
-    device = next(model.parameters()).device
-    logits, attention = attention_stack(model, normalize(images.to(device)))
+    logits, attention = attention_stack(model, model_inputs(model, images))
     return logits.softmax(dim=1).cpu(), attention.cpu()
 
 
@@ -77,7 +88,7 @@ def attention_grid(model: VisionTransformer, images: ImageSet, out_dir: Path, me
     for index in range(len(images.images)):
         image = images.images[index]
         figure, axes = plt.subplots(rows, len(layers) + 2, figsize=(1.7 * (len(layers) + 2), 1.9 * rows + 0.4), squeeze=False)
-        title, color = prediction_title(probabilities[index], int(images.labels[index]))
+        title, color = prediction_title(probabilities[index], int(images.labels[index]), class_names(model))
         for row in range(rows):
             show_image(axes[row, 0], image, title=title if row == 0 else "", color=color)
             for column, layer in enumerate(layers, start=1):
@@ -115,12 +126,11 @@ def attention_distance_plot(model: VisionTransformer, images: torch.Tensor, path
 def explanation_maps(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Probabilities (B, classes) and a map (B, H, W) of where each model looks: attention rollout for a
     ViT, Grad-CAM at the last stage for a CNN."""
-    device = next(model.parameters()).device
     if isinstance(model, VisionTransformer):
         probabilities, attention = vit_attention(model, images)
         maps = rollout_maps(model, attention)
         return probabilities, maps, "attention rollout"
-    cam, logits = grad_cam(model, normalize(images.to(device)))
+    cam, logits = grad_cam(model, model_inputs(model, images))
     return logits.softmax(dim=1).cpu(), cam.cpu(), "Grad-CAM"
 
 
@@ -133,15 +143,14 @@ def explain_figure(models: list[tuple[str, torch.nn.Module]], images: ImageSet, 
         truth = images.true_name(index)
         show_image(axes[index, 0], images.images[index], title=f"{images.names[index]}\ntrue {truth}")
         for column, (name, probabilities, maps, method) in enumerate(results, start=1):
-            title, color = prediction_title(probabilities[index], int(images.labels[index]))
+            title, color = prediction_title(probabilities[index], int(images.labels[index]), class_names(models[column - 1][1]))
             show_image(axes[index, column], images.images[index], maps[index], title=f"{name} ({method})\n{title.splitlines()[0]}", color=color)
     return save_figure(figure, path)
 
 
 def feature_map_figure(model: torch.nn.Module, image: torch.Tensor, path: Path, channels: int = 8) -> Path:
     """Each stage's most active channels for one uint8 image (3, H, W)."""
-    device = next(model.parameters()).device
-    _, stages = feature_maps(model, normalize(image[None].to(device)))
+    _, stages = feature_maps(model, model_inputs(model, image[None]))
     figure, axes = plt.subplots(len(stages), channels + 1, figsize=(1.3 * (channels + 1), 1.45 * len(stages)), squeeze=False)
     for row, (name, maps) in enumerate(stages):
         maps = maps[0].cpu()  # (C, h, w)
@@ -164,17 +173,21 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, classes: i
     return torch.bincount(labels * classes + predictions, minlength=classes * classes).reshape(classes, classes)
 
 
-def confusion_figure(predictions: torch.Tensor, labels: torch.Tensor, path: Path, title: str = "") -> Path:
-    counts = confusion_matrix(predictions, labels)
+def confusion_figure(predictions: torch.Tensor, labels: torch.Tensor, path: Path, title: str = "", classes: tuple[str, ...] = CLASSES) -> Path:
+    count = len(classes)
+    counts = confusion_matrix(predictions, labels, count)
     shares = counts.double() / counts.sum(dim=1, keepdim=True).clamp_min(1)
-    figure, axis = plt.subplots(figsize=(6.4, 5.6))
+    size = min(16.0, 3.0 + 0.35 * count)
+    figure, axis = plt.subplots(figsize=(size, size * 0.875))
     axis.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
-    for true in range(10):
-        for predicted in range(10):
-            axis.text(predicted, true, f"{100 * float(shares[true, predicted]):.0f}", ha="center", va="center", fontsize=7,
-                      color="white" if shares[true, predicted] > 0.5 else "black")
-    axis.set_xticks(range(10), CLASSES, rotation=45, ha="right", fontsize=8)
-    axis.set_yticks(range(10), CLASSES, fontsize=8)
+    if count <= 20:  # the numbers fit in the cells
+        for true in range(count):
+            for predicted in range(count):
+                axis.text(predicted, true, f"{100 * float(shares[true, predicted]):.0f}", ha="center", va="center", fontsize=7,
+                          color="white" if shares[true, predicted] > 0.5 else "black")
+    font = 8 if count <= 20 else 5
+    axis.set_xticks(range(count), classes, rotation=45 if count <= 20 else 90, ha="right", fontsize=font)
+    axis.set_yticks(range(count), classes, fontsize=font)
     axis.set(xlabel="predicted class", ylabel="true class", title=title or "confusion matrix (% of each true class)")
     return save_figure(figure, path)
 
@@ -189,7 +202,8 @@ def per_class_figure(per_class: dict[str, float], path: Path, title: str = "") -
     return save_figure(figure, path)
 
 
-def mistakes_figure(images: torch.Tensor, labels: torch.Tensor, probabilities: torch.Tensor, path: Path, count: int = 24) -> Path:
+def mistakes_figure(images: torch.Tensor, labels: torch.Tensor, probabilities: torch.Tensor, path: Path, count: int = 24,
+                    classes: tuple[str, ...] = CLASSES) -> Path:
     """The test images the model got wrong with the highest confidence."""
     predictions = probabilities.argmax(dim=1)
     wrong = (predictions != labels).nonzero().flatten()
@@ -204,7 +218,7 @@ def mistakes_figure(images: torch.Tensor, labels: torch.Tensor, probabilities: t
             continue
         index = int(chosen[slot])
         predicted = int(predictions[index])
-        show_image(axis, images[index], title=f"#{index}: {CLASSES[predicted]} {100 * float(probabilities[index, predicted]):.0f}%\n"
-                                              f"true {CLASSES[int(labels[index])]}", color="red")
+        show_image(axis, images[index], title=f"#{index}: {classes[predicted]} {100 * float(probabilities[index, predicted]):.0f}%\n"
+                                              f"true {classes[int(labels[index])]}", color="red")
     figure.suptitle("most confident mistakes (predicted, confidence; true class)", fontsize=9)
     return save_figure(figure, path)

@@ -43,7 +43,8 @@ def read_snapshots(run: RunDir) -> tuple[dict, list[tuple[int, dict]], list[dict
     return watched, epochs, run.history()
 
 
-def render_frame(watched: dict, epoch: int, snapshot: dict, history: list[dict], total_epochs: int) -> Image.Image:
+def render_frame(watched: dict, epoch: int, snapshot: dict, history: list[dict], total_epochs: int,
+                 classes: tuple[str, ...] = CLASSES) -> Image.Image:
     images, labels = watched["images"], watched["labels"]
     count = len(images)
     has_attention = "attention" in snapshot
@@ -64,14 +65,14 @@ def render_frame(watched: dict, epoch: int, snapshot: dict, history: list[dict],
         axis.imshow(images[index].permute(1, 2, 0).numpy())
         predicted = int(probabilities[index].argmax())
         correct = predicted == int(labels[index])
-        axis.set_title(f"{CLASSES[predicted]}\n{100 * float(probabilities[index, predicted]):.0f}%", fontsize=8,
+        axis.set_title(f"{classes[predicted]}\n{100 * float(probabilities[index, predicted]):.0f}%", fontsize=8,
                        color="green" if correct else "red")
         axis.axis("off")
         if has_attention:
             axis = figure.add_subplot(grid[1, 4 + index])
             axis.imshow(images[index].permute(1, 2, 0).numpy())
             axis.imshow(snapshot["attention"][index].float().numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-            axis.set_title(f"true: {CLASSES[int(labels[index])]}", fontsize=7)
+            axis.set_title(f"true: {classes[int(labels[index])]}", fontsize=7)
             axis.axis("off")
     figure.tight_layout()
     buffer = io.BytesIO()
@@ -94,7 +95,11 @@ def write_training_gif(run_dir: str | Path, path: str | Path | None = None) -> P
     if not epochs:
         raise VitlabError(f"{run.snapshots} holds no epochs yet; train with --gif true for at least one epoch")
     total_epochs = max([e for e, _ in epochs] + [r["epoch"] for r in history])
-    frames = [render_frame(watched, epoch, snapshot, history, total_epochs) for epoch, snapshot in epochs]
+    classes = run.input_spec().classes if (run.path / "model.json").is_file() else CLASSES
+    try:
+        frames = [render_frame(watched, epoch, snapshot, history, total_epochs, classes) for epoch, snapshot in epochs]
+    except (KeyError, IndexError, RuntimeError, ValueError) as error:
+        raise VitlabError(f"{run.snapshots} does not match the run ({str(error)[:100]}); delete the snapshots or train again with --gif true") from None
     path = path or run.gif_file
     atomic_write(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
                                                   duration=FRAME_MILLISECONDS, loop=0))

@@ -14,13 +14,14 @@ from vitlab.data import CLASSES, load_cifar10_test
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # (N, 3, 32, 32) uint8
+    images: torch.Tensor  # (N, 3, H, W) uint8
     labels: torch.Tensor  # (N,) int64; -1 where the true class is unknown (image files)
     names: list[str]
+    classes: tuple[str, ...] = CLASSES
 
     def true_name(self, index: int) -> str:
         label = int(self.labels[index])
-        return CLASSES[label] if label >= 0 else "?"
+        return self.classes[label] if 0 <= label < len(self.classes) else "?"
 
 
 def load_image_file(path: str | Path, size: int = 32) -> torch.Tensor:
@@ -39,22 +40,30 @@ def load_image_file(path: str | Path, size: int = 32) -> torch.Tensor:
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
 
 
-def load_image_files(paths: list[str]) -> tuple[ImageSet, list[str]]:
-    """The readable images among `paths`, and one error line for each that is not."""
+def load_image_files(paths: list[str], size: int = 32) -> tuple[ImageSet, list[str]]:
+    """The readable images among `paths` (resized to size × size), and one error line for each that is not."""
     images, names, errors = [], [], []
     for path in paths:
         try:
-            images.append(load_image_file(path))
+            images.append(load_image_file(path, size=size))
             names.append(str(path))
         except ValueError as error:
             errors.append(str(error))
-    stacked = torch.stack(images) if images else torch.zeros(0, 3, 32, 32, dtype=torch.uint8)
+    stacked = torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
     return ImageSet(stacked, torch.full((len(images),), -1, dtype=torch.long), names), errors
 
 
-def test_images(count: int, data_dir: str | None = None, start: int = 0) -> ImageSet:
-    """Test images start..start+count of CIFAR-10 (the same for every run, so figures compare); fewer
-    if the test set is smaller."""
-    images, labels = load_cifar10_test(data_dir, start + count)
-    images, labels = images[start:], labels[start:]
-    return ImageSet(images, labels, [f"test image {start + i}" for i in range(len(images))])
+def test_images(count: int, data_dir: str | None = None, start: int = 0, data_config=None) -> ImageSet:
+    """Test images start..start+count of a run's dataset (`data_config`, CIFAR-10 by default; the same for every run,
+    so figures compare); fewer if the test set is smaller."""
+    if data_config is not None and data_config.dataset != "cifar10":
+        import dataclasses
+
+        from vitlab.datasets import load_dataset
+
+        data = load_dataset(dataclasses.replace(data_config, data_dir=data_dir or data_config.data_dir, subset=None, train_size=None))
+        images, labels, classes = data.test_images[start:start + count], data.test_labels[start:start + count], tuple(data.classes)
+    else:
+        images, labels = load_cifar10_test(data_dir, start + count)
+        images, labels, classes = images[start:], labels[start:], CLASSES
+    return ImageSet(images, labels, [f"test image {start + i}" for i in range(len(images))], classes)

@@ -14,11 +14,14 @@ from vitlab.rundir import RunDir
 DISTANCE_IMAGES = 256
 
 
-def images_to_show(files: list[str], count: int, data_dir: str | None, errors: list[str]) -> ImageSet:
-    """The given image files (unreadable ones are added to `errors` and skipped), or the first `count` test images."""
+def images_to_show(files: list[str], count: int, data_dir: str | None, errors: list[str], run_dir: str | Path | None = None,
+                   size: int = 32) -> ImageSet:
+    """The given image files (unreadable ones are added to `errors` and skipped; resized to `size`), or the first
+    `count` test images of the dataset the run in `run_dir` was trained on."""
     if not files:
-        return test_images(count, data_dir)
-    images, file_errors = load_image_files(files)
+        data_config = RunDir(run_dir).config().data if run_dir is not None and RunDir(run_dir).config_file.is_file() else None
+        return test_images(count, data_dir, data_config=data_config)
+    images, file_errors = load_image_files(files, size=size)
     errors += file_errors
     if not len(images.images):
         raise VitlabError("none of the given files is a readable image" + (f" ({file_errors[0]})" if file_errors else ""))
@@ -40,8 +43,8 @@ def write_attention_figures(run_dir: str | Path, files: list[str], count: int, o
     if head not in ("mean", "all") and not (head.isascii() and head.isdigit() and 1 <= int(head) <= model.config.num_heads):
         raise VitlabError(f"--head must be mean, all or a head number 1..{model.config.num_heads}, got '{head}'")
     errors = errors if errors is not None else []
-    statistics = images_to_show(files, max(DISTANCE_IMAGES, count), data_dir, errors)
-    shown = statistics if files else ImageSet(statistics.images[:count], statistics.labels[:count], statistics.names[:count])
+    statistics = images_to_show(files, max(DISTANCE_IMAGES, count), data_dir, errors, run_dir, size=model.config.image_size)
+    shown = statistics if files else ImageSet(statistics.images[:count], statistics.labels[:count], statistics.names[:count], statistics.classes)
     out = Path(out) if out else RunDir(run_dir).figures
     written = attention_grid(model, shown, out, method=method, head=head, layers=layers)
     written.append(attention_distance_plot(model, statistics.images, out / "attention_distance.png"))
@@ -57,31 +60,19 @@ def write_explanations(run_dirs: list[str], files: list[str], count: int, out: s
     for name, model in models:
         if not model.returns_attention and not model.has_stages:
             raise VitlabError(f"{name} is a '{model.name}' model, which has neither attention nor convolutional stages to show")
-    images = images_to_show(files, count, data_dir, errors if errors is not None else [])
+    size = getattr(models[0][1].config, "image_size", 32)
+    images = images_to_show(files, count, data_dir, errors if errors is not None else [], run_dirs[0], size=size)
     out = Path(out) if out else RunDir(run_dirs[0]).figures
     written = [explain_figure(models, images, out / "explain.png")]
     written += [feature_map_figure(model, images.images[0], out / f"feature_maps_{name}.png") for name, model in models if model.has_stages]
     return written
 
 
-def run_class_names(folder: RunDir, count: int) -> list[str]:
-    """The class names a run was trained with (from its results), or class_0, class_1, ... if unknown."""
-    from vitlab.data import CLASSES
-
-    if folder.results_file.is_file():
-        names = list((folder.results().get("per_class_acc") or {}).keys())
-        if len(names) == count:
-            return names
-    return list(CLASSES) if count == len(CLASSES) else [f"class_{i}" for i in range(count)]
-
-
 def predict_files(run_dir: str | Path, files: list[str], top: int = 3) -> tuple[list[tuple[str, list[tuple[str, float]]]], list[str]]:
     """Top-k classes with probabilities for every readable image file, and one error line per unreadable one."""
-    from vitlab.data import normalize
-
     folder = RunDir(run_dir)
     model = folder.model().eval()
-    classes = run_class_names(folder, model.config.num_classes)
+    classes = model.input_spec.classes
     if not 1 <= top <= len(classes):
         raise VitlabError(f"--top must be between 1 and {len(classes)}, got {top}")
     size = getattr(model.config, "image_size", 32)
@@ -93,7 +84,7 @@ def predict_files(run_dir: str | Path, files: list[str], top: int = 3) -> tuple[
             errors.append(str(error))
             continue
         with torch.inference_mode():
-            probabilities = model(normalize(image[None]))[0].float().softmax(dim=0)
+            probabilities = model(model.input_spec.normalize(image[None]))[0].float().softmax(dim=0)
         best = probabilities.topk(top)
         predictions.append((str(path), [(classes[i], float(p)) for p, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)]))
     return predictions, errors

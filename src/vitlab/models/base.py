@@ -21,6 +21,41 @@ from vitlab.rundir import MODEL_FILE, WEIGHTS_FILE
 # Config fields that the data decides (image size, number of classes): not flags, set from the dataset.
 FROM_DATA = {"from_data": True}
 
+# CIFAR-10's class names and per-channel statistics (pixels / 255) of its 50,000 training images.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What a model expects and means: the dataset's class names and the statistics its images are normalised
+    with. Saved in model.json, so any command can prepare images for any run (CIFAR-10 when absent)."""
+
+    classes: tuple[str, ...] = CIFAR10_CLASSES
+    mean: tuple[float, ...] = CIFAR10_MEAN
+    std: tuple[float, ...] = CIFAR10_STD
+    dataset: str = "cifar10"
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) → float32, standardised with these statistics."""
+        from vitlab.data import normalize
+
+        return normalize(images, mean=self.mean, std=self.std)
+
+    @classmethod
+    def from_dict(cls, values) -> InputSpec:
+        if not isinstance(values, dict):
+            return cls()
+        try:
+            spec = cls(classes=tuple(str(c) for c in values["classes"]), mean=tuple(float(v) for v in values["mean"]),
+                       std=tuple(float(v) for v in values["std"]), dataset=str(values.get("dataset", "?")))
+        except (KeyError, TypeError, ValueError):
+            raise VitlabError("model.json has a damaged 'data' section (classes, mean, std); the run folder is corrupt") from None
+        if len(spec.mean) != 3 or len(spec.std) != 3 or min(spec.std) <= 0 or not spec.classes:
+            raise VitlabError("model.json has impossible input statistics; the run folder is corrupt")
+        return spec
+
 
 class VitlabModel(nn.Module):
     """Base class: subclasses set `name` and `config_class` and take their config in `__init__`."""
@@ -31,6 +66,7 @@ class VitlabModel(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
+        self.input_spec = InputSpec()  # set from the training data by vitlab.train.run; saved in model.json
 
     @property
     def num_parameters(self) -> int:
@@ -48,8 +84,8 @@ class VitlabModel(nn.Module):
         """Set data-dependent weights from normalised training images (B, 3, H, W) before training; most models have none."""
 
     def describe(self) -> dict:
-        """The JSON-serialisable identity of this model: its name and its config."""
-        return {"model": self.name, "config": dataclasses.asdict(self.config)}
+        """The JSON-serialisable identity of this model: its name, its config and what its inputs and outputs mean."""
+        return {"model": self.name, "config": dataclasses.asdict(self.config), "data": dataclasses.asdict(self.input_spec)}
 
     def save(self, directory: str | Path) -> Path:
         """Write `model.safetensors` and `model.json` into `directory`; returns the weights path."""
@@ -85,6 +121,10 @@ class VitlabModel(nn.Module):
             model = build_model(description["model"], **description["config"])
         except (KeyError, TypeError) as error:
             raise VitlabError(f"{description_file} does not describe a vitlab model ({error}); it is corrupt or from another tool") from None
+        model.input_spec = InputSpec.from_dict(description.get("data")) if isinstance(description, dict) else InputSpec()
+        if len(model.input_spec.classes) != getattr(model.config, "num_classes", len(model.input_spec.classes)):
+            raise VitlabError(f"{description_file} names {len(model.input_spec.classes)} classes for a model with "
+                              f"{model.config.num_classes} outputs; the run folder is corrupt")
         if cls is not VitlabModel and not isinstance(model, cls):
             raise VitlabError(f"{directory} holds a '{model.name}' model, not a {cls.__name__}; load it with vitlab.load_model")
         try:

@@ -49,7 +49,9 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ba
     """
     forward = forward or model
     device = model_device(model)
-    batches = DeviceBatches(images, labels, batch_size, train=False, device=device, memory_format=memory_format)
+    spec = getattr(model, "input_spec", None)  # the statistics the model was trained with (CIFAR-10's if unknown)
+    statistics = {"mean": spec.mean, "std": spec.std} if spec is not None else {}
+    batches = DeviceBatches(images, labels, batch_size, train=False, device=device, memory_format=memory_format, **statistics)
     loss_sum, probabilities = torch.zeros((), dtype=torch.float64, device=device), []
     with eval_mode(model):
         for batch_images, batch_labels in batches:

@@ -27,7 +27,8 @@ def predict_and_attend(model: torch.nn.Module, images: torch.Tensor) -> tuple[to
     """Class probabilities (B, classes) of uint8 `images` and, for a ViT, its attention rollout over the
     image (B, H, W), each map scaled to [0, 1]. Runs in fp32 on the model's device."""
     device = next(model.parameters()).device
-    inputs = normalize(images.to(device))
+    spec = getattr(model, "input_spec", None)
+    inputs = spec.normalize(images.to(device)) if spec is not None else normalize(images.to(device))
     with eval_mode(model):
         if isinstance(model, VisionTransformer):
             logits, attention = attention_stack(model, inputs)

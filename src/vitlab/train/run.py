@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from vitlab.config import DataConfig, RunConfig
-from vitlab.data import CIFAR10, load_cifar10
+from vitlab.data import CIFAR10
 from vitlab.errors import RunStopped, VitlabError
 from vitlab.models import VitlabModel, model_from_config
 from vitlab.models.flops import forward_flops_per_image
@@ -37,11 +37,10 @@ def time_to_accuracy(history: list[dict], targets: tuple[int, ...] = TIME_TO_ACC
 
 
 def load_run_data(config: DataConfig, data_dir: str | None = None) -> CIFAR10:
-    """CIFAR-10 as a run's DataConfig describes it (`data_dir` overrides where to look)."""
-    return load_cifar10(
-        data_dir or config.data_dir, val_fraction=config.val_fraction, split_seed=config.split_seed,
-        subset=config.subset, train_size=config.train_size, test_subset=config.test_subset, download_if_missing=config.download,
-    )
+    """The dataset a run's DataConfig describes (`data_dir` overrides where to look for CIFAR files)."""
+    from vitlab.datasets import load_dataset
+
+    return load_dataset(dataclasses.replace(config, data_dir=data_dir or config.data_dir))
 
 
 def fit_to_data(run: RunConfig, data: CIFAR10) -> RunConfig:
@@ -144,6 +143,8 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir
         "best_val_acc": max(record["val_acc"] for record in history),
         "final_val_acc": history[-1]["val_acc"],
         "per_class_acc": test.per_class_accuracy(data.classes),
+        "dataset": data.name,
+        "classes": list(data.classes),
         "params": model.num_parameters,
         "flops_per_image": forward_flops_per_image(model, image_size=data.test_images.shape[-1]),
         "epochs": runner.epochs,
@@ -205,10 +206,12 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, device: str |
         from vitlab.inspect.figures import confusion_figure, mistakes_figure, per_class_figure
 
         out, name = Path(figures_dir), run.preset or run.model_name
+        classes = tuple(data.classes)
         figures = [
-            confusion_figure(test.predictions, test.labels, out / "confusion.png", title=f"{name}: confusion matrix (% of each true class)"),
-            per_class_figure(test.per_class_accuracy(data.classes), out / "per_class.png", title=f"{name}: per-class test accuracy"),
-            mistakes_figure(data.test_images, test.labels, test.probabilities, out / "mistakes.png"),
+            confusion_figure(test.predictions, test.labels, out / "confusion.png", title=f"{name}: confusion matrix (% of each true class)",
+                             classes=classes),
+            per_class_figure(test.per_class_accuracy(classes), out / "per_class.png", title=f"{name}: per-class test accuracy"),
+            mistakes_figure(data.test_images, test.labels, test.probabilities, out / "mistakes.png", classes=classes),
         ]
     return {
         "run": str(run_dir), "model": run.model_name, "test_images": len(data.test_labels),

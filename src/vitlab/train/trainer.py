@@ -71,14 +71,16 @@ class Runner:
             data.train_images, data.train_labels, cfg.batch_size, train=True, device=self.device,
             seed=cfg.seed, crop_padding=self.data_config.crop_padding, flip=self.data_config.flip, memory_format=self.memory_format,
             shard=(self.distributed.rank, self.distributed.world_size), trivial_augment=self.data_config.trivial_augment,
-            random_erasing=self.data_config.random_erasing,
+            random_erasing=self.data_config.random_erasing, mean=data.mean, std=data.std,
         )
+        if hasattr(self.model, "input_spec"):  # evaluation and every later command normalise as training did
+            self.model.input_spec = data.input_spec()
         if len(batches) == 0:
             raise VitlabError(f"batch_size {cfg.batch_size} is larger than the {len(data.train_images)} training images; lower --batch_size")
         if len(data.val_images) == 0:
             raise VitlabError("the validation split is empty; raise --val_fraction or --subset")
-        if not resume:  # e.g. AirCNN's whitening layer, from 5,000 training images
-            self.model.init_from_data(normalize(data.train_images[:5000].to(self.device)))
+        if not resume and hasattr(self.model, "init_from_data"):  # e.g. AirCNN's whitening layer, from 5,000 training images
+            self.model.init_from_data(normalize(data.train_images[:5000].to(self.device), mean=data.mean, std=data.std))
         self.epochs = epochs_for(cfg, len(data.train_images))
         optimizer = self.make_optimizer()
         schedule = make_schedule(optimizer, cfg, len(batches), self.epochs)
