@@ -38,6 +38,10 @@ class DataConfig:
         test_subset: test on only the first this-many test images.
         crop_padding: random-crop padding in pixels (0 turns cropping off).
         flip: random horizontal flips.
+        alternating_flip: flip each image in every other epoch instead of at random (airbench: each image is seen
+            both ways every two epochs; which way first is random per image).
+        train_on_validation: also train on the validation images (the untouched test set is still what is
+            reported; validation accuracy is then measured on training images and says so).
         trivial_augment: TrivialAugment (Müller & Hutter 2021): one random operation (geometric or colour) at a
             random magnitude per training image, on the device.
         random_erasing: probability of erasing a random rectangle of each training image (Zhong et al. 2020).
@@ -54,6 +58,8 @@ class DataConfig:
     test_subset: int | None = None
     crop_padding: int = 4
     flip: bool = True
+    alternating_flip: bool = False
+    train_on_validation: bool = False
     trivial_augment: bool = False
     random_erasing: float = 0.0
 
@@ -108,6 +114,10 @@ class TrainConfig:
         precision: fp32, bf16 (autocast) or auto (bf16 where the device runs it fast).
         eval_batch_size: images per evaluation step.
         tta: evaluate on each image and its mirror image, averaging the logits.
+        tta_shift: with tta, also average the views shifted by this many pixels (both directions, each mirrored;
+            airbench's multi-crop TTA: the two untranslated views weigh 1/2, the four shifted ones 1/2).
+        ema_decay: keep an exponential moving average of the weights (updated every step) and validate and test
+            with it (0 = off); e.g. 0.99.
         checkpoint_every: also checkpoint every this many steps (the run folder always gets one per epoch).
         channels_last: store convolutional models and their batches channels-last (NHWC).
         compile: run the model through torch.compile (off by default: it has not paid on the CPU; docs/performance.md).
@@ -138,6 +148,8 @@ class TrainConfig:
     precision: str = "auto"
     eval_batch_size: int = 500
     tta: bool = False
+    tta_shift: int = 0
+    ema_decay: float = 0.0
     checkpoint_every: int = 0
     channels_last: bool = True
     compile: bool = False
@@ -159,6 +171,8 @@ class TrainConfig:
             (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 <= self.tta_shift <= 4, f"tta_shift must be between 0 and 4 pixels, got {self.tta_shift}"),
+            (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 = only at epoch ends), got {self.checkpoint_every}"),
             (self.mixup >= 0 and self.cutmix >= 0, f"mixup and cutmix must be >= 0 (0 = off), got {self.mixup}, {self.cutmix}"),
             (self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}"),

@@ -312,6 +312,7 @@ class DeviceBatches:
         random_erasing: float = 0.0,
         mean: tuple = MEAN,
         std: tuple = STD,
+        alternating_flip: bool = False,
     ) -> None:
         self.images = images.to(device)
         self.labels = labels.to(device)
@@ -327,6 +328,11 @@ class DeviceBatches:
         self.trivial_augment = trivial_augment and train
         self.random_erasing = random_erasing if train else 0.0
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        # Alternating flip: a fixed random first orientation per image, flipped every other epoch (seeded separately so
+        # the other draws stay as they were).
+        self.alternating_flip = alternating_flip and self.flip
+        self.first_flip = (torch.rand(len(self.images), generator=torch.Generator().manual_seed(seed + 1)) < 0.5).to(device)
+        self.epoch = 0
         # Scalar draws (MixUp/CutMix ratios and boxes) are read on the host; from a GPU generator each
         # read would wait for the GPU, so off the CPU they come from a host generator of their own.
         self.host_generator = self.generator if self.generator.device.type == "cpu" else torch.Generator().manual_seed(seed)
@@ -345,7 +351,11 @@ class DeviceBatches:
         """The shuffled image order of a new training epoch (draws from the generator)."""
         return torch.randperm(len(self.images), generator=self.generator, device=self.device)
 
-    def batch(self, step: int, order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def alternating_flips(self, index: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Which of the images at `index` are mirrored in `epoch` (1-based) under alternating flip."""
+        return self.first_flip[index] ^ bool(epoch % 2 == 0)
+
+    def batch(self, step: int, order: torch.Tensor | None = None, epoch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch number `step` of an epoch: augmented (drawing from the generator) when training.
 
         Every random draw is made for the whole (global) batch, in a fixed order, and each process keeps
@@ -361,6 +371,8 @@ class DeviceBatches:
         if self.train:
             count = len(index)
             offsets, flips = draw_crop_flip(count, self.crop_padding, self.generator, self.flip)
+            if self.alternating_flip and isinstance(index, torch.Tensor):
+                flips = self.alternating_flips(index, epoch)
             augment_draws = draw_trivial_augment(count, self.generator)[:, keep] if self.trivial_augment else None
             height, width = self.images.shape[-2:]
             erase_boxes = erase_noise = None

@@ -18,7 +18,8 @@ from vitlab.cli import main
 # (a GPU's autotuned and atomic-add kernels are not bit-reproducible), a checkpoint every step.
 ARGS = ["--model", "vit", "--patch_size", "8", "--hidden_size", "32", "--num_heads", "2", "--num_blocks", "2", "--dropout", "0.1",
         "--subset", "300", "--test_subset", "100", "--epochs", "4", "--batch_size", "20", "--precision", "fp32", "--device", "cpu",
-        "--trivial_augment", "true", "--random_erasing", "0.25", "--mixup", "0.8", "--cutmix", "1.0",
+        "--trivial_augment", "true", "--random_erasing", "0.25", "--mixup", "0.8", "--cutmix", "1.0", "--ema_decay", "0.9",
+        "--alternating_flip", "true",
         "--checkpoint_every", "1", "--progress", "false"]
 
 

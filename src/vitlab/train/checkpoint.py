@@ -54,6 +54,7 @@ class TrainingState:
     batch_generator: torch.Generator  # batch order and augmentation (on the training device)
     host_generator: torch.Generator  # scalar draws read on the host (MixUp/CutMix)
     device: torch.device
+    ema: object | None = None  # vitlab.train.ema.WeightAverage, if the run averages its weights
 
     def state_dict(self, progress: Progress, history: list[dict], train_seconds: float, train_images_seen: int) -> dict:
         cuda = self.device.type == "cuda"
@@ -64,6 +65,7 @@ class TrainingState:
             # Dropout on a GPU draws from the device's own generator.
             "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else torch.empty(0, dtype=torch.uint8),
             "device_type": self.device.type,
+            "ema": self.ema.state_dict() if self.ema is not None else [],
             "progress": dataclasses.asdict(progress), "history": history,
             "train_seconds": train_seconds, "train_images_seen": train_images_seen,
         }
@@ -84,6 +86,8 @@ class TrainingState:
                 self.host_generator.set_state(state["host_batch_rng"])
             if self.device.type == "cuda" and state.get("cuda_rng") is not None and state["cuda_rng"].numel():
                 torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
             progress = Progress(**state["progress"])
             history, seconds, seen = list(state["history"]), float(state["train_seconds"]), int(state["train_images_seen"])
         except (KeyError, TypeError, ValueError, RuntimeError) as error:

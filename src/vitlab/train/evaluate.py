@@ -38,13 +38,33 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
+def shifted(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Images moved by (dy, dx) pixels, zero-filled (the mean colour, after normalisation)."""
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (abs(dx), abs(dx), abs(dy), abs(dy)))
+    top, left = abs(dy) - dy, abs(dx) - dx
+    return padded[..., top:top + height, left:left + width]
+
+
+def tta_logits(forward, images: torch.Tensor, shift: int) -> torch.Tensor:
+    """Mirror TTA, and with `shift` airbench's multi-crop: the image and its mirror weigh 1/2, the four views shifted
+    by ±shift pixels (each with its mirror) share the other 1/2."""
+    logits = (forward(images).float() + forward(images.flip(3)).float()) / 2
+    if not shift:
+        return logits
+    views = [shifted(images, shift, shift), shifted(images, -shift, -shift)]
+    moved = sum(forward(view).float() + forward(view.flip(3)).float() for view in views) / 4
+    return (logits + moved) / 2
+
+
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 500, precision: str = "fp32",
-             tta: bool = False, memory_format: torch.memory_format = torch.contiguous_format, forward=None) -> Evaluation:
+             tta: bool = False, tta_shift: int = 0, memory_format: torch.memory_format = torch.contiguous_format,
+             forward=None) -> Evaluation:
     """Plain cross-entropy loss (no label smoothing) and accuracy of `model` on uint8 `images` (N, 3, H, W), in order.
 
     Args:
         precision: 'bf16' evaluates under bf16 autocast, as training did; 'fp32' in full precision.
-        tta: average each image's logits with its mirror image's.
+        tta: average each image's logits with its mirror image's (and with `tta_shift`, shifted views: `tta_logits`).
         forward: what to call instead of `model` (e.g. its torch.compile wrapper); defaults to the model.
     """
     forward = forward or model
@@ -56,14 +76,12 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ba
     with eval_mode(model):
         for batch_images, batch_labels in batches:
             with autocast(device, precision):
-                logits = forward(batch_images).float()  # (B, classes)
-                if tta:
-                    logits = (logits + forward(batch_images.flip(3)).float()) / 2
+                logits = tta_logits(forward, batch_images, tta_shift) if tta else forward(batch_images).float()  # (B, classes)
             loss_sum += F.cross_entropy(logits, batch_labels, reduction="sum").double()
             probabilities.append(logits.softmax(dim=1).cpu())
     probabilities = torch.cat(probabilities)  # (N, classes)
     predictions = probabilities.argmax(dim=1)
     labels = labels.cpu()
     accuracy = 100.0 * int((predictions == labels).sum()) / len(labels)
-    return Evaluation(loss=float(loss_sum) / len(labels), accuracy=accuracy, predictions=predictions, labels=labels,
+    return Evaluation(loss=float(loss_sum.detach()) / len(labels), accuracy=accuracy, predictions=predictions, labels=labels,
                       probabilities=probabilities)

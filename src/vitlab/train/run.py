@@ -148,7 +148,8 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir
         "params": model.num_parameters,
         "flops_per_image": forward_flops_per_image(model, image_size=data.test_images.shape[-1]),
         "epochs": runner.epochs,
-        "train_images": len(data.train_images),
+        "train_images": len(data.train_images) + (len(data.val_images) if run.data.train_on_validation else 0),
+        "validation_images_in_training": run.data.train_on_validation,
         "test_images": len(data.test_images),
         "train_seconds": runner.train_seconds,
         "time_to_accuracy": time_to_accuracy(history),
@@ -200,7 +201,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, device: str |
     precision = resolve_precision(tested_precision if tested_precision in ("fp32", "bf16") else run.train.precision, target)
     memory_format = memory_format_for(model, run.train)
     test = evaluate(model.to(target, memory_format=memory_format), data.test_images, data.test_labels, batch_size=run.train.eval_batch_size,
-                    precision=precision, tta=run.train.tta, memory_format=memory_format)
+                    precision=precision, tta=run.train.tta, tta_shift=run.train.tta_shift, memory_format=memory_format)
     figures = []
     if figures_dir is not None:
         from vitlab.inspect.figures import confusion_figure, mistakes_figure, per_class_figure

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from vitlab.errors import VitlabError
 from vitlab.train.checkpoint import Progress, TrainingInterrupted, TrainingState, load_checkpoint, save_checkpoint, stop_on_signals
 from vitlab.train.device import Placement, autocast, place_model
 from vitlab.train.distributed import SINGLE, DistContext, all_reduce_sum, any_rank
+from vitlab.train.ema import WeightAverage
 from vitlab.train.evaluate import Evaluation, evaluate
 from vitlab.train.mixing import mix_batch
 from vitlab.train.optim import make_optimizer, make_schedule, parameter_groups  # noqa: F401  (parameter_groups: public)
@@ -54,6 +56,7 @@ class Runner:
         self.train_seconds = 0.0
         self.train_images_seen = 0
         self.epochs = self.config.epochs  # fit() sets what the data make of it (images_budget)
+        self.ema: WeightAverage | None = None
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         return make_optimizer(self.model, self.config, self.device)
@@ -67,24 +70,29 @@ class Runner:
             resume: continue from the checkpoint at `checkpoint_path` instead of starting afresh.
         """
         cfg = self.config
+        train_images, train_labels = data.train_images, data.train_labels
+        if self.data_config.train_on_validation:  # the test set stays untouched
+            train_images, train_labels = torch.cat([train_images, data.val_images]), torch.cat([train_labels, data.val_labels])
         batches = DeviceBatches(
-            data.train_images, data.train_labels, cfg.batch_size, train=True, device=self.device,
+            train_images, train_labels, cfg.batch_size, train=True, device=self.device,
             seed=cfg.seed, crop_padding=self.data_config.crop_padding, flip=self.data_config.flip, memory_format=self.memory_format,
             shard=(self.distributed.rank, self.distributed.world_size), trivial_augment=self.data_config.trivial_augment,
             random_erasing=self.data_config.random_erasing, mean=data.mean, std=data.std,
+            alternating_flip=self.data_config.alternating_flip,
         )
         if hasattr(self.model, "input_spec"):  # evaluation and every later command normalise as training did
             self.model.input_spec = data.input_spec()
         if len(batches) == 0:
-            raise VitlabError(f"batch_size {cfg.batch_size} is larger than the {len(data.train_images)} training images; lower --batch_size")
+            raise VitlabError(f"batch_size {cfg.batch_size} is larger than the {len(train_images)} training images; lower --batch_size")
         if len(data.val_images) == 0:
             raise VitlabError("the validation split is empty; raise --val_fraction or --subset")
         if not resume and hasattr(self.model, "init_from_data"):  # e.g. AirCNN's whitening layer, from 5,000 training images
             self.model.init_from_data(normalize(data.train_images[:5000].to(self.device), mean=data.mean, std=data.std))
-        self.epochs = epochs_for(cfg, len(data.train_images))
+        self.epochs = epochs_for(cfg, len(train_images))
         optimizer = self.make_optimizer()
         schedule = make_schedule(optimizer, cfg, len(batches), self.epochs)
-        state = TrainingState(self.model, optimizer, schedule, batches.generator, batches.host_generator, self.device)
+        self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        state = TrainingState(self.model, optimizer, schedule, batches.generator, batches.host_generator, self.device, self.ema)
         checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         progress = Progress()
         if resume:
@@ -123,6 +131,9 @@ class Runner:
                         f"epoch {record['epoch']}/{self.epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}% | "
                         f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.2f}% | {record['images_per_second']:.0f} img/s"
                     )
+        if self.ema is not None:  # the run's final weights are the average: what is saved and tested
+            self.ema.copy_to_model()
+            self.ema = None
         return self.history
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -167,10 +178,12 @@ class Runner:
             return totals[0], totals[1], int(totals[2])
 
         for step in range(progress.step, len(batches)):
-            images, labels = batches.batch(step, progress.order)
+            images, labels = batches.batch(step, progress.order, epoch)
             mixed = mix_batch(images, labels, cfg.mixup, cfg.cutmix, batches.host_generator)
             loss, logits = self.train_step(mixed.images, labels, optimizer, mixed.partner_labels, mixed.weight)
             schedule.step()
+            if self.ema is not None:
+                self.ema.update()
             loss_sum += loss * len(labels)
             correct += (logits.argmax(dim=1) == mixed.dominant_labels).sum()
             progress.seen += len(labels)
@@ -208,5 +221,6 @@ class Runner:
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> Evaluation:
         """Plain cross-entropy loss and accuracy on uint8 images, in order (see `vitlab.train.evaluate.evaluate`)."""
-        return evaluate(self.model, images, labels, batch_size=self.config.eval_batch_size, precision=self.precision,
-                        tta=self.config.tta, memory_format=self.memory_format, forward=self.forward)
+        with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+            return evaluate(self.model, images, labels, batch_size=self.config.eval_batch_size, precision=self.precision,
+                            tta=self.config.tta, tta_shift=self.config.tta_shift, memory_format=self.memory_format, forward=self.forward)

@@ -1,0 +1,72 @@
+"""airbench's parts as settings: alternating flip, a moving average of the weights, multi-crop TTA, and training
+on the validation images."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_dataset
+from vitlab.cli import main
+from vitlab.config import TrainConfig
+from vitlab.data import DeviceBatches
+from vitlab.models import build_model
+from vitlab.train.evaluate import shifted, tta_logits
+from vitlab.train.trainer import Runner
+
+
+def test_alternating_flip_mirrors_each_image_every_other_epoch():
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    batches = DeviceBatches(images, torch.zeros(64, dtype=torch.long), 64, train=True, device=torch.device("cpu"), crop_padding=0,
+                            alternating_flip=True)
+    order = torch.arange(64)
+    first, _ = batches.batch(0, order, epoch=1)
+    second, _ = batches.batch(0, order, epoch=2)
+    third, _ = batches.batch(0, order, epoch=3)
+    torch.testing.assert_close(first, third)  # the same orientation every other epoch
+    torch.testing.assert_close(first, second.flip(3))  # and the other one in between
+    assert 0.2 < batches.first_flip.float().mean() < 0.8  # which way comes first is random per image
+
+
+def test_shifted_moves_pixels_and_fills_zeros():
+    image = torch.arange(16.0).reshape(1, 1, 4, 4)
+    moved = shifted(image, 1, 1)
+    assert moved[0, 0, 0].tolist() == [0, 0, 0, 0] and moved[0, 0, 1, 1] == image[0, 0, 0, 0]
+    torch.testing.assert_close(shifted(shifted(image, 1, 1), -1, -1)[..., :3, :3], image[..., :3, :3])
+
+
+def test_multi_crop_tta_weights_the_untranslated_views_by_half():
+    calls = []
+
+    def forward(images):
+        calls.append(images)
+        return torch.full((len(images), 2), float(len(calls)))
+
+    logits = tta_logits(forward, torch.zeros(3, 3, 8, 8), shift=1)
+    assert len(calls) == 6  # image, mirror, and two shifted views each with its mirror
+    assert logits[0, 0] == pytest.approx((1 + 2) / 2 / 2 + (3 + 4 + 5 + 6) / 4 / 2)
+
+
+def test_the_weight_average_is_what_is_tested_and_saved():
+    data = tiny_dataset()
+    torch.manual_seed(0)
+    model = build_model("mlp", hidden_size=16)
+    runner = Runner(model, TrainConfig(epochs=2, batch_size=32, device="cpu", progress=False, ema_decay=0.9))
+    runner.fit(data)
+    assert runner.ema is None  # folded into the model at the end
+    torch.manual_seed(0)
+    plain = build_model("mlp", hidden_size=16)
+    Runner(plain, TrainConfig(epochs=2, batch_size=32, device="cpu", progress=False)).fit(data)
+    assert not torch.equal(model.layers[0].weight, plain.layers[0].weight)  # the average differs from the last weights
+
+
+def test_training_on_the_validation_images_reports_it(cifar_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "cnn-small", "--subset", "300", "--test_subset", "100", "--epochs", "1", "--batch-size", "50",
+                 "--train_on_validation", "true", "--alternating_flip", "true", "--ema_decay", "0.9", "--tta", "true", "--tta_shift", "1",
+                 "--progress", "false", "--data-dir", str(cifar_root), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_images"] == 300 and results["validation_images_in_training"] is True
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--data-dir", str(cifar_root)]) == 0  # re-testing the saved (averaged) weights
+    assert json.loads(capsys.readouterr().out)["test_acc"] == results["test_acc"]
