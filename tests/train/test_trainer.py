@@ -155,3 +155,11 @@ def test_an_images_budget_sets_the_epochs_from_the_training_set_size():
     data = tiny_dataset(count=128)
     runner = Runner(build_model("mlp", hidden_size=16), quick_config(epochs=10, images_budget=300))
     assert len(runner.fit(data)) == 3  # ceil(300 / 128)
+
+
+def test_time_to_accuracy_is_the_training_time_of_the_first_epoch_that_reached_each_target():
+    from vitlab.train.run import time_to_accuracy
+
+    history = [{"epoch": 1, "epoch_seconds": 10.0, "val_acc": 55.0}, {"epoch": 2, "epoch_seconds": 12.0, "val_acc": 71.0},
+               {"epoch": 3, "epoch_seconds": 11.0, "val_acc": 69.0}, {"epoch": 4, "epoch_seconds": 9.0, "val_acc": 80.5}]
+    assert time_to_accuracy(history) == {"50": 10.0, "60": 22.0, "70": 22.0, "80": 42.0, "90": None, "94": None}

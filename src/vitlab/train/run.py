@@ -170,7 +170,8 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir
     folder.write_results(results)
     from vitlab.inspect.curves import plot_curves
 
-    plot_curves(history, folder.curves_file, title=f"{run.preset or run.model_name}: test accuracy {test.accuracy:.2f}%")
+    plot_curves(history, folder.curves_file, title=f"{run.preset or run.model_name}: test accuracy {test.accuracy:.2f}%",
+                time_to_accuracy=results["time_to_accuracy"])
     if run.train.gif:
         from vitlab.inspect.gif import write_training_gif
 
