@@ -112,7 +112,7 @@ print(model.config)"""),
 `attention_stack` runs the model's explicit attention path and returns every layer's weights:
 (layers, batch, heads, tokens, tokens). Token 0 is the CLS token for `pool='cls'`."""),
     ("code", """images = test_images(4)
-logits, attention = attention_stack(model, normalize(images.images))
+logits, attention = attention_stack(model, normalize(images.images).to(next(model.parameters()).device))
 print("attention", tuple(attention.shape))
 first_layer = to_image_grid(patch_scores(attention[0].mean(dim=1), model.config), model)  # (batch, 32, 32)
 print("layer-1 CLS->patch map over the image", tuple(first_layer.shape))

@@ -9,7 +9,12 @@ import sys
 from vitlab.cli.parser import add_data_dir_flag, positive_int
 
 
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where the model runs (default: a GPU if there is one)")
+
+
 def add_image_flags(parser: argparse.ArgumentParser) -> None:
+    add_device_flag(parser)
     parser.add_argument("--images", type=positive_int, default=4, help="how many test images to show when no files are given (default 4)")
     parser.add_argument("--out", help="folder for the figures (default RUN_DIR/figures)")
     add_data_dir_flag(parser)
@@ -47,6 +52,7 @@ def add_parser(commands) -> None:
     predict.add_argument("run_dir", metavar="RUN_DIR")
     predict.add_argument("files", nargs="+", metavar="IMAGE")
     predict.add_argument("--top", type=positive_int, default=3, help="classes to show per image (default 3)")
+    add_device_flag(predict)
 
     export = commands.add_parser("export", help="export a trained run's model (ONNX)",
                                  description="Write the run's model as ONNX (input: float32 images in [0, 1], normalised in "
@@ -82,7 +88,7 @@ def run_attention(args: argparse.Namespace) -> int:
 
     errors: list[str] = []
     written = write_attention_figures(args.run_dir, args.files, args.images, args.out, args.layer, args.head, args.method,
-                                      args.data_dir, errors)
+                                      args.data_dir, errors, device=args.device)
     print_errors(args.command, errors)
     for path in written:
         print(f"wrote {path}")
@@ -93,7 +99,7 @@ def run_explain(args: argparse.Namespace) -> int:
     from vitlab.inspect.reports import write_explanations
 
     errors: list[str] = []
-    written = write_explanations(args.run_dirs, args.files, args.images, args.out, args.data_dir, errors)
+    written = write_explanations(args.run_dirs, args.files, args.images, args.out, args.data_dir, errors, device=args.device)
     print_errors(args.command, errors)
     for path in written:
         print(f"wrote {path}")
@@ -103,7 +109,7 @@ def run_explain(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     from vitlab.inspect.reports import predict_files
 
-    predictions, errors = predict_files(args.run_dir, args.files, args.top)
+    predictions, errors = predict_files(args.run_dir, args.files, args.top, device=args.device)
     print_errors(args.command, errors)
     for path, top in predictions:
         print(f"{path}: " + ", ".join(f"{name} {100 * p:.1f}%" for name, p in top))

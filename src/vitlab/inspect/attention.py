@@ -85,7 +85,8 @@ def mean_attention_distance(attention: torch.Tensor, model: VisionTransformer) -
     if config.num_tokens != config.num_patches:  # leave out CLS and register tokens
         attention = attention[..., patches, patches]
         attention = attention / attention.sum(dim=-1, keepdim=True)  # renormalise over patches
-    coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), dim=-1).reshape(-1, 2)
+    positions = torch.arange(grid, device=attention.device)
+    coords = torch.stack(torch.meshgrid(positions, positions, indexing="ij"), dim=-1).reshape(-1, 2)
     distances = torch.cdist(coords.double(), coords.double()).to(attention.dtype) * config.patch_size  # (N, N) pixels
     return (attention * distances).sum(dim=-1).mean(dim=(1, 3))  # (L, heads)
 

@@ -28,13 +28,20 @@ def images_to_show(files: list[str], count: int, data_dir: str | None, errors: l
     return images
 
 
+def inspection_device(name: str = "auto"):
+    from vitlab.train.device import pick_device
+
+    return pick_device(name)
+
+
 def write_attention_figures(run_dir: str | Path, files: list[str], count: int, out: str | Path | None = None, layer: str = "all",
-                            head: str = "mean", method: str = "raw", data_dir: str | None = None, errors: list[str] | None = None) -> list[Path]:
+                            head: str = "mean", method: str = "raw", data_dir: str | None = None, errors: list[str] | None = None,
+                            device: str = "auto") -> list[Path]:
     """Per image: each layer's attention and the rollout; plus the mean attention distance per layer and head."""
     from vitlab.inspect.figures import attention_distance_plot, attention_grid
     from vitlab.models import VisionTransformer
 
-    model = VisionTransformer.load(run_dir)
+    model = VisionTransformer.load(run_dir, inspection_device(device))
     layers = None
     if layer != "all":
         if not layer.isascii() or not layer.isdigit() or not 1 <= int(layer) <= model.config.num_blocks:
@@ -52,11 +59,12 @@ def write_attention_figures(run_dir: str | Path, files: list[str], count: int, o
 
 
 def write_explanations(run_dirs: list[str], files: list[str], count: int, out: str | Path | None = None, data_dir: str | None = None,
-                       errors: list[str] | None = None) -> list[Path]:
+                       errors: list[str] | None = None, device: str = "auto") -> list[Path]:
     """Where each run's model looks on the same images, side by side; plus each CNN's feature maps."""
     from vitlab.inspect.figures import explain_figure, feature_map_figure
 
-    models = [(Path(run_dir).name, RunDir(run_dir).model()) for run_dir in run_dirs]
+    target = inspection_device(device)
+    models = [(Path(run_dir).name, RunDir(run_dir).model(target)) for run_dir in run_dirs]
     for name, model in models:
         if not model.returns_attention and not model.has_stages:
             raise VitlabError(f"{name} is a '{model.name}' model, which has neither attention nor convolutional stages to show")
@@ -68,10 +76,11 @@ def write_explanations(run_dirs: list[str], files: list[str], count: int, out: s
     return written
 
 
-def predict_files(run_dir: str | Path, files: list[str], top: int = 3) -> tuple[list[tuple[str, list[tuple[str, float]]]], list[str]]:
+def predict_files(run_dir: str | Path, files: list[str], top: int = 3, device: str = "auto") -> tuple[list[tuple[str, list[tuple[str, float]]]], list[str]]:
     """Top-k classes with probabilities for every readable image file, and one error line per unreadable one."""
     folder = RunDir(run_dir)
-    model = folder.model().eval()
+    target = inspection_device(device)
+    model = folder.model(target).eval()
     classes = model.input_spec.classes
     if not 1 <= top <= len(classes):
         raise VitlabError(f"--top must be between 1 and {len(classes)}, got {top}")
@@ -84,7 +93,7 @@ def predict_files(run_dir: str | Path, files: list[str], top: int = 3) -> tuple[
             errors.append(str(error))
             continue
         with torch.inference_mode():
-            probabilities = model(model.input_spec.normalize(image[None]))[0].float().softmax(dim=0)
+            probabilities = model(model.input_spec.normalize(image[None].to(target)))[0].float().softmax(dim=0).cpu()
         best = probabilities.topk(top)
         predictions.append((str(path), [(classes[i], float(p)) for p, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)]))
     return predictions, errors

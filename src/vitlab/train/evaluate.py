@@ -37,7 +37,6 @@ def model_device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-@torch.inference_mode()
 def shifted(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """Images moved by (dy, dx) pixels, zero-filled (the mean colour, after normalisation)."""
     height, width = images.shape[-2:]
@@ -57,6 +56,7 @@ def tta_logits(forward, images: torch.Tensor, shift: int) -> torch.Tensor:
     return (logits + moved) / 2
 
 
+@torch.inference_mode()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 500, precision: str = "fp32",
              tta: bool = False, tta_shift: int = 0, memory_format: torch.memory_format = torch.contiguous_format,
              forward=None) -> Evaluation:

@@ -161,20 +161,25 @@ class Runner:
         self.model.train()
         if progress.order is None:
             progress.order = batches.new_order()
-        loss_sum = torch.tensor(progress.loss_sum, device=self.device)
-        correct = torch.tensor(progress.correct, device=self.device, dtype=torch.long)
+        # `progress` holds the sums over all processes (what rank 0 checkpoints); each process accumulates its own
+        # part, starting from those sums on rank 0 and from zero elsewhere, so a resumed epoch counts everything once.
+        carried = self.distributed.is_main
+        loss_sum = torch.tensor(progress.loss_sum if carried else 0.0, device=self.device)
+        correct = torch.tensor(progress.correct if carried else 0, device=self.device, dtype=torch.long)
+        seen = progress.seen if carried else 0
         bar = tqdm(total=len(batches), initial=progress.step, desc=f"epoch {epoch}/{self.epochs}", unit="step",
                    disable=not cfg.progress or not self.distributed.is_main, leave=False)
         start, seconds_before = time.perf_counter(), progress.seconds
 
         def sync_progress() -> tuple[float, float, int]:
-            """Copy this rank's running sums into `progress`; returns (loss sum, correct, seen) over all ranks."""
-            progress.loss_sum, progress.correct = loss_sum.item(), correct.item()
+            """Sum the processes' running sums into `progress`; returns (loss sum, correct, seen) over all ranks."""
             progress.seconds = seconds_before + time.perf_counter() - start
-            totals = all_reduce_sum(torch.tensor([progress.loss_sum, progress.correct, progress.seen], dtype=torch.float64,
-                                                 device=self.device), self.distributed).tolist()
+            totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), dtype=torch.float64,
+                                                                                                   device=self.device)]),
+                                    self.distributed).tolist()
             if not math.isfinite(totals[0]):  # the last good checkpoint stays untouched
                 raise VitlabError(f"training loss became {totals[0] / totals[2]} in epoch {epoch}; lower --lr or set --grad_clip 1.0")
+            progress.loss_sum, progress.correct, progress.seen = totals[0], int(totals[1]), int(totals[2])
             return totals[0], totals[1], int(totals[2])
 
         for step in range(progress.step, len(batches)):
@@ -186,7 +191,7 @@ class Runner:
                 self.ema.update()
             loss_sum += loss * len(labels)
             correct += (logits.argmax(dim=1) == mixed.dominant_labels).sum()
-            progress.seen += len(labels)
+            seen += len(labels)
             progress.step = step + 1
             # Reading a number from the device waits for it, so do it only every few steps.
             sync_point = step % 10 == 9 or step == len(batches) - 1
