@@ -105,7 +105,8 @@ def build_app(runs: list[ServedRun], images: ImageSet):
                     with gr.Column():
                         for kind, (figure, caption) in (("confusion", views.confusion_image(run)), ("curves", views.curves_image(run))):
                             if figure is not None:
-                                gr.Image(figure, label=f"{run.name}: {kind}", interactive=False, format="png", elem_id=f"{kind}-{number}")
+                                gr.Image(figure, label=f"{run.name}: {kind}", show_label=False, interactive=False, format="png",
+                                         elem_id=f"{kind}-{number}")
                             gr.Markdown(caption, elem_id=f"{kind}-caption-{number}")
 
         def show(image: torch.Tensor | None, *slider_values: float) -> list[Any]:
