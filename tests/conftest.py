@@ -126,7 +126,7 @@ def served_runs(serve_data, tmp_path_factory) -> dict[str, Path]:
     from vitlab.cli import main
 
     folder = tmp_path_factory.mktemp("serve-runs")
-    quick = ["--subset", "400", "--test_subset", "100", "--epochs", "1", "--batch-size", "50", "--progress", "false"]
+    quick = ["--subset", "300", "--test_subset", "100", "--epochs", "1", "--batch-size", "50", "--progress", "false"]
     models = {"cnn": ["--model", "cnn-small"],
               "vit": ["--model", "vit", "--patch_size", "8", "--hidden_size", "16", "--num_heads", "2", "--num_blocks", "2", "--pool", "cls"]}
     for name, model_args in models.items():
