@@ -50,9 +50,7 @@ def build_app(runs: list[ServedRun], images: ImageSet):
     def pick_gallery(event: gr.SelectData) -> tuple[torch.Tensor, Any, str, int]:
         return (*pick_test(event.index), event.index)
 
-    def pick_upload(path: str | None, current: torch.Tensor | None) -> tuple[Any, Any, str]:
-        if path is None:  # the upload was cleared
-            return current, gr.update(), gr.update()
+    def pick_upload(path: str, current: torch.Tensor | None) -> tuple[Any, Any, str]:
         try:
             image = read_upload(path)
         except VitlabError as error:
@@ -69,45 +67,20 @@ def build_app(runs: list[ServedRun], images: ImageSet):
             with gr.Column(scale=3):
                 gallery = gr.Gallery(gallery_items, label=f"the first {len(gallery_items)} test images (click one)", columns=10,
                                      height=220, allow_preview=False, elem_id="gallery")
-                index = gr.Slider(0, count - 1, value=0, step=1, label=f"or any test image by number (0..{count - 1})", elem_id="test-index")
+                index = gr.Slider(0, max(count - 1, 1), value=0, step=1, label=f"or any test image by number (0..{count - 1})", elem_id="test-index")
                 upload = gr.UploadButton(f"or upload an image (PNG, JPEG, ...; at most {MAX_UPLOAD_BYTES // 2**20} MB)", size="md",
                                           elem_id="upload")
             with gr.Column(scale=1):
                 preview = gr.Image(label=f"the image the models see ({IMAGE_SIZE}×{IMAGE_SIZE})", interactive=False, format="png", elem_id="preview")
                 status = gr.Markdown(elem_id="status")
-        outputs, producers, sliders = [], [], []
+        outputs, sliders = [], []
         with gr.Row(equal_height=False):
             for number, run in enumerate(runs):
-                with gr.Column(elem_id=f"run-{number}"):
-                    gr.Markdown(f"### {run.name}\n{run.model.name}, test accuracy {run.test_acc:.2f}%")
-                    outputs.append(gr.Label(num_top_classes=views.TOP_CLASSES, label="top-5 classes", elem_id=f"top5-{number}"))
-                    if run.kind != "other":
-                        outputs += [gr.Image(label="Grad-CAM" if run.kind == "cnn" else "attention rollout", interactive=False,
-                                             format="png", elem_id=f"map-{number}"),
-                                    gr.Markdown(elem_id=f"map-caption-{number}")]
-                    else:
-                        gr.Markdown(views.where_it_looks(run, images.images[0])[1])
-                    if run.kind == "vit":
-                        config = run.model.config
-                        layer = gr.Slider(1, config.num_blocks, value=config.num_blocks, step=1, label="layer", elem_id=f"layer-{number}")
-                        head = gr.Slider(0, config.num_heads, value=0, step=1, label="head (0: mean of the heads)", elem_id=f"head-{number}")
-                        attention = gr.Image(label="attention of one layer", interactive=False, format="png", elem_id=f"attention-{number}")
-                        caption = gr.Markdown(elem_id=f"attention-caption-{number}")
-                        outputs += [attention, caption]
-                        sliders += [layer, head]
-                        one_layer = attention_view(run)
-                        for slider in (layer, head):
-                            slider.change(one_layer, [current, layer, head], [attention, caption], trigger_mode="always_last")
-                    producers.append(run_view(run))
-        with gr.Accordion("how each run trained: confusion matrix on the test set and training curves", open=True):
-            with gr.Row(equal_height=False):
-                for number, run in enumerate(runs):
-                    with gr.Column():
-                        for kind, (figure, caption) in (("confusion", views.confusion_image(run)), ("curves", views.curves_image(run))):
-                            if figure is not None:
-                                gr.Image(figure, label=f"{run.name}: {kind}", show_label=False, interactive=False, format="png",
-                                         elem_id=f"{kind}-{number}")
-                            gr.Markdown(caption, elem_id=f"{kind}-caption-{number}")
+                run_outputs, run_sliders = add_run_column(gr, run, number, current)
+                outputs += run_outputs
+                sliders += run_sliders
+        add_training_figures(gr, runs)
+        producers = [run_view(run) for run in runs]
 
         def show(image: torch.Tensor | None, *slider_values: float) -> list[Any]:
             values, positions = [], iter(slider_values)
@@ -125,15 +98,50 @@ def build_app(runs: list[ServedRun], images: ImageSet):
     return app
 
 
+def add_run_column(gr, run: ServedRun, number: int, current) -> tuple[list[Any], list[Any]]:
+    """One run's column: its top-5, its map and caption, and for a ViT the layer and head sliders with that
+    layer's attention. Returns the outputs `run_view(run)` fills, and the sliders it reads."""
+    with gr.Column(elem_id=f"run-{number}"):
+        gr.Markdown(f"### {run.name}\n{run.model.name}, test accuracy {run.test_acc:.2f}%")
+        map_label = {"cnn": "Grad-CAM", "vit": "attention rollout"}.get(run.kind, "no map")
+        outputs = [gr.Label(num_top_classes=views.TOP_CLASSES, label="top-5 classes", elem_id=f"top5-{number}"),
+                   gr.Image(label=map_label, interactive=False, format="png", elem_id=f"map-{number}"),
+                   gr.Markdown(elem_id=f"map-caption-{number}")]
+        if run.kind != "vit":
+            return outputs, []
+        config = run.model.config
+        if config.num_blocks > 1:
+            layer = gr.Slider(1, config.num_blocks, value=config.num_blocks, step=1, label="layer", elem_id=f"layer-{number}")
+        else:  # a slider needs two ends
+            layer = gr.Number(1, label="layer (the model has one)", interactive=False, elem_id=f"layer-{number}")
+        head = gr.Slider(0, config.num_heads, value=0, step=1, label="head (0: mean of the heads)", elem_id=f"head-{number}")
+        attention = gr.Image(label="attention of one layer", interactive=False, format="png", elem_id=f"attention-{number}")
+        caption = gr.Markdown(elem_id=f"attention-caption-{number}")
+        for slider in (layer, head):
+            slider.change(attention_view(run), [current, layer, head], [attention, caption], trigger_mode="always_last")
+        return [*outputs, attention, caption], [layer, head]
+
+
+def add_training_figures(gr, runs: list[ServedRun]) -> None:
+    """Each run's confusion matrix and training curves, drawn once when the app is built."""
+    with gr.Accordion("how each run trained: confusion matrix on the test set and training curves", open=True):
+        with gr.Row(equal_height=False):
+            for number, run in enumerate(runs):
+                with gr.Column():
+                    for kind, (figure, caption) in (("confusion", views.confusion_image(run)), ("curves", views.curves_image(run))):
+                        if figure is not None:  # the figures carry their own titles
+                            gr.Image(figure, show_label=False, interactive=False, format="png", elem_id=f"{kind}-{number}")
+                        gr.Markdown(caption, elem_id=f"{kind}-caption-{number}")
+
+
 def run_view(run: ServedRun) -> Callable[..., list[Any]]:
-    """image (, layer, head) → this run's outputs: top-5, then its map and caption, then (ViT) one layer's attention and caption."""
+    """image (, layer, head) → this run's outputs: top-5, its map (None for a model without one) and caption, then
+    (ViT) one layer's attention and caption."""
 
     def produce(image: torch.Tensor | None, *layer_and_head: float) -> list[Any]:
         if image is None:
-            return [None] * (1 + 2 * (run.kind != "other") + 2 * (run.kind == "vit"))
-        values: list[Any] = [views.top_classes(run, image)]
-        if run.kind != "other":
-            values += list(views.where_it_looks(run, image))
+            return [None, None, ""] + [None, ""] * (run.kind == "vit")
+        values: list[Any] = [views.top_classes(run, image), *views.where_it_looks(run, image)]
         if run.kind == "vit":
             values += list(views.attention_overlay(run, image, *(int(value) for value in layer_and_head)))
         return values
