@@ -122,3 +122,32 @@ def small_cifar_root(tmp_path_factory, monkeypatch) -> Path:
     root = tmp_path_factory.mktemp("small-cifar")
     monkeypatch.setattr(data_module, "MD5", write_fake_cifar10(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def serve_data(tmp_path_factory) -> Path:
+    """CIFAR-10 for the `vitlab serve` tests, shared by the whole session: the real one, or generated files
+    whose checksums stay expected meanwhile (a child process gets them through `vitlab_process`)."""
+    real = real_cifar10_root()
+    if real is not None:
+        yield real
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        root = tmp_path_factory.mktemp("serve-cifar")
+        patch.setattr(data_module, "MD5", write_fake_cifar10(root))
+        yield root
+
+
+@pytest.fixture(scope="session")
+def served_runs(serve_data, tmp_path_factory) -> dict[str, Path]:
+    """{'cnn': a finished cnn-small run, 'vit': a finished 2-block, 2-head ViT run with a CLS token}, trained once
+    through the command line on a few hundred images, for the serve tests."""
+    from vitlab.cli import main
+
+    folder = tmp_path_factory.mktemp("serve-runs")
+    quick = ["--subset", "300", "--test_subset", "100", "--epochs", "1", "--batch-size", "50", "--progress", "false"]
+    models = {"cnn": ["--model", "cnn-small"],
+              "vit": ["--model", "vit", "--patch_size", "8", "--hidden_size", "16", "--num_heads", "2", "--num_blocks", "2", "--pool", "cls"]}
+    for name, model_args in models.items():
+        assert main(["train", *model_args, *quick, "--data-dir", str(serve_data), "--out", str(folder / name)]) == 0
+    return {name: folder / name for name in models}

@@ -1,5 +1,5 @@
 """The `vitlab` command line: a small dispatcher. Each command's parser and its few lines of glue live in
-one module here (train, study, inspect, models); the work is done by the library."""
+one module here (train, study, inspect, models, serve); the work is done by the library."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from vitlab.cli import inspect, models, study, train
+from vitlab.cli import inspect, models, serve, study, train
 from vitlab.cli.parser import OneLineErrorParser
 from vitlab.errors import VitlabError
 
@@ -15,13 +15,14 @@ COMMANDS = {
     "train": train.run, "compare": study.run_compare, "sweep": study.run_sweep, "report": study.run_report,
     "evaluate": inspect.run_evaluate, "attention": inspect.run_attention, "explain": inspect.run_explain,
     "predict": inspect.run_predict, "export": inspect.run_export, "gif": inspect.run_gif, "models": models.run,
+    "serve": serve.run,
 }
 
 
 def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(prog="vitlab", description="Train, compare and look inside ViTs and CNNs on CIFAR-10.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
-    for module in (train, study, inspect, models):
+    for module in (train, study, inspect, models, serve):
         module.add_parser(commands)
     return parser
 
