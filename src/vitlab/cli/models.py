@@ -23,8 +23,8 @@ def run(args: argparse.Namespace) -> None:
         except VitlabError as error:  # an optional dependency is missing (timm)
             print(f"{name:<14}{'-':>12}  {error}")
             continue
-        print(f"{name:<14}{model.num_parameters:>12,}  {json.dumps(dataclasses.asdict(model.config))}")
-    print(f"{'':<14}{'':>12}  timm: any timm architecture with --model timm:NAME (e.g. timm:resnet18); the line above is its default")
+        note = "  (the default; any timm architecture with --model timm:NAME)" if name == "timm" else ""
+        print(f"{name:<14}{model.num_parameters:>12,}  {json.dumps(dataclasses.asdict(model.config))}{note}")
     print(f"\n{'preset':<14}{'parameters':>12}  recipe")
     for name, preset in PRESETS.items():
         model = build_model(preset.model, **preset.model_config)

@@ -108,7 +108,8 @@ def deletion_insertion(model: nn.Module, images: torch.Tensor, maps: torch.Tenso
     images, class_index = images.to(device).float(), class_index.to(device)
     ranks = pixel_ranks(maps.to(device))
     baseline = torch.zeros_like(images)
-    blurred = gaussian_blur(images, kernel_size=[BLUR_KERNEL, BLUR_KERNEL], sigma=[BLUR_SIGMA, BLUR_SIGMA])
+    kernel = min(BLUR_KERNEL, 2 * min(images.shape[-2:]) - 1)  # reflect padding needs kernel // 2 < side (tiny test images)
+    blurred = gaussian_blur(images, kernel_size=[kernel, kernel], sigma=[BLUR_SIGMA, BLUR_SIGMA])
     with eval_mode(model):
         deletion = area_under_curve(probability_curve(model, images, baseline, ranks, class_index, steps))
         insertion = area_under_curve(probability_curve(model, blurred, images, ranks, class_index, steps))
