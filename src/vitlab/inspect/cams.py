@@ -77,13 +77,14 @@ def cam_layer(model: nn.Module, images: torch.Tensor) -> CamLayer:
                       "CAMs are for CNN and ViT runs")
 
 
-def cam_maps(model: nn.Module, images: torch.Tensor, method: str, class_index: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def cam_maps(model: nn.Module, images: torch.Tensor, method: str, class_index: torch.Tensor | None = None,
+             layer: CamLayer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CAM maps (B, H, W) in [0, 1] of normalised `images` (B, 3, H, W) and the logits (B, classes).
 
     Args:
         method: one of CAM_METHODS (gradcam, gradcam++, scorecam, eigencam, layercam).
         class_index: (B,) classes to explain (default: the predicted ones).
+        layer: the layer to explain (default: `cam_layer(model, images)`).
     """
     if method not in CAM_METHODS:
         raise VitlabError(f"unknown CAM method '{method}'; choose from {', '.join(CAM_METHODS)}")
@@ -93,7 +94,7 @@ def cam_maps(model: nn.Module, images: torch.Tensor, method: str, class_index: t
     device = next(model.parameters()).device
     images = images.to(device).float()
     with eval_mode(model):
-        layer = cam_layer(model, images)
+        layer = layer or cam_layer(model, images)
         if class_index is None:
             with torch.no_grad():
                 class_index = model(images).argmax(dim=1)

@@ -116,8 +116,9 @@ def explanation_maps(model: nn.Module, inputs: torch.Tensor, method: str, class_
         _, attention, gradients = attention_with_gradients(model, inputs, class_index)
         maps = rollout_maps(model, attention, image_size, settings.head_fusion, settings.discard_ratio, gradients=gradients)
         return scaled_to_unit(maps).cpu(), f"all {attention.shape[0]} attention layers"
-    maps, _ = cam_maps(model, inputs, method, class_index)
-    return maps, cam_layer(model, inputs[:1]).description
+    layer = cam_layer(model, inputs)
+    maps, _ = cam_maps(model, inputs, method, class_index, layer)
+    return maps, layer.description
 
 
 def explain_runs(models: list[tuple[str, nn.Module]], images: torch.Tensor, settings: ExplainSettings) -> tuple[list[Explanation], list[str]]:
