@@ -145,12 +145,13 @@ def test_a_bad_model_name_on_the_command_line_is_one_line(capsys):
     assert "only timm:NAME takes a name after a colon" in error and len(error.strip().splitlines()) == 1
 
 
-def test_onnx_export_of_a_timm_cnn_agrees_with_pytorch(tmp_path):
+@pytest.mark.parametrize("make", [lambda: build_model("timm", architecture="test_resnet"), tiny_vit], ids=["test_resnet", "vit"])
+def test_onnx_export_of_timm_models_agrees_with_pytorch(make, tmp_path):
     pytest.importorskip("onnxruntime")
     from vitlab.inspect.export import check_onnx, export_onnx
 
     torch.manual_seed(0)
-    model = build_model("timm", architecture="test_resnet").eval()  # timm's small ResNet for tests
-    path = export_onnx(model, tmp_path / "resnet.onnx")
+    model = make().eval()  # test_resnet: timm's small ResNet for tests
+    path = export_onnx(model, tmp_path / "model.onnx")
     check = check_onnx(path, model, torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8))
     assert check.top1_agreement == 1.0 and check.max_abs_logit_difference < 1e-3
