@@ -110,11 +110,14 @@ else:
 print(model.config)"""),
     ("md", """## Raw attention, layer by layer
 `attention_stack` runs the model's explicit attention path and returns every layer's weights:
-(layers, batch, heads, tokens, tokens). Token 0 is the CLS token for `pool='cls'`."""),
+(layers, batch, heads, tokens, tokens). The model's `token_layout()` says where the tokens sit on the image:
+token 0 is the CLS token for `pool='cls'`, then the patches in row-major order."""),
     ("code", """images = test_images(4)
 logits, attention = attention_stack(model, normalize(images.images).to(next(model.parameters()).device))
 print("attention", tuple(attention.shape))
-first_layer = to_image_grid(patch_scores(attention[0].mean(dim=1), model.config), model)  # (batch, 32, 32)
+layout = model.token_layout()
+print(layout)
+first_layer = to_image_grid(patch_scores(attention[0].mean(dim=1), layout), layout, 32)  # (batch, 32, 32)
 print("layer-1 CLS->patch map over the image", tuple(first_layer.shape))
 for i in range(len(images.images)):
     print(images.names[i], "true", images.true_name(i), "| predicted", CLASSES[int(logits[i].argmax())])"""),
@@ -123,7 +126,7 @@ Average the heads, add the identity for the residual connection, renormalise the
 through the layers. Row 0 then says how much each patch flows into the CLS token at the end."""),
     ("code", """flow = rollout(attention)  # (batch, tokens, tokens)
 print("rollout", tuple(flow.shape), "rows sum to 1:", torch.allclose(flow.sum(-1), torch.ones(())))
-maps = to_image_grid(patch_scores(flow, model.config), model)
+maps = to_image_grid(patch_scores(flow, layout), layout, 32)
 print("share of the flow on the central 16x16 pixels:", [f"{float(m[8:24, 8:24].sum() / m.sum()):.2f}" for m in maps])"""),
     ("md", """## The figures `vitlab attention` writes"""),
     ("code", """from vitlab.inspect.figures import attention_distance_plot, attention_grid
@@ -132,7 +135,7 @@ out = Path(tempfile.mkdtemp())
 for path in attention_grid(model, images, out, method="raw", head="mean")[:2]:
     display(Image(filename=str(path)))
 display(Image(filename=str(attention_distance_plot(model, test_images(64).images, out / "distance.png"))))
-print("mean attention distance (pixels) per layer:", mean_attention_distance(attention, model).mean(dim=1).tolist())"""),
+print("mean attention distance (pixels) per layer:", mean_attention_distance(attention, layout).mean(dim=1).tolist())"""),
 ]
 
 MODEL_COMPARISON = [

@@ -288,6 +288,27 @@ def parse_int_tuple(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 64,128, got '{text}'") from None
 
 
+def parse_scalar(text: str) -> int | float | bool | str:
+    """'32' → 32, '0.1' → 0.1, 'true' → True, anything else stays text."""
+    for parse in (int, float, parse_bool):
+        try:
+            return parse(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            pass
+    return text
+
+
+def parse_keyword_arguments(text: str) -> dict[str, int | float | bool | str]:
+    """'img_size=32,patch_size=4' → {'img_size': 32, 'patch_size': 4}; '' → {}."""
+    values: dict[str, int | float | bool | str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip().isidentifier():
+            raise argparse.ArgumentTypeError(f"expected NAME=VALUE pairs separated by commas such as img_size=32,patch_size=4, got '{text}'")
+        values[key.strip()] = parse_scalar(value.strip())
+    return values
+
+
 def flag_parser(annotation: Any):
     """Text → value for a resolved dataclass field annotation (also argparse's `type=`)."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -296,6 +317,8 @@ def flag_parser(annotation: Any):
         return parse_bool
     if typing.get_origin(annotation) is tuple:
         return parse_int_tuple
+    if typing.get_origin(annotation) is dict:
+        return parse_keyword_arguments
     return annotation
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from vitlab.config import DataConfig, RunConfig, TrainConfig, route_settings
 from vitlab.errors import VitlabError
-from vitlab.models import model_class
+from vitlab.models import model_class, split_model_name
 
 DEFAULT_MODEL = "cnn-small"
 
@@ -88,8 +88,14 @@ def get_preset(name: str) -> Preset:
 
 def build_run_config(model: str | None, preset_name: str | None, given: dict[str, Any]) -> RunConfig:
     """A run's config: the preset's values (if any), then `given` (model, data and training settings by
-    field name); everything else keeps its default. A setting the model does not have is an error."""
+    field name); everything else keeps its default. A setting the model does not have is an error.
+    `model` may name a variant ('timm:resnet18' sets the timm model's architecture)."""
     preset = get_preset(preset_name) if preset_name else None
+    model, named_variant = split_model_name(model) if model else (None, {})
+    for name, value in named_variant.items():
+        if given.get(name, value) != value:
+            raise VitlabError(f"--model {model}:{value} and --{name} {given[name]} disagree; give the {name} once")
+    given = {**named_variant, **given}
     model = model or (preset.model if preset else DEFAULT_MODEL)
     if preset and model != preset.model:
         raise VitlabError(f"--preset {preset_name} is a '{preset.model}' model but --model says '{model}'; drop one of them")

@@ -98,7 +98,7 @@ def test_bad_values_are_one_line_errors(args, pattern, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,pattern", [
-    (["--model", "resnet"], "invalid choice"),
+    (["--model", "resnet"], "unknown model 'resnet'"),
     (["--no-such-flag"], "unrecognized arguments"),
     (["--lr", "fast"], "invalid float value"),
 ])

@@ -4,9 +4,19 @@ import numpy as np
 import pytest
 import torch
 
-from vitlab.inspect.attention import attention_stack, mean_attention_distance, patch_scores, rollout, to_image_grid
+from vitlab.errors import VitlabError
+from vitlab.inspect.attention import (
+    attention_stack,
+    attention_with_gradients,
+    discard_lowest,
+    mean_attention_distance,
+    patch_scores,
+    rollout,
+    rollout_maps,
+    to_image_grid,
+)
 from vitlab.models import build_model
-from vitlab.models.vit import ViTConfig
+from vitlab.models.base import TokenLayout
 
 
 def rollout_by_hand(layers: list[np.ndarray]) -> np.ndarray:
@@ -43,15 +53,24 @@ def test_rollout_of_no_mixing_is_the_identity():
     torch.testing.assert_close(rollout(stack), torch.eye(5).expand(2, 5, 5))
 
 
-def test_patch_scores_read_the_cls_row_or_average_the_patch_rows_and_skip_registers():
-    matrix = torch.arange(16.0).reshape(1, 4, 4)
-    with_cls = ViTConfig(patch_size=16, hidden_size=8, num_heads=2, pool="cls")  # 4 patches: tokens [CLS, p0..p3]
-    assert patch_scores(torch.arange(25.0).reshape(1, 5, 5), with_cls).tolist() == [[1.0, 2.0, 3.0, 4.0]]
-    mean = ViTConfig(patch_size=16, hidden_size=8, num_heads=2, pool="mean")
-    assert patch_scores(matrix, mean).tolist() == [[6.0, 7.0, 8.0, 9.0]]
-    registers = ViTConfig(patch_size=16, hidden_size=8, num_heads=2, pool="cls", registers=2)  # [CLS, p0..p3, r0, r1]
-    scores = patch_scores(torch.arange(49.0).reshape(1, 7, 7), registers)
-    assert scores.tolist() == [[1.0, 2.0, 3.0, 4.0]]
+def layout(prefix_tokens: int, grid_size: int, readout: str, patch_size: int = 16, padding: int = 0, suffix_tokens: int = 0) -> TokenLayout:
+    return TokenLayout(prefix_tokens=prefix_tokens, grid_size=grid_size, patch_size=patch_size, padding=padding, readout=readout,
+                       num_layers=1, num_heads=1, suffix_tokens=suffix_tokens)
+
+
+def test_patch_scores_read_the_cls_row_or_average_the_patch_rows():
+    assert patch_scores(torch.arange(25.0).reshape(1, 5, 5), layout(1, 2, "cls")).tolist() == [[1.0, 2.0, 3.0, 4.0]]  # [CLS, 2×2 patches]
+    assert patch_scores(torch.arange(16.0).reshape(1, 4, 4), layout(0, 2, "mean")).tolist() == [[6.0, 7.0, 8.0, 9.0]]
+    # a timm ViT with CLS + a register token before one patch, mean-pooled: the patch row over the patch column
+    assert patch_scores(torch.arange(9.0).reshape(1, 3, 3), layout(2, 1, "mean")).tolist() == [[8.0]]
+    # a vitlab ViT with its two registers after the patches: [CLS, patch, register, register]
+    assert patch_scores(torch.arange(16.0).reshape(1, 4, 4), layout(1, 1, "cls", suffix_tokens=2)).tolist() == [[1.0]]
+
+
+def test_a_grid_that_misses_pixels_leaves_them_dark():
+    # timm's patch 6 on 32×32 without padding: a 5×5 grid covers pixels 0..29; rows and columns 30, 31 stay 0.
+    image_map = to_image_grid(torch.ones(1, 25), layout(1, 5, "cls", patch_size=6), 32)
+    assert image_map.shape == (1, 32, 32) and image_map[0, :30, :30].min() > 0.999 and image_map[0, 30:].max() == 0 and image_map[0, :, 30:].max() == 0
 
 
 def test_maps_of_a_non_dividing_patch_size_line_up_with_the_image():
@@ -60,7 +79,7 @@ def test_maps_of_a_non_dividing_patch_size_line_up_with_the_image():
     model = build_model("vit", patch_size=6, hidden_size=16, num_heads=2, num_blocks=1)
     scores = torch.zeros(1, 36)
     scores[0, 0] = 1.0
-    image_map = to_image_grid(scores, model)
+    image_map = to_image_grid(scores, model.token_layout(), 32)
     assert image_map.shape == (1, 32, 32)
     assert image_map[0, :3, :3].min() > 0.5 and image_map[0, 8:, :].max() == 0 and image_map[0, :, 8:].max() == 0
 
@@ -81,6 +100,51 @@ def test_mean_attention_distance_by_hand():
     model = build_model("vit", patch_size=16, hidden_size=16, num_heads=2, num_blocks=1, pool="mean")
     attention = torch.full((1, 1, 2, 4, 4), 0.25)
     expected = (0 + 16 + 16 + 16 * 2**0.5) / 4
-    torch.testing.assert_close(mean_attention_distance(attention, model), torch.full((1, 2), expected))
+    torch.testing.assert_close(mean_attention_distance(attention, model.token_layout()), torch.full((1, 2), expected))
     local = torch.eye(4).expand(1, 1, 2, 4, 4)  # attending only to itself: distance 0
-    assert mean_attention_distance(local, model).abs().max() == 0
+    assert mean_attention_distance(local, model.token_layout()).abs().max() == 0
+
+
+def test_head_fusion_max_and_min_take_the_elementwise_extremes():
+    heads = torch.tensor([[[0.6, 0.4], [0.1, 0.9]], [[0.2, 0.8], [0.7, 0.3]]])[None, None]  # (L=1, B=1, heads=2, 2, 2)
+    largest = torch.tensor([[0.6, 0.8], [0.7, 0.9]])
+    smallest = torch.tensor([[0.2, 0.4], [0.1, 0.3]])
+    for fusion, fused in (("max", largest), ("min", smallest)):
+        with_residual = fused + torch.eye(2)
+        torch.testing.assert_close(rollout(heads, head_fusion=fusion)[0], with_residual / with_residual.sum(dim=1, keepdim=True))
+    with pytest.raises(VitlabError, match="head fusion must be one of mean, max, min"):
+        rollout(heads, head_fusion="median")
+
+
+def test_discard_ratio_zeroes_the_weakest_entries_but_keeps_the_diagonal():
+    fused = torch.tensor([[0.05, 0.5, 0.2], [0.01, 0.3, 0.6], [0.4, 0.02, 0.03]])[None]  # (B=1, 3, 3)
+    kept = discard_lowest(fused, 4 / 9)  # the 4 weakest: 0.01, 0.02, 0.03 (diagonal: kept), 0.05 (diagonal: kept)
+    expected = fused.clone()
+    expected[0, 1, 0] = expected[0, 2, 1] = 0.0
+    torch.testing.assert_close(kept, expected)
+    assert torch.equal(discard_lowest(fused, 0.0), fused)
+    with pytest.raises(VitlabError, match="discard ratio"):
+        discard_lowest(fused, 1.0)
+
+
+def test_gradient_weighted_rollout_with_unit_gradients_is_plain_rollout_and_clips_negatives():
+    torch.manual_seed(0)
+    attention = torch.rand(3, 2, 4, 5, 5).softmax(dim=-1)
+    torch.testing.assert_close(rollout(attention, gradients=torch.ones_like(attention)), rollout(attention))
+    # all-negative gradients clip every head to zero: only the residual identity is left
+    torch.testing.assert_close(rollout(attention, gradients=-torch.ones_like(attention)), torch.eye(5).expand(2, 5, 5))
+
+
+def test_attention_gradients_reach_only_the_cls_row_of_the_last_layer():
+    # With CLS read-out, the last block's patch rows never reach the logits: their gradient is exactly 0.
+    torch.manual_seed(0)
+    model = build_model("vit", patch_size=8, hidden_size=16, num_heads=2, num_blocks=2)
+    torch.nn.init.normal_(model.head.weight)  # the zero-initialised head would give zero gradients everywhere
+    images = torch.randn(2, 3, 32, 32)
+    logits, attention, gradients = attention_with_gradients(model, images)
+    assert gradients.shape == attention.shape == (2, 2, 2, 17, 17)
+    assert gradients[-1, :, :, 1:].abs().max() == 0 and gradients[-1, :, :, 0].abs().max() > 0
+    assert gradients[0].abs().max() > 0  # the first layer's every row matters
+    torch.testing.assert_close(logits, model(images), rtol=1e-4, atol=1e-5)
+    maps = rollout_maps(model, attention, 32, gradients=gradients)
+    assert maps.shape == (2, 32, 32) and torch.isfinite(maps).all()

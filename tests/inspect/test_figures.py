@@ -1,5 +1,7 @@
 """The inspection commands end to end: attention, explain, evaluate --figures, predict."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -38,7 +40,7 @@ def test_attention_refuses_bad_choices_and_cnn_runs(cifar_root, tmp_path, capsys
     capsys.readouterr()
     for args, message in [([str(vit), "--layer", "7"], "--layer must be all or a layer number 1..2"),
                           ([str(vit), "--head", "9"], "--head must be mean, all or a head number 1..2"),
-                          ([str(cnn)], "not a VisionTransformer")]:
+                          ([str(cnn)], "returns no attention")]:
         assert main(["attention", *args, "--images", "1", "--data-dir", str(cifar_root), "--out", str(tmp_path / "x")]) == 2
         error = capsys.readouterr().err
         assert message in error and len(error.strip().splitlines()) == 1, error
@@ -52,6 +54,11 @@ def test_explain_shows_cnn_and_vit_side_by_side_with_feature_maps(cifar_root, tm
     assert (out / "explain.png").is_file() and (out / "feature_maps_cnn.png").is_file()
     with Image.open(out / "explain.png") as figure:  # rows: images; columns: the image, then one per run (2.0 × 2.1 inches each)
         assert figure.width / figure.height == pytest.approx((2.0 * 3) / (2.1 * 2), rel=0.05)
+    ranking = json.loads((out / "explain_scores.json").read_text())["ranking"]  # auto: Grad-CAM for the CNN, rollout for the ViT
+    assert sorted((row["run"], row["method"]) for row in ranking) == [("cnn", "gradcam"), ("vit", "rollout")]
+    assert [row["rank"] for row in ranking] == [1, 2] and ranking[0]["score"] >= ranking[1]["score"]
+    rows = [line for line in (out / "explain_scores.md").read_text().splitlines() if line.startswith(("| 1 |", "| 2 |", "| 3 |"))]
+    assert len(rows) == 2
 
 
 def test_evaluate_figures_and_the_confusion_matrix(cifar_root, tmp_path, capsys):

@@ -28,7 +28,7 @@ def test_every_technique_keeps_the_attention_path_equal_to_the_fused_one(setting
     torch.testing.assert_close(model(images), logits, atol=1e-5, rtol=1e-4)
     tokens = model.config.num_tokens
     assert attention.shape == (2, 3, 4, tokens, tokens)
-    assert rollout_maps(model, attention).shape == (3, 32, 32)
+    assert rollout_maps(model, attention, 32).shape == (3, 32, 32)
 
 
 def test_shifted_patch_tokenization_sees_the_four_diagonal_half_patch_shifts_without_convolution():

@@ -13,8 +13,8 @@ from PIL import Image
 from vitlab.data import CLASSES, normalize
 from vitlab.errors import VitlabError
 from vitlab.inspect.attention import attention_stack, patch_scores, rollout_maps, to_image_grid
+from vitlab.inspect.explain import ExplainSettings, explanation_maps
 from vitlab.inspect.figures import confusion_figure
-from vitlab.inspect.gradcam import grad_cam
 from vitlab.serve import views
 from vitlab.serve.runs import load_run
 
@@ -58,7 +58,9 @@ def test_top_classes_are_the_models_five_most_probable(served_runs, images, kind
 def test_cnn_map_is_grad_cam_for_the_predicted_class(served_runs, images):
     run = load_run(served_runs["cnn"])
     overlay, caption = views.where_it_looks(run, images[0])
-    cam, logits = grad_cam(run.model, normalize(images[:1]))
+    inputs = normalize(images[:1])
+    logits = run.model(inputs)
+    cam, _ = explanation_maps(run.model, inputs, "gradcam", logits.argmax(dim=1), ExplainSettings())  # the library's Grad-CAM
     assert np.array_equal(overlay, views.heat_overlay(images[0], cam[0]))
     assert caption == f"Grad-CAM at the last stage, for the predicted class '{CLASSES[int(logits.argmax())]}'"
 
@@ -67,7 +69,7 @@ def test_vit_map_is_the_attention_rollout(served_runs, images):
     run = load_run(served_runs["vit"])
     overlay, caption = views.where_it_looks(run, images[0])
     _, attention = attention_stack(run.model, normalize(images[:1]))
-    assert np.array_equal(overlay, views.heat_overlay(images[0], rollout_maps(run.model, attention)[0]))
+    assert np.array_equal(overlay, views.heat_overlay(images[0], rollout_maps(run.model, attention, 32)[0]))
     assert caption.startswith("attention rollout through all 2 layers")
 
 
@@ -77,7 +79,7 @@ def test_one_layers_attention_is_the_cls_row_of_that_layer_and_head(served_runs,
 
     def expected(layer, head):
         matrix = attention[layer - 1, 0].mean(dim=0) if head == 0 else attention[layer - 1, 0, head - 1]  # (T, T)
-        return views.heat_overlay(images[2], to_image_grid(patch_scores(matrix[None], run.model.config), run.model)[0])
+        return views.heat_overlay(images[2], to_image_grid(patch_scores(matrix[None], run.model.token_layout()), run.model.token_layout(), 32)[0])
 
     shown = {}
     for layer, head in ((1, 0), (1, 1), (2, 2)):

@@ -23,6 +23,18 @@ def test_tuple_settings_are_written_with_a_slash_or_brackets():
     assert sweep_specs(["cnn-small"], "channels=8/16,16/32") == ["cnn-small:channels=8/16", "cnn-small:channels=16/32"]
 
 
+def test_timm_specs_name_the_architecture_first_and_bracket_their_keyword_arguments(tmp_path):
+    spec = parse_spec("timm:resnet18,lr=0.01")
+    assert (spec.model, spec.overrides) == ("timm", {"architecture": "resnet18", "lr": 0.01})
+    assert (spec.text, spec.slug) == ("timm:resnet18,lr=0.01", "timm_resnet18_lr-0.01")
+    assert parse_spec("timm:architecture=resnet18,lr=0.01").text == spec.text  # one SPEC, however it is spelled
+    vit = parse_spec("timm:vit_tiny_patch16_224,timm_kwargs=[patch_size=8,depth=2]")
+    assert vit.overrides["timm_kwargs"] == {"patch_size": 8, "depth": 2}
+    assert vit.text == "timm:vit_tiny_patch16_224,timm_kwargs=[patch_size=8,depth=2]" and parse_spec(vit.text) == vit
+    plan = StudyPlan(specs=["cnn-small", "timm:resnet18"], budget={"epochs": 1}, seeds=[0])
+    assert sorted(type(member.config.model).__name__ for member in plan.members(tmp_path)) == ["SmallCNNConfig", "TimmConfig"]
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("resnet", "unknown model or preset"),
     ("vit:depth=3", "unknown setting 'depth'"),

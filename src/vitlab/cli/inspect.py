@@ -7,6 +7,8 @@ import json
 import sys
 
 from vitlab.cli.parser import add_data_dir_flag, positive_int
+from vitlab.inspect.attention import HEAD_FUSIONS
+from vitlab.inspect.explain import AUTO, METHODS
 
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
@@ -40,12 +42,24 @@ def add_parser(commands) -> None:
     attention.add_argument("--method", default="raw", choices=["raw", "rollout"],
                            help="what each layer panel shows: its own attention (raw) or the rollout up to it")
 
-    explain = commands.add_parser("explain", help="CNNs and ViTs side by side: Grad-CAM, attention rollout, feature maps",
-                                  description="For the same images, show where each run's model looks (Grad-CAM at the last "
-                                  "stage for CNNs, attention rollout for ViTs), side by side; plus each CNN's feature maps.")
+    explain = commands.add_parser("explain", help="CNNs and ViTs side by side: CAMs, attention rollout, faithfulness ranking",
+                                  description="For the same images, show where each run's model looks by each method (CAMs from "
+                                  "pytorch-grad-cam on CNNs and ViTs, attention rollout on ViTs), side by side in explain.png; rank "
+                                  "every (run, method) by deletion / insertion AUC (Petsiuk et al. 2018) in explain_scores.md and "
+                                  ".json; plus each CNN's feature maps. The CAMs need pip install 'vitlab[explain]'.")
     explain.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     explain.add_argument("--files", nargs="+", default=[], metavar="IMAGE", help="image files (default: the first --images test images)")
     add_image_flags(explain)
+    explain.add_argument("--methods", type=method_list, default=(AUTO,), metavar="M1,M2,...",
+                         help=f"comma-separated methods: {', '.join(METHODS)}; {AUTO} (default): gradcam for CNNs, rollout for ViTs. "
+                         "Each runs on every run it applies to")
+    explain.add_argument("--head-fusion", "--head_fusion", dest="head_fusion", choices=list(HEAD_FUSIONS), default="mean",
+                         help="how rollout fuses a layer's heads (default mean)")
+    explain.add_argument("--discard-ratio", "--discard_ratio", dest="discard_ratio", type=float, default=0.0,
+                         help="share of each layer's weakest attention entries rollout drops, in [0, 1) (default 0)")
+    explain.add_argument("--score-images", "--score_images", dest="score_images", type=positive_int,
+                         help="test images the faithfulness ranking averages over (default: the shown --images; ignored with --files)")
+    explain.add_argument("--steps", type=positive_int, default=32, help="pixel steps of the deletion and insertion curves (default 32)")
 
     predict = commands.add_parser("predict", help="top-k classes for image files",
                                   description="Resize each image to the run's image size and print its top-k classes with probabilities.")
@@ -68,6 +82,15 @@ def add_parser(commands) -> None:
                               "trained with --gif true saved.")
     gif.add_argument("run_dir", metavar="RUN_DIR")
     gif.add_argument("--out", help="GIF file to write, ending in .gif (default RUN_DIR/training.gif)")
+
+
+def method_list(text: str) -> tuple[str, ...]:
+    """'gradcam,rollout' → ('gradcam', 'rollout'), each a known method (argparse's `type=`)."""
+    methods = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    unknown = [method for method in methods if method not in (*METHODS, AUTO)]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"unknown method '{unknown[0] if unknown else text}'; choose from {', '.join(METHODS)} or {AUTO}")
+    return methods
 
 
 def print_errors(command: str, errors: list[str]) -> None:
@@ -96,10 +119,13 @@ def run_attention(args: argparse.Namespace) -> int:
 
 
 def run_explain(args: argparse.Namespace) -> int:
+    from vitlab.inspect.explain import ExplainSettings
     from vitlab.inspect.reports import write_explanations
 
     errors: list[str] = []
-    written = write_explanations(args.run_dirs, args.files, args.images, args.out, args.data_dir, errors, device=args.device)
+    settings = ExplainSettings(methods=args.methods, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio, steps=args.steps)
+    written = write_explanations(args.run_dirs, args.files, args.images, args.out, args.data_dir, errors, settings, args.score_images,
+                                 device=args.device)
     print_errors(args.command, errors)
     for path in written:
         print(f"wrote {path}")

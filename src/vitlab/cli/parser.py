@@ -87,6 +87,21 @@ def given_settings(args: argparse.Namespace) -> dict[str, typing.Any]:
     return {key.removeprefix(SETTING): value for key, value in vars(args).items() if key.startswith(SETTING) and value is not None}
 
 
+def model_argument(text: str) -> str:
+    """A --model value: a registered model, or NAME:VARIANT such as timm:resnet18 (argparse's `type=`)."""
+    from vitlab.errors import VitlabError
+    from vitlab.models import model_class, split_model_name
+
+    try:
+        model_class(split_model_name(text)[0])
+    except VitlabError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+MODEL_HELP = f"{', '.join(MODELS)}, or timm:NAME for any timm model (e.g. timm:resnet18; needs pip install 'vitlab[timm]')"
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

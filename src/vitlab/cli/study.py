@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vitlab.cli.parser import add_settings_flags, given_settings, positive_int
-from vitlab.models import MODELS
+from vitlab.cli.parser import MODEL_HELP, add_settings_flags, given_settings, model_argument, positive_int
 from vitlab.study.plan import BUDGETS, SEED_STUDY
 
 
@@ -29,7 +28,7 @@ def add_study_flags(parser: argparse.ArgumentParser) -> None:
 def add_parser(commands) -> None:
     compare = commands.add_parser("compare", help="train several models under one budget, K seeds each; tables and figures",
                                   description="Train every SPEC (a model or preset, optionally with settings of any kind such as "
-                                  "vit:patch_size=4,lr=0.001 or cnn:widths=16/32) under the same budget with --seeds K seeds; the "
+                                  "vit:patch_size=4,lr=0.001, cnn:widths=16/32 or timm:resnet18) under the same budget with --seeds K seeds; the "
                                   "first SPEC is the baseline. With --vary, every SPEC once per value (a grid). With no SPEC: the "
                                   "seeds' study (cnn-small vs ViT at patch 2, 4, 6, 8, and their MLP). Running the same command "
                                   "again resumes an interrupted study.")
@@ -41,7 +40,7 @@ def add_parser(commands) -> None:
                                 description="Train --model (or --preset) once per value of --vary FIELD=v1,v2,... (any model, data or "
                                 "training setting; a tuple value as 16/32) under the same budget; the first value is the baseline.")
     sweep.add_argument("--vary", required=True, metavar="FIELD=v1,v2,...", help="the setting to vary and its values")
-    sweep.add_argument("--model", choices=list(MODELS), help="architecture to sweep (default vit)")
+    sweep.add_argument("--model", type=model_argument, metavar="MODEL", help=f"architecture to sweep: {MODEL_HELP} (default vit)")
     sweep.add_argument("--preset", help="sweep around a named recipe instead")
     add_study_flags(sweep)
 

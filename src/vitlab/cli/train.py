@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from vitlab.cli.parser import add_settings_flags, given_settings
+from vitlab.cli.parser import MODEL_HELP, add_settings_flags, given_settings, model_argument
 from vitlab.errors import VitlabError
-from vitlab.models import MODELS
 from vitlab.presets import DEFAULT_MODEL, build_run_config
 
 
 def add_parser(commands) -> None:
     train = commands.add_parser("train", help="train a model and write a run folder",
                                 description="Train a model on CIFAR-10; writes config, metrics, weights, results and curves to --out.")
-    train.add_argument("--model", choices=list(MODELS), help=f"architecture (default {DEFAULT_MODEL})")
+    train.add_argument("--model", type=model_argument, metavar="MODEL", help=f"architecture: {MODEL_HELP} (default {DEFAULT_MODEL})")
     train.add_argument("--preset", help="start from a named recipe (see 'vitlab models')")
     train.add_argument("--out", help="run folder to create (default runs/<model>-<time>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint (takes no other settings)")

@@ -10,9 +10,9 @@ import torch
 from vitlab.data import CLASSES, normalize
 from vitlab.errors import VitlabError
 from vitlab.inspect.attention import attention_stack, mean_attention_distance, patch_scores, rollout, rollout_maps, to_image_grid
-from vitlab.inspect.gradcam import feature_maps, grad_cam
+from vitlab.inspect.explain import Explanation
+from vitlab.inspect.features import feature_maps
 from vitlab.inspect.images import ImageSet
-from vitlab.models.vit import VisionTransformer
 from vitlab.plotting import plt, save_figure
 
 
@@ -48,15 +48,16 @@ def class_names(model: torch.nn.Module) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------- ViT attention
 
-def vit_attention(model: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def vit_attention(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities (B, classes) and attention (L, B, heads, T, T) of uint8 images."""
     logits, attention = attention_stack(model, model_inputs(model, images))
     return logits.softmax(dim=1).cpu(), attention.cpu()
 
 
-def layer_maps(model: VisionTransformer, attention: torch.Tensor, method: str, head: str) -> torch.Tensor:
+def layer_maps(model: torch.nn.Module, attention: torch.Tensor, method: str, head: str, image_size: int) -> torch.Tensor:
     """Per-layer attention over the image: (L, B, heads, T, T) → (L, B, R, H, W) with R = 1 (mean or one
     head) or heads (all). `method` raw: each layer's own attention; rollout: rollout up to that layer."""
+    layout = model.token_layout()
     num_layers, _, num_heads = attention.shape[:3]
     if head not in ("mean", "all") and not (head.isdigit() and 1 <= int(head) <= num_heads):
         raise VitlabError(f"--head must be mean, all or a head number 1..{num_heads}, got '{head}'")
@@ -71,17 +72,18 @@ def layer_maps(model: VisionTransformer, attention: torch.Tensor, method: str, h
             matrices = matrices.mean(dim=1, keepdim=True) if head == "mean" else matrices
             if head.isdigit():
                 matrices = matrices[:, int(head) - 1:int(head)]
-        per_layer.append(to_image_grid(patch_scores(matrices, model.config), model))  # (B, R, H, W)
+        per_layer.append(to_image_grid(patch_scores(matrices, layout), layout, image_size))  # (B, R, H, W)
     return torch.stack(per_layer)
 
 
-def attention_grid(model: VisionTransformer, images: ImageSet, out_dir: Path, method: str = "raw", head: str = "mean",
+def attention_grid(model: torch.nn.Module, images: ImageSet, out_dir: Path, method: str = "raw", head: str = "mean",
                    layers: list[int] | None = None) -> list[Path]:
     """One PNG per image: the image, each chosen layer's attention (rows: heads when head='all'), and
     the full rollout overlaid, titled with predicted and true class."""
     probabilities, attention = vit_attention(model, images.images)
-    maps = layer_maps(model, attention, method, head)  # (L, B, R, H, W)
-    full_rollout = rollout_maps(model, attention)  # (B, H, W)
+    image_size = images.images.shape[-1]
+    maps = layer_maps(model, attention, method, head, image_size)  # (L, B, R, H, W)
+    full_rollout = rollout_maps(model, attention, image_size)  # (B, H, W)
     layers = layers or list(range(1, maps.shape[0] + 1))
     rows = maps.shape[2]
     written = []
@@ -96,25 +98,26 @@ def attention_grid(model: VisionTransformer, images: ImageSet, out_dir: Path, me
                 show_image(axes[row, column], image, maps[layer - 1, index, row], title=label)
             show_image(axes[row, -1], image, full_rollout[index], title="rollout (all layers)")
         figure.suptitle(f"{images.names[index]}: CLS-to-patch attention ({method}, head {head})"
-                        if model.config.pool == "cls" else f"{images.names[index]}: attention received by each patch ({method}, head {head})",
+                        if model.token_layout().readout == "cls" else f"{images.names[index]}: attention received by each patch ({method}, head {head})",
                         fontsize=9)
         written.append(save_figure(figure, out_dir / f"attention_{index:03d}.png"))
     return written
 
 
-def attention_distance_plot(model: VisionTransformer, images: torch.Tensor, path: Path) -> Path:
+def attention_distance_plot(model: torch.nn.Module, images: torch.Tensor, path: Path) -> Path:
     """Mean attention distance (pixels) of every head in every layer, as in the ViT paper's figure 7."""
     _, attention = vit_attention(model, images)
-    distance = mean_attention_distance(attention, model)  # (L, heads)
+    layout = model.token_layout()
+    distance = mean_attention_distance(attention, layout)  # (L, heads)
     figure, axis = plt.subplots(figsize=(5.5, 3.8))
     layers, heads = distance.shape
     for h in range(heads):
         axis.scatter(range(1, layers + 1), distance[:, h].numpy(), s=18, label=f"head {h + 1}")
     tokens = attention.shape[-1]
-    uniform = mean_attention_distance(torch.full((1, 1, 1, tokens, tokens), 1.0 / tokens), model)  # attending everywhere equally
+    uniform = mean_attention_distance(torch.full((1, 1, 1, tokens, tokens), 1.0 / tokens), layout)  # attending everywhere equally
     axis.axhline(float(uniform), color="gray", linestyle="--", linewidth=1, label="uniform attention")
     axis.set(xlabel="layer", ylabel="mean attention distance (pixels)",
-             title=f"attention distance ({len(images)} images, patch {model.config.patch_size})")
+             title=f"attention distance ({len(images)} images, patch {layout.patch_size})")
     axis.set_xticks(range(1, layers + 1))
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, ncol=2)
@@ -123,28 +126,17 @@ def attention_distance_plot(model: VisionTransformer, images: torch.Tensor, path
 
 # ---------------------------------------------------------------- CNN and side by side
 
-def explanation_maps(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Probabilities (B, classes) and a map (B, H, W) of where each model looks: attention rollout for a
-    ViT, Grad-CAM at the last stage for a CNN."""
-    if isinstance(model, VisionTransformer):
-        probabilities, attention = vit_attention(model, images)
-        maps = rollout_maps(model, attention)
-        return probabilities, maps, "attention rollout"
-    cam, logits = grad_cam(model, model_inputs(model, images))
-    return logits.softmax(dim=1).cpu(), cam.cpu(), "Grad-CAM"
-
-
-def explain_figure(models: list[tuple[str, torch.nn.Module]], images: ImageSet, path: Path) -> Path:
-    """Rows: images. Columns: the image, then each model's map with its prediction."""
-    results = [(name, *explanation_maps(model, images.images)) for name, model in models]
+def explain_figure(explanations: list[Explanation], images: ImageSet, path: Path) -> Path:
+    """Rows: images. Columns: the image, then each (run, method) map with the run's prediction."""
     count = len(images.images)
-    figure, axes = plt.subplots(count, len(models) + 1, figsize=(2.0 * (len(models) + 1), 2.1 * count), squeeze=False)
+    figure, axes = plt.subplots(count, len(explanations) + 1, figsize=(2.0 * (len(explanations) + 1), 2.1 * count), squeeze=False)
     for index in range(count):
         truth = images.true_name(index)
         show_image(axes[index, 0], images.images[index], title=f"{images.names[index]}\ntrue {truth}")
-        for column, (name, probabilities, maps, method) in enumerate(results, start=1):
-            title, color = prediction_title(probabilities[index], int(images.labels[index]), class_names(models[column - 1][1]))
-            show_image(axes[index, column], images.images[index], maps[index], title=f"{name} ({method})\n{title.splitlines()[0]}", color=color)
+        for column, explanation in enumerate(explanations, start=1):
+            title, color = prediction_title(explanation.probabilities[index], int(images.labels[index]), images.classes)
+            show_image(axes[index, column], images.images[index], explanation.maps[index],
+                       title=f"{explanation.run} ({explanation.label})\n{title.splitlines()[0]}", color=color)
     return save_figure(figure, path)
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 
 from vitlab.errors import VitlabError
+from vitlab.inspect.explain import ExplainSettings
 from vitlab.inspect.images import ImageSet, load_image_file, load_image_files, test_images
+from vitlab.io import atomic_write, write_json
 from vitlab.rundir import RunDir
 
 # Attention distance is averaged over at least this many test images (the figures show fewer).
@@ -38,41 +40,59 @@ def write_attention_figures(run_dir: str | Path, files: list[str], count: int, o
                             head: str = "mean", method: str = "raw", data_dir: str | None = None, errors: list[str] | None = None,
                             device: str = "auto") -> list[Path]:
     """Per image: each layer's attention and the rollout; plus the mean attention distance per layer and head."""
+    from vitlab.inspect.attention import require_attention
     from vitlab.inspect.figures import attention_distance_plot, attention_grid
-    from vitlab.models import VisionTransformer
 
-    model = VisionTransformer.load(run_dir, inspection_device(device))
+    model = RunDir(run_dir).model(inspection_device(device))
+    layout = require_attention(model)
     layers = None
     if layer != "all":
-        if not layer.isascii() or not layer.isdigit() or not 1 <= int(layer) <= model.config.num_blocks:
-            raise VitlabError(f"--layer must be all or a layer number 1..{model.config.num_blocks}, got '{layer}'")
+        if not layer.isascii() or not layer.isdigit() or not 1 <= int(layer) <= layout.num_layers:
+            raise VitlabError(f"--layer must be all or a layer number 1..{layout.num_layers}, got '{layer}'")
         layers = [int(layer)]
-    if head not in ("mean", "all") and not (head.isascii() and head.isdigit() and 1 <= int(head) <= model.config.num_heads):
-        raise VitlabError(f"--head must be mean, all or a head number 1..{model.config.num_heads}, got '{head}'")
+    if head not in ("mean", "all") and not (head.isascii() and head.isdigit() and 1 <= int(head) <= layout.num_heads):
+        raise VitlabError(f"--head must be mean, all or a head number 1..{layout.num_heads}, got '{head}'")
     errors = errors if errors is not None else []
-    statistics = images_to_show(files, max(DISTANCE_IMAGES, count), data_dir, errors, run_dir, size=model.config.image_size)
-    shown = statistics if files else ImageSet(statistics.images[:count], statistics.labels[:count], statistics.names[:count], statistics.classes)
+    size = getattr(model.config, "image_size", 32)
+    statistics = images_to_show(files, max(DISTANCE_IMAGES, count), data_dir, errors, run_dir, size=size)
+    shown = first_images(statistics, count, files)
     out = Path(out) if out else RunDir(run_dir).figures
     written = attention_grid(model, shown, out, method=method, head=head, layers=layers)
     written.append(attention_distance_plot(model, statistics.images, out / "attention_distance.png"))
     return written
 
 
+def first_images(images: ImageSet, count: int, files: list[str]) -> ImageSet:
+    """The images to draw: all given files, or the first `count` test images."""
+    return images if files else ImageSet(images.images[:count], images.labels[:count], images.names[:count], images.classes)
+
+
 def write_explanations(run_dirs: list[str], files: list[str], count: int, out: str | Path | None = None, data_dir: str | None = None,
-                       errors: list[str] | None = None, device: str = "auto") -> list[Path]:
-    """Where each run's model looks on the same images, side by side; plus each CNN's feature maps."""
+                       errors: list[str] | None = None, settings: ExplainSettings | None = None, score_images: int | None = None,
+                       device: str = "auto") -> list[Path]:
+    """Where each run's model looks on the same images, by each method, side by side (explain.png); the methods ranked
+    by deletion / insertion AUC on `score_images` test images (default: the shown ones) (explain_scores.md and .json);
+    and each CNN's feature maps."""
+    from vitlab.inspect.explain import explain_runs, ranking_json, ranking_markdown
     from vitlab.inspect.figures import explain_figure, feature_map_figure
 
+    settings = settings or ExplainSettings()
     target = inspection_device(device)
     models = [(Path(run_dir).name, RunDir(run_dir).model(target)) for run_dir in run_dirs]
     for name, model in models:
         if not model.returns_attention and not model.has_stages:
             raise VitlabError(f"{name} is a '{model.name}' model, which has neither attention nor convolutional stages to show")
     size = getattr(models[0][1].config, "image_size", 32)
-    images = images_to_show(files, count, data_dir, errors if errors is not None else [], run_dirs[0], size=size)
+    scored = images_to_show(files, max(count, score_images or count), data_dir, errors if errors is not None else [], run_dirs[0], size=size)
+    shown = first_images(scored, count, files)
+    explanations, notes = explain_runs(models, scored.images, settings)
     out = Path(out) if out else RunDir(run_dirs[0]).figures
-    written = [explain_figure(models, images, out / "explain.png")]
-    written += [feature_map_figure(model, images.images[0], out / f"feature_maps_{name}.png") for name, model in models if model.has_stages]
+    written = [explain_figure(explanations, shown, out / "explain.png")]
+    table, scores = out / "explain_scores.md", out / "explain_scores.json"
+    atomic_write(table, lambda tmp: Path(tmp).write_text(ranking_markdown(explanations, settings, notes)))
+    write_json(scores, ranking_json(explanations, settings, notes))
+    written += [table, scores]
+    written += [feature_map_figure(model, shown.images[0], out / f"feature_maps_{name}.png") for name, model in models if model.has_stages]
     return written
 
 

@@ -9,9 +9,24 @@ from vitlab.models.aircnn import AirCNN, AirCNNConfig
 from vitlab.models.base import VitlabModel
 from vitlab.models.cnn import CNN, CNNConfig, SmallCNN, SmallCNNConfig
 from vitlab.models.mlp import MLP, MLPConfig
+from vitlab.models.timm_model import TimmConfig, TimmModel
 from vitlab.models.vit import VisionTransformer, ViTConfig
 
-MODELS: dict[str, type[VitlabModel]] = {cls.name: cls for cls in (SmallCNN, CNN, AirCNN, MLP, VisionTransformer)}
+MODELS: dict[str, type[VitlabModel]] = {cls.name: cls for cls in (SmallCNN, CNN, AirCNN, MLP, VisionTransformer, TimmModel)}
+
+# Models whose name may carry one setting after a colon: `timm:resnet18` is model 'timm' with architecture=resnet18.
+NAMED_VARIANTS: dict[str, str] = {"timm": "architecture"}
+
+
+def split_model_name(text: str) -> tuple[str, dict[str, str]]:
+    """'timm:resnet18' → ('timm', {'architecture': 'resnet18'}); 'vit' → ('vit', {})."""
+    name, colon, variant = text.partition(":")
+    if not colon:
+        return text, {}
+    if name not in NAMED_VARIANTS or not variant.strip():
+        raise VitlabError(f"--model {text}: only {', '.join(f'{n}:NAME' for n in NAMED_VARIANTS)} takes a name after a colon; "
+                          f"choose one of {', '.join(MODELS)} or e.g. timm:resnet18")
+    return name, {NAMED_VARIANTS[name]: variant.strip()}
 
 
 def config_fields(model_name: str) -> list[dataclasses.Field]:
@@ -56,6 +71,7 @@ def build_model(model_name: str, **config_values) -> VitlabModel:
 
 
 __all__ = [
-    "AirCNN", "AirCNNConfig", "CNN", "CNNConfig", "MLP", "MLPConfig", "MODELS", "SmallCNN", "SmallCNNConfig",
+    "AirCNN", "AirCNNConfig", "CNN", "CNNConfig", "MLP", "MLPConfig", "MODELS", "NAMED_VARIANTS", "SmallCNN", "SmallCNNConfig",
+    "TimmConfig", "TimmModel", "split_model_name",
     "VisionTransformer", "ViTConfig", "VitlabModel", "build_model", "config_fields", "model_from_config", "model_name_of", "model_class", "model_setting_names",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -57,6 +58,50 @@ class InputSpec:
         return spec
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """How a transformer's tokens map onto its input image, for attention maps and token CAMs.
+
+    Tokens are `prefix_tokens` (CLS; timm's registers) first, then a `grid_size` × `grid_size` grid of
+    `patch_size`-pixel patches in row-major order, then `suffix_tokens` (vitlab's registers). The grid starts `padding` pixels before the image's
+    top-left corner (vitlab pads symmetrically); a grid smaller than the image (timm drops the pixels a
+    patch size does not divide) leaves the rest of the image uncovered.
+
+    Args:
+        prefix_tokens: tokens before the patches (1 for a CLS token, 0 for a mean-pooled vitlab ViT).
+        grid_size: patches per side.
+        patch_size: pixels per patch side.
+        padding: pixels of padding before the first patch row and column.
+        readout: 'cls' (the logits read the first token) or 'mean' (they read the mean, or for sequence pooling a
+            learned weighting, of the patch tokens).
+        num_layers: attention layers.
+        num_heads: heads per layer.
+        suffix_tokens: tokens after the patches (vitlab's register tokens).
+    """
+
+    prefix_tokens: int
+    grid_size: int
+    patch_size: int
+    padding: int
+    readout: str
+    num_layers: int
+    num_heads: int
+    suffix_tokens: int = 0
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def patch_tokens(self) -> slice:
+        """Where the patch tokens sit in the token sequence."""
+        return slice(self.prefix_tokens, self.prefix_tokens + self.num_patches)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prefix_tokens + self.num_patches + self.suffix_tokens
+
+
 class VitlabModel(nn.Module):
     """Base class: subclasses set `name` and `config_class` and take their config in `__init__`."""
 
@@ -79,6 +124,15 @@ class VitlabModel(nn.Module):
     def stages(self) -> list[tuple[str, nn.Module]]:
         """(name, module) of each convolutional stage whose output is a feature map."""
         raise VitlabError(f"model '{self.name}' has no convolutional stages to show; use a CNN run")
+
+    def token_layout(self) -> TokenLayout:
+        """Where a transformer's tokens sit on the image (models that return attention)."""
+        raise VitlabError(f"model '{self.name}' has no attention maps to show; use a ViT run")
+
+    def token_layer(self) -> nn.Module:
+        """A module whose output (B, T, D) holds every token just before the last block mixes them:
+        the layer token-CAMs explain (Grad-CAM on ViTs, as pytorch-grad-cam's tutorial does)."""
+        raise VitlabError(f"model '{self.name}' has no token layer to explain; use a ViT run")
 
     def init_from_data(self, images: torch.Tensor) -> None:
         """Set data-dependent weights from normalised training images (B, 3, H, W) before training; most models have none."""

@@ -1,6 +1,6 @@
 """FLOPs per image, counted by `torch.utils.flop_counter` (a multiply-add counts as 2 FLOPs).
 
-A ViT is counted through its explicit attention path, so the attention matmuls are counted the same
+A ViT (vitlab's or timm's) is counted through its explicit attention path, so the attention matmuls are counted the same
 whether or not the fused kernel would run.
 """
 
@@ -12,11 +12,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitlab.models.base import eval_mode
-from vitlab.models.vit import VisionTransformer
 
 
 def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    if isinstance(model, VisionTransformer):
+    if getattr(model, "returns_attention", False):
         return model(images, return_attention=True)[0]
     return model(images)
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from vitlab.config import check_finite_numbers
 from vitlab.errors import VitlabError
-from vitlab.models.base import FROM_DATA, VitlabModel, init_linear_weights
+from vitlab.models.base import FROM_DATA, TokenLayout, VitlabModel, init_linear_weights
 from vitlab.models.dropout import Dropout
 from vitlab.models.layers import attention
 
@@ -359,6 +359,17 @@ class VisionTransformer(VitlabModel):
                 mimetic_init(block.attention)
         # A zero head starts every class at equal probability (timm does the same for fine-tuning).
         nn.init.zeros_(self.head.weight)
+
+    def token_layout(self) -> TokenLayout:
+        cfg = self.config
+        return TokenLayout(prefix_tokens=1 if cfg.pool == "cls" else 0, grid_size=cfg.grid_size, patch_size=cfg.patch_size,
+                           padding=self.patch_embedding.padding[0], readout="cls" if cfg.pool == "cls" else "mean",
+                           num_layers=cfg.num_blocks, num_heads=cfg.num_heads, suffix_tokens=cfg.registers)
+
+    def token_layer(self) -> nn.Module:
+        if not self.blocks:
+            raise VitlabError("a ViT with num_blocks 0 has no attention to explain; train one with num_blocks >= 1")
+        return self.blocks[-1].attention_norm
 
     def forward(self, images: torch.Tensor, return_attention: bool = False):
         tokens = self.patch_embedding(images) + self.position_embedding  # (B, N, D)

@@ -2,7 +2,7 @@
 
 Images come in as (3, 32, 32) uint8 and go out as (H, W, 3) uint8 arrays, enlarged so a 32-pixel
 image is visible on a page. The maps themselves are the `vitlab explain` / `vitlab attention` ones
-(`explanation_maps`, `layer_maps`): one computation, shown in two places.
+(`vitlab.inspect.explain.explanation_maps`, `layer_maps`): one computation, shown in two places.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vitlab.errors import VitlabError
-from vitlab.inspect.figures import confusion_figure, explanation_maps, layer_maps, vit_attention
+from vitlab.inspect.explain import METHOD_LABELS, ExplainSettings, explanation_maps
+from vitlab.inspect.figures import confusion_figure, layer_maps, model_inputs, vit_attention
+from vitlab.models.base import eval_mode
 from vitlab.serve.runs import ServedRun
 
 DISPLAY_SCALE = 6  # a 32-pixel image is shown 192 pixels wide
@@ -58,8 +60,13 @@ def where_it_looks(run: ServedRun, image: torch.Tensor) -> tuple[np.ndarray | No
     None and the reason for a model that has neither."""
     if run.kind == "other":
         return None, f"a '{run.model.name}' model has neither attention nor convolutional stages: predictions only"
+    method = "rollout" if run.kind == "vit" else "gradcam"
     with run.lock:
-        probabilities, maps, method = explanation_maps(run.model, image[None])
+        inputs = model_inputs(run.model, image[None])
+        with eval_mode(run.model), torch.no_grad():
+            probabilities = run.model(inputs).float().softmax(dim=1)
+        maps, _ = explanation_maps(run.model, inputs, method, probabilities.argmax(dim=1), ExplainSettings())
+        method = METHOD_LABELS[method]
     predicted = run.classes[int(probabilities[0].argmax())]
     if run.kind == "vit":
         caption = f"{method} through all {run.model.config.num_blocks} layers (prediction: {predicted})"
@@ -77,7 +84,7 @@ def attention_overlay(run: ServedRun, image: torch.Tensor, layer: int, head: int
         raise VitlabError(f"{run.name} has layers 1..{layers} and heads 1..{heads} (0 for their mean), got layer {layer} head {head}")
     with run.lock:
         _, attention = vit_attention(run.model, image[None])  # (L, 1, heads, T, T)
-    maps = layer_maps(run.model, attention, "raw", "mean" if head == 0 else str(head))  # (L, 1, 1, H, W)
+    maps = layer_maps(run.model, attention, "raw", "mean" if head == 0 else str(head), image.shape[-1])  # (L, 1, 1, H, W)
     what = "CLS-to-patch attention" if run.model.config.pool == "cls" else "attention received by each patch"
     which = f"mean of {heads} heads" if head == 0 else f"head {head} of {heads}"
     return heat_overlay(image, maps[layer - 1, 0, 0]), f"layer {layer} of {layers}, {which}: {what}"

@@ -1,7 +1,9 @@
 """What a study is: SPECs (models or presets with any settings), a shared budget, seeds; and its folder.
 
 A SPEC names a model or preset with optional settings of any kind (model, data or training):
-`cnn-small`, `vit:patch_size=4,num_blocks=6`, `vit-seed001:lr=0.001,train_size=5000`. A tuple value
+`cnn-small`, `vit:patch_size=4,num_blocks=6`, `vit-seed001:lr=0.001,train_size=5000`. A timm model is
+`timm:NAME` (its first item, without `=`, is the architecture): `timm:resnet18,lr=0.01`,
+`timm:vit_tiny_patch16_224,timm_kwargs=[patch_size=4]`. A tuple value
 is written with `/` (`cnn:widths=16/32`) or in brackets (`cnn:widths=[16,32]`), so it never clashes
 with the comma between settings or between the values of `--vary`.
 
@@ -21,7 +23,7 @@ from typing import Any
 from vitlab.config import RunConfig, parse_field_value, route_settings
 from vitlab.errors import VitlabError
 from vitlab.io import read_json, write_json
-from vitlab.models import MODELS, model_class
+from vitlab.models import MODELS, NAMED_VARIANTS, model_class
 from vitlab.presets import PRESETS, build_run_config
 from vitlab.provenance import versions
 
@@ -76,6 +78,8 @@ def canonical_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, tuple):
         return "/".join(canonical_value(v) for v in value)
+    if isinstance(value, dict):  # keyword arguments (timm_kwargs): in brackets, so their commas stay inside the value
+        return "[" + ",".join(f"{key}={canonical_value(v)}" for key, v in value.items()) + "]"
     if isinstance(value, float):
         return f"{value:g}" if value == value and abs(value) != float("inf") else str(value)
     return str(value)
@@ -107,7 +111,11 @@ def parse_spec(text: str) -> ModelSpec:
     else:
         raise VitlabError(f"'{text}': unknown model or preset '{name}'; choose from {', '.join([*MODELS, *PRESETS])}")
     overrides: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in split_top_level(settings))):
+    items = [part.strip() for part in split_top_level(settings) if part.strip()]
+    variant_field = NAMED_VARIANTS.get(model)
+    if variant_field and items and "=" not in items[0]:  # timm:resnet18 → architecture=resnet18
+        overrides[variant_field] = items.pop(0)
+    for item in items:
         key, equals, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not equals or not key:
@@ -120,7 +128,9 @@ def parse_spec(text: str) -> ModelSpec:
             overrides[key] = parse_setting_value(model, key, value)
         except VitlabError as error:
             raise VitlabError(f"'{text}': {error}") from None
-    canonical = name + (":" + ",".join(f"{key}={canonical_value(value)}" for key, value in overrides.items()) if overrides else "")
+    parts = [canonical_value(overrides[variant_field])] if variant_field in overrides else []
+    parts += [f"{key}={canonical_value(value)}" for key, value in overrides.items() if key != variant_field]
+    canonical = name + (":" + ",".join(parts) if parts else "")
     build_run_config(None if preset else model, preset, overrides)  # impossible values and shapes fail now
     return ModelSpec(text=canonical, model=model, preset=preset, overrides=overrides)
 

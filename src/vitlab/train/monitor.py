@@ -16,7 +16,6 @@ from vitlab.errors import VitlabError
 from vitlab.inspect.attention import attention_stack, rollout_maps
 from vitlab.io import atomic_write
 from vitlab.models.base import eval_mode
-from vitlab.models.vit import VisionTransformer
 from vitlab.rundir import SNAPSHOT_IMAGES_FILE, RunDir
 
 WATCHED_IMAGES = 8  # the first validation images (the split is fixed by split_seed)
@@ -30,7 +29,7 @@ def predict_and_attend(model: torch.nn.Module, images: torch.Tensor) -> tuple[to
     spec = getattr(model, "input_spec", None)
     inputs = spec.normalize(images.to(device)) if spec is not None else normalize(images.to(device))
     with eval_mode(model):
-        if isinstance(model, VisionTransformer):
+        if getattr(model, "returns_attention", False):
             logits, attention = attention_stack(model, inputs)
             maps = rollout_maps(model, attention, images.shape[-1])  # (B, H, W)
             low = maps.amin(dim=(1, 2), keepdim=True)
@@ -86,7 +85,7 @@ class TensorBoardLogger:
         for key, tag in self.SCALARS.items():
             if key in record:
                 self.writer.add_scalar(tag, record[key], epoch)
-        if isinstance(self.model, VisionTransformer):
+        if getattr(self.model, "returns_attention", False):
             _, maps = predict_and_attend(self.model, self.images)
             self.writer.add_images("attention_rollout", overlay(self.images, maps), epoch)
         self.writer.flush()

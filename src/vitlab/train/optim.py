@@ -22,12 +22,14 @@ def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     (airbench's recipe) everything decays, and normalisation biases can get a larger learning rate."""
     decay, no_decay, norm_biases = [], [], []
     norm_bias_ids = {id(m.bias) for m in model.modules() if isinstance(m, NORM_LAYERS) and m.bias is not None}
+    # timm models name their own (cls_token, pos_embed, ...): TimmModel.no_weight_decay() passes them on.
+    named_no_decay = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         if config.optimizer == "sgd":
             (norm_biases if id(parameter) in norm_bias_ids else decay).append(parameter)
-        elif parameter.ndim < 2 or any(key in name for key in NO_DECAY_NAMES):
+        elif parameter.ndim < 2 or name in named_no_decay or any(key in name for key in NO_DECAY_NAMES):
             no_decay.append(parameter)
         else:
             decay.append(parameter)
