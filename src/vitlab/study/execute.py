@@ -120,6 +120,9 @@ def run_study(plan: StudyPlan, study_dir: str | Path, jobs: int = 1, command: st
     study_dir = Path(study_dir)
     if jobs < 1:
         raise VitlabError(f"--jobs must be >= 1, got {jobs}")
+    from vitlab.study.launch import check_launcher
+
+    check_launcher(launcher, slurm or {})
     members = plan.members(study_dir)  # parses every spec and config before anything is written
     for data_config in {json.dumps(dataclasses.asdict(m.config.data), sort_keys=True): m.config.data for m in members}.values():
         cached_data(data_config)  # missing or corrupt data fails before the folder is made

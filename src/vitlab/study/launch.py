@@ -36,14 +36,22 @@ def run_member(run, run_dir: Path) -> dict:
     return run_one(run, run_dir)
 
 
-def run_with_submitit(todo, study_dir: Path, launcher: str, jobs: int, slurm: dict) -> list[str]:
-    """Submit every member as a job (`jobs` at a time with the local executor), wait, and return the failures."""
-    try:
-        import submitit
-    except ImportError:
-        raise VitlabError(f"--launcher {launcher} needs submitit; pip install 'vitlab[cluster]'") from None
+def check_launcher(launcher: str, slurm: dict) -> None:
+    """Refuse a launcher that cannot run here before the study folder is made."""
     if launcher != "slurm" and slurm:
         raise VitlabError("--slurm parameters apply to --launcher slurm only")
+    if launcher in ("slurm", "submitit-local"):
+        try:
+            import submitit  # noqa: F401
+        except ImportError:
+            raise VitlabError(f"--launcher {launcher} needs submitit; pip install 'vitlab[cluster]'") from None
+
+
+def run_with_submitit(todo, study_dir: Path, launcher: str, jobs: int, slurm: dict) -> list[str]:
+    """Submit every member as a job (`jobs` at a time with the local executor), wait, and return the failures."""
+    check_launcher(launcher, slurm)
+    import submitit
+
     folder = Path(study_dir) / SUBMITIT_FOLDER / "%j"
     if launcher == "slurm":
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")

@@ -1,0 +1,53 @@
+"""Studies through submitit: each run a job (Slurm on a cluster; submitit's local executor here), the study
+folder the one source of truth, resumed by running the same command again after a kill."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import vitlab_process
+from vitlab.cli import main
+from vitlab.errors import VitlabError
+from vitlab.study.launch import slurm_parameters
+
+pytest.importorskip("submitit")
+
+TINY = ["--subset", "200", "--test_subset", "100", "--batch-size", "50", "--progress", "false", "--seeds", "2"]
+
+
+def test_slurm_parameters_are_key_value_pairs():
+    assert slurm_parameters(["partition=gpu", "timeout_min=120", "gpus_per_node=1"]) == {
+        "partition": "gpu", "timeout_min": 120, "gpus_per_node": 1}
+    with pytest.raises(VitlabError, match="--slurm needs KEY=VALUE"):
+        slurm_parameters(["gpu"])
+
+
+def test_a_study_through_submitits_local_executor_resumes_after_a_kill(cifar_root, tmp_path, capsys):
+    out = tmp_path / "study"
+    command = ["compare", "cnn-small", "mlp:hidden_size=16", *TINY, "--epochs", "3", "--jobs", "2", "--launcher", "submitit-local",
+               "--data-dir", str(cifar_root), "--out", str(out)]
+    process = vitlab_process(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("runs/*/*/results.json")):
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)  # the study and its job processes
+    process.wait()
+    finished = {path: path.stat().st_mtime_ns for path in out.glob("runs/*/*/results.json")}
+    assert 1 <= len(finished) < 4
+    capsys.readouterr()
+    assert main(command) == 0
+    output = capsys.readouterr().out
+    assert f"{len(finished)} already finished" in output and "job" in output
+    assert {path: path.stat().st_mtime_ns for path in finished} == finished  # finished runs were kept, not retrained
+    assert len(list(out.glob("runs/*/*/results.json"))) == 4 and (out / "results.md").is_file()
+
+
+def test_slurm_parameters_without_the_slurm_launcher_are_refused(cifar_root, tmp_path, capsys):
+    assert main(["compare", "cnn-small", "mlp", *TINY, "--epochs", "1", "--launcher", "submitit-local", "--slurm", "partition=gpu",
+                 "--data-dir", str(cifar_root), "--out", str(tmp_path / "s")]) == 2
+    assert "--slurm parameters apply to --launcher slurm only" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
