@@ -106,7 +106,7 @@ else:
 
     torch.manual_seed(0)
     model = build_model("vit", patch_size=4, hidden_size=64, num_heads=4, num_blocks=4)
-    Runner(model, TrainConfig(epochs=3, batch_size=64, progress=False)).fit(load_cifar10(subset=4000, test_subset=100))
+    Runner(model, TrainConfig(epochs=2, batch_size=64, progress=False)).fit(load_cifar10(subset=2500, test_subset=100))
 print(model.config)"""),
     ("md", """## Raw attention, layer by layer
 `attention_stack` runs the model's explicit attention path and returns every layer's weights:
@@ -142,7 +142,7 @@ MODEL_COMPARISON = [
     ("md", """# CNN vs ViT: a study with confidence intervals
 
 Set `VITLAB_STUDY` to a study folder from `vitlab compare` (for example the README's CPU study);
-without it, this notebook runs a tiny study (2,000 images, 2 epochs, 3 seeds) so it finishes in a
+without it, this notebook runs a tiny study (1,500 images, 2 epochs, 3 seeds) so it finishes in a
 few minutes. The numbers of a tiny study are only a demonstration.
 
 Each Δ in the table has a *seed-aware* interval: it accounts for the noise of training seeds and of
@@ -160,7 +160,7 @@ study = os.environ.get("VITLAB_STUDY")
 if not study:
     study = tempfile.mkdtemp() + "/tiny-study"
     plan = StudyPlan(specs=["cnn-small", "vit:patch_size=4", "vit:patch_size=8"],
-                     budget={"subset": 2000, "test_subset": 1000, "epochs": 2, "progress": False}, seeds=[0, 1, 2])
+                     budget={"subset": 1500, "test_subset": 1000, "epochs": 2, "progress": False}, seeds=[0, 1, 2])
     run_study(plan, study)
 summary = summarize_study(study)
 display(Markdown(summary.markdown_table()))"""),
