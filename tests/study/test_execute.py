@@ -84,9 +84,14 @@ def test_a_second_process_on_the_same_study_folder_is_refused_and_the_first_fini
     first = vitlab_process(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "study.json").exists():
-        time.sleep(0.05)
-    second = vitlab_process(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, error = second.communicate(timeout=120)
+        time.sleep(0.01)
+    os.kill(first.pid, signal.SIGSTOP)  # hold the first process inside its lock, however fast the machine
+    try:
+        assert first.poll() is None, "the first study finished before it could be paused"
+        second = vitlab_process(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _, error = second.communicate(timeout=120)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2 and "is in use by another vitlab process" in error
     _, first_error = first.communicate(timeout=600)
     assert first.returncode == 0, first_error
