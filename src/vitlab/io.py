@@ -1,4 +1,4 @@
-"""Crash-safe file writing: a reader never sees a half-written file."""
+"""Crash-safe file writing (a reader never sees a half-written file) and exclusive locks on folders."""
 
 from __future__ import annotations
 
@@ -89,3 +89,62 @@ def read_epoch_history(path: str | Path) -> dict[int, dict]:
                 record = json.loads(line)
                 history[record["epoch"]] = record
     return history
+
+
+class ExclusiveLock:
+    """An exclusive lock (fcntl.flock on `path`) held while a process works on something. The kernel
+    releases it when the process dies, so a killed process never leaves a stale lock; the file names its
+    holder as host:pid. flock also excludes processes on other machines on a shared NFSv4 file system.
+
+    `busy` is the error raised when another process holds it; '{holder}' in it is replaced by the holder."""
+
+    def __init__(self, path: str | Path, busy: str) -> None:
+        self.path = Path(path)
+        self.busy = busy
+        self.handle = None
+
+    def __enter__(self) -> ExclusiveLock:
+        import fcntl
+        import socket
+
+        from vitlab.errors import VitlabError
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise VitlabError(self.busy.replace("{holder}", holder)) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{socket.gethostname()}:{os.getpid()}")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+
+
+def lock_holder(path: str | Path) -> str | None:
+    """Who holds the ExclusiveLock at `path` right now (host:pid), or None when nobody does."""
+    import fcntl
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "?"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None

@@ -2,12 +2,17 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
 
+import pytest
+
 from conftest import vitlab_process
 from vitlab.cli import main
+from vitlab.errors import VitlabError
+from vitlab.study.execute import run_lock, run_one
 
 TINY = ["--subset", "200", "--test_subset", "100", "--epochs", "1", "--batch-size", "50", "--progress", "false", "--seeds", "2"]
 SMALL_VIT = "vit:patch_size=8,hidden_size=16,num_blocks=1"
@@ -95,6 +100,29 @@ def test_a_second_process_on_the_same_study_folder_is_refused_and_the_first_fini
     assert second.returncode == 2 and "is in use by another vitlab process" in error
     _, first_error = first.communicate(timeout=600)
     assert first.returncode == 0, first_error
+    assert len(list(out.glob("runs/*/*/results.json"))) == 4
+
+
+def test_a_run_another_process_is_training_is_not_started_again_and_the_study_finishes_later(cifar_root, tmp_path, capsys):
+    """What a cluster does when the study's own process was killed but its jobs still run: the next
+    submission must not train the same run folder a second time."""
+    out = tmp_path / "study"
+    args = ["compare", "cnn-small", "mlp:hidden_size=16", *TINY, "--data-dir", str(cifar_root), "--out", str(out)]
+    assert main(args) == 0
+    busy_run, other_run = out / "runs" / "mlp_hidden_size-16" / "seed1", out / "runs" / "cnn-small" / "seed0"
+    shutil.rmtree(busy_run)
+    shutil.rmtree(other_run)
+    capsys.readouterr()
+    with run_lock(busy_run):  # as a job of an earlier submission would hold it
+        assert main(args) == 2
+        captured = capsys.readouterr()
+        assert "1 run(s) are still being trained by other processes" in captured.err and len(captured.err.strip().splitlines()) == 1
+        assert "being trained by another process" in captured.out and "1 to train" in captured.out
+        assert (other_run / "results.json").is_file() and not busy_run.exists()
+        with pytest.raises(VitlabError, match="being trained by another process"):
+            run_one(None, busy_run)  # a job started anyway is refused before it touches the folder
+    assert main(args) == 0
+    assert "3 already finished, 1 to train" in capsys.readouterr().out
     assert len(list(out.glob("runs/*/*/results.json"))) == 4
 
 

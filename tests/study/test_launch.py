@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from conftest import vitlab_process
+from conftest import real_cifar10_root, vitlab_process
 from vitlab.cli import main
 from vitlab.errors import VitlabError
-from vitlab.study.launch import slurm_parameters
+from vitlab.study.launch import check_launcher, slurm_parameters
 
 pytest.importorskip("submitit")
 
@@ -25,7 +25,19 @@ def test_slurm_parameters_are_key_value_pairs():
         slurm_parameters(["gpu"])
 
 
+def test_slurm_parameters_get_submitits_names_and_unknown_ones_are_refused(cifar_root, tmp_path, capsys):
+    assert check_launcher("slurm", {"partition": "gpu", "timeout_min": 120, "slurm_qos": "high", "gpus_per_node": 1}) == {
+        "slurm_partition": "gpu", "timeout_min": 120, "slurm_qos": "high", "gpus_per_node": 1}
+    assert main(["compare", "cnn-small", "mlp", *TINY, "--epochs", "1", "--launcher", "slurm", "--slurm", "partitoin=gpu",
+                 "--data-dir", str(cifar_root), "--out", str(tmp_path / "s")]) == 2
+    error = capsys.readouterr().err
+    assert "--slurm partitoin=...: not a Slurm parameter submitit knows" in error and "partition" in error
+    assert len(error.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+
+
 def test_a_study_through_submitits_local_executor_resumes_after_a_kill(cifar_root, tmp_path, capsys):
+    if real_cifar10_root() is None:
+        pytest.skip("needs real CIFAR-10 ($VITLAB_DATA): submitit's jobs are fresh processes that check the real checksums")
     out = tmp_path / "study"
     command = ["compare", "cnn-small", "mlp:hidden_size=16", *TINY, "--epochs", "3", "--jobs", "2", "--launcher", "submitit-local",
                "--data-dir", str(cifar_root), "--out", str(out)]

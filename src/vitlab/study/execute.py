@@ -22,6 +22,7 @@ import torch
 
 from vitlab.config import DataConfig, RunConfig
 from vitlab.errors import RunStopped, VitlabError
+from vitlab.io import ExclusiveLock, lock_holder
 from vitlab.rundir import RunDir
 from vitlab.study.plan import StudyLock, StudyMember, StudyPlan, open_study
 
@@ -39,8 +40,26 @@ def cached_data(config: DataConfig):
     return _DATA_CACHE[key]
 
 
+def run_lock_path(run_dir: Path) -> Path:
+    """The lock file of one study run, beside its folder (STUDY/runs/<spec>/.seed0.lock) so that
+    restarting the run can empty or remove the folder while holding it."""
+    return Path(run_dir).parent / f".{Path(run_dir).name}.lock"
+
+
+def run_lock(run_dir: Path) -> ExclusiveLock:
+    """Held while a process trains one run of a study: a second process (a job of an earlier submission
+    still running on the cluster, say) is refused instead of writing into the same folder."""
+    return ExclusiveLock(run_lock_path(run_dir), f"{run_dir} is being trained by another process ({{holder}}), perhaps a job of an "
+                         "earlier submission of this study; wait for it to end or cancel it, then run the same command again")
+
+
 def run_one(run: RunConfig, run_dir: Path) -> dict:
-    """Train one member of a study (or finish it): the same code path as `vitlab train`."""
+    """Train one member of a study (or finish it): the same code path as `vitlab train`, holding the run's lock."""
+    with run_lock(run_dir):
+        return _run_one_locked(run, Path(run_dir))
+
+
+def _run_one_locked(run: RunConfig, run_dir: Path) -> dict:
     from vitlab.train.run import resume_run, train_run
 
     folder = RunDir(run_dir)
@@ -128,10 +147,14 @@ def run_study(plan: StudyPlan, study_dir: str | Path, jobs: int = 1, command: st
         cached_data(data_config)  # missing or corrupt data fails before the folder is made
     with StudyLock(study_dir):
         open_study(study_dir, plan, command or shlex.join(["vitlab", *sys.argv[1:]]))
-        todo = reuse_finished_runs([member for member in members if RunDir(member.run_dir).state() != "finished"],
-                                   [Path(path) for path in reuse or []])
+        unfinished = [member for member in members if RunDir(member.run_dir).state() != "finished"]
+        busy = {member.run_dir: holder for member in unfinished if (holder := lock_holder(run_lock_path(member.run_dir)))}
+        todo = reuse_finished_runs([member for member in unfinished if member.run_dir not in busy], [Path(path) for path in reuse or []])
         print(f"study {study_dir}: {len(members)} runs ({len(plan.specs)} models x {len(plan.seeds)} seeds), "
-              f"{len(members) - len(todo)} already finished, {len(todo)} to train", flush=True)
+              f"{len(members) - len(unfinished)} already finished, {len(todo)} to train"
+              + (f", {len(busy)} being trained by other processes" if busy else ""), flush=True)
+        for run_dir, holder in busy.items():
+            print(f"== {run_dir}: being trained by another process ({holder}); not started again", flush=True)
         if launcher in ("slurm", "submitit-local"):
             from vitlab.study.launch import run_with_submitit
 
@@ -140,6 +163,10 @@ def run_study(plan: StudyPlan, study_dir: str | Path, jobs: int = 1, command: st
             run_serially(todo)
         else:
             run_in_pool(todo, jobs, study_dir)
+    if busy:
+        raise VitlabError(f"{len(busy)} run(s) are still being trained by other processes (first: {next(iter(busy))}, held by "
+                          f"{next(iter(busy.values()))}), perhaps jobs of an earlier submission; run the same command again when "
+                          "they have ended (finished runs are kept)")
     return study_dir
 
 

@@ -36,20 +36,37 @@ def run_member(run, run_dir: Path) -> dict:
     return run_one(run, run_dir)
 
 
-def check_launcher(launcher: str, slurm: dict) -> None:
-    """Refuse a launcher that cannot run here before the study folder is made."""
+def check_launcher(launcher: str, slurm: dict) -> dict:
+    """Refuse a launcher that cannot run here, or a Slurm parameter submitit does not know, before the study
+    folder is made; returns the Slurm parameters as submitit names them (partition → slurm_partition)."""
     if launcher != "slurm" and slurm:
         raise VitlabError("--slurm parameters apply to --launcher slurm only")
-    if launcher in ("slurm", "submitit-local"):
-        try:
-            import submitit  # noqa: F401
-        except ImportError:
-            raise VitlabError(f"--launcher {launcher} needs submitit; pip install 'vitlab[cluster]'") from None
+    if launcher not in ("slurm", "submitit-local"):
+        return {}
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        raise VitlabError(f"--launcher {launcher} needs submitit; pip install 'vitlab[cluster]'") from None
+    from submitit.auto.auto import AutoExecutor
+    from submitit.slurm.slurm import SlurmExecutor
+
+    generic, specific = AutoExecutor._valid_parameters(), SlurmExecutor._valid_parameters()
+    named = {}
+    for key, value in slurm.items():
+        bare = key.removeprefix("slurm_")
+        if key in generic:
+            named[key] = value
+        elif bare in specific:
+            named[f"slurm_{bare}"] = value
+        else:
+            raise VitlabError(f"--slurm {key}=...: not a Slurm parameter submitit knows; use one of "
+                              f"{', '.join(sorted(generic | specific))}")
+    return named
 
 
 def run_with_submitit(todo, study_dir: Path, launcher: str, jobs: int, slurm: dict) -> list[str]:
     """Submit every member as a job (`jobs` at a time with the local executor), wait, and return the failures."""
-    check_launcher(launcher, slurm)
+    slurm = check_launcher(launcher, slurm)
     import submitit
 
     folder = Path(study_dir) / SUBMITIT_FOLDER / "%j"

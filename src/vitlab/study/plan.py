@@ -22,7 +22,7 @@ from typing import Any
 
 from vitlab.config import RunConfig, parse_field_value, route_settings
 from vitlab.errors import VitlabError
-from vitlab.io import read_json, write_json
+from vitlab.io import ExclusiveLock, read_json, write_json
 from vitlab.models import MODELS, NAMED_VARIANTS, model_class
 from vitlab.presets import PRESETS, build_run_config
 from vitlab.provenance import versions
@@ -263,40 +263,10 @@ def open_study(study_dir: Path, plan: StudyPlan, command: str) -> None:
 LOCK_FILE = ".lock"
 
 
-class StudyLock:
-    """An exclusive lock on a study folder for as long as a process works in it (fcntl.flock: released
-    by the kernel when the process dies, so a killed study never leaves a stale lock)."""
-
-    def __init__(self, study_dir: Path) -> None:
-        self.path = Path(study_dir) / LOCK_FILE
-        self.handle = None
-
-    def __enter__(self) -> StudyLock:
-        import fcntl
-        import os
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "a+")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.seek(0)
-            holder = self.handle.read().strip() or "?"
-            self.handle.close()
-            raise VitlabError(f"study folder {self.path.parent} is in use by another vitlab process (pid {holder}); "
-                              "wait for it to finish or choose another --out") from None
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(str(os.getpid()))
-        self.handle.flush()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import fcntl
-
-        if self.handle is not None:
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
-            self.handle.close()
+def StudyLock(study_dir: Path) -> ExclusiveLock:
+    """An exclusive lock on a study folder for as long as a process works in it."""
+    return ExclusiveLock(Path(study_dir) / LOCK_FILE, f"study folder {study_dir} is in use by another vitlab process ({{holder}}); "
+                         "wait for it to finish or choose another --out")
 
 
 def read_study(study_dir: Path) -> dict:
