@@ -109,8 +109,12 @@ class ExclusiveLock:
 
         from vitlab.errors import VitlabError
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+")
+        except OSError as error:
+            raise VitlabError(f"cannot open the lock file {self.path} ({error.strerror or error}); "
+                              "make its folder writable or delete what is in its place") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -141,7 +145,11 @@ def lock_holder(path: str | Path) -> str | None:
     path = Path(path)
     if not path.is_file():
         return None
-    with open(path) as handle:
+    try:
+        handle = open(path)
+    except OSError:
+        return None  # unreadable: whoever trains the run will report it when it takes the lock
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:

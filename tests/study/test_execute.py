@@ -12,7 +12,8 @@ import pytest
 from conftest import vitlab_process
 from vitlab.cli import main
 from vitlab.errors import VitlabError
-from vitlab.study.execute import run_lock, run_one
+from vitlab.io import lock_holder
+from vitlab.study.execute import run_lock, run_lock_path, run_one
 
 TINY = ["--subset", "200", "--test_subset", "100", "--epochs", "1", "--batch-size", "50", "--progress", "false", "--seeds", "2"]
 SMALL_VIT = "vit:patch_size=8,hidden_size=16,num_blocks=1"
@@ -173,3 +174,12 @@ def test_identical_runs_are_reused_from_another_study_instead_of_trained_again(c
     reused = json.loads((second / "runs" / "mlp_hidden_size-16" / "seed0" / "results.json").read_text())
     original = json.loads((first / "runs" / "mlp_hidden_size-16" / "seed0" / "results.json").read_text())
     assert reused["reused_from"].endswith("mlp_hidden_size-16/seed0") and reused["test_acc"] == original["test_acc"]
+
+
+def test_a_lock_file_that_cannot_be_opened_is_a_one_line_error(tmp_path):
+    blocked = tmp_path / "runs" / "cnn-small" / "seed0"
+    run_lock_path(blocked).mkdir(parents=True)  # a folder where the lock file should be
+    assert lock_holder(run_lock_path(blocked)) is None
+    with pytest.raises(VitlabError, match="cannot open the lock file .*delete what is in its place"):
+        with run_lock(blocked):
+            pass
