@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from vitlab.study.stats import mcnemar, mean_and_ci, paired_bootstrap, seed_aware_difference, t_quantile
+from vitlab.study.calibration import DIFFICULTY_STD, Simulation, simulate_correctness
+from vitlab.study.stats import mcnemar, mean_and_ci, paired_bootstrap, seed_aware_contrast, seed_aware_difference, t_quantile
 
 
 def test_bootstrap_matches_the_enumerated_distribution():
@@ -129,3 +130,27 @@ def test_mcnemar_with_thousands_of_discordant_pairs_matches_the_normal_approxima
     normal = math.erfc(z / math.sqrt(2))
     assert exact.p_value == pytest.approx(normal, rel=0.05)
     assert mcnemar(torch.ones(5000, dtype=torch.bool), torch.zeros(5000, dtype=torch.bool)).p_value == 0.0  # underflows, no error
+
+
+def test_a_two_term_contrast_is_the_difference_and_weights_scale_it():
+    generator = torch.Generator().manual_seed(3)
+    a, b = torch.rand(3, 500, generator=generator) < 0.7, torch.rand(4, 500, generator=generator) < 0.6
+    difference, contrast = seed_aware_difference(a, b), seed_aware_contrast([(1.0, a), (-1.0, b)])
+    assert (contrast.observed, contrast.ci_low, contrast.ci_high, contrast.degrees_of_freedom) == (
+        difference.observed, difference.ci_low, difference.ci_high, difference.degrees_of_freedom)
+    doubled = seed_aware_contrast([(2.0, a), (-2.0, b)])
+    assert doubled.observed == pytest.approx(2 * difference.observed) and doubled.standard_error == pytest.approx(2 * difference.standard_error)
+    assert seed_aware_contrast([(1.0, a[:1]), (-1.0, b)]).ci_low is None  # one seed: no interval
+
+
+def test_a_difference_of_differences_with_no_true_change_excludes_zero_in_at_most_7_5_percent_of_studies():
+    """Does the gap between two models change with data? Four configurations of equal true accuracy, 3 seeds
+    each, seed spread above 1 point: the interval of (A2 − B2) − (A1 − B1) must rarely exclude 0."""
+    sim = Simulation(seeds=3)
+    generator = torch.Generator().manual_seed(7)
+    studies, excluded = 300, 0
+    for _ in range(studies):
+        difficulty = torch.randn(sim.images, generator=generator, dtype=torch.float64) * DIFFICULTY_STD
+        a1, b1, a2, b2 = (simulate_correctness(sim.base_logit, difficulty, sim, generator) for _ in range(4))
+        excluded += seed_aware_contrast([(1.0, a2), (-1.0, b2), (-1.0, a1), (1.0, b1)]).excludes_zero
+    assert excluded / studies <= 0.075

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vitlab.plotting import plt, save_figure
-from vitlab.study.plan import split_top_level
+from vitlab.study.plan import base_of
 
 
 def plot_differences(summary, path: Path) -> None:
@@ -40,13 +40,6 @@ def plot_curves(summary, path: Path) -> None:
         axis.grid(alpha=0.3)
     acc_axis.legend(fontsize=8)
     save_figure(figure, path)
-
-
-def base_of(spec: str, setting: str) -> str:
-    """The SPEC without its `setting=...` part: the curve a row belongs to in an accuracy-vs-setting figure."""
-    name, _, settings = spec.partition(":")
-    kept = [item for item in split_top_level(settings) if item and item.partition("=")[0] != setting]
-    return name + (":" + ",".join(kept) if kept else "")
 
 
 def plot_accuracy_vs_setting(summary, setting: str, path: Path) -> None:

@@ -135,6 +135,13 @@ def parse_spec(text: str) -> ModelSpec:
     return ModelSpec(text=canonical, model=model, preset=preset, overrides=overrides)
 
 
+def base_of(spec: str, setting: str) -> str:
+    """The SPEC without its `setting=...` part: the curve a row of a sweep belongs to ('vit:train_size=40,lr=0.1' → 'vit:lr=0.1')."""
+    name, _, settings = spec.partition(":")
+    kept = [item for item in split_top_level(settings) if item and item.partition("=")[0] != setting]
+    return name + (":" + ",".join(kept) if kept else "")
+
+
 def sweep_values(vary: str) -> tuple[str, list[str]]:
     """'FIELD=v1,v2,...' → (field, ['v1', 'v2', ...]); tuple values as '16/32' or '[16,32]'."""
     field_name, equals, values = vary.partition("=")
@@ -288,5 +295,5 @@ def read_study(study_dir: Path) -> dict:
     return study
 
 
-__all__ = ["plan_study", "BUDGETS", "ModelSpec", "SEED_STUDY", "STUDY_FILE", "RUNS_FOLDER", "StudyLock", "StudyMember", "StudyPlan",
+__all__ = ["base_of", "plan_study", "BUDGETS", "ModelSpec", "SEED_STUDY", "STUDY_FILE", "RUNS_FOLDER", "StudyLock", "StudyMember", "StudyPlan",
            "open_study", "parse_spec", "read_study", "sweep_specs", "sweep_values"]

@@ -68,8 +68,10 @@ def report_markdown(study_dir: Path, summary: StudySummary) -> str:
         ordering_sentence(summary), "",
     ]
     if summary.steps:
-        lines += ["Each model minus the one listed before it (same paired bootstrap), for questions of order:", "",
+        lines += ["Each model minus the one listed before it (the same seed-aware interval), for questions of order:", "",
                   summary.steps_table(), ""]
+    if summary.gaps:
+        lines += [summary.gaps_markdown(), ""]
     if summary.missing:
         lines += [f"**Unfinished runs ({len(summary.missing)}):** {', '.join(summary.missing)}", ""]
     figures = sorted((study_dir / FIGURES_FOLDER).glob("*.png"))

@@ -158,22 +158,43 @@ def seed_aware_difference(correct_a: torch.Tensor, correct_b: torch.Tensor, leve
         correct_b: (S_b, N), the same images in the same order; S_a and S_b may differ (every finished
             seed of each configuration is used: the same rule as the mean column of vitlab's tables).
     """
-    if correct_a.ndim != 2 or correct_b.ndim != 2 or correct_a.shape[1] != correct_b.shape[1] or correct_a.shape[1] == 0:
-        raise ValueError(f"need (S, N) correctness for both configurations on the same N images, got {tuple(correct_a.shape)}, {tuple(correct_b.shape)}")
-    a, b = correct_a.double(), correct_b.double()
-    seeds_a, seeds_b, images = a.shape[0], b.shape[0], a.shape[1]
-    per_seed_a, per_seed_b = a.mean(dim=1) * 100.0, b.mean(dim=1) * 100.0  # (S,) accuracies in points
-    observed = float(per_seed_a.mean() - per_seed_b.mean())
-    if seeds_a < 2 or seeds_b < 2:
+    contrast = seed_aware_contrast([(1.0, correct_a), (-1.0, correct_b)], level)
+    return Difference(contrast.observed, contrast.ci_low, contrast.ci_high, contrast.standard_error, contrast.degrees_of_freedom,
+                      correct_a.shape[0], correct_b.shape[0], contrast.seed_variance_share)
+
+
+def seed_aware_contrast(terms: list[tuple[float, torch.Tensor]], level: float = 0.95) -> Difference:
+    """Σ_k w_k · accuracy(configuration k), with the seed-aware interval of `seed_aware_difference`.
+
+    A difference is the contrast (+1, A), (−1, B). A difference of differences, (+1, A@n2), (−1, B@n2),
+    (−1, A@n1), (+1, B@n1), asks whether the gap between A and B changes from n1 to n2: the seed
+    variance of every configuration enters with weight w_k², the test-image variance through the
+    per-image combination Σ_k w_k · (seed-averaged correctness of k), and the degrees of freedom follow
+    Welch–Satterthwaite over the seed terms. `seeds_a` / `seeds_b` of the result: the fewest seeds among
+    the positive / negative terms.
+
+    Args:
+        terms: (weight, correctness) pairs; each correctness is (S_k, N) booleans on the same N test images.
+    """
+    if not terms or any(c.ndim != 2 for _, c in terms) or len({c.shape[1] for _, c in terms}) != 1 or terms[0][1].shape[1] == 0:
+        raise ValueError(f"need (S, N) correctness for every configuration on the same N images, got {[tuple(c.shape) for _, c in terms]}")
+    weights = [float(w) for w, _ in terms]
+    correct = [c.double() for _, c in terms]
+    seeds = [c.shape[0] for c in correct]
+    images = correct[0].shape[1]
+    per_seed = [c.mean(dim=1) * 100.0 for c in correct]  # (S_k,) accuracies in points
+    observed = sum(w * float(acc.mean()) for w, acc in zip(weights, per_seed, strict=True))
+    seeds_a = min((s for w, s in zip(weights, seeds, strict=True) if w > 0), default=0)
+    seeds_b = min((s for w, s in zip(weights, seeds, strict=True) if w < 0), default=0)
+    if min(seeds) < 2:
         return Difference(observed, None, None, None, None, seeds_a, seeds_b, None)
-    seed_term_a = float(per_seed_a.var(unbiased=True)) / seeds_a
-    seed_term_b = float(per_seed_b.var(unbiased=True)) / seeds_b
-    per_image = (a.mean(dim=0) - b.mean(dim=0)) * 100.0  # (N,) seed-averaged difference per image
+    seed_terms = [w * w * float(acc.var(unbiased=True)) / s for w, acc, s in zip(weights, per_seed, seeds, strict=True)]
+    per_image = sum(w * c.mean(dim=0) for w, c in zip(weights, correct, strict=True)) * 100.0  # (N,)
     image_term = float(per_image.var(unbiased=True)) / images
-    variance = seed_term_a + seed_term_b + image_term
-    seed_part = seed_term_a ** 2 / (seeds_a - 1) + seed_term_b ** 2 / (seeds_b - 1)
+    variance = sum(seed_terms) + image_term
+    seed_part = sum(term ** 2 / (s - 1) for term, s in zip(seed_terms, seeds, strict=True))
     dof = variance ** 2 / seed_part if seed_part > 0 else math.inf
     error = math.sqrt(variance)
     half_width = t_quantile(0.5 + level / 2, dof) * error
     return Difference(observed, observed - half_width, observed + half_width, error, dof, seeds_a, seeds_b,
-                      (seed_term_a + seed_term_b) / variance if variance > 0 else None)
+                      sum(seed_terms) / variance if variance > 0 else None)

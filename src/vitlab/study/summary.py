@@ -23,8 +23,8 @@ import torch
 from vitlab.errors import VitlabError
 from vitlab.io import atomic_write, write_json
 from vitlab.rundir import FIGURES_FOLDER, RunDir
-from vitlab.study.plan import RUNS_FOLDER, STUDY_FILE, parse_spec, read_study
-from vitlab.study.stats import Difference, Spread, mcnemar, mean_and_ci, paired_bootstrap, seed_aware_difference
+from vitlab.study.plan import RUNS_FOLDER, STUDY_FILE, base_of, parse_spec, read_study
+from vitlab.study.stats import Difference, Spread, mcnemar, mean_and_ci, paired_bootstrap, seed_aware_contrast, seed_aware_difference
 
 
 def escaped(value) -> str:
@@ -72,6 +72,54 @@ class Row:
 
 
 @dataclass
+class Gap:
+    """One curve of a sweep minus the reference curve at one value of the varied setting."""
+
+    value: object
+    curve: str
+    minus_curve: str
+    difference: Difference
+
+
+@dataclass
+class GapChange:
+    """(curve − reference) at the last value minus (curve − reference) at the first."""
+
+    curve: str
+    minus_curve: str
+    first: object
+    last: object
+    gap_first: float
+    gap_last: float
+    change: Difference
+
+
+def curve_gaps(rows: list[Row], setting: str, stacked) -> tuple[list[Gap], list[GapChange]]:
+    """Gaps between the curves of a sweep with several SPECs (`stacked(spec)` gives its (S, N) correctness)."""
+    curves: dict[str, dict] = {}
+    for row in rows:
+        curves.setdefault(base_of(row.spec, setting), {})[row.settings.get(setting)] = row
+    if len(curves) < 2:
+        return [], []
+    reference_name, *others = curves
+    reference = curves[reference_name]
+    gaps, changes = [], []
+    for name in others:
+        common = [value for value in curves[name] if value in reference]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in common):
+            common = sorted(common)
+        for value in common:
+            gaps.append(Gap(value, name, reference_name, seed_aware_difference(stacked(curves[name][value].spec), stacked(reference[value].spec))))
+        if len(common) >= 2:
+            first, last = common[0], common[-1]
+            change = seed_aware_contrast([(1.0, stacked(curves[name][last].spec)), (-1.0, stacked(reference[last].spec)),
+                                          (-1.0, stacked(curves[name][first].spec)), (1.0, stacked(reference[first].spec))])
+            gap_at = {gap.value: gap.difference.observed for gap in gaps if gap.curve == name}
+            changes.append(GapChange(name, reference_name, first, last, gap_at[first], gap_at[last], change))
+    return gaps, changes
+
+
+@dataclass
 class StudySummary:
     study: dict
     baseline: str
@@ -80,11 +128,17 @@ class StudySummary:
     missing: list[str]  # runs not finished yet
     # Each row against the one listed before it, for questions of order ("is patch 2 better than patch 4?").
     steps: list[tuple[str, str, Difference]] = field(default_factory=list)
+    # A sweep of several curves (e.g. models against train_size): each curve minus the first at every value,
+    # and how that gap changes from the first value to the last ("does the gap narrow with data?").
+    gaps: list[Gap] = field(default_factory=list)
+    gap_changes: list[GapChange] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"study": self.study, "baseline": self.baseline, "baseline_finished": self.baseline_finished, "missing": self.missing,
                 "rows": [dataclasses.asdict(row) for row in self.rows],
-                "steps": [{"spec": a, "minus": b, **dataclasses.asdict(d)} for a, b, d in self.steps]}
+                "steps": [{"spec": a, "minus": b, **dataclasses.asdict(d)} for a, b, d in self.steps],
+                "gaps": [dataclasses.asdict(gap) for gap in self.gaps],
+                "gap_changes": [dataclasses.asdict(change) for change in self.gap_changes]}
 
     def markdown_table(self) -> str:
         lines = [f"| Model | Params | FLOPs/img | Test loss | Test acc % mean ± std [95% CI over seeds] (n) | "
@@ -110,6 +164,25 @@ class StudySummary:
     def steps_table(self) -> str:
         lines = ["| Model | minus | Δ test acc [95% seed-aware CI] | seeds |", "| --- | --- | --- | --- |"]
         lines += [f"| {escaped(a)} | {escaped(b)} | {d.describe()} | {d.seeds_a} vs {d.seeds_b} |" for a, b, d in self.steps]
+        return "\n".join(lines)
+
+    def gaps_markdown(self) -> str:
+        setting = self.study.get("vary")
+        reference = self.gaps[0].minus_curve
+        lines = [f"Each curve minus {escaped(reference)} at the same {escaped(setting)} (seed-aware 95% CI):\n",
+                 f"| {escaped(setting)} | curve | minus | Δ test acc [95% seed-aware CI] | seeds |", "| --- | --- | --- | --- | --- |"]
+        for gap in self.gaps:
+            text = gap.difference.describe()
+            lines.append(f"| {escaped(gap.value)} | {escaped(gap.curve)} | {escaped(gap.minus_curve)} | "
+                         f"{f'**{text}**' if gap.difference.excludes_zero else text} | {gap.difference.seeds_a} vs {gap.difference.seeds_b} |")
+        if self.gap_changes:
+            lines += ["", f"How that gap changes from the first {escaped(setting)} to the last (a difference of differences over four "
+                      "configurations, seed-aware 95% CI; **bold**: the change is established):\n",
+                      "| curve | minus | from | to | gap there | gap here | change [95% seed-aware CI] |", "| --- | --- | --- | --- | ---: | ---: | --- |"]
+            for change in self.gap_changes:
+                text = change.change.describe()
+                lines.append(f"| {escaped(change.curve)} | {escaped(change.minus_curve)} | {escaped(change.first)} | {escaped(change.last)} | "
+                             f"{change.gap_first:+.2f} | {change.gap_last:+.2f} | {f'**{text}**' if change.change.excludes_zero else text} |")
         return "\n".join(lines)
 
     def csv_text(self) -> str:
@@ -216,7 +289,9 @@ def summarize_study(study_dir: str | Path, write: bool = True, resamples: int = 
             row.diagnostics = diagnostics_against(correct[row.spec], correct[baseline], resamples)
     steps = [(current.spec, previous.spec, seed_aware_difference(stacked(current.spec), stacked(previous.spec)))
              for previous, current in zip(rows, rows[1:], strict=False)]
-    summary = StudySummary(study=study, baseline=baseline, baseline_finished=baseline in correct, rows=rows, missing=missing, steps=steps)
+    gaps, gap_changes = curve_gaps(rows, study["vary"], stacked) if study.get("vary") else ([], [])
+    summary = StudySummary(study=study, baseline=baseline, baseline_finished=baseline in correct, rows=rows, missing=missing, steps=steps,
+                           gaps=gaps, gap_changes=gap_changes)
     if write:
         write_summary(summary, study_dir)
     return summary
@@ -232,6 +307,8 @@ def write_summary(summary: StudySummary, study_dir: Path) -> None:
              summary.markdown_table(), ""]
     if summary.steps:
         notes += ["Each row minus the row before it:\n", summary.steps_table(), ""]
+    if summary.gaps:
+        notes += [summary.gaps_markdown(), ""]
     if summary.missing:
         notes.append(f"Not finished yet ({len(summary.missing)}): {', '.join(summary.missing)}\n")
     atomic_write(study_dir / "results.md", lambda tmp: Path(tmp).write_text("\n".join(notes)))
