@@ -162,8 +162,9 @@ class StudySummary:
         return "\n".join(lines + notes)
 
     def steps_table(self) -> str:
-        lines = ["| Model | minus | Δ test acc [95% seed-aware CI] | seeds |", "| --- | --- | --- | --- |"]
-        lines += [f"| {escaped(a)} | {escaped(b)} | {d.describe()} | {d.seeds_a} vs {d.seeds_b} |" for a, b, d in self.steps]
+        lines = ["| Model | minus | Δ test acc [95% seed-aware CI; **bold**: excludes 0] | seeds |", "| --- | --- | --- | --- |"]
+        lines += [f"| {escaped(a)} | {escaped(b)} | {f'**{d.describe()}**' if d.excludes_zero else d.describe()} | {d.seeds_a} vs {d.seeds_b} |"
+                  for a, b, d in self.steps]
         return "\n".join(lines)
 
     def gaps_markdown(self) -> str:
@@ -287,9 +288,11 @@ def summarize_study(study_dir: str | Path, write: bool = True, resamples: int = 
         if row.spec != baseline and baseline in correct:
             row.delta = seed_aware_difference(stacked(row.spec), stacked(baseline))
             row.diagnostics = diagnostics_against(correct[row.spec], correct[baseline], resamples)
+    vary = study.get("vary")
     steps = [(current.spec, previous.spec, seed_aware_difference(stacked(current.spec), stacked(previous.spec)))
-             for previous, current in zip(rows, rows[1:], strict=False)]
-    gaps, gap_changes = curve_gaps(rows, study["vary"], stacked) if study.get("vary") else ([], [])
+             for previous, current in zip(rows, rows[1:], strict=False)
+             if not vary or base_of(previous.spec, vary) == base_of(current.spec, vary)]  # a sweep: neighbours on one curve
+    gaps, gap_changes = curve_gaps(rows, vary, stacked) if vary else ([], [])
     summary = StudySummary(study=study, baseline=baseline, baseline_finished=baseline in correct, rows=rows, missing=missing, steps=steps,
                            gaps=gaps, gap_changes=gap_changes)
     if write:
