@@ -151,7 +151,7 @@ def run_study(plan: StudyPlan, study_dir: str | Path, jobs: int = 1, command: st
         busy = {member.run_dir: holder for member in unfinished if (holder := lock_holder(run_lock_path(member.run_dir)))}
         todo = reuse_finished_runs([member for member in unfinished if member.run_dir not in busy], [Path(path) for path in reuse or []])
         print(f"study {study_dir}: {len(members)} runs ({len(plan.specs)} models x {len(plan.seeds)} seeds), "
-              f"{len(members) - len(unfinished)} already finished, {len(todo)} to train"
+              f"{len(members) - len(busy) - len(todo)} already finished, {len(todo)} to train"
               + (f", {len(busy)} being trained by other processes" if busy else ""), flush=True)
         for run_dir, holder in busy.items():
             print(f"== {run_dir}: being trained by another process ({holder}); not started again", flush=True)

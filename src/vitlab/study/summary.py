@@ -98,7 +98,8 @@ def curve_gaps(rows: list[Row], setting: str, stacked) -> tuple[list[Gap], list[
     """Gaps between the curves of a sweep with several SPECs (`stacked(spec)` gives its (S, N) correctness)."""
     curves: dict[str, dict] = {}
     for row in rows:
-        curves.setdefault(base_of(row.spec, setting), {})[row.settings.get(setting)] = row
+        value = row.settings.get(setting)
+        curves.setdefault(base_of(row.spec, setting), {})[tuple(value) if isinstance(value, list) else value] = row
     if len(curves) < 2:
         return [], []
     reference_name, *others = curves
