@@ -79,6 +79,7 @@ def test_sweep_varies_a_training_setting_and_a_data_setting(cifar_root, tmp_path
         ("cnn-small:train_size=80", "cnn-small:train_size=40"), ("mlp:hidden_size=16,train_size=80", "mlp:hidden_size=16,train_size=40")]
     assert summary["gap_changes"][0]["change"]["ci_low"] is None  # one seed: no interval
     assert "How that gap changes from the first train_size to the last" in (sizes / "results.md").read_text()
+    assert (sizes / "figures" / "gaps_vs_train_size.png").is_file()
     assert json.loads((sizes / "runs" / "cnn-small_train_size-40" / "seed0" / "results.json").read_text())["train_images"] == 40
 
 

@@ -102,6 +102,36 @@ def varied_setting(summary) -> str | None:
     return None
 
 
+def plot_gaps(summary, setting: str, path: Path) -> None:
+    """Each curve minus the first curve at every value of the varied setting, with seed-aware 95% intervals."""
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    curves = list(dict.fromkeys(gap.curve for gap in summary.gaps))
+    numeric = all(isinstance(gap.value, (int, float)) and not isinstance(gap.value, bool) for gap in summary.gaps)
+    labels = list(dict.fromkeys(str(gap.value) for gap in summary.gaps))
+    for index, curve in enumerate(curves):
+        gaps = [gap for gap in summary.gaps if gap.curve == curve]
+        xs = [gap.value if numeric else labels.index(str(gap.value)) for gap in gaps]
+        ys = [gap.difference.observed for gap in gaps]
+        axis.plot(xs, ys, "-o", color=f"C{index + 1}", label=f"{curve} − {gaps[0].minus_curve}", markersize=4)
+        bounded = [(x, gap.difference) for x, gap in zip(xs, gaps, strict=True) if gap.difference.ci_low is not None]
+        if bounded:
+            axis.errorbar([x for x, _ in bounded], [d.observed for _, d in bounded],
+                          yerr=[[d.observed - d.ci_low for _, d in bounded], [d.ci_high - d.observed for _, d in bounded]],
+                          fmt="none", ecolor=f"C{index + 1}", capsize=4)
+    axis.axhline(0.0, color="black", linewidth=0.8)
+    values = [gap.value for gap in summary.gaps]
+    if numeric and min(values) > 0 and max(values) / min(values) >= 16:
+        axis.set_xscale("log")
+        axis.set_xticks(sorted(set(values)), [f"{v:g}" for v in sorted(set(values))])
+        axis.minorticks_off()
+    elif not numeric:
+        axis.set_xticks(range(len(labels)), labels)
+    axis.set(xlabel=setting, ylabel="test accuracy difference (points)", title=f"gap between curves vs {setting} (95% seed-aware CI)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    save_figure(figure, path)
+
+
 def write_study_figures(summary, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -115,5 +145,9 @@ def write_study_figures(summary, folder: Path) -> list[Path]:
     if setting:
         path = folder / f"accuracy_vs_{setting}.png"
         plot_accuracy_vs_setting(summary, setting, path)
+        written.append(path)
+    if summary.gaps:
+        path = folder / f"gaps_vs_{summary.study.get('vary')}.png"
+        plot_gaps(summary, summary.study.get("vary"), path)
         written.append(path)
     return written

@@ -78,7 +78,11 @@ def report_markdown(study_dir: Path, summary: StudySummary) -> str:
     if figures:
         lines += ["## Figures", ""]
         for figure in figures:
-            caption = FIGURE_CAPTIONS.get(figure.name, f"Test accuracy against {figure.stem.removeprefix('accuracy_vs_')} (95% CI over seeds).")
+            if figure.name.startswith("gaps_vs_"):
+                caption = (f"Each curve minus the first at every {figure.stem.removeprefix('gaps_vs_')}, "
+                           "with its 95% seed-aware interval (training seeds and test images).")
+            else:
+                caption = FIGURE_CAPTIONS.get(figure.name, f"Test accuracy against {figure.stem.removeprefix('accuracy_vs_')} (95% CI over seeds).")
             lines += [f"![{figure.stem}]({FIGURES_FOLDER}/{figure.name})", "", f"*{caption}*", ""]
     lines += ["## Every run", "", "| Model | Seed | Test acc % | Test loss | Train time | Resumed | Folder |",
               "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
