@@ -42,6 +42,16 @@ def plot_curves(summary, path: Path) -> None:
     save_figure(figure, path)
 
 
+def setting_axis(axis, setting: str, values: list, numeric: bool, labels: list[str]) -> None:
+    """The x axis of a sweep: log scale for sizes, rates and any range of 16× or more; the labels otherwise."""
+    if numeric and (setting in ("train_size", "subset", "lr", "weight_decay") or (min(values) > 0 and max(values) / min(values) >= 16)):
+        axis.set_xscale("log")
+        axis.set_xticks(sorted(set(values)), [f"{v:g}" for v in sorted(set(values))])
+        axis.minorticks_off()
+    elif not numeric:
+        axis.set_xticks(range(len(labels)), labels)
+
+
 def plot_accuracy_vs_setting(summary, setting: str, path: Path) -> None:
     """Test accuracy (mean and 95% t-interval over seeds, every seed a dot) against `setting`, one curve per
     base SPEC; log x for training-set sizes."""
@@ -63,12 +73,7 @@ def plot_accuracy_vs_setting(summary, setting: str, path: Path) -> None:
                               color=f"C{index}", alpha=0.15)
         for x, row in zip(xs, rows, strict=True):
             axis.scatter([x] * len(row.per_seed_acc), list(row.per_seed_acc.values()), s=10, color=f"C{index}", alpha=0.7, zorder=3)
-    if numeric and setting in ("train_size", "subset", "lr", "weight_decay") or (numeric and min(values) > 0 and max(values) / min(values) >= 16):
-        axis.set_xscale("log")
-        axis.set_xticks(sorted(set(values)), [f"{v:g}" for v in sorted(set(values))])
-        axis.minorticks_off()
-    elif not numeric:
-        axis.set_xticks(range(len(labels)), labels)
+    setting_axis(axis, setting, values, numeric, labels)
     axis.set(xlabel=setting, ylabel="test accuracy (%)", title=f"test accuracy vs {setting} (bands: 95% CI over seeds; dots: seeds)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
@@ -119,13 +124,7 @@ def plot_gaps(summary, setting: str, path: Path) -> None:
                           yerr=[[d.observed - d.ci_low for _, d in bounded], [d.ci_high - d.observed for _, d in bounded]],
                           fmt="none", ecolor=f"C{index + 1}", capsize=4)
     axis.axhline(0.0, color="black", linewidth=0.8)
-    values = [gap.value for gap in summary.gaps]
-    if numeric and min(values) > 0 and max(values) / min(values) >= 16:
-        axis.set_xscale("log")
-        axis.set_xticks(sorted(set(values)), [f"{v:g}" for v in sorted(set(values))])
-        axis.minorticks_off()
-    elif not numeric:
-        axis.set_xticks(range(len(labels)), labels)
+    setting_axis(axis, setting, [gap.value for gap in summary.gaps], numeric, labels)
     axis.set(xlabel=setting, ylabel="test accuracy difference (points)", title=f"gap between curves vs {setting} (95% seed-aware CI)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
