@@ -35,6 +35,15 @@ def fuzz_settings(examples: int) -> settings:
     return settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 
 
+TINY_VIT = ["--model", "vit", "--patch_size", "8", "--hidden_size", "8", "--num_heads", "2", "--num_blocks", "1", "--gif", "true"]
+
+
+def tiny_training_flags(data_root, epochs: int) -> list[str]:
+    """Flags for a run of a few seconds on 200 images, the fuzzers' finished runs."""
+    return ["--subset", "200", "--test_subset", "50", "--epochs", str(epochs), "--batch_size", "50", "--progress", "false",
+            "--data-dir", str(data_root)]
+
+
 def run_cli(argv: list[str]) -> tuple[int, str]:
     stderr, stdout = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
@@ -91,10 +100,8 @@ def test_train_with_fuzzed_flags(small_cifar_root, tmp_path, fuzz_examples):
 @pytest.fixture
 def finished_runs(small_cifar_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz-runs")
-    common = ["--subset", "200", "--test_subset", "50", "--epochs", "1", "--batch_size", "50", "--progress", "false",
-              "--data-dir", str(small_cifar_root)]
-    assert main(["train", "--model", "vit", "--patch_size", "8", "--hidden_size", "8", "--num_heads", "2", "--num_blocks", "1",
-                 "--gif", "true", *common, "--out", str(root / "vit")]) == 0
+    common = tiny_training_flags(small_cifar_root, epochs=1)
+    assert main(["train", *TINY_VIT, *common, "--out", str(root / "vit")]) == 0
     assert main(["train", "--model", "cnn-small", *common, "--out", str(root / "cnn")]) == 0
     image = root / "picture.png"
     from PIL import Image

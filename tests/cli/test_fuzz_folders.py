@@ -9,9 +9,9 @@ import json
 import shutil
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from test_fuzz import check_outcome, run_cli
+from test_fuzz import TINY_VIT, check_outcome, fuzz_settings, run_cli, tiny_training_flags
 
 from vitlab.cli import main
 
@@ -58,17 +58,11 @@ def apply_damage(path, kind: str, number: int, value) -> None:
         path.write_text("\n".join(lines) + "\n")
 
 
-def fuzz_settings(examples: int) -> settings:
-    return settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
-
-
 @pytest.fixture
 def pristine(small_cifar_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("pristine")
-    common = ["--subset", "200", "--test_subset", "50", "--epochs", "2", "--batch_size", "50", "--progress", "false",
-              "--data-dir", str(small_cifar_root)]
-    assert main(["train", "--model", "vit", "--patch_size", "8", "--hidden_size", "8", "--num_heads", "2", "--num_blocks", "1",
-                 "--gif", "true", *common, "--out", str(root / "run")]) == 0
+    common = tiny_training_flags(small_cifar_root, epochs=2)
+    assert main(["train", *TINY_VIT, *common, "--out", str(root / "run")]) == 0
     assert main(["compare", "cnn-small", "mlp:hidden_size=8", *common, "--seeds", "2", "--out", str(root / "study")]) == 0
     from PIL import Image
 
