@@ -7,7 +7,11 @@ Three ways, one result (tests check they agree):
   attention needs a diagonal mask or a learned temperature (LSA), and for attention dropout on the CPU
   (SDPA's dropout there samples with the slow `bernoulli_`; see models/dropout.py);
 - on the CPU in bf16, the fused kernel runs in fp32: PyTorch's CPU flash-attention backward is slower in
-  bf16 than in fp32, and CPU autocast would cast fp32 inputs back to bf16 (docs/performance.md).
+  bf16 than in fp32, and CPU autocast would cast fp32 inputs back to bf16 (docs/performance.md);
+- on CUDA, the fused kernel may be FlashAttention, memory-efficient attention or the math path, never
+  cuDNN's attention: on Hopper GPUs PyTorch (2.11 and later) prefers cuDNN's kernel, whose bf16 backward has
+  produced NaN gradients for 64-token sequences (pytorch/pytorch#196678 and cudnn-frontend#160 describe
+  such cases; vit-fast, 64 tokens, lost 2 of 3 seeds to a NaN loss on an H200: docs/gpu/).
 """
 
 from __future__ import annotations
@@ -16,6 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from vitlab.models.dropout import dropout_matmul
+
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # torch < 2.3 has no backend selection (and no cuDNN attention)
+    SDPBackend = sdpa_kernel = None
+
+# The kernels SDPA may use on CUDA (None: PyTorch's own choice, cuDNN included).
+CUDA_SDPA_BACKENDS = (None if SDPBackend is None else
+                      [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def diagonal_mask(tokens: int, device: torch.device) -> torch.Tensor:
@@ -54,4 +67,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, dr
         with torch.autocast("cpu", enabled=False):
             mixed = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), scale=scale)
         return mixed.to(value.dtype), None
+    if query.device.type == "cuda" and CUDA_SDPA_BACKENDS is not None:
+        with sdpa_kernel(CUDA_SDPA_BACKENDS):
+            return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scale), None
     return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scale), None
