@@ -70,7 +70,7 @@ def sdpa_check(out: Path) -> None:
                         F.scaled_dot_product_attention(*inputs).backward(grad_out.to(torch.bfloat16))
                     grads = [t.grad.float() for t in inputs]
                     row["nonfinite_grads"] = int(sum((~torch.isfinite(g)).sum().item() for g in grads))
-                    row["max_grad_error"] = max(float((g - r.grad).abs().nan_to_num(math.inf).max()) for g, r in zip(grads, reference))
+                    row["max_grad_error"] = max(float((g - r.grad).abs().nan_to_num(math.inf).max()) for g, r in zip(grads, reference, strict=True))
                 except RuntimeError as error:
                     row["error"] = str(error).splitlines()[0][:200]
                 rows.append(row)
