@@ -123,7 +123,7 @@ def train(out: Path, study: Path, budget: float, probe_file: Path) -> None:
     speeds = json.loads(probe_file.read_text()) if probe_file.is_file() else {}
     commands = plan(out, study, speeds, budget - 40)
     jobs = [Job(name, argv, out, env={"OMP_NUM_THREADS": "1"}) for name, argv in commands.items()]
-    while time.time() < start + budget and not all(job.poll() for job in jobs):
+    while time.time() < start + budget and not all([job.poll() for job in jobs]):  # a list: poll every job
         write_json(out / "jobs.json", {"speeds": speeds, "jobs": [job.record() for job in jobs]})
         time.sleep(2)
     stop_all(jobs)

@@ -206,7 +206,7 @@ def stop_all(jobs: list[Job], grace: float = 15.0) -> None:
     for job in jobs:
         job.terminate()
     end = time.time() + grace
-    while time.time() < end and not all(job.poll() for job in jobs):
+    while time.time() < end and not all([job.poll() for job in jobs]):
         time.sleep(0.5)
     for job in jobs:
         job.kill()

@@ -8,10 +8,11 @@ Three ways, one result (tests check they agree):
   (SDPA's dropout there samples with the slow `bernoulli_`; see models/dropout.py);
 - on the CPU in bf16, the fused kernel runs in fp32: PyTorch's CPU flash-attention backward is slower in
   bf16 than in fp32, and CPU autocast would cast fp32 inputs back to bf16 (docs/performance.md);
-- on CUDA, the fused kernel may be FlashAttention, memory-efficient attention or the math path, never
-  cuDNN's attention: on Hopper GPUs PyTorch (2.11 and later) prefers cuDNN's kernel, whose bf16 backward has
-  produced NaN gradients for 64-token sequences (pytorch/pytorch#196678 and cudnn-frontend#160 describe
-  such cases; vit-fast, 64 tokens, lost 2 of 3 seeds to a NaN loss on an H200: docs/gpu/).
+- on CUDA, the fused kernel may be FlashAttention, memory-efficient attention or the math path, not
+  cuDNN's attention, which PyTorch prefers on Hopper GPUs and whose bf16 backward has known NaN cases
+  (pytorch/pytorch#196678, NVIDIA/cudnn-frontend#160). On an H200 this cost nothing measurable at
+  vitlab's sizes; whether cuDNN caused the first GPU session's NaN in vit-fast was tested and not
+  established (docs/gpu/README.md).
 """
 
 from __future__ import annotations
