@@ -130,6 +130,22 @@ def train(out: Path, study: Path, budget: float, probe_file: Path) -> None:
     write_json(out / "jobs.json", {"speeds": speeds, "jobs": [job.record() for job in jobs]})
 
 
+def dry_run(out: Path, study: Path, budget: float) -> dict[str, list[str]]:
+    """Without a GPU: every command of the train stage parses, and both candidates' models build."""
+    from vitlab.cli import build_parser
+    from vitlab.models import build_model
+
+    commands = plan(out, study, {}, budget - 40)
+    parser = build_parser()
+    for name, argv in commands.items():
+        args = parser.parse_args(argv[3:])  # after 'python -m vitlab' or 'python -c CODE'
+        print(name, args.command, " ".join(argv[3:]))
+    for candidate in CANDIDATES.values():
+        model_name, model_config = candidate["model"]
+        build_model(model_name, **model_config)
+    return commands
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
@@ -142,8 +158,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.dry_run:
-        for name, argv in plan(out, Path(args.study), {}, args.budget - 40).items():
-            print(name, " ".join(argv))
+        dry_run(out, Path(args.study), args.budget)
         return
     {"sdpa": lambda: sdpa_check(out), "probe": lambda: probe(out),
      "train": lambda: train(out, Path(args.study), args.budget, Path(args.probe))}[args.stage]()

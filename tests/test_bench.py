@@ -41,6 +41,19 @@ def test_gpu_suite_dry_run_builds_every_step(tmp_path):
     assert "vit-best" in plan["phase_one"] and "seed-study" in plan["phase_two"]
 
 
+def test_gpu_followup_dry_run_parses_every_command(tmp_path):
+    """The second GPU session's script stays runnable: its commands parse, the control arm runs vitlab
+    through `python -c`, and the vit-best candidates' epochs fit the time they are given."""
+    import gpu_followup
+
+    commands = gpu_followup.dry_run(tmp_path, tmp_path / "study", budget=440)
+    assert {"seed-study", "vit-fast-seed2", "vit-fast-cudnn-seed1"} <= set(commands)
+    assert commands["vit-fast-cudnn-seed0"][1] == "-c" and "CUDA_SDPA_BACKENDS = None" in commands["vit-fast-cudnn-seed0"][2]
+    epochs = gpu_followup.candidate_epochs(images_per_second=12_000, seconds=400)
+    assert epochs * 40_000 / 12_000 * gpu_followup.SLOWDOWN <= 400
+    assert gpu_followup.candidate_epochs(images_per_second=1e9, seconds=400) == 200
+
+
 @pytest.mark.skipif(real_cifar10_root() is None, reason="the reference side reads the real CIFAR-10 files through torchvision")
 def test_reference_side_times_a_few_steps():
     loader = bench.reference_loader(str(real_cifar10_root()), batch_size=16)
