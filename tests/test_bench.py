@@ -54,6 +54,30 @@ def test_gpu_followup_dry_run_parses_every_command(tmp_path):
     assert gpu_followup.candidate_epochs(images_per_second=1e9, seconds=400) == 200
 
 
+def test_device_data_rebuilds_a_batch_file_byte_for_byte(tmp_path):
+    """CIFAR-10 travels to a GPU machine as WebP mosaics; unpacking must give back the very same file."""
+    import pickle
+
+    import device_data
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    batch = {b"batch_label": b"testing batch 1 of 1", b"labels": list(rng.integers(0, 10, 12)),
+             b"data": rng.integers(0, 256, (12, 3072), dtype=np.uint8), b"filenames": [b"img%d.png" % i for i in range(12)]}
+    source = tmp_path / "cifar-10-batches-py"
+    source.mkdir()
+    (source / "test_batch").write_bytes(pickle.dumps(batch, protocol=4))
+    (source / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"cat"]}, protocol=4))
+    device_data.pack(source, tmp_path / "packed", parts=1)
+    assert device_data.mosaic_shape(12) == (3, 4) and device_data.mosaic_shape(10_000) == (100, 100)
+    assert device_data.unpack(tmp_path / "packed" / "part1", tmp_path / "rebuilt") == 0
+    for name in ("test_batch", "batches.meta"):
+        assert (tmp_path / "rebuilt" / name).read_bytes() == (source / name).read_bytes()
+    (tmp_path / "packed" / "part1" / "test_batch.pre").write_bytes(b"x")  # damaged in transit
+    assert device_data.unpack(tmp_path / "packed" / "part1", tmp_path / "again") == 1
+    assert not (tmp_path / "again" / "test_batch").exists()
+
+
 @pytest.mark.skipif(real_cifar10_root() is None, reason="the reference side reads the real CIFAR-10 files through torchvision")
 def test_reference_side_times_a_few_steps():
     loader = bench.reference_loader(str(real_cifar10_root()), batch_size=16)
