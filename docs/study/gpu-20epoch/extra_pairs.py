@@ -12,6 +12,7 @@ import torch
 
 from vitlab.rundir import RunDir
 from vitlab.study.stats import seed_aware_difference
+from vitlab.study.summary import correctness as run_correctness
 
 study = Path(sys.argv[1])
 
@@ -21,8 +22,7 @@ def correct(folder: str) -> torch.Tensor:
     seeds = sorted(s for s in (study / "runs" / folder).glob("seed*") if (s / "test_predictions.safetensors").exists())
     rows = []
     for seed in seeds:
-        predictions = RunDir(seed).predictions()
-        rows.append(predictions["predictions"] == predictions["labels"])
+        rows.append(run_correctness(RunDir(seed), None))
     return torch.stack(rows)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from vitlab.rundir import RunDir
 from vitlab.study.stats import seed_aware_contrast, seed_aware_difference
+from vitlab.study.summary import correctness as run_correctness
 
 SIZES = (1000, 4000, 8000, 16000, 40000)
 study = Path(sys.argv[1])
@@ -22,8 +23,7 @@ def correct(model: str, size: int) -> torch.Tensor:
     rows = []
     for seed in sorted(folder.glob("seed*")):
         if (seed / "test_predictions.safetensors").exists():
-            predictions = RunDir(seed).predictions()
-            rows.append(predictions["predictions"] == predictions["labels"])
+            rows.append(run_correctness(RunDir(seed), None))
     return torch.stack(rows)
 
 
