@@ -16,7 +16,7 @@ from typing import Any
 from vitlab.errors import VitlabError
 
 PRECISIONS = ("auto", "fp32", "bf16")
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "muon")
 SCHEDULES = ("cosine", "linear")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -89,7 +89,9 @@ class TrainConfig:
     """The optimisation recipe: by default AdamW with linear warmup then cosine decay to zero, per step.
 
     Args:
-        optimizer: adamw, or sgd (Nesterov momentum).
+        optimizer: adamw, sgd (Nesterov momentum), or muon: Muon for the convolution filters (orthogonalised
+            momentum, filters kept at a fixed norm; for CNNs with BatchNorm) and SGD-Nesterov at `lr` for the
+            rest, every bias at `lr` × norm_bias_lr_scale (vitlab.train.muon).
         epochs: passes over the training split (with images_budget: the most passes).
         images_budget: train on this many images in all, whatever the size of the training split: epochs =
             ceil(images_budget / training images), at most --epochs (for learning curves with equal compute).
@@ -100,6 +102,8 @@ class TrainConfig:
         schedule: after warmup, cosine or linear decay to min_lr_ratio × lr.
         min_lr_ratio: final learning rate as a share of lr.
         momentum: SGD's Nesterov momentum.
+        muon_lr: with optimizer muon, the filters' learning rate (an angle per step: the filters keep their norm).
+        muon_momentum: with optimizer muon, the filters' Nesterov momentum.
         norm_bias_lr_scale: learning-rate multiplier for normalisation biases (airbench uses 64), with
             their weight decay divided by the same factor so the decay per step is unchanged.
         beta1: AdamW first-moment decay.
@@ -136,6 +140,8 @@ class TrainConfig:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.0
     momentum: float = 0.9
+    muon_lr: float = 0.24
+    muon_momentum: float = 0.6
     norm_bias_lr_scale: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.999
@@ -179,6 +185,8 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.muon_lr > 0, f"muon_lr must be positive, got {self.muon_lr}"),
+            (0 <= self.muon_momentum < 1, f"muon_momentum must be in [0, 1), got {self.muon_momentum}"),
             (self.norm_bias_lr_scale > 0, f"norm_bias_lr_scale must be positive, got {self.norm_bias_lr_scale}"),
             (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got '{self.device}'"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'"),

@@ -39,15 +39,24 @@ PRESETS: dict[str, Preset] = {
                           {"epochs": 20, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.0, "label_smoothing": 0.0}),
     "vit-seed002": Preset("vit", "seed 002's ViT: patch 4, width 128, 6 blocks, 4 heads, dropout 0.1",
                           {"patch_size": 4, "hidden_size": 128, "num_heads": 4, "num_blocks": 6, "dropout": 0.1}, {"epochs": 20}),
-    # airbench-style recipe. airbench states its hyper-parameters per 1024 examples with a summed loss;
-    # in mean-loss PyTorch terms: lr = 11.5 / (1 + 1/(1 - 0.85)) = 1.5, and a decay of 0.002 per step
-    # is weight_decay = 0.002 / 1.5. Linear warmup over 23% of the steps, then linear decay to 7%.
-    "cnn-fast": Preset("aircnn", "airbench-style CNN: frozen whitening layer, 3 conv groups 64/256/256; SGD-Nesterov, "
-                       "batch 1024, label smoothing 0.2, BN-bias lr x64, flip TTA",
-                       {}, {"epochs": 8, "batch_size": 1024, "optimizer": "sgd", "lr": 1.5, "momentum": 0.85,
-                            "weight_decay": 0.002 / 1.5, "norm_bias_lr_scale": 64.0, "label_smoothing": 0.2,
-                            "schedule": "linear", "warmup_epochs": 8 * 0.23, "min_lr_ratio": 0.07, "tta": True},
-                       {"crop_padding": 2}),
+    # airbench94_muon's recipe (Jordan 2024: 94.01% mean on a GPU in 8 epochs) in this Runner's mean-loss terms.
+    # airbench sums the loss over a 2000-image batch and divides its head's output by the width (256) with
+    # unit-std head weights; this head multiplies by 1/9 instead. The same effective steps: head lr
+    # 0.67 * 2000 / 256**2 * 9**2 = 1.656, biases 0.053 * 2000 = 106 = 1.656 * 64, decay 2e-6 * 2000 = 0.004 per
+    # step (weight_decay = 0.004 / lr). Muon (lr 0.24, momentum 0.6) moves the filters; linear decay to 0, no
+    # warmup. All 50,000 training images (the 10,000 validation images included; the test set stays untouched),
+    # alternating flips, 2-pixel translation, and TTA over the mirror and 1-pixel shifts.
+    # The previous recipe (SGD-Nesterov for everything, batch 1024, lr 1.5, 40,000 images, flip TTA, 8 epochs)
+    # is `--optimizer sgd --lr 1.5 --batch_size 1024 ...` in the README's history.
+    "cnn-fast": Preset("aircnn", "airbench94_muon's recipe: frozen whitening layer, 3 conv groups 64/256/256; Muon for the "
+                       "filters, SGD-Nesterov for the rest, batch 2000, label smoothing 0.2, 8 epochs on all 50,000 "
+                       "training images (validation images included), alternating flips, multi-view TTA",
+                       {}, {"epochs": 8, "batch_size": 2000, "optimizer": "muon", "lr": 0.67 * 2000 / 256**2 * 9**2,
+                            "momentum": 0.85, "muon_lr": 0.24, "muon_momentum": 0.6,
+                            "weight_decay": 2e-6 * 2000 / (0.67 * 2000 / 256**2 * 9**2), "norm_bias_lr_scale": 64.0,
+                            "label_smoothing": 0.2, "schedule": "linear", "warmup_epochs": 0, "min_lr_ratio": 0.0,
+                            "tta": True, "tta_shift": 1},
+                       {"crop_padding": 2, "alternating_flip": True, "train_on_validation": True}),
     # CCT's convolutional tokenizer (Hassani et al. 2021): two 3×3 conv + BN + ReLU + max-pool stages
     # turn the image into an 8×8 grid of width-128 tokens, then 4 pre-norm blocks and mean pooling.
     # Chosen on the 2-core CPU: with the stride-2 'conv' stem, 6 blocks and lr 1e-3 it reached 71.81% in

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from vitlab.config import TrainConfig
+from vitlab.errors import VitlabError
+from vitlab.train.muon import MuonSGD
 
 # Parameters that get no weight decay besides biases and norm scales (all 1-D): decaying the
 # CLS token, the position table or register tokens towards zero only erases what they encode.
@@ -19,7 +21,11 @@ NORM_LAYERS = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.LayerNorm)
 
 def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     """Weights get weight decay; biases, norms, CLS token and positions do not (AdamW). For SGD
-    (airbench's recipe) everything decays, and normalisation biases can get a larger learning rate."""
+    (airbench's recipe) everything decays, and normalisation biases can get a larger learning rate.
+    For Muon (airbench94_muon's recipe) the 4-D filter banks form the Muon group (no decay), every 1-D
+    parameter (biases) gets the normalisation biases' learning rate, and the rest is SGD at `lr`."""
+    if config.optimizer == "muon":
+        return muon_parameter_groups(model, config)
     decay, no_decay, norm_biases = [], [], []
     norm_bias_ids = {id(m.bias) for m in model.modules() if isinstance(m, NORM_LAYERS) and m.bias is not None}
     # timm models name their own (cls_token, pos_embed, ...): TimmModel.no_weight_decay() passes them on.
@@ -39,8 +45,25 @@ def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
+def muon_parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    filters = [p for p in trainable if p.ndim == 4]
+    if not filters:
+        raise VitlabError(f"--optimizer muon trains convolution filters, and this {type(model).__name__} has none; "
+                          "use --optimizer adamw or sgd")
+    biases = [p for p in trainable if p.ndim == 1]
+    rest = [p for p in trainable if p.ndim not in (1, 4)]
+    scale = config.norm_bias_lr_scale
+    groups = [{"params": filters, "orthogonalize": True, "lr": config.muon_lr, "momentum": config.muon_momentum, "weight_decay": 0.0},
+              {"params": rest, "weight_decay": config.weight_decay},
+              {"params": biases, "weight_decay": config.weight_decay / scale, "lr": config.lr * scale}]
+    return [group for group in groups if group["params"]]
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = parameter_groups(model, config)
+    if config.optimizer == "muon":
+        return MuonSGD(groups, lr=config.lr, momentum=config.momentum)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
     # Fused AdamW is one kernel per step on CUDA; on the CPU the foreach version is the default.

@@ -17,6 +17,7 @@ from vitlab.rundir import RunDir, default_run_path
 from vitlab.train.checkpoint import TrainingInterrupted
 from vitlab.train.distributed import SINGLE, DistContext, barrier, context_from_environment
 from vitlab.train.evaluate import Evaluation, evaluate
+from vitlab.train.optim import parameter_groups
 from vitlab.train.trainer import Runner
 
 # Validation accuracies (%) whose first crossing is recorded, as the CIFAR-10 speed records compare runs.
@@ -67,6 +68,7 @@ def train_run(run: RunConfig, out_dir: str | Path | None = None, data: CIFAR10 |
         raise VitlabError("the training or validation split is empty; raise --subset or --train_size, or change --val_fraction")
     run = fit_to_data(run, data)
     model = build_run_model(run)
+    parameter_groups(model, run.train)  # refuses an optimiser the model cannot take (e.g. Muon without filters)
     distributed = context_from_environment(run.train.device)
     check_device(run)
     folder = RunDir(out_dir if out_dir else default_run_path(run.preset or run.model_name))

@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_dataset
+from vitlab.config import TrainConfig
+from vitlab.errors import VitlabError
+from vitlab.models import AirCNN, build_model
+from vitlab.train.muon import MuonSGD, orthogonalize
+from vitlab.train.optim import make_optimizer, parameter_groups
+from vitlab.train.trainer import Runner
+
+
+@pytest.mark.parametrize("shape", [(64, 216), (256, 64), (32, 32)])
+def test_orthogonalize_flattens_the_singular_values(shape):
+    generator = torch.Generator().manual_seed(0)
+    # A badly conditioned matrix: singular values spread over three orders of magnitude.
+    u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], shape[1], generator=generator))
+    rank = min(shape)
+    spread = torch.logspace(0, -3, rank)
+    matrix = u[:, :rank] @ torch.diag(spread) @ v[:, :rank].T
+    singular = torch.linalg.svdvals(orthogonalize(matrix, steps=5))
+    assert singular.max() < 1.3  # the quintic iteration lands in roughly [0.7, 1.2], not exactly at 1
+    assert (singular[: rank // 2] > 0.5).all()  # the large half of the spectrum is levelled
+    original_ratio = spread[0] / spread[rank // 2 - 1]
+    assert singular[0] / singular[rank // 2 - 1] < original_ratio / 10
+
+
+def test_orthogonalize_keeps_the_singular_vectors():
+    generator = torch.Generator().manual_seed(1)
+    matrix = torch.randn(16, 40, generator=generator)
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    result = orthogonalize(matrix, steps=8)
+    # U Vᵀ is the target; the bf16 iteration gets its direction, not its exact magnitudes.
+    cosine = (result * (u @ vh)).sum() / (result.norm() * (u @ vh).norm())
+    assert cosine > 0.97
+
+
+def muon_config(**overrides) -> TrainConfig:
+    return TrainConfig(**(dict(optimizer="muon", lr=0.5, weight_decay=0.01, norm_bias_lr_scale=64.0, muon_lr=0.2, muon_momentum=0.6)
+                          | overrides))
+
+
+def test_muon_groups_filters_biases_and_the_rest():
+    model = AirCNN()
+    groups = parameter_groups(model, muon_config())
+    filters, rest, biases = groups
+    assert filters["orthogonalize"] and filters["lr"] == 0.2 and filters["momentum"] == 0.6 and filters["weight_decay"] == 0
+    assert all(p.ndim == 4 for p in filters["params"]) and len(filters["params"]) == 6  # two convs per group, whitening frozen
+    assert [p.shape for p in rest["params"]] == [model.head.weight.shape]
+    assert biases["lr"] == 32.0 and biases["weight_decay"] * biases["lr"] == pytest.approx(0.01 * 0.5)
+    assert any(p is model.whiten.bias for p in biases["params"])  # the whitening bias too, as in airbench94_muon
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert sorted(id(p) for group in groups for p in group["params"]) == sorted(trainable)
+
+
+def test_muon_keeps_each_filter_bank_at_norm_sqrt_out_and_moves_it():
+    model = AirCNN(config=None)
+    optimizer = make_optimizer(model, muon_config(), torch.device("cpu"))
+    conv = model.groups[1].conv2.weight
+    before = conv.detach().clone()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(8, 3, 32, 32)).square().sum().backward()
+        optimizer.step()
+    # Rescaled to √out before each update; one update of size lr·‖UVᵀ‖ later it is near that norm again.
+    assert conv.norm().item() == pytest.approx(math.sqrt(conv.shape[0]), rel=0.1)
+    assert not torch.allclose(conv, before)
+
+
+def test_the_sgd_groups_step_exactly_like_pytorch_sgd_nesterov():
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
+    twins = [w.detach().clone().requires_grad_(True) for w in weights]
+    ours = MuonSGD([{"params": weights[:1]}, {"params": weights[1:], "lr": 0.3}], lr=0.1, momentum=0.85, weight_decay=0.02)
+    theirs = torch.optim.SGD([{"params": twins[:1]}, {"params": twins[1:], "lr": 0.3}], lr=0.1, momentum=0.85, nesterov=True,
+                             weight_decay=0.02)
+    for step in range(4):
+        for tensors, optimizer in ((weights, ours), (twins, theirs)):
+            optimizer.zero_grad()
+            ((tensors[0].sum(0) * tensors[1]).sin().sum() * (step + 1)).backward()
+            optimizer.step()
+    for mine, reference in zip(weights, twins, strict=True):
+        torch.testing.assert_close(mine, reference)
+
+
+def test_muon_state_survives_a_state_dict_round_trip():
+    model = AirCNN()
+    optimizer = make_optimizer(model, muon_config(), torch.device("cpu"))
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    restored = make_optimizer(model, muon_config(), torch.device("cpu"))
+    restored.load_state_dict(optimizer.state_dict())
+    conv = model.groups[0].conv1.weight
+    torch.testing.assert_close(restored.state[conv]["momentum_buffer"], optimizer.state[conv]["momentum_buffer"])
+    assert restored.param_groups[0]["orthogonalize"]
+
+
+def test_muon_on_a_model_without_filters_is_refused():
+    with pytest.raises(VitlabError, match="no.*filters|has none"):
+        parameter_groups(build_model("mlp"), muon_config())
+
+
+def test_aircnn_learns_with_muon():
+    data = tiny_dataset()
+    config = TrainConfig(optimizer="muon", lr=0.2, momentum=0.85, muon_lr=0.2, schedule="linear", warmup_epochs=0,
+                         norm_bias_lr_scale=16, epochs=3, batch_size=32, progress=False, device="cpu")
+    history = Runner(build_model("aircnn", widths=(16, 32, 32)), config).fit(data)
+    assert history[-1]["val_acc"] > 50
+
+
+def test_a_muon_run_of_a_model_without_filters_is_refused_before_its_folder_exists(tmp_path):
+    from vitlab.presets import build_run_config
+    from vitlab.train.run import train_run
+
+    run = build_run_config("mlp", None, {"optimizer": "muon", "epochs": 1, "device": "cpu", "progress": False})
+    with pytest.raises(VitlabError, match="muon"):
+        train_run(run, tmp_path / "run", data=tiny_dataset())
+    assert not (tmp_path / "run").exists()
