@@ -117,7 +117,8 @@ class TrainConfig:
         device: auto (CUDA, then Apple MPS, then CPU), cpu, cuda or mps.
         precision: fp32, bf16 (autocast) or auto (bf16 where the device runs it fast).
         eval_batch_size: images per evaluation step.
-        tta: evaluate on each image and its mirror image, averaging the logits.
+        tta: test (and validate after the last epoch) on each image and its mirror image, averaging the logits;
+            earlier epochs validate on the plain images, which costs one view instead of up to six.
         tta_shift: with tta, also average the views shifted by this many pixels (both directions, each mirrored;
             airbench's multi-crop TTA: the two untranslated views weigh 1/2, the four shifted ones 1/2).
         ema_decay: keep an exponential moving average of the weights (updated every step) and validate and test

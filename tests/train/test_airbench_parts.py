@@ -70,3 +70,21 @@ def test_training_on_the_validation_images_reports_it(cifar_root, tmp_path, caps
     capsys.readouterr()
     assert main(["evaluate", str(out), "--data-dir", str(cifar_root)]) == 0  # re-testing the saved (averaged) weights
     assert json.loads(capsys.readouterr().out)["test_acc"] == results["test_acc"]
+
+
+def test_only_the_last_epochs_validation_uses_test_time_augmentation(monkeypatch):
+    import vitlab.train.evaluate as evaluate_module
+
+    calls = []
+    original = evaluate_module.tta_logits
+
+    def counting(forward, images, shift):
+        calls.append(len(images))
+        return original(forward, images, shift)
+
+    monkeypatch.setattr(evaluate_module, "tta_logits", counting)
+    data = tiny_dataset()
+    config = TrainConfig(epochs=3, batch_size=32, tta=True, tta_shift=1, progress=False, device="cpu")
+    history = Runner(build_model("cnn-small"), config).fit(data)
+    assert len(history) == 3
+    assert calls == [len(data.val_images)]  # one batch of views, in epoch 3 only

@@ -112,7 +112,8 @@ class Runner:
         with stop_on_signals() as stop:
             while progress.epoch <= self.epochs:
                 record = self.train_epoch(batches, optimizer, schedule, progress, stop, save, checkpoint_every)
-                validation = self.evaluate(val_images, val_labels)
+                # Test-time augmentation (up to 6 views) only in the last epoch's validation, like the test.
+                validation = self.evaluate(val_images, val_labels, tta=cfg.tta and progress.epoch == self.epochs)
                 if not math.isfinite(validation.loss):
                     raise VitlabError(f"validation loss became {validation.loss} in epoch {record['epoch']} (the weights are not finite); "
                                       "lower --lr or --weight_decay, or set --grad_clip 1.0")
@@ -224,8 +225,10 @@ class Runner:
             "images_per_second": seen_total / progress.seconds,
         }
 
-    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> Evaluation:
-        """Plain cross-entropy loss and accuracy on uint8 images, in order (see `vitlab.train.evaluate.evaluate`)."""
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor, tta: bool | None = None) -> Evaluation:
+        """Cross-entropy loss and accuracy on uint8 images, in order (see `vitlab.train.evaluate.evaluate`);
+        with test-time augmentation if `tta` (default: the config's)."""
+        tta = self.config.tta if tta is None else tta
         with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
             return evaluate(self.model, images, labels, batch_size=self.config.eval_batch_size, precision=self.precision,
-                            tta=self.config.tta, tta_shift=self.config.tta_shift, memory_format=self.memory_format, forward=self.forward)
+                            tta=tta, tta_shift=self.config.tta_shift, memory_format=self.memory_format, forward=self.forward)
