@@ -13,13 +13,15 @@ from vitlab.train.checkpoint import Progress, TrainingState
 from vitlab.train.optim import parameter_groups
 
 
-def test_sync_batchnorm_keeps_the_norm_bias_groups_of_cnn_fast():
-    run = build_run_config(None, "cnn-fast", {})
+@pytest.mark.parametrize("optimizer, sizes, bias_group", [("sgd", [8, 6], 1), ("muon", [6, 1, 7], 2)])
+def test_sync_batchnorm_keeps_the_norm_bias_groups_of_cnn_fast(optimizer, sizes, bias_group):
+    run = build_run_config(None, "cnn-fast", {"optimizer": optimizer})
     model = model_from_config(run.model)
     before = parameter_groups(model, run.train)
     after = parameter_groups(nn.SyncBatchNorm.convert_sync_batchnorm(model_from_config(run.model)), run.train)
-    assert [len(group["params"]) for group in after] == [len(group["params"]) for group in before] == [8, 6]
-    assert after[1]["lr"] == run.train.lr * 64 and after[1]["weight_decay"] == pytest.approx(run.train.weight_decay / 64)
+    assert [len(group["params"]) for group in after] == [len(group["params"]) for group in before] == sizes
+    biases = after[bias_group]
+    assert biases["lr"] == run.train.lr * 64 and biases["weight_decay"] == pytest.approx(run.train.weight_decay / 64)
 
 
 def test_emulated_bf16_gpus_are_not_chosen_and_are_refused(monkeypatch):
