@@ -99,3 +99,10 @@ def test_reference_models_are_the_same_size_as_vitlabs(name):
     outputs = reference.eval()(torch.randn(2, 3, 32, 32))
     logits = outputs[0] if isinstance(outputs, tuple) else outputs
     assert logits.shape == (2, 10)
+
+
+def test_the_optimizer_and_batch_timing_runs_muon_and_sgd():
+    import optimizer_batch_speed
+
+    for optimizer in ("sgd", "muon"):
+        assert optimizer_batch_speed.images_per_second("aircnn", optimizer, batch_size=4, images=8) > 0
