@@ -187,6 +187,9 @@ class TrainConfig:
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (self.muon_lr > 0, f"muon_lr must be positive, got {self.muon_lr}"),
+            (not (self.optimizer == "muon" and self.ema_decay > 0),
+             "--ema_decay does not combine with --optimizer muon (an average of filters Muon keeps at a fixed norm is "
+             "shorter than each, which BatchNorm's running statistics do not match); drop one of them"),
             (0 <= self.muon_momentum < 1, f"muon_momentum must be in [0, 1), got {self.muon_momentum}"),
             (self.norm_bias_lr_scale > 0, f"norm_bias_lr_scale must be positive, got {self.norm_bias_lr_scale}"),
             (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got '{self.device}'"),

@@ -46,7 +46,9 @@ def muon_config(**overrides) -> TrainConfig:
 def test_muon_groups_filters_biases_and_the_rest():
     model = AirCNN()
     groups = parameter_groups(model, muon_config())
-    filters, rest, biases = groups
+    rest, biases, filters = groups
+    # Group 0 runs at --lr: the learning rate the epoch records show.
+    assert make_optimizer(model, muon_config(), torch.device("cpu")).param_groups[0]["lr"] == 0.5
     assert filters["orthogonalize"] and filters["lr"] == 0.2 and filters["momentum"] == 0.6 and filters["weight_decay"] == 0
     assert all(p.ndim == 4 for p in filters["params"]) and len(filters["params"]) == 6  # two convs per group, whitening frozen
     assert [p.shape for p in rest["params"]] == [model.head.weight.shape]
@@ -56,18 +58,19 @@ def test_muon_groups_filters_biases_and_the_rest():
     assert sorted(id(p) for group in groups for p in group["params"]) == sorted(trainable)
 
 
-def test_muon_keeps_each_filter_bank_at_norm_sqrt_out_and_moves_it():
-    model = AirCNN(config=None)
-    optimizer = make_optimizer(model, muon_config(), torch.device("cpu"))
+def test_muon_rescales_each_filter_bank_to_norm_sqrt_out_before_moving_it():
+    model = AirCNN()
+    optimizer = make_optimizer(model, muon_config(muon_lr=1e-6), torch.device("cpu"))
     conv = model.groups[1].conv2.weight
+    with torch.no_grad():
+        conv.mul_(3.0)  # far from √out: only the rescaling brings it back
     before = conv.detach().clone()
-    for _ in range(3):
-        optimizer.zero_grad()
-        model(torch.randn(8, 3, 32, 32)).square().sum().backward()
-        optimizer.step()
-    # Rescaled to √out before each update; one update of size lr·‖UVᵀ‖ later it is near that norm again.
-    assert conv.norm().item() == pytest.approx(math.sqrt(conv.shape[0]), rel=0.1)
-    assert not torch.allclose(conv, before)
+    optimizer.zero_grad()
+    model(torch.randn(8, 3, 32, 32)).square().sum().backward()
+    optimizer.step()
+    assert conv.norm().item() == pytest.approx(math.sqrt(conv.shape[0]), rel=1e-4)
+    direction = (conv.detach() / conv.norm() - before / before.norm()).norm()
+    assert 0 < direction < 1e-5  # a step of lr = 1e-6 along a unit-size update
 
 
 def test_the_sgd_groups_step_exactly_like_pytorch_sgd_nesterov():
@@ -95,12 +98,33 @@ def test_muon_state_survives_a_state_dict_round_trip():
     restored.load_state_dict(optimizer.state_dict())
     conv = model.groups[0].conv1.weight
     torch.testing.assert_close(restored.state[conv]["momentum_buffer"], optimizer.state[conv]["momentum_buffer"])
-    assert restored.param_groups[0]["orthogonalize"]
+    assert restored.param_groups[-1]["orthogonalize"]
 
 
-def test_muon_on_a_model_without_filters_is_refused():
-    with pytest.raises(VitlabError, match="no.*filters|has none"):
-        parameter_groups(build_model("mlp"), muon_config())
+@pytest.mark.parametrize("model", ["mlp", "vit", "cnn-small"])
+def test_muon_on_a_model_without_batchnormed_filters_is_refused(model):
+    # The ViT's patch projection and cnn-small's convolutions are 4-D but no BatchNorm follows them.
+    with pytest.raises(VitlabError, match="declares none"):
+        parameter_groups(build_model(model), muon_config())
+
+
+def test_seed_002s_cnn_declares_every_convolution():
+    model = build_model("cnn", widths=(8, 16))
+    rest, biases, filters = parameter_groups(model, muon_config())
+    assert len(filters["params"]) == 4 and all(p.ndim == 4 for p in filters["params"])
+    assert all(p.ndim == 1 for p in biases["params"]) and [p.ndim for p in rest["params"]] == [2]
+
+
+def test_a_weight_average_with_muon_is_refused():
+    with pytest.raises(VitlabError, match="ema_decay"):
+        muon_config(ema_decay=0.99)
+
+
+def test_a_study_with_muon_on_a_model_without_filters_is_refused_before_its_folder_exists(tmp_path):
+    from vitlab.study.plan import StudyPlan
+
+    with pytest.raises(VitlabError, match="SPEC 'mlp'.*muon"):
+        StudyPlan(["aircnn", "mlp"], {"optimizer": "muon"}, [0])
 
 
 def test_aircnn_learns_with_muon():

@@ -105,6 +105,10 @@ class AirCNN(VitlabModel):
         filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, 3, kernel, kernel)
         self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
 
+    def scale_invariant_filters(self) -> list[nn.Parameter]:
+        """Both convolutions of each group: BatchNorm follows each (max-pooling between keeps the scale out)."""
+        return [conv.weight for group in self.groups for conv in (group.conv1, group.conv2)]
+
     def stages(self) -> list[tuple[str, nn.Module]]:
         """The whitening layer and each conv group (for figures and Grad-CAM)."""
         return [("whitening", self.whiten)] + [(f"group {i + 1}", group) for i, group in enumerate(self.groups)]

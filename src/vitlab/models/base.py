@@ -134,6 +134,11 @@ class VitlabModel(nn.Module):
         the layer token-CAMs explain (Grad-CAM on ViTs, as pytorch-grad-cam's tutorial does)."""
         raise VitlabError(f"model '{self.name}' has no token layer to explain; use a ViT run")
 
+    def scale_invariant_filters(self) -> list[nn.Parameter]:
+        """Convolution filters whose output a BatchNorm normalises, so that their scale does not change what the
+        model computes: what `--optimizer muon` may move (and rescale). None unless a model declares them."""
+        return []
+
     def init_from_data(self, images: torch.Tensor) -> None:
         """Set data-dependent weights from normalised training images (B, 3, H, W) before training; most models have none."""
 

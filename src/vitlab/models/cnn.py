@@ -109,6 +109,10 @@ class CNN(VitlabModel):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(in_channels, self.config.num_classes)
 
+    def scale_invariant_filters(self) -> list[nn.Parameter]:
+        """Every convolution: each is followed by its BatchNorm."""
+        return [m.weight for m in self.features if isinstance(m, nn.Conv2d)]
+
     def stages(self) -> list[tuple[str, nn.Module]]:
         """Each stage's max-pool output (for figures and Grad-CAM)."""
         pools = [m for m in self.features if isinstance(m, nn.MaxPool2d)]

@@ -213,7 +213,9 @@ class StudyPlan:
                 raise VitlabError(f"SPECs '{seen[spec.slug]}' and '{spec.text}' are the same run (folder runs/{spec.slug}); give each model once")
             seen[spec.slug] = spec.text
         for spec in parsed:
-            self.run_config(spec, self.seeds[0])  # a budget setting a SPEC's model lacks fails now
+            run = self.run_config(spec, self.seeds[0])  # a budget setting a SPEC's model lacks fails now
+            if run.train.optimizer == "muon":  # so does an optimiser the model cannot take
+                check_optimizer(spec.text, run)
         if len(set(self.seeds)) != len(self.seeds):
             raise VitlabError(f"seeds {self.seeds} repeat a seed; give distinct seeds")
 
@@ -238,6 +240,16 @@ class StudyPlan:
 
     def description(self) -> dict[str, Any]:
         return json_normalized({"kind": self.kind, "specs": self.specs, "budget": self.budget, "seeds": self.seeds, "vary": self.vary})
+
+
+def check_optimizer(spec_text: str, run: RunConfig) -> None:
+    from vitlab.models import model_from_config
+    from vitlab.train.optim import parameter_groups
+
+    try:
+        parameter_groups(model_from_config(run.model), run.train)
+    except VitlabError as error:
+        raise VitlabError(f"SPEC '{spec_text}': {error}") from None
 
 
 def estimated_cost(run: RunConfig) -> float:

@@ -9,7 +9,8 @@ the same amount, however unequal the gradient's singular values are.
 Before each update a filter bank of shape (out, in, k, k) is rescaled to Frobenius norm √out, as
 airbench94_muon does: each filter is followed by BatchNorm, which makes the layer blind to that scale, so
 the learning rate is an angle rather than a distance. That is why `--optimizer muon` is meant for
-convolutional networks with BatchNorm (`aircnn`, `cnn`) and why it touches only 4-D parameters.
+convolutional networks with BatchNorm: it moves only the filters a model declares scale-invariant
+(`VitlabModel.scale_invariant_filters`: `aircnn` and `cnn` do).
 
 Groups marked `orthogonalize=True` get Muon (no weight decay); all other groups get PyTorch's
 SGD-Nesterov update (same formula: buffer ← m·buffer + g + wd·p, step g + wd·p + m·buffer).
@@ -27,9 +28,10 @@ NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(matrix: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately U Vᵀ for `matrix` = U S Vᵀ (rows, cols), in bf16; returned in `matrix`'s dtype."""
+    """Approximately U Vᵀ for `matrix` = U S Vᵀ (rows, cols), in bf16 on CPUs and CUDA (fp32 elsewhere, e.g. MPS);
+    returned in `matrix`'s dtype."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
-    x = matrix.to(torch.bfloat16)
+    x = matrix.to(torch.bfloat16 if matrix.device.type in ("cpu", "cuda") else torch.float32)
     x = x / (x.norm() + eps)  # every singular value now ≤ 1
     wide = x.shape[0] <= x.shape[1]
     if not wide:

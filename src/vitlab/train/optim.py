@@ -22,8 +22,7 @@ NORM_LAYERS = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.LayerNorm)
 def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     """Weights get weight decay; biases, norms, CLS token and positions do not (AdamW). For SGD
     (airbench's recipe) everything decays, and normalisation biases can get a larger learning rate.
-    For Muon (airbench94_muon's recipe) the 4-D filter banks form the Muon group (no decay), every 1-D
-    parameter (biases) gets the normalisation biases' learning rate, and the rest is SGD at `lr`."""
+    For Muon (airbench94_muon's recipe) see `muon_parameter_groups`."""
     if config.optimizer == "muon":
         return muon_parameter_groups(model, config)
     decay, no_decay, norm_biases = [], [], []
@@ -46,17 +45,19 @@ def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
 
 
 def muon_parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    filters = [p for p in trainable if p.ndim == 4]
+    """SGD at `lr` for the rest, biases at `lr` × norm_bias_lr_scale, and last (so that group 0, what the logs
+    show, is at `lr`) the Muon group: the filters the model declares scale-invariant (a BatchNorm follows them)."""
+    declared = model.scale_invariant_filters() if hasattr(model, "scale_invariant_filters") else []
+    filters = [p for p in declared if p.requires_grad]
     if not filters:
-        raise VitlabError(f"--optimizer muon trains convolution filters, and this {type(model).__name__} has none; "
-                          "use --optimizer adamw or sgd")
-    biases = [p for p in trainable if p.ndim == 1]
-    rest = [p for p in trainable if p.ndim not in (1, 4)]
+        raise VitlabError(f"--optimizer muon moves convolution filters that a BatchNorm follows, and {type(model).__name__} "
+                          "declares none (aircnn and cnn do); use --optimizer adamw or sgd")
+    filter_ids = {id(p) for p in filters}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in filter_ids]
     scale = config.norm_bias_lr_scale
-    groups = [{"params": filters, "orthogonalize": True, "lr": config.muon_lr, "momentum": config.muon_momentum, "weight_decay": 0.0},
-              {"params": rest, "weight_decay": config.weight_decay},
-              {"params": biases, "weight_decay": config.weight_decay / scale, "lr": config.lr * scale}]
+    groups = [{"params": [p for p in others if p.ndim != 1], "weight_decay": config.weight_decay},
+              {"params": [p for p in others if p.ndim == 1], "weight_decay": config.weight_decay / scale, "lr": config.lr * scale},
+              {"params": filters, "orthogonalize": True, "lr": config.muon_lr, "momentum": config.muon_momentum, "weight_decay": 0.0}]
     return [group for group in groups if group["params"]]
 
 
