@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import vitlab_process
+from conftest import real_cifar10_root, vitlab_process
 from vitlab.cli import main
 from vitlab.errors import VitlabError
 from vitlab.io import lock_holder
@@ -157,6 +157,8 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(cifar_root, tmp_pa
 
 
 def test_ctrl_c_on_a_parallel_study_exits_130_and_the_study_resumes(cifar_root, tmp_path):
+    if real_cifar10_root() is None:
+        pytest.skip("needs real CIFAR-10 ($VITLAB_DATA): the parallel workers are fresh processes that check the real checksums")
     out = tmp_path / "study"
     command = ["compare", "mlp:hidden_size=16", SMALL_VIT, *TINY, "--epochs", "300", "--jobs", "2", "--data-dir", str(cifar_root),
                "--out", str(out)]
