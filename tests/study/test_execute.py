@@ -174,6 +174,25 @@ def test_ctrl_c_on_a_parallel_study_exits_130_and_the_study_resumes(cifar_root, 
     assert not list(out.glob("runs/*/*/results.json")) or len(list(out.glob("runs/*/*/results.json"))) < 4
 
 
+def test_sigterm_to_a_parallel_studys_parent_alone_stops_its_workers(cifar_root, tmp_path):
+    if real_cifar10_root() is None:
+        pytest.skip("needs real CIFAR-10 ($VITLAB_DATA): the parallel workers are fresh processes that check the real checksums")
+    out = tmp_path / "study"
+    command = ["compare", "mlp:hidden_size=16", SMALL_VIT, *TINY, "--epochs", "300", "--jobs", "2", "--data-dir", str(cifar_root),
+               "--out", str(out)]
+    process = vitlab_process(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("runs/*/*/checkpoint.pt"))) < 2:
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # `kill PID`: the parent only, not its process group
+    _, error = process.communicate(timeout=240)
+    assert process.returncode == 130, error
+    checkpoints = {path: path.stat().st_mtime_ns for path in out.glob("runs/*/*/checkpoint.pt")}
+    time.sleep(3)  # a worker still training would rewrite its checkpoint every epoch (a fraction of a second here)
+    assert {path: path.stat().st_mtime_ns for path in out.glob("runs/*/*/checkpoint.pt")} == checkpoints
+
+
 def test_identical_runs_are_reused_from_another_study_instead_of_trained_again(cifar_root, tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
     base = [*TINY, "--data-dir", str(cifar_root)]

@@ -16,6 +16,7 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -186,6 +187,10 @@ def run_serially(todo: list[StudyMember]) -> None:
     report_failures(failures)
 
 
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run_in_pool(todo: list[StudyMember], jobs: int, study_dir: Path) -> None:
     threads = max(1, (os.cpu_count() or 1) // jobs)  # one-thread runs side by side beat one two-thread run (docs/performance.md)
     context = multiprocessing.get_context("spawn")
@@ -193,6 +198,9 @@ def run_in_pool(todo: list[StudyMember], jobs: int, study_dir: Path) -> None:
     stop_file = study_dir / ".stopping"
     stop_file.unlink(missing_ok=True)
     pool = context.Pool(jobs, initializer=_worker_init, initargs=(threads,))
+    # `kill PID` on this process alone must stop the workers too (spawned, they would train on): SIGTERM
+    # takes the Ctrl-C path below.
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         pending = [(member, pool.apply_async(_worker_run, (dataclasses.replace(
             member.config, train=dataclasses.replace(member.config.train, progress=False)), member.run_dir, stop_file))) for member in todo]
@@ -216,6 +224,8 @@ def run_in_pool(todo: list[StudyMember], jobs: int, study_dir: Path) -> None:
         pool.close()
         pool.join()
         stop_file.unlink(missing_ok=True)
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     if stopped:
         raise RunStopped(f"study stopped; finished runs are kept and stopped runs checkpointed; run the same command to resume ({study_dir})")
     report_failures(failures)
