@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -156,7 +157,8 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(cifar_root, tmp_pa
     assert len(list(out.glob("runs/*/*/results.json"))) == 4
 
 
-def test_ctrl_c_on_a_parallel_study_exits_130_and_the_study_resumes(cifar_root, tmp_path):
+def start_a_parallel_study_with_two_runs_in_progress(cifar_root, tmp_path) -> tuple[subprocess.Popen, Path]:
+    """A 2-job study in its own process group, returned once both runs have checkpointed (real CIFAR-10 only)."""
     if real_cifar10_root() is None:
         pytest.skip("needs real CIFAR-10 ($VITLAB_DATA): the parallel workers are fresh processes that check the real checksums")
     out = tmp_path / "study"
@@ -167,6 +169,11 @@ def test_ctrl_c_on_a_parallel_study_exits_130_and_the_study_resumes(cifar_root, 
     while time.time() < deadline and len(list(out.glob("runs/*/*/checkpoint.pt"))) < 2:
         assert process.poll() is None, process.stderr.read()
         time.sleep(0.05)
+    return process, out
+
+
+def test_ctrl_c_on_a_parallel_study_exits_130_and_the_study_resumes(cifar_root, tmp_path):
+    process, out = start_a_parallel_study_with_two_runs_in_progress(cifar_root, tmp_path)
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group gets SIGINT
     _, error = process.communicate(timeout=240)
     assert process.returncode == 130, error
@@ -175,16 +182,7 @@ def test_ctrl_c_on_a_parallel_study_exits_130_and_the_study_resumes(cifar_root, 
 
 
 def test_sigterm_to_a_parallel_studys_parent_alone_stops_its_workers(cifar_root, tmp_path):
-    if real_cifar10_root() is None:
-        pytest.skip("needs real CIFAR-10 ($VITLAB_DATA): the parallel workers are fresh processes that check the real checksums")
-    out = tmp_path / "study"
-    command = ["compare", "mlp:hidden_size=16", SMALL_VIT, *TINY, "--epochs", "300", "--jobs", "2", "--data-dir", str(cifar_root),
-               "--out", str(out)]
-    process = vitlab_process(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(out.glob("runs/*/*/checkpoint.pt"))) < 2:
-        assert process.poll() is None, process.stderr.read()
-        time.sleep(0.05)
+    process, out = start_a_parallel_study_with_two_runs_in_progress(cifar_root, tmp_path)
     process.send_signal(signal.SIGTERM)  # `kill PID`: the parent only, not its process group
     _, error = process.communicate(timeout=240)
     assert process.returncode == 130, error
