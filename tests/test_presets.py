@@ -16,8 +16,8 @@ def test_every_preset_builds_its_model_and_recipe(name):
 
 
 def test_flags_win_over_the_preset_and_foreign_settings_are_refused():
-    config = build_run_config(None, "vit-best", {"epochs": 3, "mixup": 0.0})
-    assert config.train.epochs == 3 and config.train.mixup == 0.0 and config.train.cutmix == 1.0
+    config = build_run_config(None, "vit-best", {"epochs": 3, "trivial_augment": False})
+    assert config.train.epochs == 3 and config.data.trivial_augment is False and config.train.tta is True
     with pytest.raises(VitlabError, match="does not apply to model 'vit'"):
         build_run_config(None, "vit-fast", {"widths": (8, 16)})
     with pytest.raises(VitlabError, match="set by the dataset"):
@@ -29,6 +29,7 @@ def convolutions_that_see_across_patches(model: nn.Module) -> list[nn.Conv2d]:
     return [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != m.stride]
 
 
-def test_vit_best_has_no_convolution_and_vit_fast_has_a_conv_tokenizer():
-    assert convolutions_that_see_across_patches(model_from_config(build_run_config(None, "vit-best", {}).model)) == []
-    assert len(convolutions_that_see_across_patches(model_from_config(build_run_config(None, "vit-fast", {}).model))) >= 2
+def test_vit_pure_has_no_convolution_and_the_hybrids_have_a_conv_tokenizer():
+    assert convolutions_that_see_across_patches(model_from_config(build_run_config(None, "vit-pure", {}).model)) == []
+    for hybrid in ("vit-fast", "vit-best"):
+        assert len(convolutions_that_see_across_patches(model_from_config(build_run_config(None, hybrid, {}).model))) >= 2
