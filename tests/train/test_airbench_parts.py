@@ -67,6 +67,7 @@ def test_training_on_the_validation_images_reports_it(cifar_root, tmp_path, caps
                  "--progress", "false", "--data-dir", str(cifar_root), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["train_images"] == 300 and results["validation_images_in_training"] is True
+    assert results["time_to_accuracy"] is None  # its "validation" accuracy is accuracy on training images
     capsys.readouterr()
     assert main(["evaluate", str(out), "--data-dir", str(cifar_root)]) == 0  # re-testing the saved (averaged) weights
     assert json.loads(capsys.readouterr().out)["test_acc"] == results["test_acc"]

@@ -154,7 +154,8 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir
         "validation_images_in_training": run.data.train_on_validation,
         "test_images": len(data.test_images),
         "train_seconds": runner.train_seconds,
-        "time_to_accuracy": time_to_accuracy(history),
+        # With the validation images in training, "validation accuracy" is training accuracy: no time-to-accuracy.
+        "time_to_accuracy": None if run.data.train_on_validation else time_to_accuracy(history),
         "images_per_second": runner.train_images_seen / runner.train_seconds,
         "device": device_description(runner.device),
         "cpu": cpu_description(),
