@@ -19,6 +19,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "sgd", "muon")
 SCHEDULES = ("cosine", "linear")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PAD_MODES = ("zeros", "reflect")
 
 
 @dataclass
@@ -37,6 +38,8 @@ class DataConfig:
             (for learning curves: each smaller training set is part of every larger one).
         test_subset: test on only the first this-many test images.
         crop_padding: random-crop padding in pixels (0 turns cropping off).
+        pad_mode: what fills the border of random crops and of TTA's shifted views: zeros (black in training, as
+            torchvision's RandomCrop; the mean colour in TTA) or reflect (the image mirrored at its edge, as airbench).
         flip: random horizontal flips.
         alternating_flip: flip each image in every other epoch instead of at random (airbench: each image is seen
             both ways every two epochs; which way first is random per image).
@@ -57,6 +60,7 @@ class DataConfig:
     train_size: int | None = None
     test_subset: int | None = None
     crop_padding: int = 4
+    pad_mode: str = "zeros"
     flip: bool = True
     alternating_flip: bool = False
     train_on_validation: bool = False
@@ -82,6 +86,11 @@ class DataConfig:
             raise VitlabError(f"random_erasing is a probability in [0, 1], got {self.random_erasing}")
         if not 0 <= self.crop_padding <= 16:
             raise VitlabError(f"crop_padding must be between 0 and 16 pixels, got {self.crop_padding}")
+        if self.pad_mode not in PAD_MODES:
+            raise VitlabError(f"pad_mode must be one of {', '.join(PAD_MODES)}, got '{self.pad_mode}'")
+        if self.pad_mode == "reflect" and self.image_size is not None and self.crop_padding >= self.image_size:
+            raise VitlabError(f"pad_mode reflect mirrors the image at its edge, so crop_padding ({self.crop_padding}) must be smaller "
+                              f"than image_size ({self.image_size}); lower --crop_padding")
 
 
 @dataclass
@@ -106,6 +115,8 @@ class TrainConfig:
         muon_momentum: with optimizer muon, the filters' Nesterov momentum.
         norm_bias_lr_scale: learning-rate multiplier for normalisation biases (airbench uses 64), with
             their weight decay divided by the same factor so the decay per step is unchanged.
+        whitening_bias_epochs: aircnn: the frozen whitening layer's bias trains only this many epochs, its
+            learning rate on the run's schedule squeezed into them and 0 after (airbench94: 3); 0 = the whole run.
         beta1: AdamW first-moment decay.
         beta2: AdamW second-moment decay.
         label_smoothing: cross-entropy label smoothing.
@@ -144,6 +155,7 @@ class TrainConfig:
     muon_lr: float = 0.24
     muon_momentum: float = 0.6
     norm_bias_lr_scale: float = 1.0
+    whitening_bias_epochs: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
     label_smoothing: float = 0.1
@@ -192,6 +204,7 @@ class TrainConfig:
              "shorter than each, which BatchNorm's running statistics do not match); drop one of them"),
             (0 <= self.muon_momentum < 1, f"muon_momentum must be in [0, 1), got {self.muon_momentum}"),
             (self.norm_bias_lr_scale > 0, f"norm_bias_lr_scale must be positive, got {self.norm_bias_lr_scale}"),
+            (self.whitening_bias_epochs >= 0, f"whitening_bias_epochs must be >= 0 (0 = the whole run), got {self.whitening_bias_epochs}"),
             (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got '{self.device}'"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'"),
         ]

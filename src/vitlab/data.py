@@ -262,15 +262,32 @@ def draw_crop_flip(count: int, padding: int, generator: torch.Generator, flip: b
     return offsets, flips
 
 
-def apply_crop_flip(images: torch.Tensor, padding: int, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """Crop each image from a zero-padded copy at `offsets` (2, B) and mirror those with `flips` (B,).
+def reflect_pad(images: torch.Tensor, padding: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, H+2p, W+2p), the border mirrored without repeating the edge pixel (like
+    F.pad's 'reflect', which has no uint8 kernel): two index_selects."""
+    height, width = images.shape[-2:]
+    if padding >= min(height, width):
+        raise VitlabError(f"reflect padding of {padding} pixels needs images larger than {padding} pixels; use a smaller crop_padding")
+
+    def mirrored(size: int) -> torch.Tensor:
+        index = torch.arange(-padding, size + padding, device=images.device).abs()
+        return torch.where(index > size - 1, 2 * (size - 1) - index, index)
+
+    return images.index_select(2, mirrored(height)).index_select(3, mirrored(width))
+
+
+def apply_crop_flip(images: torch.Tensor, padding: int, offsets: torch.Tensor, flips: torch.Tensor, pad_mode: str = "zeros") -> torch.Tensor:
+    """Crop each image from a zero-padded (or with `pad_mode` 'reflect', mirror-padded) copy at `offsets` (2, B)
+    and mirror those with `flips` (B,).
 
     The padded batch is viewed as every 32×32 window of every image (unfold: no copy), and one index
     picks each image's window, whole pixels (3 bytes) at a time, into channels-last order (about 3× faster than
     a gather with per-pixel row and column indices; docs/performance.md).
     """
     batch, _, height, width = images.shape  # (B, C, H, W) uint8
-    if padding > 0:
+    if padding > 0 and pad_mode == "reflect":
+        images = reflect_pad(images, padding)  # (B, C, H+2p, W+2p)
+    elif padding > 0:
         images = torch.nn.functional.pad(images, (padding, padding, padding, padding))  # (B, C, H+2p, W+2p)
     windows = images.permute(0, 2, 3, 1).unfold(1, height, 1).unfold(2, width, 1)  # (B, 2p+1, 2p+1, C, H, W), a view
     picked = windows.permute(0, 1, 2, 4, 5, 3)[torch.arange(batch, device=images.device), offsets[0], offsets[1]]  # (B, H, W, C)
@@ -313,6 +330,7 @@ class DeviceBatches:
         mean: tuple = MEAN,
         std: tuple = STD,
         alternating_flip: bool = False,
+        pad_mode: str = "zeros",
     ) -> None:
         self.images = images.to(device)
         self.labels = labels.to(device)
@@ -320,6 +338,7 @@ class DeviceBatches:
         self.train = train
         self.device = device
         self.crop_padding = crop_padding if train else 0
+        self.pad_mode = pad_mode
         self.flip = flip and train
         # Dropping the ragged last batch in training keeps every step the same shape (and speed).
         self.drop_last = train and len(images) > batch_size if drop_last is None else drop_last
@@ -383,7 +402,7 @@ class DeviceBatches:
         index = index[keep] if isinstance(index, torch.Tensor) else index
         images = self.images[index]
         if self.train:
-            images = apply_crop_flip(images, self.crop_padding, offsets, flips)
+            images = apply_crop_flip(images, self.crop_padding, offsets, flips, self.pad_mode)
             if augment_draws is not None:
                 images = apply_trivial_augment(images, augment_draws)
         # The layout change happens on uint8 (a quarter of the bytes); normalize keeps it.

@@ -79,9 +79,9 @@ def test_only_the_last_epochs_validation_uses_test_time_augmentation(monkeypatch
     calls = []
     original = evaluate_module.tta_logits
 
-    def counting(forward, images, shift):
+    def counting(forward, images, shift, pad_mode):
         calls.append(len(images))
-        return original(forward, images, shift)
+        return original(forward, images, shift, pad_mode)
 
     monkeypatch.setattr(evaluate_module, "tta_logits", counting)
     data = tiny_dataset()
@@ -89,3 +89,73 @@ def test_only_the_last_epochs_validation_uses_test_time_augmentation(monkeypatch
     history = Runner(build_model("cnn-small"), config).fit(data)
     assert len(history) == 3
     assert calls == [len(data.val_images)]  # one batch of views, in epoch 3 only
+
+
+def test_reflect_padding_mirrors_the_border_like_torch_reflect():
+    from vitlab.data import apply_crop_flip, reflect_pad
+
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    expected = torch.nn.functional.pad(images.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)
+    assert torch.equal(reflect_pad(images, 2), expected)
+    corner = torch.zeros((2, 4), dtype=torch.long)  # every image cropped at the top-left of its padded copy
+    cropped = apply_crop_flip(images, 2, corner, torch.zeros(4, dtype=torch.bool), pad_mode="reflect")
+    assert torch.equal(cropped, expected[..., :8, :8])
+    zero_filled = apply_crop_flip(images, 2, corner, torch.zeros(4, dtype=torch.bool))
+    assert (zero_filled[..., :2, :] == 0).all() and not (cropped[..., :2, :] == 0).all()
+
+
+def test_reflect_tta_views_are_airbenchs_mirror_padded_shifts():
+    images = torch.randn(2, 3, 8, 8)
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
+    torch.testing.assert_close(shifted(images, 1, 1, "reflect"), padded[..., 0:8, 0:8])
+    torch.testing.assert_close(shifted(images, -1, -1, "reflect"), padded[..., 2:10, 2:10])
+
+
+def test_pad_mode_is_checked_before_a_run_starts(tmp_path, capsys):
+    assert main(["train", "--model", "cnn-small", "--pad_mode", "wrap", "--out", str(tmp_path / "run")]) != 0
+    assert "pad_mode must be one of zeros, reflect" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_the_whitening_bias_gets_a_group_of_its_own_that_stops_after_its_epochs():
+    from vitlab.train.optim import make_optimizer, make_schedule, parameter_groups
+
+    model = build_model("aircnn", widths=(8, 16, 16))
+    config = TrainConfig(optimizer="muon", lr=0.5, norm_bias_lr_scale=4.0, weight_decay=0.01, whitening_bias_epochs=3,
+                         schedule="linear", warmup_epochs=0, device="cpu", progress=False)
+    groups = parameter_groups(model, config)
+    assert groups[-1]["params"] == [model.whiten.bias] and groups[-1]["stop_epoch"] == 3
+    assert groups[-1]["lr"] == 0.5 * 4.0 and groups[-1]["weight_decay"] == 0.01 / 4.0  # the biases' settings
+    assert sum(any(p is model.whiten.bias for p in group["params"]) for group in groups) == 1
+    optimizer = make_optimizer(model, config, torch.device("cpu"))
+    schedule = make_schedule(optimizer, config, steps_per_epoch=10, epochs=8)
+    factors = [schedule.lr_lambdas[-1](step) for step in (0, 15, 30, 79)], [schedule.lr_lambdas[0](step) for step in (0, 40, 80)]
+    assert factors == ([1.0, 0.5, 0.0, 0.0], [1.0, 0.5, 0.0])
+
+
+def test_the_whitening_bias_stops_moving_after_its_epochs():
+    torch.manual_seed(0)
+    model = build_model("aircnn", widths=(8, 16, 16))
+    config = TrainConfig(epochs=3, batch_size=32, optimizer="muon", lr=0.2, norm_bias_lr_scale=8.0, whitening_bias_epochs=1,
+                         schedule="linear", warmup_epochs=0, device="cpu", progress=False)
+    seen = []
+    runner = Runner(model, config)
+    original = runner.train_step
+
+    def recording(*args, **kwargs):
+        seen.append(model.whiten.bias.detach().clone())
+        return original(*args, **kwargs)
+
+    runner.train_step = recording
+    runner.fit(tiny_dataset(count=96))  # 3 steps per epoch
+    assert not torch.equal(seen[0], seen[3])  # it moved in epoch 1
+    assert all(torch.equal(seen[3], later) for later in seen[4:]) and torch.equal(seen[3], model.whiten.bias)
+
+
+def test_whitening_bias_epochs_is_refused_for_a_model_without_a_whitening_layer(cifar_root, tmp_path, capsys):
+    from vitlab.errors import VitlabError
+    from vitlab.study.plan import StudyPlan
+
+    assert main(["train", "--model", "vit", "--whitening_bias_epochs", "3", "--data-dir", str(cifar_root), "--out", str(tmp_path / "run")]) != 0
+    assert "applies to a model with a whitening layer" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    with pytest.raises(VitlabError, match="SPEC 'cnn-small'.*whitening layer"):
+        StudyPlan(["aircnn", "cnn-small"], {"whitening_bias_epochs": 3}, [0])

@@ -22,9 +22,30 @@ NORM_LAYERS = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.LayerNorm)
 def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     """Weights get weight decay; biases, norms, CLS token and positions do not (AdamW). For SGD
     (airbench's recipe) everything decays, and normalisation biases can get a larger learning rate.
-    For Muon (airbench94_muon's recipe) see `muon_parameter_groups`."""
-    if config.optimizer == "muon":
-        return muon_parameter_groups(model, config)
+    For Muon (airbench94_muon's recipe) see `muon_parameter_groups`. With whitening_bias_epochs, the model's
+    whitening bias leaves its group for one of its own that stops after that many epochs (`make_schedule`)."""
+    groups = muon_parameter_groups(model, config) if config.optimizer == "muon" else plain_parameter_groups(model, config)
+    if config.whitening_bias_epochs > 0:
+        groups = split_whitening_bias(model, groups, config.whitening_bias_epochs)
+    return groups
+
+
+def split_whitening_bias(model: nn.Module, groups: list[dict], epochs: float) -> list[dict]:
+    """The groups with the whitening bias in a last group of its own, with its former group's settings and
+    `stop_epoch` = epochs."""
+    whitening = getattr(model, "whiten", None)
+    bias = getattr(whitening, "bias", None)
+    if not isinstance(whitening, nn.Conv2d) or bias is None or not bias.requires_grad:
+        raise VitlabError(f"--whitening_bias_epochs applies to a model with a whitening layer (aircnn), not {type(model).__name__}; "
+                          "drop the flag")
+    home = next(group for group in groups if any(p is bias for p in group["params"]))
+    rest = [{**group, "params": [p for p in group["params"] if p is not bias]} for group in groups]
+    own = {**{key: value for key, value in home.items() if key != "params"}, "params": [bias], "stop_epoch": epochs}
+    return [group for group in rest if group["params"]] + [own]
+
+
+def plain_parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """AdamW's or SGD's groups (see `parameter_groups`)."""
     decay, no_decay, norm_biases = [], [], []
     norm_bias_ids = {id(m.bias) for m in model.modules() if isinstance(m, NORM_LAYERS) and m.bias is not None}
     # timm models name their own (cls_token, pos_embed, ...): TimmModel.no_weight_decay() passes them on.
@@ -73,11 +94,18 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step multiplier of each group's peak learning rate over `epochs` epochs."""
-    total_steps = steps_per_epoch * epochs
-    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
+    """Per-step multiplier of each group's peak learning rate over `epochs` epochs; a group with a `stop_epoch`
+    runs the same schedule squeezed into its first `stop_epoch` epochs, then stays at 0."""
     multiplier = SCHEDULES[config.schedule]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: multiplier(step, warmup_steps, total_steps, config.min_lr_ratio))
+
+    def group_schedule(epochs_of_group: float, floor: float):
+        total_steps = max(1, round(steps_per_epoch * epochs_of_group))
+        warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
+        return lambda step: multiplier(step, warmup_steps, total_steps, floor) if step < total_steps else floor
+
+    schedules = [group_schedule(min(group["stop_epoch"], epochs), 0.0) if "stop_epoch" in group else group_schedule(epochs, config.min_lr_ratio)
+                 for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

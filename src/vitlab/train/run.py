@@ -205,7 +205,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, device: str |
     precision = resolve_precision(tested_precision if tested_precision in ("fp32", "bf16") else run.train.precision, target)
     memory_format = memory_format_for(model, run.train)
     test = evaluate(model.to(target, memory_format=memory_format), data.test_images, data.test_labels, batch_size=run.train.eval_batch_size,
-                    precision=precision, tta=run.train.tta, tta_shift=run.train.tta_shift, memory_format=memory_format)
+                    precision=precision, tta=run.train.tta, tta_shift=run.train.tta_shift, pad_mode=run.data.pad_mode, memory_format=memory_format)
     figures = []
     if figures_dir is not None:
         from vitlab.inspect.figures import confusion_figure, mistakes_figure, per_class_figure

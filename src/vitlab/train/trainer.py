@@ -78,7 +78,7 @@ class Runner:
             seed=cfg.seed, crop_padding=self.data_config.crop_padding, flip=self.data_config.flip, memory_format=self.memory_format,
             shard=(self.distributed.rank, self.distributed.world_size), trivial_augment=self.data_config.trivial_augment,
             random_erasing=self.data_config.random_erasing, mean=data.mean, std=data.std,
-            alternating_flip=self.data_config.alternating_flip,
+            alternating_flip=self.data_config.alternating_flip, pad_mode=self.data_config.pad_mode,
         )
         if hasattr(self.model, "input_spec"):  # evaluation and every later command normalise as training did
             self.model.input_spec = data.input_spec()
@@ -231,4 +231,5 @@ class Runner:
         tta = self.config.tta if tta is None else tta
         with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
             return evaluate(self.model, images, labels, batch_size=self.config.eval_batch_size, precision=self.precision,
-                            tta=tta, tta_shift=self.config.tta_shift, memory_format=self.memory_format, forward=self.forward)
+                            tta=tta, tta_shift=self.config.tta_shift, pad_mode=self.data_config.pad_mode,
+                            memory_format=self.memory_format, forward=self.forward)
