@@ -46,8 +46,9 @@ PRESETS: dict[str, Preset] = {
     # step (weight_decay = 0.004 / lr). Muon (lr 0.24, momentum 0.6) moves the filters; linear decay to 0, no
     # warmup. All 50,000 training images (the 10,000 validation images included; the test set stays untouched),
     # alternating flips, 2-pixel translation, and TTA over the mirror and 1-pixel shifts. Known differences from
-    # airbench94_muon: its whitening bias trains only in the first 3 epochs (here all 8, on the biases' schedule);
-    # its crops and TTA shifts pad by reflection (here zeros); its head starts at std exactly 9/256 in these
+    # airbench94_muon: its whitening bias trains only in the first 3 epochs (here all 8, on the biases' schedule;
+    # --whitening_bias_epochs 3 gives airbench's); its crops and TTA shifts pad by reflection (here zeros;
+    # --pad_mode reflect gives airbench's); its head starts at std exactly 9/256 in these
     # units (here PyTorch's default, 1/sqrt(768), 2.7% more); bf16 autocast instead of fp16.
     # The previous recipe (SGD-Nesterov for everything, batch 1024, lr 1.5, 40,000 images, flip TTA, 8 epochs)
     # is `--optimizer sgd --lr 1.5 --batch_size 1024 ...` in the README's history.
