@@ -34,7 +34,10 @@ from gpu_suite import Job, log, step_images_per_second, stop_all, vitlab_command
 CANDIDATES = {
     "vit-best-pure": {
         "model": ("vit", {"patch_size": 4, "hidden_size": 384, "num_heads": 12, "num_blocks": 7, "mlp_ratio": 1.0}),
-        "flags": ["--preset", "vit-best", "--mixup", "0", "--cutmix", "0", "--trivial_augment", "true"],
+        # vit-best's recipe of that session (it has since become the hybrid below) without its MixUp/CutMix
+        "flags": ["--model", "vit", "--patch_size", "4", "--hidden_size", "384", "--num_heads", "12", "--num_blocks", "7",
+                  "--mlp_ratio", "1", "--batch_size", "256", "--lr", "1e-3", "--warmup_epochs", "5", "--weight_decay", "0.05",
+                  "--grad_clip", "1.0", "--trivial_augment", "true"],
     },
     "vit-best-hybrid": {
         "model": ("vit", {"patch_size": 4, "hidden_size": 256, "num_heads": 8, "num_blocks": 6, "mlp_ratio": 2.0,

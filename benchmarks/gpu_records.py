@@ -135,12 +135,12 @@ def train(out: Path, budget: float, probe_file: Path, archive: Path) -> None:
     stop_all(jobs)
     write_json(out / "jobs.json", {**record, "jobs": [job.record() for job in jobs], "seconds": time.time() - start})
     archive.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive / "runs.tgz", "w:gz") as archive:
+    with tarfile.open(archive / "runs.tgz", "w:gz") as bundle:
         for path in sorted((out / "runs").rglob("*")):
             if path.is_file() and path.suffix in (".json", ".jsonl", ".png", ".md"):
-                archive.add(path, arcname=str(path.relative_to(out)))
-        archive.add(out / "logs", arcname="logs")
-        archive.add(out / "jobs.json", arcname="jobs.json")
+                bundle.add(path, arcname=str(path.relative_to(out)))
+        bundle.add(out / "logs", arcname="logs")
+        bundle.add(out / "jobs.json", arcname="jobs.json")
 
 
 def dry_run(out: Path) -> None:

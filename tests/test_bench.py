@@ -41,6 +41,15 @@ def test_gpu_suite_dry_run_builds_every_step(tmp_path):
     assert "vit-best" in plan["phase_one"] and "seed-study" in plan["phase_two"]
 
 
+def test_gpu_records_dry_run_parses_every_command_and_its_epochs_fit(tmp_path):
+    import gpu_records
+
+    gpu_records.dry_run(tmp_path)
+    epochs = gpu_records.vit_best_epochs(seconds=400, images_per_second=7_000)
+    assert epochs * gpu_records.TRAIN_IMAGES * gpu_records.EPOCH_OVERHEAD / 7_000 <= 400
+    assert gpu_records.vit_best_step_speed(steps=1, warmup=1) > 0  # the probe's step builds and runs (here on the CPU)
+
+
 def test_gpu_followup_dry_run_parses_every_command(tmp_path):
     """The second GPU session's script stays runnable: its commands parse, the control arm runs vitlab
     through `python -c`, and the vit-best candidates' epochs fit the time they are given."""
