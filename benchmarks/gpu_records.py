@@ -46,7 +46,7 @@ def vit_best_step_speed(steps: int = 100, warmup: int = 10, start_at: float = 0.
     torch.manual_seed(0)
     model = build_model(preset.model, **preset.model_config)
     batch_size = preset.train["batch_size"]
-    runner = Runner(model, TrainConfig(batch_size=batch_size, progress=False, lr=preset.train["lr"]))
+    runner = Runner(model, TrainConfig(**{**preset.train, "progress": False}))
     optimizer = runner.make_optimizer()
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch_size * 8, 3, 32, 32), dtype=torch.uint8, generator=generator)
@@ -71,7 +71,10 @@ def probe(out: Path) -> dict:
     log(f"vit-best alone: {alone:.0f} img/s")
     worker = [sys.executable, __file__, "--stage", "speed", "--out", str(out), "--start-at", str(time.time() + 30)]
     processes = [subprocess.Popen(worker, stdout=subprocess.PIPE, text=True) for _ in range(3)]
-    shared = [float(process.communicate()[0].strip().splitlines()[-1]) for process in processes]
+    outputs = [process.communicate()[0].strip().splitlines() for process in processes]
+    if not all(outputs):
+        raise SystemExit("a speed worker printed nothing (see its error above); no probe.json written")
+    shared = [float(lines[-1]) for lines in outputs]
     log(f"vit-best, three processes at once: {', '.join(f'{speed:.0f}' for speed in shared)} img/s")
     result = {"environment": gpu_environment(), "vit_best_alone": alone, "vit_best_three_at_once": shared}
     write_json(out / "probe.json", result)

@@ -11,7 +11,7 @@ Stages (each writes into --out as it goes, so a suite stopped at its deadline ke
   through the Runner's own training step (bf16 autocast, fused AdamW, channels-last, device-resident
   batches with crop/flip on the GPU) on synthetic uint8 batches (speed does not depend on the pixels).
   One configuration is also timed with torch.compile.
-- train: `vit-best` (its 200 epochs, or as many as the time left allows, said in the summary),
+- train: `vit-best` (its preset's epochs, or as many as the time left allows, said in the summary),
   alone on the GPU first; the test suite on the GPU in parallel worker processes; then the seeds'
   20-epoch patch study (`vitlab compare --budget gpu --seeds 3`), `cnn-fast` and `vit-fast` for three
   seeds each, and a `--compile` run, side by side.
@@ -241,13 +241,14 @@ def train_plan(out: Path, vit_best_epochs: int) -> dict[str, list[list[str]]]:
 
 
 def vit_best_schedule(images_per_second: float | None, budget: float, max_share: float) -> tuple[int, float]:
-    """(epochs, seconds) for vit-best alone on the GPU: its 200 epochs when they fit in `max_share` of the
+    """(epochs, seconds) for vit-best alone on the GPU: its preset's epochs when they fit in `max_share` of the
     budget at the probed speed (plus 15% for validation and start-up), else as many as fit."""
+    full = PRESETS["vit-best"].train["epochs"]
     if not images_per_second:
-        return 200, budget * max_share
+        return full, budget * max_share
     epoch_seconds = 40_000 / images_per_second * 1.15
-    seconds = min(200 * epoch_seconds, budget * max_share)
-    return int(max(10, min(200, seconds / epoch_seconds + 1e-6))), seconds + 20
+    seconds = min(full * epoch_seconds, budget * max_share)
+    return int(max(10, min(full, seconds / epoch_seconds + 1e-6))), seconds + 20
 
 
 def process_weight(job_name: str) -> int:

@@ -132,6 +132,21 @@ def test_the_whitening_bias_gets_a_group_of_its_own_that_stops_after_its_epochs(
     assert factors == ([1.0, 0.5, 0.0, 0.0], [1.0, 0.5, 0.0])
 
 
+def test_the_whitening_bias_schedule_squeezes_the_warmup_and_ignores_a_stop_past_the_run():
+    from vitlab.train.optim import make_optimizer, make_schedule
+
+    def bias_factors(**settings):
+        config = TrainConfig(optimizer="sgd", lr=0.1, device="cpu", progress=False, **settings)
+        optimizer = make_optimizer(build_model("aircnn", widths=(8, 16, 16)), config, torch.device("cpu"))
+        schedule = make_schedule(optimizer, config, steps_per_epoch=10, epochs=8)
+        return [round(schedule.lr_lambdas[-1](step), 4) for step in (0, 19, 40, 79)], schedule.lr_lambdas[0](79)
+
+    squeezed, _ = bias_factors(whitening_bias_epochs=4, warmup_epochs=4, schedule="linear")  # warmup: 2 of its 4 epochs
+    assert squeezed == [0.05, 1.0, 0.0, 0.0]
+    whole, others = bias_factors(whitening_bias_epochs=8, schedule="cosine", min_lr_ratio=0.1)
+    assert whole[-1] == round(others, 4) > 0.09  # a stop at the run's end is the whole run, floor included
+
+
 def test_the_whitening_bias_stops_moving_after_its_epochs():
     torch.manual_seed(0)
     model = build_model("aircnn", widths=(8, 16, 16))

@@ -95,15 +95,16 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
 
 def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step multiplier of each group's peak learning rate over `epochs` epochs; a group with a `stop_epoch`
-    runs the same schedule squeezed into its first `stop_epoch` epochs, then stays at 0."""
+    shorter than the run runs the same schedule (warmup included) squeezed into its first `stop_epoch` epochs, then
+    stays at 0. (Its parameters still get gradients, which count in --grad_clip's norm; airbench detaches them.)"""
     multiplier = SCHEDULES[config.schedule]
 
     def group_schedule(epochs_of_group: float, floor: float):
         total_steps = max(1, round(steps_per_epoch * epochs_of_group))
-        warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
+        warmup_steps = min(round(config.warmup_epochs * steps_per_epoch * epochs_of_group / epochs), total_steps)
         return lambda step: multiplier(step, warmup_steps, total_steps, floor) if step < total_steps else floor
 
-    schedules = [group_schedule(min(group["stop_epoch"], epochs), 0.0) if "stop_epoch" in group else group_schedule(epochs, config.min_lr_ratio)
+    schedules = [group_schedule(group["stop_epoch"], 0.0) if group.get("stop_epoch", epochs) < epochs else group_schedule(epochs, config.min_lr_ratio)
                  for group in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
 
