@@ -8,8 +8,9 @@
 - check: the tests of Muon, the batch augmentations and the ViT techniques with CUDA visible (time-limited),
   then the speed of one `vit-best` training step (TrivialAugment on) alone and with three processes sharing
   the GPU, which sets the number of epochs the train stage can afford.
-- train: `cnn-fast` seed 0 alone (its time is a record), then `vit-best` seeds 0/1/2 side by side with
-  `cnn-fast` seeds 1 and 2 beside them; everything stops by --budget seconds. The runs' results, curves
+- train: `cnn-fast` seed 0 alone (its time is a record), then `vit-best` seeds 0/1/2 side by side with, one
+  after another beside them, `cnn-fast` seeds 1-4 and 5 seeds of `cnn-fast` with airbench94_muon's last two
+  differences (`--whitening_bias_epochs 3 --pad_mode reflect`); everything stops by --budget seconds. The runs' results, curves
   and logs come back as one archive (the device returns at most 8 files).
 """
 
@@ -92,20 +93,27 @@ def run_cuda_tests(out: Path, seconds: int = 75) -> None:
     log(f"CUDA tests ({' '.join(CUDA_TESTS)}): exit {code}; {text.strip().splitlines()[-1] if text.strip() else ''}")
 
 
+# airbench94_muon's two remaining differences from cnn-fast (presets.py), beside it on the same GPU.
+CNN_FIDELITY = ("--whitening_bias_epochs", "3", "--pad_mode", "reflect")
+
+
 def vit_best_epochs(seconds: float, images_per_second: float) -> int:
-    return int(max(10, min(200, seconds * images_per_second / (TRAIN_IMAGES * EPOCH_OVERHEAD))))
+    """The preset's epochs, or as many as `seconds` allow at `images_per_second` (at least 10)."""
+    affordable = seconds * images_per_second / (TRAIN_IMAGES * EPOCH_OVERHEAD)
+    return int(max(10, min(PRESETS["vit-best"].train["epochs"], affordable)))
 
 
 def plan(out: Path, epochs: int) -> dict[str, list[str]]:
     runs = out / "runs"
 
-    def preset_run(preset: str, seed: int, *extra: str) -> list[str]:
+    def preset_run(name: str, preset: str, seed: int, *extra: str) -> list[str]:
         return vitlab_command("train", "--preset", preset, "--seed", str(seed), *extra, "--progress", "false",
-                              "--out", str(runs / f"{preset}-seed{seed}"))
+                              "--out", str(runs / f"{name}-seed{seed}"))
 
-    return {"cnn-fast-seed0": preset_run("cnn-fast", 0),
-            **{f"vit-best-seed{seed}": preset_run("vit-best", seed, "--epochs", str(epochs)) for seed in (0, 1, 2)},
-            **{f"cnn-fast-seed{seed}": preset_run("cnn-fast", seed) for seed in (1, 2)}}
+    return {"cnn-fast-seed0": preset_run("cnn-fast", "cnn-fast", 0),
+            **{f"vit-best-seed{seed}": preset_run("vit-best", "vit-best", seed, "--epochs", str(epochs)) for seed in (0, 1, 2)},
+            **{f"cnn-fast-seed{seed}": preset_run("cnn-fast", "cnn-fast", seed) for seed in (1, 2, 3, 4)},
+            **{f"cnn-fast-fidelity-seed{seed}": preset_run("cnn-fast-fidelity", "cnn-fast", seed, *CNN_FIDELITY) for seed in range(5)}}
 
 
 def wait(jobs: list[Job], deadline: float, out: Path, extra: dict) -> None:
@@ -130,7 +138,7 @@ def train(out: Path, budget: float, probe_file: Path, archive: Path) -> None:
     vit_jobs = [Job(name, commands[name], out) for name in ("vit-best-seed0", "vit-best-seed1", "vit-best-seed2")]
     jobs += vit_jobs
     record = {"speeds": speeds, "vit_best_epochs": epochs}
-    for name in ("cnn-fast-seed1", "cnn-fast-seed2"):
+    for name in [name for name in commands if name.startswith("cnn-fast") and name != "cnn-fast-seed0"]:
         job = Job(name, commands[name], out)
         jobs.append(job)
         wait([job], deadline, out, record)
