@@ -1,0 +1,53 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitlab.models import layers
+from vitlab.models.layers import CPU_EXPLICIT_MAX_TOKENS, attention
+
+
+def attention_inputs(tokens: int, dtype: torch.dtype, head_size: int = 16) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(tokens)
+    return [torch.randn(3, 4, tokens, head_size, generator=generator).to(dtype).requires_grad_() for _ in range(3)]
+
+
+def reference_attention(query, key, value) -> torch.Tensor:
+    """PyTorch's fused kernel in fp64: what every path must agree with."""
+    return F.scaled_dot_product_attention(query.double(), key.double(), value.double())
+
+
+@pytest.mark.parametrize("tokens", [5, 65, CPU_EXPLICIT_MAX_TOKENS, CPU_EXPLICIT_MAX_TOKENS + 1, 257])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_short_and_long_sequences_on_the_cpu_agree_with_the_fused_kernel(tokens, dtype, tolerance):
+    query, key, value = attention_inputs(tokens, dtype)
+    mixed, weights = attention(query, key, value)  # (B, H, T, Dh)
+    assert weights is None and mixed.dtype == dtype and mixed.shape == query.shape
+    expected = reference_attention(query, key, value)
+    torch.testing.assert_close(mixed.double(), expected, rtol=tolerance, atol=tolerance)
+    upstream = torch.randn_like(expected)
+    actual_grads = torch.autograd.grad(mixed.double(), (query, key, value), upstream.to(dtype))
+    expected_grads = torch.autograd.grad(expected, (query, key, value), upstream)
+    for actual, wanted in zip(actual_grads, expected_grads):
+        torch.testing.assert_close(actual.double(), wanted.double(), rtol=tolerance, atol=4 * tolerance)
+
+
+def test_only_sequences_up_to_the_limit_take_the_explicit_path_on_the_cpu(monkeypatch):
+    fused_calls = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        fused_calls.append(args[0].shape[-2])
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", counting_sdpa)
+    for tokens in (17, CPU_EXPLICIT_MAX_TOKENS, CPU_EXPLICIT_MAX_TOKENS + 1):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            attention(*attention_inputs(tokens, torch.bfloat16))
+    assert fused_calls == [CPU_EXPLICIT_MAX_TOKENS + 1]
+
+
+def test_the_explicit_path_under_autocast_stays_in_bf16():
+    query, key, value = attention_inputs(65, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = attention(query, key, value)
+    assert mixed.dtype == torch.bfloat16
