@@ -1,5 +1,4 @@
 import pytest
-import torch
 from torch import nn
 
 from vitlab.errors import VitlabError
@@ -35,23 +34,3 @@ def test_vit_pure_has_no_convolution_and_the_hybrids_have_a_conv_tokenizer():
     for hybrid in ("vit-fast", "vit-best"):
         assert len(convolutions_that_see_across_patches(model_from_config(build_run_config(None, hybrid, {}).model))) >= 2
 
-
-def test_vit_seed003_blocks_are_seed_003s_transformer_encoder_layer():
-    """Seed 003 writes nn.TransformerEncoderLayer(128, 8, dim_feedforward=512, activation='gelu'): post-norm, GELU,
-    dropout 0.1 (the attention weights included). In eval mode a block must compute what that layer computes."""
-    config = build_run_config(None, "vit-seed003", {})
-    model = model_from_config(config.model).eval()
-    assert (config.model.dropout, config.model.attention_dropout) == (0.1, 0.1)
-    block = model.blocks[0]
-    reference = nn.TransformerEncoderLayer(128, 8, dim_feedforward=512, activation="gelu", batch_first=True).eval()
-    assert reference.dropout.p == config.model.dropout and reference.self_attn.dropout == config.model.attention_dropout
-    with torch.no_grad():
-        reference.self_attn.in_proj_weight.copy_(block.attention.qkv.weight)
-        reference.self_attn.in_proj_bias.copy_(block.attention.qkv.bias)
-        reference.self_attn.out_proj.load_state_dict(block.attention.projection.state_dict())
-        reference.linear1.load_state_dict(block.mlp[0].state_dict())
-        reference.linear2.load_state_dict(block.mlp[3].state_dict())
-        reference.norm1.load_state_dict(block.attention_norm.state_dict())
-        reference.norm2.load_state_dict(block.mlp_norm.state_dict())
-        tokens = torch.randn(2, 65, 128)
-        torch.testing.assert_close(block(tokens)[0], reference(tokens), atol=1e-5, rtol=1e-4)

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from vitlab.inspect.attention import attention_stack, rollout_maps
-from vitlab.models import build_model
+from vitlab.models import build_model, model_from_config
+from vitlab.presets import build_run_config
 from vitlab.models.vit import ShiftedPatchTokenizer, ViTConfig
 
 SMALL = {"hidden_size": 32, "num_heads": 4, "num_blocks": 2, "patch_size": 8}
@@ -96,19 +97,38 @@ def test_mimetic_init_makes_query_key_products_near_identity_and_value_output_ne
     assert abs((default[:16].T @ default[hidden:hidden + 16]).diagonal().mean()) < 0.01
 
 
+def load_block_into(reference: nn.TransformerEncoderLayer, block) -> nn.TransformerEncoderLayer:
+    """Copy a vitlab Block's weights into a TransformerEncoderLayer of the same sizes."""
+    with torch.no_grad():
+        reference.self_attn.in_proj_weight.copy_(block.attention.qkv.weight)
+        reference.self_attn.in_proj_bias.copy_(block.attention.qkv.bias)
+        reference.self_attn.out_proj.load_state_dict(block.attention.projection.state_dict())
+        reference.linear1.load_state_dict(block.mlp[0].state_dict())
+        reference.linear2.load_state_dict(block.mlp[3].state_dict())
+        reference.norm1.load_state_dict(block.attention_norm.state_dict())
+        reference.norm2.load_state_dict(block.mlp_norm.state_dict())
+    return reference
+
+
 def test_a_post_norm_block_matches_torch_transformer_encoder_layer():
     torch.manual_seed(0)
     model = build_model("vit", hidden_size=32, num_heads=4, num_blocks=1, mlp_ratio=2.0, norm="post", activation="relu").eval()
     block = model.blocks[0]
     reference = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, activation="relu", batch_first=True, norm_first=False).eval()
-    with torch.no_grad():
-        reference.self_attn.in_proj_weight.copy_(block.attention.qkv.weight)
-        reference.self_attn.in_proj_bias.copy_(block.attention.qkv.bias)
-        reference.self_attn.out_proj.weight.copy_(block.attention.projection.weight)
-        reference.self_attn.out_proj.bias.copy_(block.attention.projection.bias)
-        reference.linear1.load_state_dict(block.mlp[0].state_dict())
-        reference.linear2.load_state_dict(block.mlp[3].state_dict())
-        reference.norm1.load_state_dict(block.attention_norm.state_dict())
-        reference.norm2.load_state_dict(block.mlp_norm.state_dict())
+    load_block_into(reference, block)
     tokens = torch.randn(2, 17, 32)
     torch.testing.assert_close(block(tokens)[0], reference(tokens), atol=1e-5, rtol=1e-4)
+
+
+def test_vit_seed003_blocks_are_seed_003s_transformer_encoder_layer():
+    """Seed 003 writes nn.TransformerEncoderLayer(128, 8, dim_feedforward=512, activation='gelu'): post-norm, GELU,
+    dropout 0.1 (the attention weights included). In eval mode a block must compute what that layer computes."""
+    config = build_run_config(None, "vit-seed003", {})
+    model = model_from_config(config.model).eval()
+    reference = nn.TransformerEncoderLayer(128, 8, dim_feedforward=512, activation="gelu", batch_first=True).eval()
+    assert (config.model.dropout, config.model.attention_dropout) == (reference.dropout.p, reference.self_attn.dropout) == (0.1, 0.1)
+    block = model.blocks[0]
+    load_block_into(reference, block)
+    tokens = torch.randn(2, 65, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(block(tokens)[0], reference(tokens), atol=1e-5, rtol=1e-4)
