@@ -27,7 +27,7 @@ def test_short_and_long_sequences_on_the_cpu_agree_with_the_fused_kernel(tokens,
     upstream = torch.randn_like(expected)
     actual_grads = torch.autograd.grad(mixed.double(), (query, key, value), upstream.to(dtype))
     expected_grads = torch.autograd.grad(expected, (query, key, value), upstream)
-    for actual, wanted in zip(actual_grads, expected_grads):
+    for actual, wanted in zip(actual_grads, expected_grads, strict=True):
         torch.testing.assert_close(actual.double(), wanted.double(), rtol=tolerance, atol=4 * tolerance)
 
 

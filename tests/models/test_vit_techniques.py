@@ -7,8 +7,8 @@ from torch import nn
 
 from vitlab.inspect.attention import attention_stack, rollout_maps
 from vitlab.models import build_model, model_from_config
-from vitlab.presets import build_run_config
 from vitlab.models.vit import ShiftedPatchTokenizer, ViTConfig
+from vitlab.presets import build_run_config
 
 SMALL = {"hidden_size": 32, "num_heads": 4, "num_blocks": 2, "patch_size": 8}
 
