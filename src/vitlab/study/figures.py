@@ -21,8 +21,13 @@ def plot_differences(summary, path: Path) -> None:
     axis.axvline(0, color="black", linewidth=0.8)
     axis.set_yticks(range(len(rows)), [row.spec for row in rows])
     axis.invert_yaxis()
-    axis.margins(x=0.35)
-    axis.set(xlabel=f"test accuracy − {summary.baseline} (points)", title="Δ with 95% seed-aware interval (seeds and test images)")
+    if rows:  # room on the right for the widest label, wherever the intervals lie
+        low = min(0.0, *(row.delta.ci_low for row in rows))
+        high = max(0.0, *(row.delta.ci_high for row in rows))
+        span = max(high - low, 1e-6)
+        axis.set_xlim(low - 0.1 * span, high + 0.8 * span)
+    axis.set_xlabel(f"test accuracy − {summary.baseline} (points)")
+    axis.set_title("Δ with 95% seed-aware interval (seeds and test images)", fontsize=10)
     axis.grid(axis="x", alpha=0.3)
     save_figure(figure, path)
 
