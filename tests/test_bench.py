@@ -115,3 +115,13 @@ def test_the_optimizer_and_batch_timing_runs_muon_and_sgd():
 
     for optimizer in ("sgd", "muon"):
         assert optimizer_batch_speed.images_per_second("aircnn", optimizer, batch_size=4, images=8) > 0
+
+
+def test_the_attention_kernel_and_matmul_shape_timings_run(capsys):
+    import attention_kernels
+    import matmul_shapes
+
+    assert attention_kernels.forward_backward_ms(attention_kernels.explicit, (2, 2, 9, 4), repeats=1, rounds=1) > 0
+    query, key, value = torch.randn(3, 2, 2, 9, 4).unbind(0)
+    torch.testing.assert_close(attention_kernels.explicit(query, key, value), attention_kernels.fused_in_fp32(query, key, value))
+    assert matmul_shapes.tflop_s(16, 16, 16, repeats=1, rounds=1) > 0
