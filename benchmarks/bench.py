@@ -3,7 +3,8 @@
 For each configuration it alternates two trainers, each for a fixed number of steps after a warm-up,
 and reports images/s, achieved model TFLOP/s (FLOPs counted with torch.utils.flop_counter) as a share of
 the bf16 matmul peak measured in the same run (the definition of ../shared/tools/matmul_peak.py:
-2048³, best of 5 rounds of 5), the speed-up over the seeds' way, and where the step's time goes that is
+2048³, best of 5 rounds of 5) — once at the start and again just before and after each measurement, since a shared
+machine's peak moved by up to 2.9× within minutes (docs/performance.md) — the speed-up over the seeds' way, and where the step's time goes that is
 not matrix multiplication (torch.profiler, self time by operator). For memory-bound configurations
 (cnn-small) it also reports the bytes the step's operators read and write per second against a copy
 bandwidth measured in the same run.
@@ -252,18 +253,22 @@ def main() -> None:
         model_config = with_dropout(model_name, model_config, args.vit_dropout)
         torch.manual_seed(0)
         flops = train_flops_per_image(build_model(model_name, **model_config))
-        reference, ours, precision, details = [], [], "", {}
+        reference, ours, probes, precision, details = [], [], [], "", {}
         for round_index in range(args.rounds):
             if loader is not None and name not in WITHOUT_REFERENCE:
                 torch.manual_seed(0)
                 reference.append(time_reference(build_reference(model_name, model_config), loader, args.steps, args.warmup))
             torch.manual_seed(0)
             last = round_index == args.rounds - 1
-            speed, precision, found = time_vitlab(build_model(model_name, **model_config), data, config, args.steps, args.warmup,
-                                                  profile_steps=args.profile_steps if last else 0)
+            before = matmul_peak(torch.bfloat16, device)
+            speed, precision, found = time_vitlab(build_model(model_name, **model_config), data, config, args.steps, args.warmup)
+            probes.append((before, matmul_peak(torch.bfloat16, device)))
+            if last and args.profile_steps:
+                found = time_vitlab(build_model(model_name, **model_config), data, config, 0, args.warmup, profile_steps=args.profile_steps)[2]
             ours.append(speed)
             details.update(found)
         best = max(ours)
+        local_peak = sum(probes[ours.index(best)]) / 2  # the peak probed just before and just after the best round
         row = {
             "config": name, "params": build_model(model_name, **model_config).num_parameters,
             "reference_params": None if name in WITHOUT_REFERENCE else sum(p.numel() for p in build_reference(model_name, model_config).parameters()),
@@ -271,6 +276,7 @@ def main() -> None:
             "train_mflop_per_image": flops / 1e6, "reference_img_s": max(reference) if reference else None,
             "vitlab_img_s": best, "vitlab_precision": precision, "speedup": best / max(reference) if reference else None,
             "vitlab_tflop_s": best * flops / 1e12, "share_of_bf16_peak": best * flops / 1e12 / peak_bf16,
+            "local_bf16_peaks": probes[ours.index(best)], "share_of_local_bf16_peak": best * flops / 1e12 / local_peak,
         }
         if "bytes_per_step" in details:
             row["bandwidth_gb_s"] = details["bytes_per_step"] * best / args.batch_size / 1e9
@@ -281,8 +287,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     print(f"\n| config | params | train MFLOP/img | reference img/s | vitlab img/s | speed-up | vitlab TFLOP/s | % of bf16 peak ({peak_bf16:.2f}) "
-          f"| GB/s (% of copy {bandwidth:.0f}) | matmul share | largest other operators (share of op time) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+          f"| % of the peak probed around it (before / after) | GB/s (% of copy {bandwidth:.0f}) | matmul share | largest other operators (share of op time) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for row in rows:
         reference = f"{row['reference_img_s']:,.0f}" if row["reference_img_s"] else "-"
         speedup = f"{row['speedup']:.1f}×" if row["speedup"] else "-"
@@ -292,7 +298,8 @@ def main() -> None:
         others = ", ".join(f"{op} {100 * share:.0f}%" for op, share in row.get("largest_non_matmul_ops", [])[:4]) or "-"
         print(f"| {label} | {row['params']:,} | {row['train_mflop_per_image']:,.1f} | {reference} | "
               f"{row['vitlab_img_s']:,.0f} ({row['vitlab_precision']}) | {speedup} | {row['vitlab_tflop_s']:.3f} | "
-              f"{100 * row['share_of_bf16_peak']:.1f}% | {traffic} | {matmul} | {others} |")
+              f"{100 * row['share_of_bf16_peak']:.1f}% | {100 * row['share_of_local_bf16_peak']:.1f}% "
+              f"({row['local_bf16_peaks'][0]:.2f} / {row['local_bf16_peaks'][1]:.2f}) | {traffic} | {matmul} | {others} |")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"machine": machine, "peak_bf16_tflop_s": peak_bf16, "peak_fp32_tflop_s": peak_fp32, "copy_gb_s": bandwidth,
