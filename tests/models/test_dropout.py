@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vitlab.models.dropout import RESOLUTION, Dropout, drop_threshold, dropout_matmul, fast_dropout, keep_mask
+from vitlab.models.dropout import RESOLUTION, Dropout, drop_threshold, dropout_matmul, fast_dropout, keep_mask, keep_multiplier, keep_scale
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -52,3 +52,25 @@ def test_dropout_matmul_equals_dropout_then_matmul():
     fused = dropout_matmul(probabilities, values, 0.2)
     torch.manual_seed(7)  # the same mask
     torch.testing.assert_close(fused, fast_dropout(probabilities, 0.2) @ values)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("p", [0.0001, 0.1, 0.5, 0.9])
+def test_the_float_multiplier_is_the_bool_mask_drawn_from_the_same_numbers(dtype, p):
+    shape = torch.Size([7, 1001])  # not a multiple of four: the last word is cut
+    torch.manual_seed(3)
+    multiplier = keep_multiplier(shape, p, dtype, torch.device("cpu"))
+    torch.manual_seed(3)
+    mask = keep_mask(shape, p, torch.device("cpu"))
+    assert multiplier.dtype == dtype and multiplier.shape == shape
+    assert torch.equal(multiplier, mask.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_dropout_equals_where_mask_then_scale_bit_for_bit(dtype):
+    inputs = torch.randn(33, 65, dtype=torch.float64).to(dtype)
+    torch.manual_seed(11)
+    outputs = fast_dropout(inputs, 0.1)
+    torch.manual_seed(11)
+    expected = torch.where(keep_mask(inputs.shape, 0.1, inputs.device), inputs * keep_scale(0.1), 0.0)
+    assert outputs.dtype == dtype and torch.equal(outputs, expected)

@@ -6,6 +6,12 @@ the cost, so `Dropout` here draws 64 random bits per int64 and uses them as four
 numbers, one per element: a quarter of the generator calls. The drop probability is rounded to a
 multiple of 1/32768 (0.1 becomes 0.100006) and the kept elements are scaled to match. On other
 devices (CUDA's generator is fast) it is `F.dropout`.
+
+The mask is applied as a multiplication by 0 or 1 in the inputs' own dtype, built with integer
+arithmetic on the random numbers and reinterpreted as floats: PyTorch's CPU kernels that mix a bool
+mask with floats (`where`, a bool → float cast) ran 3-5× slower than float-only ones
+(docs/performance.md). The result is the same as `where(mask, inputs * scale, 0)`, bit for bit up
+to the sign of zero.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 RESOLUTION = 1 << 15  # 15 uniform bits per element
+# Floating dtypes whose 0/1 multiplier is built as integers: (integer type of the same width, bit pattern of 1.0).
+ONE_BITS = {torch.bfloat16: (torch.int16, 0x3F80), torch.float16: (torch.int16, 0x3C00), torch.float32: (torch.int32, 0x3F800000)}
 
 
 def drop_threshold(p: float) -> int:
@@ -27,17 +35,37 @@ def keep_scale(p: float) -> float:
     return RESOLUTION / (RESOLUTION - drop_threshold(p))
 
 
+def uniform_numbers(count: int, device: torch.device) -> torch.Tensor:
+    """(count,) int16, uniform in [0, 32768): four per random int64."""
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_()  # 63 uniform bits each
+    return words.view(torch.int16)[:count] & (RESOLUTION - 1)  # bit 15 of the top lane is always 0
+
+
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """A bool tensor of `shape`, False with probability drop_threshold(p) / 32768."""
-    count = shape.numel()
-    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_()  # 63 uniform bits each
-    uniform = words.view(torch.int16)[:count] & (RESOLUTION - 1)  # (count,) in [0, 32768): bit 15 of the top lane is always 0
-    return (uniform >= drop_threshold(p)).view(shape)
+    return (uniform_numbers(shape.numel(), device) >= drop_threshold(p)).view(shape)
+
+
+def keep_multiplier(shape: torch.Size, p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The mask of `keep_mask` (same random numbers) as 1.0 / 0.0 in `dtype` (one of ONE_BITS)."""
+    integer, one = ONE_BITS[dtype]
+    uniform = uniform_numbers(shape.numel(), device).to(integer)
+    sign_bit = 8 * uniform.element_size() - 1
+    # uniform - threshold is negative exactly for a dropped element; the arithmetic shift makes that -1, else 0
+    bits = uniform.sub_(drop_threshold(p)).bitwise_right_shift_(sign_bit).add_(1).mul_(one)  # 0 or the bits of 1.0
+    return bits.view(dtype).view(shape)
+
+
+def apply_mask(inputs: torch.Tensor, p: float) -> torch.Tensor:
+    """`inputs` with each element zeroed with probability ≈ p (not rescaled)."""
+    if inputs.dtype in ONE_BITS:
+        return inputs * keep_multiplier(inputs.shape, p, inputs.dtype, inputs.device)
+    return torch.where(keep_mask(inputs.shape, p, inputs.device), inputs, 0.0)
 
 
 def fast_dropout(inputs: torch.Tensor, p: float) -> torch.Tensor:
     """Zero each element with probability ≈ p and scale the rest so the expectation is unchanged."""
-    return torch.where(keep_mask(inputs.shape, p, inputs.device), inputs * keep_scale(p), 0.0)
+    return apply_mask(inputs, p).mul_(keep_scale(p))
 
 
 class Dropout(nn.Dropout):
@@ -57,5 +85,4 @@ def dropout_matmul(probabilities: torch.Tensor, values: torch.Tensor, p: float) 
     probabilities (..., T, T), values (..., T, Dh) → (..., T, Dh). Scaling after the matmul saves a
     pass over the T × T tensor forward and backward (attention dropout, e.g. seed 002's ViT).
     """
-    kept = torch.where(keep_mask(probabilities.shape, p, probabilities.device), probabilities, 0.0)
-    return (kept @ values) * keep_scale(p)
+    return (apply_mask(probabilities, p) @ values) * keep_scale(p)
