@@ -31,23 +31,30 @@ def test_short_and_long_sequences_on_the_cpu_agree_with_the_fused_kernel(tokens,
         torch.testing.assert_close(actual.double(), wanted.double(), rtol=tolerance, atol=4 * tolerance)
 
 
-def test_only_sequences_up_to_the_limit_take_the_explicit_path_on_the_cpu(monkeypatch):
+def test_only_bf16_sequences_up_to_the_limit_take_the_explicit_path_on_the_cpu(monkeypatch):
     fused_calls = []
     real_sdpa = F.scaled_dot_product_attention
 
     def counting_sdpa(*args, **kwargs):
-        fused_calls.append(args[0].shape[-2])
+        fused_calls.append((args[0].shape[-2], args[0].dtype))
         return real_sdpa(*args, **kwargs)
 
     monkeypatch.setattr(layers.F, "scaled_dot_product_attention", counting_sdpa)
     for tokens in (17, CPU_EXPLICIT_MAX_TOKENS, CPU_EXPLICIT_MAX_TOKENS + 1):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            attention(*attention_inputs(tokens, torch.bfloat16))
-    assert fused_calls == [CPU_EXPLICIT_MAX_TOKENS + 1]
+            mixed, _ = attention(*attention_inputs(tokens, torch.bfloat16))
+        assert mixed.dtype == torch.bfloat16
+    assert fused_calls == [(CPU_EXPLICIT_MAX_TOKENS + 1, torch.float32)]  # the long one, upcast to fp32
+    fused_calls.clear()
+    attention(*attention_inputs(17, torch.float32))  # fp32 (e.g. --precision fp32) keeps the fused kernel
+    assert fused_calls == [(17, torch.float32)]
 
 
-def test_the_explicit_path_under_autocast_stays_in_bf16():
-    query, key, value = attention_inputs(65, torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed, _ = attention(query, key, value)
-    assert mixed.dtype == torch.bfloat16
+def test_the_bf16_path_stays_close_with_peaked_scores():
+    """Trained ViTs have attention scores up to ~17 (a seed-001 checkpoint); the bf16 path rounds them. Bound the error."""
+    query, key, value = attention_inputs(65, torch.float32)
+    query = (query * 6).detach()  # scores with a std of about 6 and maxima near 25
+    reference = reference_attention(query, key, value)
+    mixed, _ = attention(query.bfloat16(), key.bfloat16(), value.bfloat16())
+    error = (mixed.double() - reference).abs()
+    assert error.mean() < 0.008 and error.max() < 0.15  # about 1.6x the fp32 kernel on the same inputs (docs/performance.md)

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from vitlab.errors import VitlabError
-from vitlab.models import VisionTransformer, ViTConfig, build_model
+from vitlab.models import VisionTransformer, ViTConfig, build_model, layers
 from vitlab.models.base import VitlabModel
 from vitlab.models.vit import Attention, Block, sincos_position_embedding
 
@@ -153,3 +153,15 @@ def test_attention_dropout_on_the_cpu_keeps_the_expected_output():
         draws = torch.stack([attention(tokens)[0] for _ in range(4000)])  # (draws, B, T, D)
     assert not torch.allclose(draws[0], expected, atol=1e-3)  # it does drop
     assert torch.allclose(draws.mean(0), expected, atol=0.03)
+
+
+def test_under_bf16_autocast_the_written_out_and_the_fused_kernels_give_close_logits(monkeypatch):
+    model = tiny_vit(num_blocks=2).eval()
+    nn.init.normal_(model.head.weight, std=0.5)  # a zero head would hide any difference
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        written_out = model(images).float()  # 65 tokens: the explicit bf16 path
+        monkeypatch.setattr(layers, "CPU_EXPLICIT_MAX_TOKENS", 0)
+        fused = model(images).float()  # the fused kernel in fp32
+    assert not torch.equal(written_out, fused)  # two different kernels ran
+    torch.testing.assert_close(written_out, fused, atol=0.05, rtol=0.05)

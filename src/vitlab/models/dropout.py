@@ -10,8 +10,8 @@ devices (CUDA's generator is fast) it is `F.dropout`.
 The mask is applied as a multiplication by 0 or 1 in the inputs' own dtype, built with integer
 arithmetic on the random numbers and reinterpreted as floats: PyTorch's CPU kernels that mix a bool
 mask with floats (`where`, a bool → float cast) ran 3-5× slower than float-only ones
-(docs/performance.md). The result is the same as `where(mask, inputs * scale, 0)`, bit for bit up
-to the sign of zero.
+(docs/performance.md). For finite inputs and gradients the result is `where(mask, inputs * scale, 0)`
+bit for bit up to the sign of zero; a dropped inf or NaN gives NaN (0 × inf) where `where` gave 0.
 """
 
 from __future__ import annotations

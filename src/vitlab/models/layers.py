@@ -1,14 +1,16 @@
 """Attention kernels: the one place that decides how softmax(Q Kᵀ / τ) V is computed.
 
-Three ways, one result (tests check they agree):
+Two kernels, one result (tests check they agree), chosen as follows:
 
 - **fused**: `F.scaled_dot_product_attention`, the default while training and evaluating;
 - **explicit**: the softmax written out, when the weights are wanted (attention maps, rollout), when the
   attention needs a diagonal mask or a learned temperature (LSA), and for attention dropout on the CPU
   (SDPA's dropout there samples with the slow `bernoulli_`; see models/dropout.py);
-- on the CPU, sequences of at most `CPU_EXPLICIT_MAX_TOKENS` tokens (every CIFAR ViT with patch >= 4) take the
-  explicit path in the inputs' own dtype: PyTorch's CPU flash-attention kernel works in blocks sized for long
-  sequences and lost to two batched matmuls and a softmax at 64-145 tokens (docs/performance.md);
+- on the CPU, bf16 sequences of at most `CPU_EXPLICIT_MAX_TOKENS` tokens (every CIFAR ViT with patch >= 4)
+  take the explicit path in bf16: PyTorch's CPU flash-attention kernel works in blocks sized for long
+  sequences and lost to two batched matmuls and a softmax at 64-145 tokens (docs/performance.md). The
+  scores are rounded to bf16 there, as autocast's matmul does on a GPU's non-fused path; the written-out
+  path in fp32 was not faster than the fused kernel, so fp32 inputs keep the fused kernel;
 - longer sequences on the CPU in bf16 run the fused kernel in fp32: PyTorch's CPU flash-attention backward
   is slower in bf16 than in fp32, and CPU autocast would cast fp32 inputs back to bf16;
 - on CUDA, the fused kernel may be FlashAttention, memory-efficient attention or the math path, not
@@ -33,7 +35,8 @@ except ImportError:  # torch < 2.3 has no backend selection (and no cuDNN attent
 # The kernels SDPA may use on CUDA (None: PyTorch's own choice, cuDNN included).
 CUDA_SDPA_BACKENDS = (None if SDPBackend is None else
                       [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-# Up to this many tokens the CPU computes attention explicitly (its crossover with the fused kernel: docs/performance.md).
+# Up to this many tokens the CPU computes bf16 attention explicitly: written out won at every length measured up to 129
+# tokens and lost from 145 tokens with 16-wide heads (docs/performance.md).
 CPU_EXPLICIT_MAX_TOKENS = 128
 
 
@@ -58,7 +61,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, dr
     scale = head_size**-0.5 if scale is None else scale
     cpu_dropout = dropout > 0 and query.device.type == "cpu"
     learned_scale = isinstance(scale, torch.Tensor)
-    short_on_cpu = query.device.type == "cpu" and query.shape[-2] <= CPU_EXPLICIT_MAX_TOKENS
+    short_on_cpu = query.device.type == "cpu" and query.dtype == torch.bfloat16 and query.shape[-2] <= CPU_EXPLICIT_MAX_TOKENS
     if return_weights or cpu_dropout or mask_self or learned_scale or short_on_cpu:
         # Scaling Q (T × Dh) instead of the scores (T × T) saves a pass over the largest tensor.
         scores = (query * scale) @ key.transpose(-2, -1)  # (B, H, T, T)
