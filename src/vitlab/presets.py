@@ -33,7 +33,8 @@ PRESETS: dict[str, Preset] = {
     # activation='gelu') otherwise at its defaults: post-norm, dropout 0.1 after the attention, in and after the
     # feed-forward, and on the attention weights; learned positions, CLS token, 6 layers; batch 64, Adam (AdamW
     # without weight decay) at its default lr 1e-3, plain cross-entropy. Left out on purpose: its encoder is not
-    # batch_first while its input is (B, T, D), so its attention mixes the images of a batch, not the patches.
+    # batch_first while its input is (B, T, D), so its attention mixes the images of a batch, not the patches. Differences
+    # kept: vitlab's dropout also covers the embeddings, and its positions and CLS token start at std 0.02, not 1.
     "vit-seed003": Preset("vit", "seed 003's ViT: patch 4, width 128, 6 post-norm blocks, 8 heads, MLP 512, GELU, dropout 0.1 "
                           "(attention weights too); Adam lr 1e-3, batch 64",
                           {"patch_size": 4, "hidden_size": 128, "num_heads": 8, "num_blocks": 6, "mlp_ratio": 4.0, "dropout": 0.1,
