@@ -1,5 +1,7 @@
 """The benchmark harness runs (one step of each side); speed itself is measured, not tested."""
 
+import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -125,3 +127,22 @@ def test_the_attention_kernel_and_matmul_shape_timings_run(capsys):
     query, key, value = torch.randn(3, 2, 2, 9, 4).unbind(0)
     torch.testing.assert_close(attention_kernels.explicit(query, key, value), attention_kernels.fused_in_fp32(query, key, value))
     assert matmul_shapes.tflop_s(16, 16, 16, repeats=1, rounds=1) > 0
+
+
+def test_main_reports_the_share_of_the_peak_probed_around_each_measurement(tmp_path, monkeypatch, capsys):
+    probes = itertools.count(1)  # 1, 2, 3, ... TFLOP/s: the start-of-run probes, then before/after each round
+    monkeypatch.setattr(bench, "matmul_peak", lambda dtype, device, size=2048: float(next(probes)))
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 10.0)
+    monkeypatch.setattr(bench, "locate_cifar10", lambda data_dir, download_if_missing=False: tmp_path / "cifar-10-batches-py")
+    monkeypatch.setattr(bench, "load_cifar10", lambda root: tiny_dataset())
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--configs", "cnn-small", "--skip-reference", "--steps", "1", "--warmup", "0",
+                                      "--rounds", "2", "--profile-steps", "1", "--batch-size", "32", "--json", str(tmp_path / "out.json")])
+    bench.main()
+    row = json.loads((tmp_path / "out.json").read_text())["rows"][0]
+    before, after = row["local_bf16_peaks"]
+    assert (before, after) in ((3.0, 4.0), (5.0, 6.0))  # probes 1 and 2 were the start-of-run bf16 and fp32 peaks
+    assert row["share_of_local_bf16_peak"] == pytest.approx(row["vitlab_tflop_s"] / ((before + after) / 2))
+    assert row["share_of_bf16_peak"] == pytest.approx(row["vitlab_tflop_s"] / 1.0)
+    assert 0 < row["matmul_share_of_op_time"] < 1
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cnn-small")]
+    assert len(table) == 1 and table[0].count("|") == 13
