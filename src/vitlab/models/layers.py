@@ -8,7 +8,7 @@ Two kernels, one result (tests check they agree), chosen as follows:
   (SDPA's dropout there samples with the slow `bernoulli_`; see models/dropout.py);
 - on the CPU, bf16 sequences of at most `CPU_EXPLICIT_MAX_TOKENS` tokens (every CIFAR ViT with patch >= 4)
   take the explicit path in bf16: PyTorch's CPU flash-attention kernel works in blocks sized for long
-  sequences and lost to two batched matmuls and a softmax at 64-145 tokens (docs/performance.md). The
+  sequences and lost to two batched matmuls and a softmax at 64-129 tokens (docs/performance.md). The
   scores are rounded to bf16 there, as autocast's matmul does on a GPU's non-fused path; the written-out
   path in fp32 was not faster than the fused kernel, so fp32 inputs keep the fused kernel;
 - longer sequences on the CPU in bf16 run the fused kernel in fp32: PyTorch's CPU flash-attention backward
