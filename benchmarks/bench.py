@@ -204,11 +204,14 @@ def time_vitlab(model: nn.Module, data, config: TrainConfig, steps: int, warmup:
     """img/s and precision of vitlab's step; with `profile_steps`, also its bytes per step and non-matmul breakdown."""
     runner, run_step = vitlab_step(model, data, config)
     speed = images_per_second(run_step, steps, warmup, synchronizer(runner.device))
-    details = {}
-    if profile_steps:
-        details["bytes_per_step"] = bytes_per_step(run_step)
-        details["matmul_share"], details["non_matmul"] = non_matmul_breakdown(run_step, profile_steps)
-    return speed, runner.precision, details
+    return speed, runner.precision, step_details(run_step, profile_steps) if profile_steps else {}
+
+
+def step_details(run_step, profile_steps: int) -> dict:
+    """Bytes per step and the non-matmul breakdown of `run_step` (profiled over `profile_steps` steps)."""
+    details = {"bytes_per_step": bytes_per_step(run_step)}
+    details["matmul_share"], details["non_matmul"] = non_matmul_breakdown(run_step, profile_steps)
+    return details
 
 
 def main() -> None:
@@ -260,13 +263,14 @@ def main() -> None:
                 reference.append(time_reference(build_reference(model_name, model_config), loader, args.steps, args.warmup))
             torch.manual_seed(0)
             last = round_index == args.rounds - 1
-            before = matmul_peak(torch.bfloat16, device)
-            speed, precision, found = time_vitlab(build_model(model_name, **model_config), data, config, args.steps, args.warmup)
+            runner, run_step = vitlab_step(build_model(model_name, **model_config), data, config)
+            before = matmul_peak(torch.bfloat16, device)  # the peak probed just around the timed steps
+            speed = images_per_second(run_step, args.steps, args.warmup, synchronizer(runner.device))
             probes.append((before, matmul_peak(torch.bfloat16, device)))
+            precision = runner.precision
             if last and args.profile_steps:
-                found = time_vitlab(build_model(model_name, **model_config), data, config, 0, args.warmup, profile_steps=args.profile_steps)[2]
+                details.update(step_details(run_step, args.profile_steps))
             ours.append(speed)
-            details.update(found)
         best = max(ours)
         local_peak = sum(probes[ours.index(best)]) / 2  # the peak probed just before and just after the best round
         row = {
