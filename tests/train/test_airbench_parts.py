@@ -64,9 +64,10 @@ def test_training_on_the_validation_images_reports_it(cifar_root, tmp_path, caps
     out = tmp_path / "run"
     assert main(["train", "--model", "cnn-small", "--subset", "300", "--test_subset", "100", "--epochs", "1", "--batch-size", "50",
                  "--train_on_validation", "true", "--alternating_flip", "true", "--ema_decay", "0.9", "--tta", "true", "--tta_shift", "1",
-                 "--progress", "false", "--data-dir", str(cifar_root), "--out", str(out)]) == 0
+                 "--progress", "true", "--data-dir", str(cifar_root), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["train_images"] == 300 and results["validation_images_in_training"] is True
+    assert "on 300 images (the validation images included)" in capsys.readouterr().out
     assert results["time_to_accuracy"] is None  # its "validation" accuracy is accuracy on training images
     capsys.readouterr()
     assert main(["evaluate", str(out), "--data-dir", str(cifar_root)]) == 0  # re-testing the saved (averaged) weights

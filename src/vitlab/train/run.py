@@ -122,8 +122,10 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir
             runner.epoch_end_hooks.append(loggers[-1])
     peak = measured_matmul_peak(runner.device) if distributed.is_main else None
     if run.train.progress and distributed.is_main:
+        images = (f"{len(data.train_images) + len(data.val_images):,} images (the validation images included)"
+                  if run.data.train_on_validation else f"{len(data.train_images):,} images")
         print(f"{'resuming' if resume else 'training'} {run.preset or run.model_name} ({model.num_parameters:,} parameters) on "
-              f"{len(data.train_images):,} images, {runner.device} {runner.precision}; run folder {folder}", flush=True)
+              f"{images}, {runner.device} {runner.precision}; run folder {folder}", flush=True)
     try:
         history = runner.fit(data, folder.checkpoint_file, run.train.checkpoint_every, resume=resume)
     except TrainingInterrupted as stop:
