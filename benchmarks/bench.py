@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -200,11 +201,15 @@ def vitlab_step(model: nn.Module, data, config: TrainConfig) -> tuple[Runner, ca
     return runner, run_step
 
 
-def time_vitlab(model: nn.Module, data, config: TrainConfig, steps: int, warmup: int, profile_steps: int = 0) -> tuple[float, str, dict]:
-    """img/s and precision of vitlab's step; with `profile_steps`, also its bytes per step and non-matmul breakdown."""
+def time_vitlab(model: nn.Module, data, config: TrainConfig, steps: int, warmup: int, profile_steps: int = 0,
+                probe_peak: Callable[[], float] | None = None) -> tuple[float, str, tuple[float, float] | None, dict]:
+    """img/s and precision of vitlab's step; with `probe_peak`, the peak it returns just before and just after the
+    timed steps; with `profile_steps`, also the step's bytes and non-matmul breakdown."""
     runner, run_step = vitlab_step(model, data, config)
+    before = probe_peak() if probe_peak else None
     speed = images_per_second(run_step, steps, warmup, synchronizer(runner.device))
-    return speed, runner.precision, step_details(run_step, profile_steps) if profile_steps else {}
+    peaks = (before, probe_peak()) if probe_peak else None
+    return speed, runner.precision, peaks, step_details(run_step, profile_steps) if profile_steps else {}
 
 
 def step_details(run_step, profile_steps: int) -> dict:
@@ -263,14 +268,12 @@ def main() -> None:
                 reference.append(time_reference(build_reference(model_name, model_config), loader, args.steps, args.warmup))
             torch.manual_seed(0)
             last = round_index == args.rounds - 1
-            runner, run_step = vitlab_step(build_model(model_name, **model_config), data, config)
-            before = matmul_peak(torch.bfloat16, device)  # the peak probed just around the timed steps
-            speed = images_per_second(run_step, args.steps, args.warmup, synchronizer(runner.device))
-            probes.append((before, matmul_peak(torch.bfloat16, device)))
-            precision = runner.precision
-            if last and args.profile_steps:
-                details.update(step_details(run_step, args.profile_steps))
+            speed, precision, peaks, found = time_vitlab(build_model(model_name, **model_config), data, config, args.steps, args.warmup,
+                                                         profile_steps=args.profile_steps if last else 0,
+                                                         probe_peak=lambda: matmul_peak(torch.bfloat16, device))
             ours.append(speed)
+            probes.append(peaks)
+            details.update(found)
         best = max(ours)
         local_peak = sum(probes[ours.index(best)]) / 2  # the peak probed just before and just after the best round
         row = {

@@ -24,8 +24,10 @@ def test_flop_count_of_a_linear_model_by_hand():
 
 def test_vitlab_side_times_a_few_steps_and_breaks_them_down():
     config = TrainConfig(batch_size=32, device="cpu", progress=False)
-    speed, precision, details = bench.time_vitlab(build_model("cnn-small"), tiny_dataset(), config, steps=2, warmup=1, profile_steps=2)
-    assert speed > 0 and precision in ("fp32", "bf16")
+    probes = iter([1.5, 2.5])
+    speed, precision, peaks, details = bench.time_vitlab(build_model("cnn-small"), tiny_dataset(), config, steps=2, warmup=1,
+                                                         profile_steps=2, probe_peak=lambda: next(probes))
+    assert speed > 0 and precision in ("fp32", "bf16") and peaks == (1.5, 2.5)  # probed once before and once after
     assert 0 < details["matmul_share"] < 1 and details["non_matmul"] and details["bytes_per_step"] > 32 * 3 * 32 * 32
 
 

@@ -108,6 +108,11 @@ def resume_run(run_dir: str | Path) -> dict:
     return finish_run(run, model, load_run_data(run.data), folder, resume=True, distributed=distributed)
 
 
+def training_images(run: RunConfig, data: CIFAR10) -> int:
+    """How many images the run trains on: the training split, plus the validation split when it trains on it too."""
+    return len(data.train_images) + (len(data.val_images) if run.data.train_on_validation else 0)
+
+
 def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir, resume: bool, distributed: DistContext = SINGLE) -> dict:
     from vitlab.train.monitor import WATCHED_IMAGES, SnapshotRecorder, TensorBoardLogger
 
@@ -122,10 +127,9 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir
             runner.epoch_end_hooks.append(loggers[-1])
     peak = measured_matmul_peak(runner.device) if distributed.is_main else None
     if run.train.progress and distributed.is_main:
-        images = (f"{len(data.train_images) + len(data.val_images):,} images (the validation images included)"
-                  if run.data.train_on_validation else f"{len(data.train_images):,} images")
+        included = " (the validation images included)" if run.data.train_on_validation else ""
         print(f"{'resuming' if resume else 'training'} {run.preset or run.model_name} ({model.num_parameters:,} parameters) on "
-              f"{images}, {runner.device} {runner.precision}; run folder {folder}", flush=True)
+              f"{training_images(run, data):,} images{included}, {runner.device} {runner.precision}; run folder {folder}", flush=True)
     try:
         history = runner.fit(data, folder.checkpoint_file, run.train.checkpoint_every, resume=resume)
     except TrainingInterrupted as stop:
@@ -152,7 +156,7 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir
         "params": model.num_parameters,
         "flops_per_image": forward_flops_per_image(model, image_size=data.test_images.shape[-1]),
         "epochs": runner.epochs,
-        "train_images": len(data.train_images) + (len(data.val_images) if run.data.train_on_validation else 0),
+        "train_images": training_images(run, data),
         "validation_images_in_training": run.data.train_on_validation,
         "test_images": len(data.test_images),
         "train_seconds": runner.train_seconds,
