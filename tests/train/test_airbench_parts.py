@@ -69,7 +69,6 @@ def test_training_on_the_validation_images_reports_it(cifar_root, tmp_path, caps
     assert results["train_images"] == 300 and results["validation_images_in_training"] is True
     assert "on 300 images (the validation images included)" in capsys.readouterr().out
     assert results["time_to_accuracy"] is None  # its "validation" accuracy is accuracy on training images
-    capsys.readouterr()
     assert main(["evaluate", str(out), "--data-dir", str(cifar_root)]) == 0  # re-testing the saved (averaged) weights
     assert json.loads(capsys.readouterr().out)["test_acc"] == results["test_acc"]
 
