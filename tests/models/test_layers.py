@@ -58,3 +58,21 @@ def test_the_bf16_path_stays_close_with_peaked_scores():
     mixed, _ = attention(query.bfloat16(), key.bfloat16(), value.bfloat16())
     error = (mixed.double() - reference).abs()
     assert error.mean() < 0.008 and error.max() < 0.15  # about 1.6x the fp32 kernel on the same inputs (docs/performance.md)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_self_masked_attention_with_a_learned_scale_matches_a_masked_reference(dtype, tolerance):
+    """LSA: no token attends to itself, and the per-head temperature gets the gradient a masked softmax gives it."""
+    query, key, value = attention_inputs(65, dtype)
+    scale = torch.tensor([0.3, 0.2, 0.25, 0.1]).view(4, 1, 1).to(dtype).requires_grad_()
+    mixed, weights = attention(query, key, value, scale=scale, mask_self=True, return_weights=True)
+    assert torch.all(weights.diagonal(dim1=-2, dim2=-1) == 0)
+    scores = (query.double() * scale.double()) @ key.double().transpose(-2, -1)
+    eye = torch.eye(65, dtype=torch.bool)
+    expected = scores.masked_fill(eye, float("-inf")).softmax(-1) @ value.double()
+    torch.testing.assert_close(mixed.double(), expected, rtol=tolerance, atol=tolerance)
+    upstream = torch.randn_like(expected)
+    actual_grads = torch.autograd.grad(mixed.double(), (query, key, value, scale), upstream.to(dtype))
+    expected_grads = torch.autograd.grad(expected, (query, key, value, scale), upstream)
+    for actual, wanted in zip(actual_grads, expected_grads, strict=True):
+        torch.testing.assert_close(actual.double(), wanted.double(), rtol=4 * tolerance, atol=4 * tolerance)

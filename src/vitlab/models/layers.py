@@ -40,9 +40,11 @@ CUDA_SDPA_BACKENDS = (None if SDPBackend is None else
 CPU_EXPLICIT_MAX_TOKENS = 128
 
 
-def diagonal_mask(tokens: int, device: torch.device) -> torch.Tensor:
-    """(T, T) bool, True on the diagonal: the entries LSA removes (a token may not attend to itself)."""
-    return torch.eye(tokens, dtype=torch.bool, device=device)
+def self_mask_bias(tokens: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(T, T): -inf on the diagonal, 0 elsewhere. Added to the scores, it removes the entries LSA leaves out (a token
+    may not attend to itself). An add of a float tensor, because `masked_fill` with a bool mask is several times
+    slower on the CPU (docs/performance.md)."""
+    return torch.zeros(tokens, tokens, dtype=dtype, device=device).fill_diagonal_(float("-inf"))
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, dropout: float = 0.0,
@@ -66,7 +68,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, dr
         # Scaling Q (T × Dh) instead of the scores (T × T) saves a pass over the largest tensor.
         scores = (query * scale) @ key.transpose(-2, -1)  # (B, H, T, T)
         if mask_self:
-            scores = scores.masked_fill(diagonal_mask(scores.shape[-1], scores.device), float("-inf"))
+            scores = scores + self_mask_bias(scores.shape[-1], scores.dtype, scores.device)
         weights = scores.softmax(dim=-1)
         if cpu_dropout:
             mixed = dropout_matmul(weights, value, dropout)
