@@ -47,6 +47,20 @@ def test_shifted_patch_tokenization_sees_the_four_diagonal_half_patch_shifts_wit
     torch.testing.assert_close(captured["patches"], expected)
 
 
+@pytest.mark.parametrize("patch_size,height,width", [(4, 8, 8), (4, 8, 16), (2, 6, 10)])
+def test_shifted_patches_are_cut_in_unfolds_order_on_any_image_size(patch_size, height, width):
+    tokenizer = ShiftedPatchTokenizer(ViTConfig(patch_size=patch_size, hidden_size=16, num_heads=2, stem="spt"))
+    images = torch.randn(2, 3, height, width)
+    s = tokenizer.shift
+    padded = torch.nn.functional.pad(images, (s, s, s, s))
+    shifted = [padded[..., s + dy:s + dy + height, s + dx:s + dx + width] for dy, dx in ((0, 0), (-s, -s), (-s, s), (s, -s), (s, s))]
+    expected = torch.nn.functional.unfold(torch.cat(shifted, dim=1), patch_size, stride=patch_size).transpose(1, 2)
+    captured = {}
+    tokenizer.norm.register_forward_hook(lambda m, i, o: captured.setdefault("patches", i[0]))
+    assert tokenizer(images).shape == (2, (height // patch_size) * (width // patch_size), 16)
+    torch.testing.assert_close(captured["patches"], expected, rtol=0, atol=0)
+
+
 def test_locality_self_attention_masks_the_diagonal_and_learns_its_temperature():
     torch.manual_seed(0)
     model = build_model("vit", **SMALL, lsa=True)
