@@ -11,6 +11,7 @@ from vitlab.data import load_cifar10
 from vitlab.errors import VitlabError
 from vitlab.inspect.export import check_onnx, export_onnx
 from vitlab.models import VitlabModel, build_model
+from vitlab.presets import PRESETS
 
 QUICK = ["--subset", "300", "--test_subset", "100", "--epochs", "1", "--batch-size", "50", "--progress", "false"]
 
@@ -33,6 +34,19 @@ def test_exported_run_agrees_with_pytorch_on_a_test_batch(model_args, cifar_root
     assert check.max_abs_logit_difference < 1e-3
     metadata = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
     assert json.loads(metadata["classes"])[0] == "airplane"
+
+
+@pytest.mark.parametrize("settings", [PRESETS["vit-pure"].model_config,
+                                      {**PRESETS["vit-pure"].model_config, "hidden_size": 32, "num_blocks": 1, "registers": 2, "pool": "cls"}])
+def test_vit_pure_techniques_export_and_agree_with_pytorch(settings, tmp_path):
+    """Shifted patches, locality self-attention (its -inf diagonal), sequence pooling and registers all convert."""
+    torch.manual_seed(0)
+    model = build_model("vit", **settings).eval()
+    torch.nn.init.normal_(model.head.weight)  # the zero-initialised head would make every logit 0
+    path = export_onnx(model, tmp_path / "model.onnx")
+    check = check_onnx(path, model, torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8))
+    assert check.top1_agreement >= 0.999
+    assert check.max_abs_logit_difference < 1e-3
 
 
 def test_export_takes_any_batch_size(tmp_path):

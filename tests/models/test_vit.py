@@ -75,6 +75,13 @@ def test_impossible_configs_are_rejected(bad):
         ViTConfig(**bad)
 
 
+def test_locality_self_attention_needs_a_second_token_to_attend_to():
+    with pytest.raises(VitlabError, match="lsa .* needs at least 2 tokens"):
+        ViTConfig(patch_size=32, pool="mean", lsa=True)
+    ViTConfig(patch_size=32, pool="cls", lsa=True)  # CLS + one patch: each attends to the other
+    ViTConfig(patch_size=32, pool="mean", lsa=True, registers=1)
+
+
 def test_sincos_positions_are_fixed_and_distinct():
     table = sincos_position_embedding(8, 32)
     assert table.shape == (64, 32)
