@@ -163,3 +163,15 @@ def test_time_to_accuracy_is_the_training_time_of_the_first_epoch_that_reached_e
     history = [{"epoch": 1, "epoch_seconds": 10.0, "val_acc": 55.0}, {"epoch": 2, "epoch_seconds": 12.0, "val_acc": 71.0},
                {"epoch": 3, "epoch_seconds": 11.0, "val_acc": 69.0}, {"epoch": 4, "epoch_seconds": 9.0, "val_acc": 80.5}]
     assert time_to_accuracy(history) == {"50": 10.0, "60": 22.0, "70": 22.0, "80": 42.0, "90": None, "94": None}
+
+
+def test_a_compiled_model_trains_and_evaluates_end_to_end():
+    """--compile: torch.compile's wrapper is what training and evaluation call (its __len__ raises: never test it for truth)."""
+    data = tiny_dataset()
+    torch.manual_seed(0)
+    model = build_model("vit", hidden_size=16, num_heads=2, num_blocks=1, patch_size=8, lsa=True)
+    runner = Runner(model, quick_config(epochs=1, compile=True))
+    assert runner.forward is not model
+    history = runner.fit(data)
+    assert math.isfinite(history[-1]["val_loss"])
+    assert runner.evaluate(data.val_images, data.val_labels).accuracy == history[-1]["val_acc"]

@@ -69,7 +69,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ba
         pad_mode: what fills the border of TTA's shifted views ('zeros' or 'reflect').
         forward: what to call instead of `model` (e.g. its torch.compile wrapper); defaults to the model.
     """
-    forward = forward or model
+    forward = model if forward is None else forward  # not `or`: a compiled wrapper has a __len__ that raises
     device = model_device(model)
     spec = getattr(model, "input_spec", None)  # the statistics the model was trained with (CIFAR-10's if unknown)
     statistics = {"mean": spec.mean, "std": spec.std} if spec is not None else {}
