@@ -136,7 +136,8 @@ class TrainConfig:
             with it (0 = off); e.g. 0.99.
         checkpoint_every: also checkpoint every this many steps (the run folder always gets one per epoch).
         channels_last: store convolutional models and their batches channels-last (NHWC).
-        compile: run the model through torch.compile (off by default: it has not paid on the CPU; docs/performance.md).
+        compile: run the model through torch.compile (off by default: about a minute of compiling, and on the CPU it has
+            paid for vit-pure's step but not for the small models measured; docs/performance.md).
         progress: show a live progress bar.
         tensorboard: also log scalars (and a ViT's attention rollout images) to RUN_DIR/tensorboard.
         gif: save per-epoch snapshots of fixed validation images and write RUN_DIR/training.gif.
