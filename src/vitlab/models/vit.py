@@ -116,8 +116,8 @@ class ViTConfig:
             raise VitlabError(f"stem {self.stem} halves the image per layer, so patch_size must be a power of 2 (2, 4, 8, ...), got {self.patch_size}")
         if self.lsa and self.num_tokens < 2:
             raise VitlabError(f"lsa leaves out each token's attention to itself, so it needs at least 2 tokens, and patch_size "
-                              f"{self.patch_size} on {self.image_size}-pixel images with pool {self.pool} gives 1; use a smaller "
-                              "patch_size, pool cls or --registers 1")
+                              f"{self.patch_size} on {self.image_size}-pixel images with pool {self.pool} gives 1; use a smaller --patch_size, "
+                              "--pool cls or --registers 1")
         if self.mlp_ratio <= 0:
             raise VitlabError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
         for name in ("dropout", "attention_dropout"):
