@@ -16,7 +16,7 @@ from typing import Any
 from vitlab.errors import VitlabError
 
 PRECISIONS = ("auto", "fp32", "bf16")
-OPTIMIZERS = ("adamw", "sgd", "muon")
+OPTIMIZERS = ("adamw", "sgd", "muon", "muon-adamw")
 SCHEDULES = ("cosine", "linear")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PAD_MODES = ("zeros", "reflect")
@@ -100,7 +100,9 @@ class TrainConfig:
     Args:
         optimizer: adamw, sgd (Nesterov momentum), or muon: Muon for the convolution filters (orthogonalised
             momentum, filters kept at a fixed norm; for CNNs with BatchNorm) and SGD-Nesterov at `lr` for the
-            rest, every bias at `lr` × norm_bias_lr_scale (vitlab.train.muon).
+            rest, every bias at `lr` × norm_bias_lr_scale (vitlab.train.muon); or muon-adamw: Muon for a ViT's
+            hidden matrices (attention, MLP, conv-group tokenizer filters) and AdamW for the rest, both at `lr` and
+            `weight_decay` (the Muon update scaled to AdamW's size, as Moonlight does; momentum muon_momentum).
         epochs: passes over the training split (with images_budget: the most passes).
         images_budget: train on this many images in all, whatever the size of the training split: epochs =
             ceil(images_budget / training images), at most --epochs (for learning curves with equal compute).
@@ -112,7 +114,7 @@ class TrainConfig:
         min_lr_ratio: final learning rate as a share of lr.
         momentum: SGD's Nesterov momentum.
         muon_lr: with optimizer muon, the filters' learning rate (an angle per step: the filters keep their norm).
-        muon_momentum: with optimizer muon, the filters' Nesterov momentum.
+        muon_momentum: with optimizer muon or muon-adamw, the Nesterov momentum of the Muon groups.
         norm_bias_lr_scale: learning-rate multiplier for normalisation biases (airbench uses 64), with
             their weight decay divided by the same factor so the decay per step is unchanged.
         whitening_bias_epochs: aircnn: the frozen whitening layer's bias trains only this many epochs, its

@@ -126,7 +126,7 @@ def test_loading_the_wrong_kind_or_a_truncated_file_is_a_clear_error(tmp_path):
         VitlabModel.load(tmp_path / "empty")
 
 
-@pytest.mark.parametrize("stem", ["conv", "conv-pool"])
+@pytest.mark.parametrize("stem", ["conv", "conv-pool", "conv-group"])
 @pytest.mark.parametrize("patch_size", [2, 4, 8])
 def test_conv_stems_reach_the_patch_grid(stem, patch_size):
     model = tiny_vit(stem=stem, patch_size=patch_size, pool="mean").eval()
@@ -147,6 +147,17 @@ def test_conv_pool_stem_sees_every_pixel_through_overlapping_windows():
         delta = (model.patch_embedding(changed) - model.patch_embedding(images)).abs().sum(-1)[0].reshape(8, 8)  # (G, G)
     assert delta[1, 1] > 0
     assert delta[4:, 4:].abs().max() == 0  # far tokens are untouched
+
+
+def test_conv_group_stem_is_airbench_groups_widening_fourfold_from_identity_filters():
+    from vitlab.models.aircnn import ConvGroup
+
+    model = tiny_vit(stem="conv-group", patch_size=8, hidden_size=256, num_heads=4)
+    groups = [m for m in model.patch_embedding.modules() if isinstance(m, ConvGroup)]
+    assert [(g.conv1.in_channels, g.conv2.out_channels) for g in groups] == [(3, 16), (16, 64), (64, 256)]
+    first = groups[1].conv1.weight  # (64, 16, 3, 3): the generic ViT init must not overwrite the identities
+    torch.testing.assert_close(first[:16, :, 1, 1], torch.eye(16))
+    assert first[:16].abs().sum() == 16 and first[16:].abs().sum() > 0
 
 
 def test_attention_dropout_on_the_cpu_keeps_the_expected_output():

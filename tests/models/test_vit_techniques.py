@@ -19,7 +19,7 @@ def with_random_head(model):
 
 
 @pytest.mark.parametrize("settings", [{"stem": "spt"}, {"lsa": True}, {"registers": 3}, {"pool": "seq"}, {"init": "mimetic"},
-                                      {"norm": "post", "activation": "relu"},
+                                      {"norm": "post", "activation": "relu"}, {"stem": "conv-group"},
                                       {"stem": "spt", "lsa": True, "registers": 2, "pool": "seq", "init": "mimetic"}])
 def test_every_technique_keeps_the_attention_path_equal_to_the_fused_one(settings):
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ from conftest import tiny_dataset
 from vitlab.config import TrainConfig
 from vitlab.errors import VitlabError
 from vitlab.models import AirCNN, build_model
-from vitlab.train.muon import MuonSGD, orthogonalize
+from vitlab.train.muon import MuonAdamW, MuonSGD, orthogonalize
 from vitlab.train.optim import make_optimizer, parameter_groups
 from vitlab.train.trainer import Runner
 
@@ -143,3 +143,71 @@ def test_a_muon_run_of_a_model_without_filters_is_refused_before_its_folder_exis
     with pytest.raises(VitlabError, match="muon"):
         train_run(run, tmp_path / "run", data=tiny_dataset())
     assert not (tmp_path / "run").exists()
+
+
+def test_muon_adamw_moves_a_vits_hidden_matrices_with_muon_and_the_rest_with_adamw():
+    model = build_model("vit", hidden_size=32, num_heads=2, num_blocks=2, stem="conv-group")
+    config = TrainConfig(optimizer="muon-adamw", weight_decay=0.05)
+    *adamw_groups, matrices = parameter_groups(model, config)
+    assert matrices["orthogonalize"] and matrices["weight_decay"] == 0.05
+    # 2 conv groups × 2 filters, then per block qkv, projection and two MLP layers
+    assert [p.ndim for p in matrices["params"]] == [4] * 4 + [2] * 8
+    in_muon = {id(p) for p in matrices["params"]}
+    rest = [p for group in adamw_groups for p in group["params"]]
+    assert not in_muon & {id(p) for p in rest}
+    assert len(in_muon) + len(rest) == sum(p.requires_grad for p in model.parameters())
+    assert {id(model.head.weight), id(model.position_embedding)} <= {id(p) for p in rest}
+
+
+def test_the_adamw_groups_of_muon_adamw_step_exactly_like_pytorch_adamw():
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
+    twins = [w.detach().clone().requires_grad_(True) for w in weights]
+    ours = MuonAdamW([{"params": weights[:1]}, {"params": weights[1:], "lr": 0.03, "weight_decay": 0.0}], lr=0.01, betas=(0.8, 0.95),
+                     weight_decay=0.1)
+    theirs = torch.optim.AdamW([{"params": twins[:1]}, {"params": twins[1:], "lr": 0.03, "weight_decay": 0.0}], lr=0.01,
+                               betas=(0.8, 0.95), weight_decay=0.1)
+    for step in range(5):
+        for tensors, optimizer in ((weights, ours), (twins, theirs)):
+            optimizer.zero_grad()
+            ((tensors[0].sum(0) * tensors[1]).sin().sum() * (step + 1)).backward()
+            optimizer.step()
+    for mine, reference in zip(weights, twins, strict=True):
+        torch.testing.assert_close(mine, reference)
+
+
+def test_a_muon_adamw_matrix_step_has_about_adamws_rms_and_decays_the_weights():
+    torch.manual_seed(0)
+    matrix = torch.randn(64, 256, requires_grad=True)
+    start = matrix.detach().clone()
+    optimizer = MuonAdamW([{"params": [matrix], "orthogonalize": True}], lr=0.01, momentum=0.0, weight_decay=0.0)
+    matrix.grad = torch.randn(64, 256) * 1e-3  # the size of the gradient does not matter to Muon
+    optimizer.step()
+    step_rms = (matrix.detach() - start).pow(2).mean().sqrt() / 0.01
+    assert 0.15 < step_rms < 0.25  # Moonlight's 0.2 (an AdamW step's RMS is about that once its moments settle)
+    decayed = torch.ones(4, 4, requires_grad=True)
+    decayed.grad = torch.zeros(4, 4)
+    MuonAdamW([decayed], lr=0.1, weight_decay=0.5).step()
+    torch.testing.assert_close(decayed.detach(), torch.full((4, 4), 0.95))
+
+
+@pytest.mark.parametrize("model", ["mlp", "aircnn"])
+def test_muon_adamw_on_a_model_without_hidden_matrices_is_refused(model):
+    with pytest.raises(VitlabError, match="muon-adamw.*declares"):
+        parameter_groups(build_model(model), TrainConfig(optimizer="muon-adamw"))
+
+
+def test_a_vit_learns_with_muon_adamw_and_resumes_its_state():
+    data = tiny_dataset()
+    config = TrainConfig(optimizer="muon-adamw", lr=2e-3, muon_momentum=0.95, epochs=3, batch_size=32, progress=False, device="cpu")
+    model = build_model("vit", hidden_size=32, num_heads=2, num_blocks=2, stem="conv-group", pool="mean")
+    history = Runner(model, config).fit(data)
+    assert history[-1]["val_acc"] > 40
+    optimizer = make_optimizer(model, config, torch.device("cpu"))
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    restored = make_optimizer(model, config, torch.device("cpu"))
+    restored.load_state_dict(optimizer.state_dict())
+    qkv = model.blocks[0].attention.qkv.weight
+    torch.testing.assert_close(restored.state[qkv]["momentum_buffer"], optimizer.state[qkv]["momentum_buffer"])
+    assert restored.state[model.head.weight]["step"] == 1 and restored.param_groups[-1]["orthogonalize"]

@@ -56,9 +56,14 @@ def batch_norm(channels: int, momentum: float) -> nn.BatchNorm2d:
 
 def dirac_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
     conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding="same", bias=False)
-    with torch.no_grad():
-        nn.init.dirac_(conv.weight[: min(in_channels, out_channels)])
+    dirac_init(conv)
     return conv
+
+
+@torch.no_grad()
+def dirac_init(conv: nn.Conv2d) -> None:
+    """The filter of each of the first min(in, out) out-channels passes its own in-channel through (the rest keep theirs)."""
+    nn.init.dirac_(conv.weight[: min(conv.in_channels, conv.out_channels)])
 
 
 class ConvGroup(nn.Module):
@@ -70,6 +75,10 @@ class ConvGroup(nn.Module):
         self.conv2 = dirac_conv(out_channels, out_channels)
         self.norm2 = batch_norm(out_channels, momentum)
         self.activation = nn.GELU()
+
+    def reset_filters(self) -> None:
+        dirac_init(self.conv1)
+        dirac_init(self.conv2)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         features = self.activation(self.norm1(self.pool(self.conv1(features))))  # (B, C, H/2, W/2)

@@ -23,16 +23,19 @@ from torch import nn
 
 from vitlab.config import check_finite_numbers
 from vitlab.errors import VitlabError
+from vitlab.models.aircnn import ConvGroup
 from vitlab.models.base import FROM_DATA, TokenLayout, VitlabModel, init_linear_weights
 from vitlab.models.dropout import Dropout
 from vitlab.models.layers import attention
 
 POS_EMBEDS = ("learned", "sincos")
 POOLS = ("cls", "mean", "seq")
-STEMS = ("patch", "spt", "conv", "conv-pool")
+STEMS = ("patch", "spt", "conv", "conv-pool", "conv-group")
 NORMS = ("pre", "post")
 INITS = ("trunc_normal", "mimetic")
 ACTIVATIONS = ("gelu", "relu")
+CONV_STEMS = ("conv", "conv-pool", "conv-group")
+CONV_GROUP_BN_MOMENTUM = 0.4  # airbench's (aircnn's default)
 
 
 @dataclass
@@ -54,8 +57,11 @@ class ViTConfig:
             al. 2021: the image and its four diagonal half-patch shifts, patchified, LayerNorm, one linear
             map; no convolution), 'conv' (stride-2 3×3 conv + BN + ReLU layers down to the patch grid, then
             a 1×1 projection: Xiao et al. 2021) or 'conv-pool' (stride-1 3×3 conv + BN + ReLU + 3×3 stride-2
-            max-pool per halving: the convolutional tokenizer of Hassani et al. 2021's CCT). The conv stems
-            need a power-of-2 patch_size.
+            max-pool per halving: the convolutional tokenizer of Hassani et al. 2021's CCT) or 'conv-group'
+            (per halving one of airbench's conv groups: conv, 2×2 max-pool, BN, GELU, conv, BN, GELU, the
+            filters starting as identities; widths quadruple up to hidden_size, as airbench's 64 → 256: a
+            ResNet-stage tokenizer in the spirit of the ViT paper's hybrid). The conv stems need a power-of-2
+            patch_size.
         lsa: locality self-attention (Lee et al. 2021): a learned softmax temperature per block and no
             attention of a token to itself.
         registers: extra learned tokens that take part in attention and are dropped at the output
@@ -112,7 +118,7 @@ class ViTConfig:
                 raise VitlabError(f"{name} must be one of {', '.join(allowed)}, got '{getattr(self, name)}'")
         if not 0 <= self.registers <= 64:
             raise VitlabError(f"registers must be between 0 and 64, got {self.registers}")
-        if self.stem in ("conv", "conv-pool") and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+        if self.stem in CONV_STEMS and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise VitlabError(f"stem {self.stem} halves the image per layer, so patch_size must be a power of 2 (2, 4, 8, ...), got {self.patch_size}")
         if self.lsa and self.num_tokens < 2:
             raise VitlabError(f"lsa leaves out each token's attention to itself, so it needs at least 2 tokens, and patch_size "
@@ -174,6 +180,13 @@ def conv_pool_stem(config: ViTConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def conv_group_stem(config: ViTConfig) -> nn.Sequential:
+    """Per halving one of airbench's conv groups (`ConvGroup`); widths quadruple up to hidden_size (64 → 256)."""
+    num_layers = config.patch_size.bit_length() - 1  # log2(patch_size) halvings
+    widths = [3] + [max(16, config.hidden_size // 4 ** (num_layers - 1 - index)) for index in range(num_layers)]
+    return nn.Sequential(*(ConvGroup(widths[i], widths[i + 1], CONV_GROUP_BN_MOMENTUM) for i in range(num_layers)))
+
+
 class ShiftedPatchTokenizer(nn.Module):
     """Shifted patch tokenization (Lee et al. 2021): the image and its four diagonal half-patch shifts are
     stacked as 15 channels, cut into patches, layer-normalised and mapped linearly. No convolution: the
@@ -212,6 +225,8 @@ class PatchEmbedding(nn.Module):
             self.projection = conv_stem(config)
         elif config.stem == "conv-pool":
             self.projection = conv_pool_stem(config)
+        elif config.stem == "conv-group":
+            self.projection = conv_group_stem(config)
         elif config.stem == "spt":
             self.projection = ShiftedPatchTokenizer(config)
         else:
@@ -360,11 +375,22 @@ class VisionTransformer(VitlabModel):
         for token in (self.cls_token, self.register_tokens):
             if token is not None:
                 nn.init.trunc_normal_(token, std=0.02)
+        for group in self.patch_embedding.modules():
+            if isinstance(group, ConvGroup):
+                group.reset_filters()  # identities again, after the generic init above
         if self.config.init == "mimetic":
             for block in self.blocks:
                 mimetic_init(block.attention)
         # A zero head starts every class at equal probability (timm does the same for fine-tuning).
         nn.init.zeros_(self.head.weight)
+
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The weight matrices inside the network, for `--optimizer muon-adamw`: every linear map of the blocks and the
+        filters of a conv-group tokenizer (each followed by BatchNorm). The patch embedding of the other stems, the
+        tokens, positions, pooling and head stay with AdamW, as Muon's authors advise."""
+        linears = [m.weight for m in self.blocks.modules() if isinstance(m, nn.Linear)]
+        filters = [m.weight for m in self.patch_embedding.modules() if isinstance(m, ConvGroup) for m in (m.conv1, m.conv2)]
+        return filters + linears
 
     def token_layout(self) -> TokenLayout:
         cfg = self.config

@@ -214,7 +214,7 @@ class StudyPlan:
             seen[spec.slug] = spec.text
         for spec in parsed:
             run = self.run_config(spec, self.seeds[0])  # a budget setting a SPEC's model lacks fails now
-            if run.train.optimizer == "muon" or run.train.whitening_bias_epochs:  # so do optimiser settings the model cannot take
+            if run.train.optimizer in ("muon", "muon-adamw") or run.train.whitening_bias_epochs:  # so do optimiser settings the model cannot take
                 check_optimizer(spec.text, run)
         if len(set(self.seeds)) != len(self.seeds):
             raise VitlabError(f"seeds {self.seeds} repeat a seed; give distinct seeds")

@@ -1,4 +1,5 @@
-"""Muon for convolution filters, SGD-Nesterov for everything else: one optimiser, one schedule.
+"""Muon for convolution filters with SGD-Nesterov for everything else (`MuonSGD`, airbench94_muon's
+recipe), or Muon for a transformer's hidden matrices with AdamW for everything else (`MuonAdamW`).
 
 Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers in neural networks"; used for the
 convolution filters of airbench94_muon, 94% on CIFAR-10 in 8 epochs) keeps a Nesterov momentum of the
@@ -14,6 +15,12 @@ convolutional networks with BatchNorm: it moves only the filters a model declare
 
 Groups marked `orthogonalize=True` get Muon (no weight decay); all other groups get PyTorch's
 SGD-Nesterov update (same formula: buffer ← m·buffer + g + wd·p, step g + wd·p + m·buffer).
+
+`MuonAdamW` is the transformer recipe of modded-nanogpt and Moonlight (Liu et al. 2025, "Muon is scalable
+for LLM training"): Muon for the weight matrices inside the network (attention, MLP, conv filters of a conv
+tokenizer), AdamW for embeddings, norms, biases and the head. Its Muon update is scaled by
+0.2·√max(rows, cols), which gives it about the RMS of an AdamW update, so both kinds of group share one
+learning rate and one decoupled weight decay; the matrices keep their norm free (no rescaling).
 """
 
 from __future__ import annotations
@@ -86,3 +93,67 @@ class MuonSGD(torch.optim.Optimizer):
                     update = orthogonalize(update.reshape(len(update), -1), group["newton_schulz_steps"]).view_as(parameter)
                 parameter.add_(update, alpha=-lr)
         return loss
+
+
+# Moonlight's factor: an orthogonalised (rows, cols) update times 0.2·√max(rows, cols) has about AdamW's update RMS.
+MATCH_ADAMW_RMS = 0.2
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Args (per group, defaults from the constructor):
+        lr: learning rate of both kinds of group (see the module docstring).
+        betas: AdamW's moment decays.
+        momentum: Muon's Nesterov momentum.
+        weight_decay: decoupled weight decay (p ← p·(1 − lr·wd)) for both kinds.
+        orthogonalize: True for Muon groups (matrices and filter banks).
+        eps, newton_schulz_steps: AdamW's denominator floor; iterations of `orthogonalize`.
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.95,
+                 weight_decay: float = 0.0, eps: float = 1e-8, newton_schulz_steps: int = 5) -> None:
+        if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0 or not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"MuonAdamW needs lr > 0, momentum and betas in [0, 1), weight_decay >= 0; got {lr}, {momentum}, {betas}, {weight_decay}")
+        defaults = {"lr": lr, "betas": betas, "momentum": momentum, "weight_decay": weight_decay, "eps": eps,
+                    "orthogonalize": False, "newton_schulz_steps": newton_schulz_steps}
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["orthogonalize"] and any(p.ndim < 2 for p in group["params"]):
+                raise ValueError("Muon groups hold filter banks or matrices (>= 2-D parameters) only")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            update_group = self._muon_update if group["orthogonalize"] else self._adamw_update
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                parameter.mul_(1 - group["lr"] * group["weight_decay"])
+                parameter.add_(update_group(parameter, group), alpha=-group["lr"])
+        return loss
+
+    def _muon_update(self, parameter: torch.Tensor, group: dict) -> torch.Tensor:
+        state = self.state[parameter]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(parameter)
+        buffer = state["momentum_buffer"]
+        buffer.mul_(group["momentum"]).add_(parameter.grad)
+        direction = parameter.grad.add(buffer, alpha=group["momentum"]).reshape(len(parameter), -1)  # Nesterov, (rows, cols)
+        scale = MATCH_ADAMW_RMS * math.sqrt(max(direction.shape))
+        return orthogonalize(direction, group["newton_schulz_steps"]).view_as(parameter).mul_(scale)
+
+    def _adamw_update(self, parameter: torch.Tensor, group: dict) -> torch.Tensor:
+        state = self.state[parameter]
+        if "step" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(parameter)
+            state["exp_avg_sq"] = torch.zeros_like(parameter)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        state["exp_avg"].lerp_(parameter.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(parameter.grad, parameter.grad, value=1 - beta2)
+        corrected_second = state["exp_avg_sq"] / (1 - beta2 ** state["step"])
+        return state["exp_avg"] / (1 - beta1 ** state["step"]) / corrected_second.sqrt_().add_(group["eps"])

@@ -10,7 +10,7 @@ from torch import nn
 
 from vitlab.config import TrainConfig
 from vitlab.errors import VitlabError
-from vitlab.train.muon import MuonSGD
+from vitlab.train.muon import MuonAdamW, MuonSGD
 
 # Parameters that get no weight decay besides biases and norm scales (all 1-D): decaying the
 # CLS token, the position table or register tokens towards zero only erases what they encode.
@@ -24,7 +24,12 @@ def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     (airbench's recipe) everything decays, and normalisation biases can get a larger learning rate.
     For Muon (airbench94_muon's recipe) see `muon_parameter_groups`. With whitening_bias_epochs, the model's
     whitening bias leaves its group for one of its own that stops after that many epochs (`make_schedule`)."""
-    groups = muon_parameter_groups(model, config) if config.optimizer == "muon" else plain_parameter_groups(model, config)
+    if config.optimizer == "muon":
+        groups = muon_parameter_groups(model, config)
+    elif config.optimizer == "muon-adamw":
+        groups = muon_adamw_parameter_groups(model, config)
+    else:
+        groups = plain_parameter_groups(model, config)
     if config.whitening_bias_epochs > 0:
         groups = split_whitening_bias(model, groups, config.whitening_bias_epochs)
     return groups
@@ -82,10 +87,26 @@ def muon_parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
+def muon_adamw_parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """AdamW's groups for everything but the matrices the model declares hidden (`hidden_matrices`), and last a
+    Muon group of those, with AdamW's weight decay."""
+    declared = model.hidden_matrices() if hasattr(model, "hidden_matrices") else []
+    matrices = [p for p in declared if p.requires_grad]
+    if not matrices:
+        raise VitlabError(f"--optimizer muon-adamw moves the hidden weight matrices of a ViT, and {type(model).__name__} declares "
+                          "none; use --optimizer adamw (or muon for a CNN with BatchNorm)")
+    matrix_ids = {id(p) for p in matrices}
+    groups = [{**group, "params": [p for p in group["params"] if id(p) not in matrix_ids]} for group in plain_parameter_groups(model, config)]
+    return [group for group in groups if group["params"]] + [
+        {"params": matrices, "orthogonalize": True, "momentum": config.muon_momentum, "weight_decay": config.weight_decay}]
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = parameter_groups(model, config)
     if config.optimizer == "muon":
         return MuonSGD(groups, lr=config.lr, momentum=config.momentum)
+    if config.optimizer == "muon-adamw":
+        return MuonAdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), momentum=config.muon_momentum)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
     # Fused AdamW is one kernel per step on CUDA; on the CPU the foreach version is the default.
