@@ -20,6 +20,8 @@ QUICK = ["--subset", "300", "--test_subset", "100", "--epochs", "1", "--batch-si
     ["--model", "cnn-small"],
     ["--model", "vit", "--patch_size", "6", "--hidden_size", "32", "--num_heads", "4", "--num_blocks", "2", "--pool", "mean"],
     ["--model", "aircnn"],
+    ["--model", "vit", "--stem", "conv-group", "--hidden_size", "64", "--num_heads", "4", "--num_blocks", "1", "--pool", "mean",
+     "--optimizer", "muon-adamw"],
 ])
 def test_exported_run_agrees_with_pytorch_on_a_test_batch(model_args, cifar_root, tmp_path, capsys):
     run = tmp_path / "run"
