@@ -73,6 +73,17 @@ def test_muon_rescales_each_filter_bank_to_norm_sqrt_out_before_moving_it():
     assert 0 < direction < 1e-5  # a step of lr = 1e-6 along a unit-size update
 
 
+def assert_same_steps(weights, ours, twins, theirs, steps: int) -> None:
+    """Both optimisers take `steps` steps on the same loss of a (5, 3) matrix and a (3,) vector; the weights must agree."""
+    for step in range(steps):
+        for tensors, optimizer in ((weights, ours), (twins, theirs)):
+            optimizer.zero_grad()
+            ((tensors[0].sum(0) * tensors[1]).sin().sum() * (step + 1)).backward()
+            optimizer.step()
+    for mine, reference in zip(weights, twins, strict=True):
+        torch.testing.assert_close(mine, reference)
+
+
 def test_the_sgd_groups_step_exactly_like_pytorch_sgd_nesterov():
     torch.manual_seed(0)
     weights = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
@@ -80,13 +91,7 @@ def test_the_sgd_groups_step_exactly_like_pytorch_sgd_nesterov():
     ours = MuonSGD([{"params": weights[:1]}, {"params": weights[1:], "lr": 0.3}], lr=0.1, momentum=0.85, weight_decay=0.02)
     theirs = torch.optim.SGD([{"params": twins[:1]}, {"params": twins[1:], "lr": 0.3}], lr=0.1, momentum=0.85, nesterov=True,
                              weight_decay=0.02)
-    for step in range(4):
-        for tensors, optimizer in ((weights, ours), (twins, theirs)):
-            optimizer.zero_grad()
-            ((tensors[0].sum(0) * tensors[1]).sin().sum() * (step + 1)).backward()
-            optimizer.step()
-    for mine, reference in zip(weights, twins, strict=True):
-        torch.testing.assert_close(mine, reference)
+    assert_same_steps(weights, ours, twins, theirs, steps=4)
 
 
 def test_muon_state_survives_a_state_dict_round_trip():
@@ -167,13 +172,7 @@ def test_the_adamw_groups_of_muon_adamw_step_exactly_like_pytorch_adamw():
                      weight_decay=0.1)
     theirs = torch.optim.AdamW([{"params": twins[:1]}, {"params": twins[1:], "lr": 0.03, "weight_decay": 0.0}], lr=0.01,
                                betas=(0.8, 0.95), weight_decay=0.1)
-    for step in range(5):
-        for tensors, optimizer in ((weights, ours), (twins, theirs)):
-            optimizer.zero_grad()
-            ((tensors[0].sum(0) * tensors[1]).sin().sum() * (step + 1)).backward()
-            optimizer.step()
-    for mine, reference in zip(weights, twins, strict=True):
-        torch.testing.assert_close(mine, reference)
+    assert_same_steps(weights, ours, twins, theirs, steps=5)
 
 
 def test_a_muon_adamw_matrix_step_has_about_adamws_rms_and_decays_the_weights():

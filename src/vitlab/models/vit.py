@@ -23,7 +23,7 @@ from torch import nn
 
 from vitlab.config import check_finite_numbers
 from vitlab.errors import VitlabError
-from vitlab.models.aircnn import ConvGroup
+from vitlab.models.aircnn import AirCNNConfig, ConvGroup
 from vitlab.models.base import FROM_DATA, TokenLayout, VitlabModel, init_linear_weights
 from vitlab.models.dropout import Dropout
 from vitlab.models.layers import attention
@@ -35,7 +35,6 @@ NORMS = ("pre", "post")
 INITS = ("trunc_normal", "mimetic")
 ACTIVATIONS = ("gelu", "relu")
 CONV_STEMS = ("conv", "conv-pool", "conv-group")
-CONV_GROUP_BN_MOMENTUM = 0.4  # airbench's (aircnn's default)
 
 
 @dataclass
@@ -184,7 +183,7 @@ def conv_group_stem(config: ViTConfig) -> nn.Sequential:
     """Per halving one of airbench's conv groups (`ConvGroup`); widths quadruple up to hidden_size (64 → 256)."""
     num_layers = config.patch_size.bit_length() - 1  # log2(patch_size) halvings
     widths = [3] + [max(16, config.hidden_size // 4 ** (num_layers - 1 - index)) for index in range(num_layers)]
-    return nn.Sequential(*(ConvGroup(widths[i], widths[i + 1], CONV_GROUP_BN_MOMENTUM) for i in range(num_layers)))
+    return nn.Sequential(*(ConvGroup(widths[i], widths[i + 1], AirCNNConfig.batchnorm_momentum) for i in range(num_layers)))
 
 
 class ShiftedPatchTokenizer(nn.Module):

@@ -49,21 +49,12 @@ def orthogonalize(matrix: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> to
     return (x if wide else x.T).to(matrix.dtype)
 
 
-class MuonSGD(torch.optim.Optimizer):
-    """Args (per group, defaults from the constructor):
-        lr: learning rate (for Muon groups an angle per step; see the module docstring).
-        momentum: Nesterov momentum.
-        weight_decay: L2 decay added to the gradient (SGD groups only).
-        orthogonalize: True for Muon groups (4-D filter banks).
-        newton_schulz_steps: iterations of `orthogonalize`.
-    """
+class MuonOptimizer(torch.optim.Optimizer):
+    """What both Muon optimisers share: Muon groups (`orthogonalize=True`) hold only matrices or filter banks, and
+    `step` evaluates the closure, then `update(parameter, group)` moves each parameter that has a gradient."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, newton_schulz_steps: int = 3) -> None:
-        if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0:
-            raise ValueError(f"MuonSGD needs lr > 0, momentum in [0, 1), weight_decay >= 0; got {lr}, {momentum}, {weight_decay}")
-        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "orthogonalize": False,
-                    "newton_schulz_steps": newton_schulz_steps}
-        super().__init__(params, defaults)
+    def __init__(self, params, defaults: dict) -> None:
+        super().__init__(params, {**defaults, "orthogonalize": False})
         for group in self.param_groups:
             if group["orthogonalize"] and any(p.ndim < 2 for p in group["params"]):
                 raise ValueError("Muon groups hold filter banks or matrices (>= 2-D parameters) only")
@@ -75,31 +66,53 @@ class MuonSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
             for parameter in group["params"]:
-                if parameter.grad is None:
-                    continue
-                gradient = parameter.grad
-                if group["weight_decay"] and not group["orthogonalize"]:
-                    gradient = gradient.add(parameter, alpha=group["weight_decay"])
-                state = self.state[parameter]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(parameter)
-                buffer = state["momentum_buffer"]
-                buffer.mul_(momentum).add_(gradient)
-                update = gradient.add(buffer, alpha=momentum)  # Nesterov
-                if group["orthogonalize"]:
-                    parameter.mul_(math.sqrt(parameter.shape[0]) / parameter.norm().clamp_min(1e-12))
-                    update = orthogonalize(update.reshape(len(update), -1), group["newton_schulz_steps"]).view_as(parameter)
-                parameter.add_(update, alpha=-lr)
+                if parameter.grad is not None:
+                    self.update(parameter, group)
         return loss
+
+    def update(self, parameter: torch.Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+    def nesterov(self, parameter: torch.Tensor, gradient: torch.Tensor, momentum: float) -> torch.Tensor:
+        """PyTorch SGD's Nesterov direction: buffer ← m·buffer + g, direction g + m·buffer (buffer kept in the state)."""
+        state = self.state[parameter]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(parameter)
+        buffer = state["momentum_buffer"].mul_(momentum).add_(gradient)
+        return gradient.add(buffer, alpha=momentum)
+
+
+class MuonSGD(MuonOptimizer):
+    """Args (per group, defaults from the constructor):
+        lr: learning rate (for Muon groups an angle per step; see the module docstring).
+        momentum: Nesterov momentum.
+        weight_decay: L2 decay added to the gradient (SGD groups only).
+        orthogonalize: True for Muon groups (4-D filter banks).
+        newton_schulz_steps: iterations of `orthogonalize`.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, newton_schulz_steps: int = 3) -> None:
+        if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0:
+            raise ValueError(f"MuonSGD needs lr > 0, momentum in [0, 1), weight_decay >= 0; got {lr}, {momentum}, {weight_decay}")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "newton_schulz_steps": newton_schulz_steps})
+
+    def update(self, parameter: torch.Tensor, group: dict) -> None:
+        gradient = parameter.grad
+        if group["weight_decay"] and not group["orthogonalize"]:
+            gradient = gradient.add(parameter, alpha=group["weight_decay"])
+        update = self.nesterov(parameter, gradient, group["momentum"])
+        if group["orthogonalize"]:
+            parameter.mul_(math.sqrt(parameter.shape[0]) / parameter.norm().clamp_min(1e-12))
+            update = orthogonalize(update.reshape(len(update), -1), group["newton_schulz_steps"]).view_as(parameter)
+        parameter.add_(update, alpha=-group["lr"])
 
 
 # Moonlight's factor: an orthogonalised (rows, cols) update times 0.2·√max(rows, cols) has about AdamW's update RMS.
 MATCH_ADAMW_RMS = 0.2
 
 
-class MuonAdamW(torch.optim.Optimizer):
+class MuonAdamW(MuonOptimizer):
     """Args (per group, defaults from the constructor):
         lr: learning rate of both kinds of group (see the module docstring).
         betas: AdamW's moment decays.
@@ -113,35 +126,16 @@ class MuonAdamW(torch.optim.Optimizer):
                  weight_decay: float = 0.0, eps: float = 1e-8, newton_schulz_steps: int = 5) -> None:
         if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0 or not all(0 <= beta < 1 for beta in betas):
             raise ValueError(f"MuonAdamW needs lr > 0, momentum and betas in [0, 1), weight_decay >= 0; got {lr}, {momentum}, {betas}, {weight_decay}")
-        defaults = {"lr": lr, "betas": betas, "momentum": momentum, "weight_decay": weight_decay, "eps": eps,
-                    "orthogonalize": False, "newton_schulz_steps": newton_schulz_steps}
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            if group["orthogonalize"] and any(p.ndim < 2 for p in group["params"]):
-                raise ValueError("Muon groups hold filter banks or matrices (>= 2-D parameters) only")
+        super().__init__(params, {"lr": lr, "betas": betas, "momentum": momentum, "weight_decay": weight_decay, "eps": eps,
+                                  "newton_schulz_steps": newton_schulz_steps})
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            update_group = self._muon_update if group["orthogonalize"] else self._adamw_update
-            for parameter in group["params"]:
-                if parameter.grad is None:
-                    continue
-                parameter.mul_(1 - group["lr"] * group["weight_decay"])
-                parameter.add_(update_group(parameter, group), alpha=-group["lr"])
-        return loss
+    def update(self, parameter: torch.Tensor, group: dict) -> None:
+        step = self._muon_update(parameter, group) if group["orthogonalize"] else self._adamw_update(parameter, group)
+        parameter.mul_(1 - group["lr"] * group["weight_decay"])
+        parameter.add_(step, alpha=-group["lr"])
 
     def _muon_update(self, parameter: torch.Tensor, group: dict) -> torch.Tensor:
-        state = self.state[parameter]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(parameter)
-        buffer = state["momentum_buffer"]
-        buffer.mul_(group["momentum"]).add_(parameter.grad)
-        direction = parameter.grad.add(buffer, alpha=group["momentum"]).reshape(len(parameter), -1)  # Nesterov, (rows, cols)
+        direction = self.nesterov(parameter, parameter.grad, group["momentum"]).reshape(len(parameter), -1)  # (rows, cols)
         scale = MATCH_ADAMW_RMS * math.sqrt(max(direction.shape))
         return orthogonalize(direction, group["newton_schulz_steps"]).view_as(parameter).mul_(scale)
 

@@ -70,14 +70,20 @@ def plain_parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
+def declared_trainable(model: nn.Module, method: str, refusal: str) -> list[nn.Parameter]:
+    """The trainable parameters `model.<method>()` lists; `refusal` as the error if there are none."""
+    declared = getattr(model, method)() if hasattr(model, method) else []
+    trainable = [p for p in declared if p.requires_grad]
+    if not trainable:
+        raise VitlabError(refusal)
+    return trainable
+
+
 def muon_parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     """SGD at `lr` for the rest, biases at `lr` × norm_bias_lr_scale, and last (so that group 0, what the logs
     show, is at `lr`) the Muon group: the filters the model declares scale-invariant (a BatchNorm follows them)."""
-    declared = model.scale_invariant_filters() if hasattr(model, "scale_invariant_filters") else []
-    filters = [p for p in declared if p.requires_grad]
-    if not filters:
-        raise VitlabError(f"--optimizer muon moves convolution filters that a BatchNorm follows, and {type(model).__name__} "
-                          "declares none (aircnn and cnn do); use --optimizer adamw or sgd")
+    filters = declared_trainable(model, "scale_invariant_filters", "--optimizer muon moves convolution filters that a BatchNorm "
+                                 f"follows, and {type(model).__name__} declares none (aircnn and cnn do); use --optimizer adamw or sgd")
     filter_ids = {id(p) for p in filters}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in filter_ids]
     scale = config.norm_bias_lr_scale
@@ -90,11 +96,8 @@ def muon_parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
 def muon_adamw_parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     """AdamW's groups for everything but the matrices the model declares hidden (`hidden_matrices`), and last a
     Muon group of those, with AdamW's weight decay."""
-    declared = model.hidden_matrices() if hasattr(model, "hidden_matrices") else []
-    matrices = [p for p in declared if p.requires_grad]
-    if not matrices:
-        raise VitlabError(f"--optimizer muon-adamw moves the hidden weight matrices of a ViT, and {type(model).__name__} declares "
-                          "none; use --optimizer adamw (or muon for a CNN with BatchNorm)")
+    matrices = declared_trainable(model, "hidden_matrices", "--optimizer muon-adamw moves the hidden weight matrices of a ViT, and "
+                                  f"{type(model).__name__} declares none; use --optimizer adamw (or muon for a CNN with BatchNorm)")
     matrix_ids = {id(p) for p in matrices}
     groups = [{**group, "params": [p for p in group["params"] if id(p) not in matrix_ids]} for group in plain_parameter_groups(model, config)]
     return [group for group in groups if group["params"]] + [
