@@ -48,10 +48,11 @@ CONFIGS = {
     "vit-seed002": ("vit", PRESETS["vit-seed002"].model_config),  # p4 d128 L6 h4, dropout 0.1
     "vit-seed000": ("vit", PRESETS["vit-seed000"].model_config),  # p2 d64 L10 h4
     "vit-pure": ("vit", PRESETS["vit-pure"].model_config),
-    "vit-fast": ("vit", PRESETS["vit-fast"].model_config),  # conv tokenizer, 64 tokens of width 128
+    "vit-fast": ("vit", PRESETS["vit-fast"].model_config),  # airbench's conv groups as tokenizer, 64 tokens of width 256
+    "vit-cct": ("vit", PRESETS["vit-cct"].model_config),  # CCT's tokenizer, 64 tokens of width 128 (vit-fast until 2026-11-27)
 }
 # Configurations the seeds never wrote (no reference side): their techniques (SPT, LSA, conv tokenizer) have no seed version.
-WITHOUT_REFERENCE = {"vit-pure", "vit-fast"}
+WITHOUT_REFERENCE = {"vit-pure", "vit-fast", "vit-cct"}
 MATMUL_OPS = ("mm", "addmm", "bmm", "matmul", "linear", "convolution", "conv2d", "mkldnn_convolution", "_convolution",
               "convolution_backward", "scaled_dot_product", "flash_attention", "baddbmm", "_efficient_attention", "mkldnn_rnn",
               "mkldnn_matmul", "onednn")

@@ -9,7 +9,7 @@
   (cuDNN, FlashAttention, memory-efficient, math) on the token counts vitlab's ViTs use (64 without a
   class token, 65 with one), against an fp32 reference: non-finite gradients and the largest error.
 - train, side by side until --budget seconds: the rest of the seeds' 20-epoch patch study (resumed from
-  the folder of the first session), `vit-fast` for 3 seeds with vitlab's SDPA backends and 2 seeds with
+  the folder of the first session), `vit-fast` (now `vit-cct`) for 3 seeds with vitlab's SDPA backends and 2 seeds with
   PyTorch's own choice (cuDNN allowed: the control for the NaN of the first session), and two
   candidates for `vit-best`, their epochs chosen from the probed speed so they end before the deadline.
 """
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu_suite import Job, log, step_images_per_second, stop_all, vitlab_command, write_json  # noqa: E402
 
 # The two vit-best candidates: a pure ViT (vit-best's architecture without its always-on MixUp/CutMix)
-# and a hybrid with vit-fast's convolutional tokenizer, wider and deeper.
+# and a hybrid with vit-cct's (then vit-fast's) convolutional tokenizer, wider and deeper.
 CANDIDATES = {
     "vit-best-pure": {
         "model": ("vit", {"patch_size": 4, "hidden_size": 384, "num_heads": 12, "num_blocks": 7, "mlp_ratio": 1.0}),
@@ -113,10 +113,10 @@ def plan(out: Path, study: Path, speeds: dict, seconds: float) -> dict[str, list
     commands["seed-study"] = vitlab_command("compare", "cnn-small", "vit:patch_size=2", "vit:patch_size=4", "vit:patch_size=6",
                                             "vit:patch_size=8", "mlp", "--budget", "gpu", "--seeds", "3", "--jobs", "5", "--out", str(study))
     for seed in (0, 1, 2):
-        commands[f"vit-fast-seed{seed}"] = vitlab_command("train", "--preset", "vit-fast", "--seed", str(seed), "--progress", "false",
+        commands[f"vit-fast-seed{seed}"] = vitlab_command("train", "--preset", "vit-cct", "--seed", str(seed), "--progress", "false",
                                                           "--out", str(runs / f"vit-fast-seed{seed}"))
     for seed in (0, 1):
-        commands[f"vit-fast-cudnn-seed{seed}"] = control_command("train", "--preset", "vit-fast", "--seed", str(seed), "--progress", "false",
+        commands[f"vit-fast-cudnn-seed{seed}"] = control_command("train", "--preset", "vit-cct", "--seed", str(seed), "--progress", "false",
                                                                  "--out", str(runs / f"vit-fast-cudnn-seed{seed}"))
     return commands
 

@@ -101,8 +101,9 @@ class TrainConfig:
         optimizer: adamw, sgd (Nesterov momentum), or muon: Muon for the convolution filters (orthogonalised
             momentum, filters kept at a fixed norm; for CNNs with BatchNorm) and SGD-Nesterov at `lr` for the
             rest, every bias at `lr` × norm_bias_lr_scale (vitlab.train.muon); or muon-adamw: Muon for a ViT's
-            hidden matrices (attention, MLP, conv-group tokenizer filters) and AdamW for the rest, both at `lr` and
-            `weight_decay` (the Muon update scaled to AdamW's size, as Moonlight does; momentum muon_momentum).
+            hidden matrices (attention, MLP, conv-group tokenizer filters; decayed by weight_decay) and AdamW for the
+            rest (decayed as AdamW's groups are), all at `lr` (the Muon update scaled to AdamW's size, as Moonlight
+            does; momentum muon_momentum; --muon_lr and --momentum do not apply).
         epochs: passes over the training split (with images_budget: the most passes).
         images_budget: train on this many images in all, whatever the size of the training split: epochs =
             ceil(images_budget / training images), at most --epochs (for learning curves with equal compute).
@@ -114,7 +115,8 @@ class TrainConfig:
         min_lr_ratio: final learning rate as a share of lr.
         momentum: SGD's Nesterov momentum.
         muon_lr: with optimizer muon, the filters' learning rate (an angle per step: the filters keep their norm).
-        muon_momentum: with optimizer muon or muon-adamw, the Nesterov momentum of the Muon groups.
+        muon_momentum: with optimizer muon or muon-adamw, the Nesterov momentum of the Muon groups; by default 0.6
+            for muon (airbench94_muon's) and 0.95 for muon-adamw (Muon's and Moonlight's).
         norm_bias_lr_scale: learning-rate multiplier for normalisation biases (airbench uses 64), with
             their weight decay divided by the same factor so the decay per step is unchanged.
         whitening_bias_epochs: aircnn: the frozen whitening layer's bias trains only this many epochs, its
@@ -156,7 +158,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     momentum: float = 0.9
     muon_lr: float = 0.24
-    muon_momentum: float = 0.6
+    muon_momentum: float | None = None
     norm_bias_lr_scale: float = 1.0
     whitening_bias_epochs: float = 0.0
     beta1: float = 0.9
@@ -181,6 +183,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_finite_numbers(self)
+        if self.muon_momentum is None:
+            self.muon_momentum = 0.95 if self.optimizer == "muon-adamw" else 0.6
         checks = [
             (0 <= self.seed < 2**63, f"seed must be between 0 and 2**63 - 1, got {self.seed}"),
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),

@@ -101,7 +101,7 @@ PRESETS: dict[str, Preset] = {
                        {"train_on_validation": True}),
     # The GPU recipe. A pure ViT of the published from-scratch size (width 384, 7 blocks, 12 heads, MLP ratio 1,
     # MixUp 0.8 + CutMix 1.0) reached only 71.83% in 132 epochs on an H200, and 66.8% validation at epoch 56 with
-    # TrivialAugment instead of MixUp/CutMix; this hybrid (vit-fast's convolutional tokenizer, wider and deeper,
+    # TrivialAugment instead of MixUp/CutMix; this hybrid (vit-cct's convolutional tokenizer, wider and deeper,
     # sequence pooling) was at 86.2% validation after 58 epochs of a 95-epoch run (docs/gpu/README.md).
     # 40,000 training images; TTA over the mirror at the end.
     "vit-best": Preset("vit", "hybrid ViT for a GPU: CCT's conv tokenizer (8×8 tokens), width 256, 6 blocks, 8 heads, MLP ratio 2, "

@@ -149,6 +149,14 @@ def test_conv_pool_stem_sees_every_pixel_through_overlapping_windows():
     assert delta[4:, 4:].abs().max() == 0  # far tokens are untouched
 
 
+@pytest.mark.parametrize("stem", ["conv-pool", "conv-group"])
+@pytest.mark.parametrize("hidden_size", [4, 12, 16])
+def test_narrow_conv_stems_still_end_at_the_token_width(stem, hidden_size):
+    """The 16-channel floor of the early conv layers must not leak into the last one (it did: a crash at the first step)."""
+    model = tiny_vit(stem=stem, hidden_size=hidden_size, num_heads=2, patch_size=8, pool="mean").eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_conv_group_stem_is_airbench_groups_widening_fourfold_from_identity_filters():
     from vitlab.models.aircnn import ConvGroup
 

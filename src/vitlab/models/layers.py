@@ -16,7 +16,7 @@ Two kernels, one result (tests check they agree), chosen as follows:
 - on CUDA, the fused kernel may be FlashAttention, memory-efficient attention or the math path, not
   cuDNN's attention, which PyTorch prefers on Hopper GPUs and whose bf16 backward has known NaN cases
   (pytorch/pytorch#196678, NVIDIA/cudnn-frontend#160). On an H200 this cost nothing measurable at
-  vitlab's sizes; whether cuDNN caused the first GPU session's NaN in vit-fast was tested and not
+  vitlab's sizes; whether cuDNN caused the first GPU session's NaN in vit-fast (now vit-cct) was tested and not
   established (docs/gpu/README.md).
 """
 

@@ -57,9 +57,10 @@ class ViTConfig:
             map; no convolution), 'conv' (stride-2 3×3 conv + BN + ReLU layers down to the patch grid, then
             a 1×1 projection: Xiao et al. 2021) or 'conv-pool' (stride-1 3×3 conv + BN + ReLU + 3×3 stride-2
             max-pool per halving: the convolutional tokenizer of Hassani et al. 2021's CCT) or 'conv-group'
-            (per halving one of airbench's conv groups: conv, 2×2 max-pool, BN, GELU, conv, BN, GELU, the
-            filters starting as identities; widths quadruple up to hidden_size, as airbench's 64 → 256: a
-            ResNet-stage tokenizer in the spirit of the ViT paper's hybrid). The conv stems need a power-of-2
+            (per halving one of airbench's conv groups: conv, 2×2 max-pool, BN with its scale fixed at 1, GELU,
+            conv, BN, GELU; the first min(in, out) filters of each conv start as identities, the rest at the ViT's
+            truncated normal (0.02); widths quadruple up to hidden_size, as airbench's 64 → 256: a ResNet-stage
+            tokenizer in the spirit of the ViT paper's hybrid). The conv stems need a power-of-2
             patch_size.
         lsa: locality self-attention (Lee et al. 2021): a learned softmax temperature per block and no
             attention of a token to itself.
@@ -169,21 +170,25 @@ def conv_pool_stem(config: ViTConfig) -> nn.Sequential:
     convolutional tokenizer of CCT (Hassani et al. 2021), with BatchNorm added for short schedules.
     """
     layers: list[nn.Module] = []
-    num_layers = config.patch_size.bit_length() - 1  # log2(patch_size) halvings
-    in_channels = 3
-    for index in range(num_layers):
-        out_channels = max(16, config.hidden_size // 2 ** (num_layers - 1 - index))  # the last one is hidden_size
+    widths = halving_widths(config, growth=2)
+    for in_channels, out_channels in zip(widths, widths[1:]):
         layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
                    nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1)]
-        in_channels = out_channels
     return nn.Sequential(*layers)
 
 
 def conv_group_stem(config: ViTConfig) -> nn.Sequential:
     """Per halving one of airbench's conv groups (`ConvGroup`); widths quadruple up to hidden_size (64 → 256)."""
-    num_layers = config.patch_size.bit_length() - 1  # log2(patch_size) halvings
-    widths = [3] + [max(16, config.hidden_size // 4 ** (num_layers - 1 - index)) for index in range(num_layers)]
-    return nn.Sequential(*(ConvGroup(widths[i], widths[i + 1], AirCNNConfig.batchnorm_momentum) for i in range(num_layers)))
+    widths = halving_widths(config, growth=4)
+    return nn.Sequential(*(ConvGroup(c_in, c_out, AirCNNConfig.batchnorm_momentum) for c_in, c_out in zip(widths, widths[1:])))
+
+
+def halving_widths(config: ViTConfig, growth: int) -> list[int]:
+    """[3, then the channels after each of the log2(patch_size) halvings]: the last exactly hidden_size, each earlier one
+    `growth` times narrower than the next, but at least 16 (and at most hidden_size)."""
+    num_layers = config.patch_size.bit_length() - 1
+    hidden = config.hidden_size
+    return [3] + [min(hidden, max(16, hidden // growth ** (num_layers - 1 - index))) for index in range(num_layers - 1)] + [hidden]
 
 
 class ShiftedPatchTokenizer(nn.Module):
@@ -386,7 +391,8 @@ class VisionTransformer(VitlabModel):
     def hidden_matrices(self) -> list[nn.Parameter]:
         """The weight matrices inside the network, for `--optimizer muon-adamw`: every linear map of the blocks and the
         filters of a conv-group tokenizer (each followed by BatchNorm). The patch embedding of the other stems, the
-        tokens, positions, pooling and head stay with AdamW, as Muon's authors advise."""
+        tokens, positions, pooling and head stay with AdamW, as Muon's authors advise. The fused (3D, D) query-key-value
+        matrix is orthogonalised as one matrix (modded-nanogpt splits it into three; `vit-fast` was tuned this way)."""
         linears = [m.weight for m in self.blocks.modules() if isinstance(m, nn.Linear)]
         filters = [m.weight for m in self.patch_embedding.modules() if isinstance(m, ConvGroup) for m in (m.conv1, m.conv2)]
         return filters + linears

@@ -13,7 +13,7 @@ the learning rate is an angle rather than a distance. That is why `--optimizer m
 convolutional networks with BatchNorm: it moves only the filters a model declares scale-invariant
 (`VitlabModel.scale_invariant_filters`: `aircnn` and `cnn` do).
 
-Groups marked `orthogonalize=True` get Muon (no weight decay); all other groups get PyTorch's
+In `MuonSGD`, groups marked `orthogonalize=True` get Muon (no weight decay); all other groups get PyTorch's
 SGD-Nesterov update (same formula: buffer ← m·buffer + g + wd·p, step g + wd·p + m·buffer).
 
 `MuonAdamW` is the transformer recipe of modded-nanogpt and Moonlight (Liu et al. 2025, "Muon is scalable
