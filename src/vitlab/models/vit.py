@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -171,7 +172,7 @@ def conv_pool_stem(config: ViTConfig) -> nn.Sequential:
     """
     layers: list[nn.Module] = []
     widths = halving_widths(config, growth=2)
-    for in_channels, out_channels in zip(widths, widths[1:]):
+    for in_channels, out_channels in pairwise(widths):
         layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
                    nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1)]
     return nn.Sequential(*layers)
@@ -180,7 +181,7 @@ def conv_pool_stem(config: ViTConfig) -> nn.Sequential:
 def conv_group_stem(config: ViTConfig) -> nn.Sequential:
     """Per halving one of airbench's conv groups (`ConvGroup`); widths quadruple up to hidden_size (64 → 256)."""
     widths = halving_widths(config, growth=4)
-    return nn.Sequential(*(ConvGroup(c_in, c_out, AirCNNConfig.batchnorm_momentum) for c_in, c_out in zip(widths, widths[1:])))
+    return nn.Sequential(*(ConvGroup(c_in, c_out, AirCNNConfig.batchnorm_momentum) for c_in, c_out in pairwise(widths)))
 
 
 def halving_widths(config: ViTConfig, growth: int) -> list[int]:
