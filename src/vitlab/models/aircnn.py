@@ -76,6 +76,10 @@ class ConvGroup(nn.Module):
         self.norm2 = batch_norm(out_channels, momentum)
         self.activation = nn.GELU()
 
+    def filters(self) -> list[nn.Parameter]:
+        """Both convolutions' filters: BatchNorm follows each (max-pooling between keeps the scale out)."""
+        return [self.conv1.weight, self.conv2.weight]
+
     def reset_filters(self) -> None:
         dirac_init(self.conv1)
         dirac_init(self.conv2)
@@ -116,7 +120,7 @@ class AirCNN(VitlabModel):
 
     def scale_invariant_filters(self) -> list[nn.Parameter]:
         """Both convolutions of each group: BatchNorm follows each (max-pooling between keeps the scale out)."""
-        return [conv.weight for group in self.groups for conv in (group.conv1, group.conv2)]
+        return [weight for group in self.groups for weight in group.filters()]
 
     def stages(self) -> list[tuple[str, nn.Module]]:
         """The whitening layer and each conv group (for figures and Grad-CAM)."""

@@ -395,7 +395,7 @@ class VisionTransformer(VitlabModel):
         tokens, positions, pooling and head stay with AdamW, as Muon's authors advise. The fused (3D, D) query-key-value
         matrix is orthogonalised as one matrix (modded-nanogpt splits it into three; `vit-fast` was tuned this way)."""
         linears = [m.weight for m in self.blocks.modules() if isinstance(m, nn.Linear)]
-        filters = [m.weight for m in self.patch_embedding.modules() if isinstance(m, ConvGroup) for m in (m.conv1, m.conv2)]
+        filters = [weight for group in self.patch_embedding.modules() if isinstance(group, ConvGroup) for weight in group.filters()]
         return filters + linears
 
     def token_layout(self) -> TokenLayout:
