@@ -108,6 +108,10 @@ class TrainConfig:
         images_budget: train on this many images in all, whatever the size of the training split: epochs =
             ceil(images_budget / training images), at most --epochs (for learning curves with equal compute).
         batch_size: images per step.
+        micro_batch_size: split each step's batch into micro-batches of this many images, each forward and backward
+            on its own, then one optimiser step on their summed gradients (gradient accumulation: the step is the
+            same, but BatchNorm normalises over each micro-batch, "ghost batch norm"); 0 = the whole batch at once.
+            Smaller tensors stay in the CPU's caches: cnn-fast's batch of 2000 trains faster in micro-batches of 500.
         lr: peak learning rate (reached after warmup).
         weight_decay: AdamW decoupled weight decay (not applied to biases, norms, tokens, positions).
         warmup_epochs: epochs of linear warmup from 0 to lr (fractions allowed).
@@ -121,6 +125,8 @@ class TrainConfig:
             their weight decay divided by the same factor so the decay per step is unchanged.
         whitening_bias_epochs: aircnn: the frozen whitening layer's bias trains only this many epochs, its
             learning rate on the run's schedule squeezed into them and 0 after (airbench94: 3); 0 = the whole run.
+            From the first epoch after it the bias is frozen (no gradient), which spares the backward pass through
+            the first convolution's input.
         beta1: AdamW first-moment decay.
         beta2: AdamW second-moment decay.
         label_smoothing: cross-entropy label smoothing.
@@ -151,6 +157,7 @@ class TrainConfig:
     images_budget: int | None = None
     optimizer: str = "adamw"
     batch_size: int = 128
+    micro_batch_size: int = 0
     lr: float = 3e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
@@ -190,6 +197,7 @@ class TrainConfig:
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.images_budget is None or self.images_budget >= 1, f"images_budget must be at least 1, got {self.images_budget}"),
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (self.micro_batch_size >= 0, f"micro_batch_size must be >= 0 (0 = the whole batch at once), got {self.micro_batch_size}"),
             (self.eval_batch_size >= 1, f"eval_batch_size must be at least 1, got {self.eval_batch_size}"),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),

@@ -58,7 +58,7 @@ PRESETS: dict[str, Preset] = {
     "cnn-fast": Preset("aircnn", "airbench94_muon's recipe: frozen whitening layer, 3 conv groups 64/256/256; Muon for the "
                        "filters, SGD-Nesterov for the rest, batch 2000, label smoothing 0.2, 8 epochs on all 50,000 "
                        "training images (validation images included), alternating flips, multi-view TTA",
-                       {}, {"epochs": 8, "batch_size": 2000, "optimizer": "muon", "lr": 0.67 * 2000 / 256**2 * 9**2,
+                       {}, {"epochs": 8, "batch_size": 2000, "micro_batch_size": 500, "optimizer": "muon", "lr": 0.67 * 2000 / 256**2 * 9**2,
                             "momentum": 0.85, "muon_lr": 0.24, "muon_momentum": 0.6,
                             "weight_decay": 2e-6 * 2000 / (0.67 * 2000 / 256**2 * 9**2), "norm_bias_lr_scale": 64.0,
                             "label_smoothing": 0.2, "schedule": "linear", "warmup_epochs": 0, "min_lr_ratio": 0.0,

@@ -55,6 +55,15 @@ def context_from_environment(device_choice: str = "auto") -> DistContext:
     return context
 
 
+def no_gradient_sync(train_forward: torch.nn.Module):
+    """A context in which backward passes through `train_forward` accumulate gradients without averaging them over
+    the processes (DistributedDataParallel's no_sync, also through torch.compile's wrapper); a no-op for a plain model."""
+    import contextlib
+
+    wrapped = getattr(train_forward, "_orig_mod", train_forward)
+    return wrapped.no_sync() if hasattr(wrapped, "no_sync") else contextlib.nullcontext()
+
+
 def all_reduce_sum(values: torch.Tensor, context: DistContext) -> torch.Tensor:
     """The sum over ranks of `values` (a new tensor; the input is untouched)."""
     total = values.clone()

@@ -120,7 +120,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
 def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step multiplier of each group's peak learning rate over `epochs` epochs; a group with a `stop_epoch`
     shorter than the run runs the same schedule (warmup included) squeezed into its first `stop_epoch` epochs, then
-    stays at 0. (Its parameters still get gradients, which count in --grad_clip's norm; airbench detaches them.)"""
+    stays at 0. (Its parameters still get gradients, which count in --grad_clip's norm, until the epoch boundary after
+    `stop_epoch`, where `stopped_parameters` lets the Runner freeze them, as airbench does.)"""
     multiplier = SCHEDULES[config.schedule]
 
     def group_schedule(epochs_of_group: float, floor: float):
@@ -131,6 +132,13 @@ def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_p
     schedules = [group_schedule(group["stop_epoch"], 0.0) if group.get("stop_epoch", epochs) < epochs else group_schedule(epochs, config.min_lr_ratio)
                  for group in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
+
+
+def stopped_parameters(optimizer: torch.optim.Optimizer, epochs_done: float, epochs: int) -> list[torch.nn.Parameter]:
+    """The parameters of groups whose `stop_epoch` (see `make_schedule`) lies within the first `epochs_done` of the
+    run's `epochs`: their learning rate is 0 from there on, so they need no gradients."""
+    return [parameter for group in optimizer.param_groups if group.get("stop_epoch", epochs) < epochs and group["stop_epoch"] <= epochs_done
+            for parameter in group["params"]]
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

@@ -18,11 +18,22 @@ from vitlab.data import CIFAR10, DeviceBatches, normalize
 from vitlab.errors import VitlabError
 from vitlab.train.checkpoint import Progress, TrainingInterrupted, TrainingState, load_checkpoint, save_checkpoint, stop_on_signals
 from vitlab.train.device import Placement, autocast, place_model
-from vitlab.train.distributed import SINGLE, DistContext, all_reduce_sum, any_rank
+from vitlab.train.distributed import SINGLE, DistContext, all_reduce_sum, any_rank, no_gradient_sync
 from vitlab.train.ema import WeightAverage
 from vitlab.train.evaluate import Evaluation, evaluate
 from vitlab.train.mixing import mix_batch
-from vitlab.train.optim import make_optimizer, make_schedule, parameter_groups  # noqa: F401  (parameter_groups: public)
+from vitlab.train.optim import make_optimizer, make_schedule, parameter_groups, stopped_parameters  # noqa: F401  (parameter_groups: public)
+
+
+@contextlib.contextmanager
+def thawed_on_exit():
+    """A list to collect frozen parameters in; they train again (requires_grad) when the block exits, however it exits."""
+    frozen: list[nn.Parameter] = []
+    try:
+        yield frozen
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
 
 
 class Runner:
@@ -109,8 +120,9 @@ class Runner:
 
         # Moved once here, not copied to the device by every epoch's validation.
         val_images, val_labels = data.val_images.to(self.device), data.val_labels.to(self.device)
-        with stop_on_signals() as stop:
+        with stop_on_signals() as stop, thawed_on_exit() as frozen:
             while progress.epoch <= self.epochs:
+                frozen += self.freeze_stopped(optimizer, epochs_done=progress.epoch - 1)
                 record = self.train_epoch(batches, optimizer, schedule, progress, stop, save, checkpoint_every)
                 # Test-time augmentation (up to 6 views) only in the last epoch's validation, like the test.
                 validation = self.evaluate(val_images, val_labels, tta=cfg.tta and progress.epoch == self.epochs)
@@ -142,19 +154,47 @@ class Runner:
         """One optimisation step on a batch; returns the detached loss () and logits (B, classes).
 
         For a MixUp/CutMix batch, `weight` of each image is `labels`' class and the rest `partner_labels`'.
+        With --micro_batch_size, the batch goes forward and backward in parts whose gradients add up to the batch's.
         """
+        optimizer.zero_grad(set_to_none=True)
+        size = self.config.micro_batch_size or len(labels)
+        parts = [slice(start, start + size) for start in range(0, len(labels), size)]
+        losses, logits = [], []
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            with contextlib.nullcontext() if last else no_gradient_sync(self.train_forward):
+                loss, part_logits = self.loss(images[part], labels[part], None if partner_labels is None else partner_labels[part], weight)
+                if len(parts) > 1:  # the batch's loss is the parts' mean losses weighted by their sizes
+                    loss = loss * (len(part_logits) / len(labels))
+                loss.backward()
+            losses.append(loss.detach())
+            logits.append(part_logits.detach())
+        if self.config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        optimizer.step()
+        return (losses[0] if len(parts) == 1 else torch.stack(losses).sum()), (logits[0] if len(parts) == 1 else torch.cat(logits))
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor | None,
+             weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean training loss () over `images` and their logits (B, classes)."""
         with autocast(self.device, self.precision):
             logits = self.train_forward(images)  # (B, classes)
         smoothing = self.config.label_smoothing
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
         if partner_labels is not None and weight < 1.0:
             loss = weight * loss + (1.0 - weight) * F.cross_entropy(logits.float(), partner_labels, label_smoothing=smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        optimizer.step()
-        return loss.detach(), logits.detach()
+        return loss, logits
+
+    def freeze_stopped(self, optimizer: torch.optim.Optimizer, epochs_done: int) -> list[nn.Parameter]:
+        """Stop computing gradients for parameters whose learning rate has reached its final 0 (a group's `stop_epoch`,
+        e.g. cnn-fast's whitening bias): backward then skips what only they need. Returns the parameters frozen now.
+        Not under DDP, whose gradient hooks expect the parameters it was built with."""
+        if self.distributed.enabled:
+            return []
+        newly = [p for p in stopped_parameters(optimizer, epochs_done, self.epochs) if p.requires_grad]
+        for parameter in newly:
+            parameter.requires_grad_(False)
+        return newly
 
     def train_epoch(self, batches: DeviceBatches, optimizer, schedule, progress: Progress, stop, save, checkpoint_every: int) -> dict:
         """Run the rest of the epoch in `progress` (from its step on), updating `progress` as it goes."""
