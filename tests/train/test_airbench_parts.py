@@ -152,18 +152,43 @@ def test_the_whitening_bias_stops_moving_after_its_epochs():
     model = build_model("aircnn", widths=(8, 16, 16))
     config = TrainConfig(epochs=3, batch_size=32, optimizer="muon", lr=0.2, norm_bias_lr_scale=8.0, whitening_bias_epochs=1,
                          schedule="linear", warmup_epochs=0, device="cpu", progress=False)
-    seen = []
+    seen, training = [], []
     runner = Runner(model, config)
     original = runner.train_step
 
     def recording(*args, **kwargs):
         seen.append(model.whiten.bias.detach().clone())
+        training.append(model.whiten.bias.requires_grad)
         return original(*args, **kwargs)
 
     runner.train_step = recording
     runner.fit(tiny_dataset(count=96))  # 3 steps per epoch
     assert not torch.equal(seen[0], seen[3])  # it moved in epoch 1
     assert all(torch.equal(seen[3], later) for later in seen[4:]) and torch.equal(seen[3], model.whiten.bias)
+    assert training == [True] * 3 + [False] * 6  # frozen from the epoch after its stop: backward skips the first conv's input
+    assert model.whiten.bias.requires_grad  # and trainable again once fit() returns
+
+
+def test_a_stop_within_an_epoch_freezes_from_the_next_epoch_and_a_run_that_stops_early_thaws():
+    from vitlab.train.optim import make_optimizer, stopped_parameters
+
+    model = build_model("aircnn", widths=(8, 16, 16))
+    config = TrainConfig(epochs=3, batch_size=32, optimizer="muon", lr=0.2, whitening_bias_epochs=1.5, device="cpu", progress=False)
+    optimizer = make_optimizer(model, config, torch.device("cpu"))
+    assert [len(stopped_parameters(optimizer, done, epochs=3)) for done in (0, 1, 2)] == [0, 0, 1]
+    assert stopped_parameters(optimizer, 2, epochs=3)[0] is model.whiten.bias
+    runner = Runner(model, config)
+    original = runner.train_step
+
+    def failing_in_epoch_three(*args, **kwargs):
+        if not model.whiten.bias.requires_grad:
+            raise RuntimeError("stopped")
+        return original(*args, **kwargs)
+
+    runner.train_step = failing_in_epoch_three
+    with pytest.raises(RuntimeError, match="stopped"):
+        runner.fit(tiny_dataset(count=96))
+    assert model.whiten.bias.requires_grad
 
 
 def test_whitening_bias_epochs_is_refused_for_a_model_without_a_whitening_layer(cifar_root, tmp_path, capsys):

@@ -39,7 +39,9 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused():
         DeviceBatches(data.train_images, data.train_labels, 16, train=True, device=torch.device("cpu"), shard=(0, 3))
 
 
-def test_two_processes_match_one_process(cifar_root, tmp_path):
+def test_two_processes_match_one_process_even_in_micro_batches(cifar_root, tmp_path):
+    """Each process splits its 20 images into micro-batches of 8, 8 and 4 whose gradients it averages with the other
+    process's only once (DDP's no_sync before the last); the one process takes its 40 at once."""
     import vitlab.data as data_module
 
     child = tmp_path / "child.py"
@@ -47,7 +49,8 @@ def test_two_processes_match_one_process(cifar_root, tmp_path):
                      "from vitlab.cli import main\nsys.exit(main(sys.argv[2:]))\n")
     two = tmp_path / "two"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(child),
-                             json.dumps(data_module.MD5), *ARGS, "--data-dir", str(cifar_root), "--out", str(two)],
+                             json.dumps(data_module.MD5), *ARGS, "--micro_batch_size", "8", "--data-dir", str(cifar_root),
+                             "--out", str(two)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("test accuracy") == 1  # only rank 0 reports

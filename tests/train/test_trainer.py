@@ -7,6 +7,7 @@ import torch
 
 from conftest import tiny_dataset
 from vitlab.config import TrainConfig
+from vitlab.data import normalize
 from vitlab.errors import VitlabError
 from vitlab.models import build_model
 from vitlab.train.optim import warmup_cosine
@@ -84,7 +85,8 @@ def test_warmup_then_cosine_to_the_floor():
     assert warmup_cosine(100, 10, 100, min_ratio=0.1) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("bad", [dict(epochs=0), dict(lr=-1.0), dict(precision="fp8"), dict(device="tpu"), dict(label_smoothing=1.0)])
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(lr=-1.0), dict(precision="fp8"), dict(device="tpu"), dict(label_smoothing=1.0),
+                                 dict(micro_batch_size=-1)])
 def test_train_config_rejects_impossible_values(bad):
     with pytest.raises(VitlabError):
         TrainConfig(**bad)
@@ -175,3 +177,37 @@ def test_a_compiled_model_trains_and_evaluates_end_to_end():
     history = runner.fit(data)
     assert math.isfinite(history[-1]["val_loss"])
     assert runner.evaluate(data.val_images, data.val_labels).accuracy == history[-1]["val_acc"]
+
+
+def one_step(model_name: str, micro_batch_size: int, **model_settings) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A fresh seeded model after one SGD step on 16 tiny images; returns it with the step's loss and logits."""
+    data = tiny_dataset(count=16)
+    torch.manual_seed(0)
+    model = build_model(model_name, **model_settings)
+    runner = Runner(model, quick_config(batch_size=16, micro_batch_size=micro_batch_size, optimizer="sgd", lr=0.1, precision="fp32"))
+    images = normalize(data.train_images, mean=data.mean, std=data.std)
+    loss, logits = runner.train_step(images, data.train_labels, runner.make_optimizer())
+    return model, loss, logits
+
+
+def test_micro_batches_step_as_the_whole_batch_does_without_batch_norm():
+    whole, whole_loss, whole_logits = one_step("mlp", 0)
+    parts, parts_loss, parts_logits = one_step("mlp", 5)  # 5 + 5 + 5 + 1 images
+    assert parts_loss.item() == pytest.approx(whole_loss.item(), rel=1e-5)
+    assert torch.allclose(parts_logits, whole_logits, atol=1e-5)
+    for after_whole, after_parts in zip(whole.parameters(), parts.parameters(), strict=True):
+        assert torch.allclose(after_parts, after_whole, atol=1e-6)
+    assert not torch.equal(next(whole.parameters()), next(build_model("mlp").parameters()))  # the step moved it
+
+
+def test_micro_batches_normalise_batch_norm_over_each_part():
+    data = tiny_dataset(count=16)
+    torch.manual_seed(0)
+    model = build_model("aircnn", widths=(8, 16, 16)).train()
+    images = normalize(data.train_images, mean=data.mean, std=data.std)
+    with torch.no_grad():  # the logits are those of each half alone, with its own batch statistics
+        expected = torch.cat([model(images[:8]), model(images[8:])])
+    _, _, logits = one_step("aircnn", 8, widths=(8, 16, 16))
+    assert torch.allclose(logits, expected, atol=1e-4)
+    _, _, whole_logits = one_step("aircnn", 0, widths=(8, 16, 16))
+    assert not torch.allclose(whole_logits, expected, atol=1e-3)
