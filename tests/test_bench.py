@@ -119,6 +119,18 @@ def test_the_optimizer_and_batch_timing_runs_muon_and_sgd():
 
     for optimizer in ("sgd", "muon"):
         assert optimizer_batch_speed.images_per_second("aircnn", optimizer, batch_size=4, images=8) > 0
+    assert optimizer_batch_speed.images_per_second("aircnn", "muon", batch_size=4, images=8, micro_batch_size=2) > 0
+
+
+def test_cnn_fast_step_variants_name_their_settings_and_refuse_unknown_parts():
+    import cnn_fast_step
+
+    from vitlab.errors import VitlabError
+
+    assert cnn_fast_step.settings_of("whole") == ({"micro_batch_size": 0}, False)
+    assert cnn_fast_step.settings_of("micro500-frozen-compile") == ({"micro_batch_size": 500, "compile": True}, True)
+    with pytest.raises(VitlabError, match="unknown variant part 'micro'"):
+        cnn_fast_step.settings_of("micro")
 
 
 def test_the_attention_kernel_and_matmul_shape_timings_run(capsys):

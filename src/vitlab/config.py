@@ -111,7 +111,7 @@ class TrainConfig:
         micro_batch_size: split each step's batch into micro-batches of this many images, each forward and backward
             on its own, then one optimiser step on their summed gradients (gradient accumulation: the step is the
             same, but BatchNorm normalises over each micro-batch, "ghost batch norm"); 0 = the whole batch at once.
-            Also a speed setting on the CPU, where cnn-fast's batch of 2000 steps faster in micro-batches of 500.
+            Also a speed setting on the CPU, where cnn-fast's batch of 2000 stepped faster in micro-batches of 500.
         lr: peak learning rate (reached after warmup).
         weight_decay: AdamW decoupled weight decay (not applied to biases, norms, tokens, positions).
         warmup_epochs: epochs of linear warmup from 0 to lr (fractions allowed).

@@ -11,6 +11,7 @@ write files. Without those variables nothing here does anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -58,8 +59,6 @@ def context_from_environment(device_choice: str = "auto") -> DistContext:
 def no_gradient_sync(train_forward: torch.nn.Module):
     """A context in which backward passes through `train_forward` accumulate gradients without averaging them over
     the processes (DistributedDataParallel's no_sync, also through torch.compile's wrapper); a no-op for a plain model."""
-    import contextlib
-
     wrapped = getattr(train_forward, "_orig_mod", train_forward)
     return wrapped.no_sync() if hasattr(wrapped, "no_sync") else contextlib.nullcontext()
 

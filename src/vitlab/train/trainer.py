@@ -164,15 +164,14 @@ class Runner:
             last = index == len(parts) - 1
             with contextlib.nullcontext() if last else no_gradient_sync(self.train_forward):
                 loss, part_logits = self.loss(images[part], labels[part], None if partner_labels is None else partner_labels[part], weight)
-                if len(parts) > 1:  # the batch's loss is the parts' mean losses weighted by their sizes
-                    loss = loss * (len(part_logits) / len(labels))
+                loss = loss * (len(part_logits) / len(labels))  # the batch's loss: the parts' mean losses weighted by size
                 loss.backward()
             losses.append(loss.detach())
             logits.append(part_logits.detach())
         if self.config.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         optimizer.step()
-        return (losses[0] if len(parts) == 1 else torch.stack(losses).sum()), (logits[0] if len(parts) == 1 else torch.cat(logits))
+        return torch.stack(losses).sum(), torch.cat(logits)
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor | None,
              weight: float) -> tuple[torch.Tensor, torch.Tensor]:
