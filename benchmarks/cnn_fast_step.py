@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 
 import bench
 import torch
@@ -71,14 +70,13 @@ def main() -> None:
     steps = {}
     for variant in variants:
         step, batch_size = variant_step(variant, data)
-        step(), step()
+        for _ in range(2):  # untimed: the first steps allocate and pick kernels
+            step()
         steps[variant] = step, max(1, args.images // batch_size)
     speeds: dict[str, list[float]] = {variant: [] for variant in variants}
     for round_index in range(args.rounds):
         for variant, (step, count) in steps.items():
-            start = time.perf_counter()
-            images = sum(step() for _ in range(count))
-            speeds[variant].append(images / (time.perf_counter() - start))
+            speeds[variant].append(bench.images_per_second(step, steps=count, warmup=0))
         print(f"round {round_index + 1}: " + ", ".join(f"{v} {s[-1]:.0f}" for v, s in speeds.items()) + " img/s", flush=True)
     print("median: " + ", ".join(f"{v} {statistics.median(s):.0f}" for v, s in speeds.items()) + f" img/s ({torch.get_num_threads()} threads)")
 
