@@ -123,20 +123,31 @@ def bytes_per_step(run_step) -> int:
     return counter.bytes
 
 
+# torch.compile's generated kernels (the fused glue between matmuls) show up in the profile under this name, not as aten ops.
+COMPILED_KERNELS = "## Call CompiledFxGraph"
+
+
+def operator_name(key: str) -> str:
+    return "compiled fused kernels" if key.startswith(COMPILED_KERNELS) else key.removeprefix("aten::")
+
+
 def non_matmul_breakdown(run_step, steps: int = 5, rows: int = 6) -> tuple[float, list[tuple[str, float]]]:
     """Share of the step's operator self time that is matrix multiplication, and the largest other operators
-    as (name, share of the step)."""
+    as (name, share of the step). A compiled model's fused kernels count as one other operator."""
     from torch.profiler import profile
 
     with profile() as profiler:
         for _ in range(steps):
             run_step()
-    events = [event for event in profiler.key_averages() if event.key.startswith("aten::")]
+    events = [event for event in profiler.key_averages() if event.key.startswith(("aten::", COMPILED_KERNELS))]
     total = sum(event.self_cpu_time_total for event in events) or 1.0
     matmul = sum(event.self_cpu_time_total for event in events if any(op in event.key for op in MATMUL_OPS))
-    others = sorted(((event.key.removeprefix("aten::"), event.self_cpu_time_total / total) for event in events
-                     if not any(op in event.key for op in MATMUL_OPS)), key=lambda item: -item[1])
-    return matmul / total, others[:rows]
+    others: dict[str, float] = {}
+    for event in events:
+        if not any(op in event.key for op in MATMUL_OPS):
+            name = operator_name(event.key)
+            others[name] = others.get(name, 0.0) + event.self_cpu_time_total / total
+    return matmul / total, sorted(others.items(), key=lambda item: -item[1])[:rows]
 
 
 def reference_loader(root: str, batch_size: int) -> DataLoader:
@@ -230,7 +241,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where vitlab's side runs (the reference runs on the CPU)")
-    parser.add_argument("--compile", action="store_true", help="vitlab side with torch.compile")
+    parser.add_argument("--compile", default="off", choices=["off", "on", "both"],
+                        help="vitlab side with torch.compile; both: each configuration eager and compiled in the same rounds (two rows)")
     parser.add_argument("--vit-dropout", type=float, default=None,
                         help="every ViT on both sides with this dropout (seed 002's ViT class defaults to 0.1); "
                              "default: the preset's (0.1 for vit-seed002, else 0)")
@@ -255,44 +267,49 @@ def main() -> None:
     print(f"{machine}, torch {torch.__version__}, {torch.get_num_threads()} threads; same-run peaks: bf16 matmul {peak_bf16:.3f} TFLOP/s, "
           f"fp32 {peak_fp32:.3f} TFLOP/s (2048³, best of 5 × 5); copy {bandwidth:.1f} GB/s (read + write)", flush=True)
     loader = None if args.skip_reference else reference_loader(root, args.batch_size)
-    config = TrainConfig(batch_size=args.batch_size, precision=args.precision, device=args.device, progress=False, compile=args.compile)
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     rows = []
     for name in args.configs.split(","):
         model_name, model_config = CONFIGS[name]
         model_config = with_dropout(model_name, model_config, args.vit_dropout)
         torch.manual_seed(0)
         flops = train_flops_per_image(build_model(model_name, **model_config))
-        reference, ours, probes, precision, details = [], [], [], "", {}
+        reference = []
+        ours, probes, precision, details = ({mode: [] for mode in modes}, {mode: [] for mode in modes}, {}, {mode: {} for mode in modes})
         for round_index in range(args.rounds):
             if loader is not None and name not in WITHOUT_REFERENCE:
                 torch.manual_seed(0)
                 reference.append(time_reference(build_reference(model_name, model_config), loader, args.steps, args.warmup))
-            torch.manual_seed(0)
-            last = round_index == args.rounds - 1
-            speed, precision, peaks, found = time_vitlab(build_model(model_name, **model_config), data, config, args.steps, args.warmup,
-                                                         profile_steps=args.profile_steps if last else 0,
-                                                         probe_peak=lambda: matmul_peak(torch.bfloat16, device))
-            ours.append(speed)
-            probes.append(peaks)
-            details.update(found)
-        best = max(ours)
-        local_peak = sum(probes[ours.index(best)]) / 2  # the peak probed just before and just after the best round
-        row = {
-            "config": name, "params": build_model(model_name, **model_config).num_parameters,
-            "reference_params": None if name in WITHOUT_REFERENCE else sum(p.numel() for p in build_reference(model_name, model_config).parameters()),
-            "dropout": model_config.get("dropout", 0.0),
-            "train_mflop_per_image": flops / 1e6, "reference_img_s": max(reference) if reference else None,
-            "vitlab_img_s": best, "vitlab_precision": precision, "speedup": best / max(reference) if reference else None,
-            "vitlab_tflop_s": best * flops / 1e12, "share_of_bf16_peak": best * flops / 1e12 / peak_bf16,
-            "local_bf16_peaks": probes[ours.index(best)], "share_of_local_bf16_peak": best * flops / 1e12 / local_peak,
-        }
-        if "bytes_per_step" in details:
-            row["bandwidth_gb_s"] = details["bytes_per_step"] * best / args.batch_size / 1e9
-            row["share_of_copy_bandwidth"] = row["bandwidth_gb_s"] / bandwidth
-            row["matmul_share_of_op_time"] = details["matmul_share"]
-            row["largest_non_matmul_ops"] = details["non_matmul"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+            for compiled in modes:  # eager and compiled alternate within each round
+                config = TrainConfig(batch_size=args.batch_size, precision=args.precision, device=args.device, progress=False, compile=compiled)
+                torch.manual_seed(0)
+                last = round_index == args.rounds - 1
+                speed, precision[compiled], peaks, found = time_vitlab(build_model(model_name, **model_config), data, config, args.steps,
+                                                                       args.warmup, profile_steps=args.profile_steps if last else 0,
+                                                                       probe_peak=lambda: matmul_peak(torch.bfloat16, device))
+                ours[compiled].append(speed)
+                probes[compiled].append(peaks)
+                details[compiled].update(found)
+        for compiled in modes:
+            best = max(ours[compiled])
+            local_peak = sum(probes[compiled][ours[compiled].index(best)]) / 2  # probed just before and just after the best round
+            row = {
+                "config": name, "compiled": compiled, "params": build_model(model_name, **model_config).num_parameters,
+                "reference_params": None if name in WITHOUT_REFERENCE else sum(p.numel() for p in build_reference(model_name, model_config).parameters()),
+                "dropout": model_config.get("dropout", 0.0),
+                "train_mflop_per_image": flops / 1e6, "reference_img_s": max(reference) if reference else None,
+                "vitlab_img_s": best, "vitlab_precision": precision[compiled], "speedup": best / max(reference) if reference else None,
+                "vitlab_tflop_s": best * flops / 1e12, "share_of_bf16_peak": best * flops / 1e12 / peak_bf16,
+                "local_bf16_peaks": probes[compiled][ours[compiled].index(best)], "share_of_local_bf16_peak": best * flops / 1e12 / local_peak,
+                "rounds_img_s": ours[compiled],
+            }
+            if "bytes_per_step" in details[compiled]:
+                row["bandwidth_gb_s"] = details[compiled]["bytes_per_step"] * best / args.batch_size / 1e9
+                row["share_of_copy_bandwidth"] = row["bandwidth_gb_s"] / bandwidth
+                row["matmul_share_of_op_time"] = details[compiled]["matmul_share"]
+                row["largest_non_matmul_ops"] = details[compiled]["non_matmul"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
 
     print(f"\n| config | params | train MFLOP/img | reference img/s | vitlab img/s | speed-up | vitlab TFLOP/s | % of bf16 peak ({peak_bf16:.2f}) "
           f"| % of the peak probed around it (before / after) | GB/s (% of copy {bandwidth:.0f}) | matmul share | largest other operators (share of op time) |")
@@ -300,7 +317,7 @@ def main() -> None:
     for row in rows:
         reference = f"{row['reference_img_s']:,.0f}" if row["reference_img_s"] else "-"
         speedup = f"{row['speedup']:.1f}×" if row["speedup"] else "-"
-        label = row["config"] + (f" (dropout {row['dropout']:g})" if row["dropout"] else "")
+        label = row["config"] + (f" (dropout {row['dropout']:g})" if row["dropout"] else "") + (", compiled" if row["compiled"] else "")
         traffic = f"{row['bandwidth_gb_s']:.1f} ({100 * row['share_of_copy_bandwidth']:.0f}%)" if "bandwidth_gb_s" in row else "-"
         matmul = f"{100 * row['matmul_share_of_op_time']:.0f}%" if "matmul_share_of_op_time" in row else "-"
         others = ", ".join(f"{op} {100 * share:.0f}%" for op, share in row.get("largest_non_matmul_ops", [])[:4]) or "-"

@@ -160,3 +160,35 @@ def test_main_reports_the_share_of_the_peak_probed_around_each_measurement(tmp_p
     assert 0 < row["matmul_share_of_op_time"] < 1
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cnn-small")]
     assert len(table) == 1 and table[0].count("|") == 13
+
+
+def test_a_compiled_steps_fused_kernels_count_as_one_non_matmul_operator():
+    """torch.compile's generated kernels are not aten ops; the breakdown must still see their time."""
+    weight = torch.randn(64, 64)
+    step = torch.compile(lambda x: torch.nn.functional.gelu(x @ weight).mul(2.0).add(1.0).sum())
+    inputs = torch.randn(256, 64)
+    step(inputs)  # compiled here, outside the profile
+    matmul_share, others = bench.non_matmul_breakdown(lambda: step(inputs), steps=2)
+    assert 0 < matmul_share < 1
+    assert "compiled fused kernels" in dict(others)
+
+
+def test_compile_both_times_every_configuration_eager_and_compiled_in_the_same_rounds(tmp_path, monkeypatch):
+    timed = []
+
+    def fake_time_vitlab(model, data, config, steps, warmup, profile_steps=0, probe_peak=None):
+        timed.append(config.compile)
+        return (200.0 if config.compile else 100.0), "bf16", (1.0, 1.0), {}
+
+    monkeypatch.setattr(bench, "time_vitlab", fake_time_vitlab)
+    monkeypatch.setattr(bench, "matmul_peak", lambda dtype, device, size=2048: 1.0)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 10.0)
+    monkeypatch.setattr(bench, "locate_cifar10", lambda data_dir, download_if_missing=False: tmp_path / "cifar-10-batches-py")
+    monkeypatch.setattr(bench, "load_cifar10", lambda root: tiny_dataset())
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--configs", "cnn-small", "--skip-reference", "--rounds", "2", "--compile", "both",
+                                      "--json", str(tmp_path / "out.json")])
+    bench.main()
+    assert timed == [False, True, False, True]  # alternating within each round
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [(row["compiled"], row["vitlab_img_s"], row["rounds_img_s"]) for row in rows] == [(False, 100.0, [100.0, 100.0]),
+                                                                                           (True, 200.0, [200.0, 200.0])]
