@@ -273,9 +273,13 @@ def main() -> None:
         model_name, model_config = CONFIGS[name]
         model_config = with_dropout(model_name, model_config, args.vit_dropout)
         torch.manual_seed(0)
-        flops = train_flops_per_image(build_model(model_name, **model_config))
+        model = build_model(model_name, **model_config)
+        flops = train_flops_per_image(model)
+        facts = {"config": name, "params": model.num_parameters,
+                 "reference_params": None if name in WITHOUT_REFERENCE else sum(p.numel() for p in build_reference(model_name, model_config).parameters()),
+                 "dropout": model_config.get("dropout", 0.0), "train_mflop_per_image": flops / 1e6}
         reference = []
-        ours, probes, precision, details = ({mode: [] for mode in modes}, {mode: [] for mode in modes}, {}, {mode: {} for mode in modes})
+        measured = {compiled: [] for compiled in modes}  # per round: (img/s, precision, peaks probed around it, details)
         for round_index in range(args.rounds):
             if loader is not None and name not in WITHOUT_REFERENCE:
                 torch.manual_seed(0)
@@ -284,30 +288,25 @@ def main() -> None:
                 config = TrainConfig(batch_size=args.batch_size, precision=args.precision, device=args.device, progress=False, compile=compiled)
                 torch.manual_seed(0)
                 last = round_index == args.rounds - 1
-                speed, precision[compiled], peaks, found = time_vitlab(build_model(model_name, **model_config), data, config, args.steps,
-                                                                       args.warmup, profile_steps=args.profile_steps if last else 0,
-                                                                       probe_peak=lambda: matmul_peak(torch.bfloat16, device))
-                ours[compiled].append(speed)
-                probes[compiled].append(peaks)
-                details[compiled].update(found)
-        for compiled in modes:
-            best = max(ours[compiled])
-            local_peak = sum(probes[compiled][ours[compiled].index(best)]) / 2  # probed just before and just after the best round
+                measured[compiled].append(time_vitlab(build_model(model_name, **model_config), data, config, args.steps, args.warmup,
+                                                      profile_steps=args.profile_steps if last else 0,
+                                                      probe_peak=lambda: matmul_peak(torch.bfloat16, device)))
+        for compiled, rounds in measured.items():
+            best, precision, peaks, _ = max(rounds, key=lambda round_: round_[0])
+            details = rounds[-1][3]  # only the last round is profiled
             row = {
-                "config": name, "compiled": compiled, "params": build_model(model_name, **model_config).num_parameters,
-                "reference_params": None if name in WITHOUT_REFERENCE else sum(p.numel() for p in build_reference(model_name, model_config).parameters()),
-                "dropout": model_config.get("dropout", 0.0),
-                "train_mflop_per_image": flops / 1e6, "reference_img_s": max(reference) if reference else None,
-                "vitlab_img_s": best, "vitlab_precision": precision[compiled], "speedup": best / max(reference) if reference else None,
+                **facts, "compiled": compiled, "reference_img_s": max(reference) if reference else None,
+                "vitlab_img_s": best, "vitlab_precision": precision, "speedup": best / max(reference) if reference else None,
                 "vitlab_tflop_s": best * flops / 1e12, "share_of_bf16_peak": best * flops / 1e12 / peak_bf16,
-                "local_bf16_peaks": probes[compiled][ours[compiled].index(best)], "share_of_local_bf16_peak": best * flops / 1e12 / local_peak,
-                "rounds_img_s": ours[compiled],
+                # the peak probed just before and just after the best round
+                "local_bf16_peaks": peaks, "share_of_local_bf16_peak": best * flops / 1e12 / (sum(peaks) / 2),
+                "rounds_img_s": [round_[0] for round_ in rounds],
             }
-            if "bytes_per_step" in details[compiled]:
-                row["bandwidth_gb_s"] = details[compiled]["bytes_per_step"] * best / args.batch_size / 1e9
+            if "bytes_per_step" in details:
+                row["bandwidth_gb_s"] = details["bytes_per_step"] * best / args.batch_size / 1e9
                 row["share_of_copy_bandwidth"] = row["bandwidth_gb_s"] / bandwidth
-                row["matmul_share_of_op_time"] = details[compiled]["matmul_share"]
-                row["largest_non_matmul_ops"] = details[compiled]["non_matmul"]
+                row["matmul_share_of_op_time"] = details["matmul_share"]
+                row["largest_non_matmul_ops"] = details["non_matmul"]
             rows.append(row)
             print(json.dumps(row), flush=True)
 

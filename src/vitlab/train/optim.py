@@ -119,10 +119,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
 def fused_adamw_supported(device: torch.device) -> bool:
     """Fused AdamW (one kernel for all parameters) on CUDA, and on the CPU from torch 2.4, where it took a quarter of
     the foreach version's time for the ViTs' optimiser steps (docs/performance.md)."""
-    if device.type == "cuda":
-        return True
-    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
-    return device.type == "cpu" and (major, minor) >= (2, 4)
+    return device.type == "cuda" or (device.type == "cpu" and torch.__version__ >= (2, 4))
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
