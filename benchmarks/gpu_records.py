@@ -1,17 +1,16 @@
-"""The third GPU session: `vit-best`'s hybrid recipe to the end of its schedule for 3 seeds, and
-`cnn-fast`'s Muon recipe on CUDA (docs/gpu/README.md says what came of it).
+"""A GPU session for the records: `vit-best` to the end of its schedule for 3 seeds, and `cnn-fast` on CUDA
+for ten seeds (written for the third GPU session; docs/gpu/README.md says what came of each).
 
     python benchmarks/gpu_records.py --stage check --out OUT    # no data needed: CUDA tests of the newer paths, a speed probe
     python benchmarks/gpu_records.py --stage train --out OUT --probe OUT/probe.json --budget 500
     python benchmarks/gpu_records.py --dry-run --out OUT        # no GPU: every command parses, the probe's step runs on the CPU
 
 - check: the tests of Muon, the batch augmentations and the ViT techniques with CUDA visible (time-limited),
-  then the speed of one `vit-best` training step (TrivialAugment on) alone and with three processes sharing
+  then the speed of one `vit-best` training step (with its preset's augmentation) alone and with three processes sharing
   the GPU, which sets the number of epochs the train stage can afford.
 - train: `cnn-fast` seed 0 alone (its time is a record), then `vit-best` seeds 0/1/2 side by side with, one
-  after another beside them, `cnn-fast` seeds 1-4 and 5 seeds of `cnn-fast` with airbench94_muon's last two
-  differences (`--whitening_bias_epochs 3 --pad_mode reflect`); everything stops by --budget seconds. The runs' results, curves
-  and logs come back as one archive (the device returns at most 8 files).
+  after another beside them, `cnn-fast` seeds 1-9; everything stops by --budget seconds. The runs' results,
+  curves and logs come back as one archive (the device returns at most 8 files).
 """
 
 from __future__ import annotations
@@ -35,13 +34,12 @@ from vitlab.models import build_model  # noqa: E402
 from vitlab.presets import PRESETS, build_run_config  # noqa: E402
 from vitlab.train.trainer import Runner  # noqa: E402
 
-TRAIN_IMAGES = 40_000  # vit-best trains on the 40,000-image split and validates on the other 10,000
 EPOCH_OVERHEAD = 1.2  # validation of 10,000 images and the epoch's own work, over the probed step speed
 CUDA_TESTS = ["tests/train/test_muon.py", "tests/test_augment.py", "tests/models/test_vit_techniques.py"]
 
 
 def vit_best_step_speed(steps: int = 100, warmup: int = 10, start_at: float = 0.0) -> float:
-    """img/s of vit-best's training step on device-resident synthetic uint8 batches, TrivialAugment on;
+    """img/s of vit-best's training step on device-resident synthetic uint8 batches, with its preset's TrivialAugment;
     the timed steps begin at `start_at` (a time.time()), so processes started together time the same span."""
     preset = PRESETS["vit-best"]
     torch.manual_seed(0)
@@ -53,7 +51,7 @@ def vit_best_step_speed(steps: int = 100, warmup: int = 10, start_at: float = 0.
     images = torch.randint(0, 256, (batch_size * 8, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (batch_size * 8,), generator=generator)
     batches = DeviceBatches(images, labels, batch_size, train=True, device=runner.device, memory_format=runner.memory_format,
-                            trivial_augment=True)
+                            trivial_augment=preset.data.get("trivial_augment", False))
     order = batches.new_order()
     synchronize = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     time.sleep(max(0.0, start_at - time.time()))
@@ -93,13 +91,16 @@ def run_cuda_tests(out: Path, seconds: int = 75) -> None:
     log(f"CUDA tests ({' '.join(CUDA_TESTS)}): exit {code}; {text.strip().splitlines()[-1] if text.strip() else ''}")
 
 
-# airbench94_muon's two remaining differences from cnn-fast (presets.py), beside it on the same GPU.
-CNN_FIDELITY = ("--whitening_bias_epochs", "3", "--pad_mode", "reflect")
+
+
+def train_images(preset_name: str) -> int:
+    """Images per epoch: all 50,000 when the preset trains on the validation images too, else the 40,000-image split."""
+    return 50_000 if PRESETS[preset_name].data.get("train_on_validation") else 40_000
 
 
 def vit_best_epochs(seconds: float, images_per_second: float) -> int:
     """The preset's epochs, or as many as `seconds` allow at `images_per_second` (at least 10)."""
-    affordable = seconds * images_per_second / (TRAIN_IMAGES * EPOCH_OVERHEAD)
+    affordable = seconds * images_per_second / (train_images("vit-best") * EPOCH_OVERHEAD)
     return int(max(10, min(PRESETS["vit-best"].train["epochs"], affordable)))
 
 
@@ -112,8 +113,7 @@ def plan(out: Path, epochs: int) -> dict[str, list[str]]:
 
     return {"cnn-fast-seed0": preset_run("cnn-fast", "cnn-fast", 0),
             **{f"vit-best-seed{seed}": preset_run("vit-best", "vit-best", seed, "--epochs", str(epochs)) for seed in (0, 1, 2)},
-            **{f"cnn-fast-seed{seed}": preset_run("cnn-fast", "cnn-fast", seed) for seed in (1, 2, 3, 4)},
-            **{f"cnn-fast-fidelity-seed{seed}": preset_run("cnn-fast-fidelity", "cnn-fast", seed, *CNN_FIDELITY) for seed in range(5)}}
+            **{f"cnn-fast-seed{seed}": preset_run("cnn-fast", "cnn-fast", seed) for seed in range(1, 10)}}
 
 
 def wait(jobs: list[Job], deadline: float, out: Path, extra: dict) -> None:

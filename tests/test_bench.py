@@ -50,7 +50,7 @@ def test_gpu_records_dry_run_parses_every_command_and_its_epochs_fit(tmp_path):
 
     gpu_records.dry_run(tmp_path)
     epochs = gpu_records.vit_best_epochs(seconds=400, images_per_second=7_000)
-    assert epochs * gpu_records.TRAIN_IMAGES * gpu_records.EPOCH_OVERHEAD / 7_000 <= 400
+    assert epochs * gpu_records.train_images("vit-best") * gpu_records.EPOCH_OVERHEAD / 7_000 <= 400
     assert gpu_records.vit_best_step_speed(steps=1, warmup=1) > 0  # the probe's step builds and runs (here on the CPU)
 
 
