@@ -11,6 +11,10 @@
       training.gif, snapshots/     with --gif true
       tensorboard/                 with --tensorboard true
       figures/                     what `evaluate --figures`, `attention` and `explain` write by default
+      .vitlab-run                  made first by `vitlab train`; locked while a process trains the run
+
+Only a folder carrying `.vitlab-run` may be cleared as a failed start, so a folder of the user's own that
+happens to hold a `config.json` is never touched, and a run being trained is never cleared by a second command.
 
 Every reader turns a missing, truncated or foreign file into a one-line `VitlabError` that says what to do.
 """
@@ -24,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitlab.errors import VitlabError
-from vitlab.io import atomic_write, read_json, write_json
+from vitlab.io import ExclusiveLock, atomic_write, lock_holder, read_json, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +49,9 @@ SNAPSHOTS_FOLDER = "snapshots"
 SNAPSHOT_IMAGES_FILE = "images.safetensors"
 TENSORBOARD_FOLDER = "tensorboard"
 FIGURES_FOLDER = "figures"
+RUN_MARKER = ".vitlab-run"
+# What a run that died before its first checkpoint leaves beside its marker: such a folder may be reused.
+FAILED_START_FILES = {CONFIG_FILE, METRICS_FILE, CURVES_FILE, TENSORBOARD_FOLDER, SNAPSHOTS_FOLDER}
 
 # Files a command other than `vitlab train` must never overwrite.
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, WEIGHTS_FILE, MODEL_FILE, RESULTS_FILE, PREDICTIONS_FILE)
@@ -119,18 +126,29 @@ class RunDir:
         if not self.path.is_dir():
             raise VitlabError(f"run folder {self.path} does not exist; pass a folder written by 'vitlab train'")
 
-    def prepare(self) -> None:
-        """Create the folder for a new run: refuse a file, a folder that holds another run, an unwritable place.
+    @property
+    def marker(self) -> Path:
+        return self.path / RUN_MARKER
 
-        A folder holding only what a run that died before its first checkpoint leaves (config.json,
-        metrics.jsonl) is a failed start and may be reused."""
+    def training_lock(self) -> ExclusiveLock:
+        """Held (on the marker) by the process that trains this run, from before its config is written to its end."""
+        return ExclusiveLock(self.marker, f"{self.path} is being trained by another process ({{holder}}); "
+                                          "wait for it to finish or choose another --out")
+
+    def prepare(self) -> None:
+        """Create the folder for a new run and its marker: refuse a file, a folder that holds anything but a failed
+        start of vitlab's own (its marker, and only what a run that died before its first checkpoint leaves), a run
+        that another process is training, an unwritable place."""
         if self.path.exists() and not self.path.is_dir():
             raise VitlabError(f"--out {self.path} is a file, not a folder; choose another --out")
         if self.path.is_dir():
-            leftovers = {entry.name for entry in self.path.iterdir()}
-            if leftovers - {CONFIG_FILE, METRICS_FILE, CURVES_FILE, TENSORBOARD_FOLDER, SNAPSHOTS_FOLDER}:
-                raise VitlabError(f"--out {self.path} is not empty (it may hold another run); choose a new folder or delete it")
-            if leftovers and self.state() == "new":
+            leftovers = {entry.name for entry in self.path.iterdir()} - {RUN_MARKER}
+            if leftovers and (holder := lock_holder(self.marker)):
+                raise VitlabError(f"--out {self.path} is being trained by another process ({holder}); choose another --out")
+            if leftovers and (not self.marker.is_file() or leftovers - FAILED_START_FILES or self.state() != "new"):
+                raise VitlabError(f"--out {self.path} is not empty (it may hold another run or files of yours); "
+                                  "choose a new folder or delete it")
+            if leftovers:
                 for name in leftovers:
                     entry = self.path / name
                     if entry.is_dir():
@@ -141,16 +159,17 @@ class RunDir:
                         entry.unlink()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
+            self.marker.touch()
         except OSError as error:
             raise VitlabError(f"cannot write to --out {self.path} ({error.strerror or error}); choose a writable folder") from None
 
     def is_run_file(self, path: str | Path) -> bool:
         """True if `path` is one of this run's own files (which only training may write)."""
-        path = Path(path).resolve()
-        return path.parent == self.path.resolve() and path.name in RUN_FILES
+        try:
+            path = Path(path).resolve()
+            return path.parent == self.path.resolve() and path.name in RUN_FILES
+        except (OSError, RuntimeError) as error:  # a symlink loop (RuntimeError before Python 3.13)
+            raise VitlabError(f"cannot resolve {path} ({error}); remove the symbolic link loop or choose another path") from None
 
     # -- config ----------------------------------------------------------------------------------------
 

@@ -73,7 +73,8 @@ def test_weights_that_become_nan_stop_the_run_with_a_clear_error(cifar_root, tmp
 def test_a_run_killed_before_its_first_checkpoint_can_be_started_again_in_its_folder(cifar_root, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.json").write_text("{}")  # what a run killed during data loading or epoch 1 leaves
+    (out / ".vitlab-run").touch()  # what a run killed during data loading or epoch 1 leaves
+    (out / "config.json").write_text("{}")
     one_line_error(capsys, main(["train", "--resume", str(out)]), "stopped before its first checkpoint", "--out")
     assert main(["train", *VIT, *QUICK, "--data-dir", str(cifar_root), "--out", str(out)]) == 0
     assert (out / "results.json").is_file()

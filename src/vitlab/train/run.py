@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -74,9 +75,16 @@ def train_run(run: RunConfig, out_dir: str | Path | None = None, data: CIFAR10 |
     folder = RunDir(out_dir if out_dir else default_run_path(run.preset or run.model_name))
     if distributed.is_main:
         folder.prepare()
-        folder.write_config(run)
-    barrier(distributed)
-    return finish_run(run, model, data, folder, resume=False, distributed=distributed)
+    with training_lock(folder, distributed):
+        if distributed.is_main:
+            folder.write_config(run)
+        barrier(distributed)
+        return finish_run(run, model, data, folder, resume=False, distributed=distributed)
+
+
+def training_lock(folder: RunDir, distributed: DistContext):
+    """The run folder's lock, held by the process that writes the folder (rank 0); a no-op for the other ranks."""
+    return folder.training_lock() if distributed.is_main else contextlib.nullcontext()
 
 
 def check_device(run: RunConfig) -> None:
@@ -105,7 +113,8 @@ def resume_run(run_dir: str | Path) -> dict:
     run = folder.config()
     model = build_run_model(run)
     distributed = context_from_environment(run.train.device)
-    return finish_run(run, model, load_run_data(run.data), folder, resume=True, distributed=distributed)
+    with training_lock(folder, distributed):
+        return finish_run(run, model, load_run_data(run.data), folder, resume=True, distributed=distributed)
 
 
 def training_images(run: RunConfig, data: CIFAR10) -> int:
