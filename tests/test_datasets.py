@@ -129,3 +129,13 @@ def test_broken_folders_are_one_line_errors_and_no_run_folder(tmp_path, break_it
     error = capsys.readouterr().err
     assert message in error and len(error.strip().splitlines()) == 1, error
     assert not out.exists()
+
+
+def test_a_folder_too_small_to_leave_test_images_is_refused_before_training(tmp_path, capsys):
+    root = tmp_path / "data"
+    write_folder(root, "train", torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([2, 6]))
+    out = tmp_path / "run"
+    assert main(["train", "--model", "cnn-small", "--dataset", f"folder:{root}", "--val_fraction", "0.5", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "no test images" in error and len(error.strip().splitlines()) == 1, error
+    assert not out.exists()

@@ -57,6 +57,9 @@ def finish_splits(images: torch.Tensor, labels: torch.Tensor, test_images: torch
         if not 1 <= config.train_size <= len(images):
             raise VitlabError(f"train_size must be between 1 and the {len(images)} images of the training split, got {config.train_size}")
         images, labels = images[:config.train_size], labels[:config.train_size]
+    if len(test_images) == 0:
+        raise VitlabError(f"the {name} dataset has no test images; give it a test/ folder with images, or more images "
+                          "in train/ so that the held-out test share is not empty")
     if config.test_subset is not None:
         if not 1 <= config.test_subset <= len(test_images):
             raise VitlabError(f"test_subset must be between 1 and {len(test_images)}, got {config.test_subset}")

@@ -108,3 +108,18 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(cifar_root
     error = capsys.readouterr().err
     assert "could run code when loaded" in error and "weights_only" not in error and len(error.splitlines()) == 1
     assert not (tmp_path / "pwned").exists()
+
+
+def test_an_edited_checkpoint_is_refused_before_anything_is_written(tmp_path, uninterrupted, capsys):
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    for name in ("config.json", "metrics.jsonl"):
+        (edited / name).write_text((uninterrupted / name).read_text())
+    state = torch.load(uninterrupted / "checkpoint.pt", weights_only=True)
+    state["progress"]["epoch"], state["history"] = 99, []  # an epoch far past the history it holds
+    torch.save(state, edited / "checkpoint.pt")
+    assert main(["train", "--resume", str(edited)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "checkpoint is inconsistent" in error and len(error.splitlines()) == 1
+    assert (edited / "metrics.jsonl").read_text() == (uninterrupted / "metrics.jsonl").read_text()
+    assert not (edited / "model.safetensors").exists()

@@ -93,9 +93,24 @@ class TrainingState:
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             reason = str(error).strip().splitlines()[0][:200]
             raise VitlabError(f"the checkpoint does not fit this run ({reason}); it comes from another model or config") from None
+        check_progress(progress, history, seconds, seen)
         if progress.order is not None:
             progress.order = progress.order.to(self.device)
         return progress, history, seconds, seen
+
+
+def check_progress(progress: Progress, history: list[dict], seconds: float, seen: int) -> None:
+    """Refuse a checkpoint whose progress and history do not describe one run (edited or damaged), before anything
+    is written: history holds epochs 1 .. epoch-1 in order, each with a validation accuracy."""
+    epochs = [record.get("epoch") if isinstance(record, dict) else None for record in history]
+    accuracies_ok = all(isinstance(record.get("val_acc"), (int, float)) for record in history if isinstance(record, dict))
+    problem = (f"its epoch in progress is {progress.epoch}" if not isinstance(progress.epoch, int) or progress.epoch < 1 else
+               f"its history holds epochs {epochs[:5]}{'...' if len(epochs) > 5 else ''} where epochs 1 to {progress.epoch - 1} belong"
+               if epochs != list(range(1, progress.epoch)) else
+               "a history record has no validation accuracy" if not accuracies_ok else
+               "its step, time or image counts are negative" if min(progress.step, progress.seen, seconds, seen) < 0 else None)
+    if problem is not None:
+        raise VitlabError(f"the checkpoint is inconsistent ({problem}); it was edited or damaged: delete the run folder and train it again")
 
 
 def load_checkpoint(path: Path) -> dict:
