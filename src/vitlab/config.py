@@ -73,6 +73,8 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise VitlabError(f"{name} must be at least 1, got {value}")
+        if not 0 <= self.split_seed < 2**63:
+            raise VitlabError(f"split_seed must be between 0 and 2**63 - 1, got {self.split_seed}")
         if not 0.0 < self.val_fraction < 1.0:
             raise VitlabError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         if self.dataset not in ("cifar10", "cifar100") and not (self.dataset.startswith("folder:") and len(self.dataset) > 7):

@@ -55,8 +55,9 @@ def read_json(path: str | Path, what: str = "file") -> Any:
             return json.load(handle)
     except FileNotFoundError:
         raise VitlabError(f"{what} {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise VitlabError(f"{what} {path} is not valid JSON ({error}); it is corrupt or truncated") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, an integer of > 4300 digits, deep nesting
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise VitlabError(f"{what} {path} is not valid JSON ({reason}); it is corrupt or truncated") from None
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

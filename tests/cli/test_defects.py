@@ -45,6 +45,8 @@ def vit_run(cifar_root, tmp_path_factory):
     (["--warmup_epochs", "inf"], "warmup_epochs must be finite"),
     (["--lr", "nan"], "lr must be finite"),
     (["--seed", str(2**70)], "seed must be between 0 and 2**63 - 1"),
+    (["--split_seed", str(2**64)], "split_seed must be between 0 and 2**63 - 1"),
+    (["--hidden_size", str(10**9)], "does not fit in this machine's memory"),
     (["--subset", "40", "--val_fraction", "0.01"], "leaves an empty validation split"),
     (["--device", "cuda"], "--device cuda"),
     (["--image_size", "64"], "image_size applies to folder datasets only"),
@@ -140,3 +142,24 @@ def test_help_texts_are_whole_sentences(capsys):
     assert main(["train", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "the validation split stays whole (for learning curves" in text  # a setting whose description spans two lines
+
+
+@pytest.mark.parametrize(("kwargs", "fragment"), [
+    ("patch_size=0", "fix --timm_kwargs"),  # timm divides by it
+    ("drop_rate=nan", "drop_rate must be finite"),
+])
+def test_timm_settings_timm_cannot_use_are_refused_before_any_folder_is_made(kwargs, fragment, cifar_root, tmp_path, capsys):
+    pytest.importorskip("timm")
+    out = tmp_path / "run"
+    status = main(["train", "--model", "timm:vit_tiny_patch16_224", "--timm_kwargs", kwargs, *QUICK, "--data-dir", str(cifar_root),
+                   "--out", str(out)])
+    one_line_error(capsys, status, fragment)
+    assert not out.exists()
+
+
+def test_json_that_python_refuses_to_read_is_a_damaged_file(vit_run, capsys):
+    config = vit_run / "config.json"
+    config.write_text('{"model": ' + "9" * 5001 + "}")  # beyond Python's 4,300-digit limit for int()
+    one_line_error(capsys, main(["evaluate", str(vit_run)]), "is not valid JSON")
+    config.write_text("[" * 200_000)  # deeper than the parser's recursion
+    one_line_error(capsys, main(["evaluate", str(vit_run)]), "is not valid JSON")

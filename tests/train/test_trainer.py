@@ -232,3 +232,18 @@ def test_micro_batches_normalise_batch_norm_over_each_part():
     assert torch.allclose(logits, expected, atol=1e-4)
     _, _, whole_logits = one_step("aircnn", 0, widths=(8, 16, 16))
     assert not torch.allclose(whole_logits, expected, atol=1e-3)
+
+
+def test_a_warmup_longer_than_the_run_warms_up_over_the_whole_run():
+    from vitlab.train.optim import make_schedule
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    for warmup in (3.0, 1e308):  # 1e308 epochs overflowed the step count before it was clamped
+        optimizer = torch.optim.SGD([parameter], lr=1.0)
+        schedule = make_schedule(optimizer, TrainConfig(epochs=2, warmup_epochs=warmup), steps_per_epoch=5, epochs=2)
+        rates = []
+        for _ in range(10):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        assert all(later > earlier for earlier, later in zip(rates, rates[1:], strict=False)) and rates[-1] <= 1.0, rates

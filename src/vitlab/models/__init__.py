@@ -57,7 +57,18 @@ def model_name_of(config) -> str:
 
 def model_from_config(config) -> VitlabModel:
     """Build the model a config object describes (its class names the model)."""
-    return MODELS[model_name_of(config)](config)
+    return construct(MODELS[model_name_of(config)], config)
+
+
+def construct(cls: type[VitlabModel], config) -> VitlabModel:
+    """`cls(config)`, with a model too large for this machine's memory turned into a one-line error."""
+    try:
+        return cls(config)
+    except (RuntimeError, MemoryError) as error:
+        if not isinstance(error, MemoryError) and "allocate" not in str(error):
+            raise
+        raise VitlabError(f"a '{cls.name}' model with these settings does not fit in this machine's memory; choose smaller sizes "
+                          "(e.g. --hidden_size, --widths, --num_blocks)") from None
 
 
 def build_model(model_name: str, **config_values) -> VitlabModel:
@@ -67,7 +78,7 @@ def build_model(model_name: str, **config_values) -> VitlabModel:
     unknown = sorted(set(config_values) - known)
     if unknown:
         raise VitlabError(f"model '{model_name}' has no setting {', '.join(unknown)}; its settings are {', '.join(sorted(known))}")
-    return cls(cls.config_class(**config_values))
+    return construct(cls, cls.config_class(**config_values))
 
 
 __all__ = [

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,9 @@ class TimmConfig:
         if isinstance(self.timm_kwargs, str):  # the Python API may pass the flag's text
             self.timm_kwargs = parse_keyword_arguments(self.timm_kwargs)
         self.timm_kwargs = dict(self.timm_kwargs)
+        for name, value in self.timm_kwargs.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise VitlabError(f"timm_kwargs {name} must be finite, got {value}; fix --timm_kwargs")
         if not isinstance(self.architecture, str) or not self.architecture.strip():
             raise VitlabError("architecture must name a timm model such as resnet18 (--model timm:resnet18)")
         reserved = sorted(set(self.timm_kwargs) & set(RESERVED_KWARGS))
@@ -123,7 +127,7 @@ class TimmModel(VitlabModel):
             kwargs.setdefault("img_size", cfg.image_size)
         try:
             self.network = timm.create_model(cfg.architecture, pretrained=False, num_classes=cfg.num_classes, **kwargs)
-        except (TypeError, ValueError, AssertionError) as error:
+        except (TypeError, ValueError, AssertionError, ArithmeticError, IndexError, KeyError) as error:  # e.g. patch_size=0
             raise VitlabError(f"timm could not build '{cfg.architecture}' with {kwargs or 'no keyword arguments'} "
                               f"({str(error).strip() or type(error).__name__}); fix --timm_kwargs") from None
 

@@ -131,7 +131,8 @@ def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_p
 
     def group_schedule(epochs_of_group: float, floor: float):
         total_steps = max(1, round(steps_per_epoch * epochs_of_group))
-        warmup_steps = min(round(config.warmup_epochs * steps_per_epoch * epochs_of_group / epochs), total_steps)
+        # Clamped first: a warmup longer than the run is the whole run (and a huge one would overflow the product).
+        warmup_steps = min(round(min(config.warmup_epochs, epochs) * steps_per_epoch * epochs_of_group / epochs), total_steps)
         return lambda step: multiplier(step, warmup_steps, total_steps, floor) if step < total_steps else floor
 
     schedules = [group_schedule(group["stop_epoch"], 0.0) if group.get("stop_epoch", epochs) < epochs else group_schedule(epochs, config.min_lr_ratio)
