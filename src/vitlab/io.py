@@ -60,6 +60,17 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise VitlabError(f"{what} {path} is not valid JSON ({reason}); it is corrupt or truncated") from None
 
 
+def resolved(path: str | Path) -> Path:
+    """`Path(path).resolve()`, with a symbolic link loop (RuntimeError before Python 3.13, OSError after) turned into a
+    one-line `VitlabError`."""
+    from vitlab.errors import VitlabError
+
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError) as error:
+        raise VitlabError(f"cannot resolve {path} ({error}); remove the symbolic link loop or choose another path") from None
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one JSON record as a line and flush it to disk (the history survives a crash)."""
     with open(path, "a", encoding="utf-8") as handle:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitlab.errors import VitlabError
-from vitlab.io import ExclusiveLock, atomic_write, lock_holder, read_json, write_json
+from vitlab.io import ExclusiveLock, atomic_write, lock_holder, read_json, resolved, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -165,11 +165,8 @@ class RunDir:
 
     def is_run_file(self, path: str | Path) -> bool:
         """True if `path` is one of this run's own files (which only training may write)."""
-        try:
-            path = Path(path).resolve()
-            return path.parent == self.path.resolve() and path.name in RUN_FILES
-        except (OSError, RuntimeError) as error:  # a symlink loop (RuntimeError before Python 3.13)
-            raise VitlabError(f"cannot resolve {path} ({error}); remove the symbolic link loop or choose another path") from None
+        path = resolved(path)
+        return path.parent == resolved(self.path) and path.name in RUN_FILES
 
     # -- config ----------------------------------------------------------------------------------------
 

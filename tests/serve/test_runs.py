@@ -62,7 +62,9 @@ def test_damaged_run_folders_are_refused_with_the_fix(served_runs, tmp_path, dam
 
 def test_missing_folders_files_repeats_and_nothing_are_refused(served_runs, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    cases = [([tmp_path / "no-such-run"], "does not exist"), ([tmp_path / "notes.txt"], "is a file; pass a run folder"),
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    cases = [([tmp_path / "loop"], "symbolic link loop"),
+             ([tmp_path / "no-such-run"], "does not exist"), ([tmp_path / "notes.txt"], "is a file; pass a run folder"),
              ([served_runs["cnn"], served_runs["cnn"]], "is given twice"), ([], "no run folder given")]
     for paths, pattern in cases:
         with pytest.raises(VitlabError, match=pattern):

@@ -59,6 +59,21 @@ def test_a_different_study_in_the_same_folder_is_refused(cifar_root, tmp_path, c
     assert "holds a different study" in error and len(error.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("occupied", ["folder", "file"])
+def test_a_place_that_is_not_a_study_is_refused_and_left_as_it_was(occupied, cifar_root, tmp_path, capsys):
+    out = tmp_path / "project"
+    if occupied == "folder":
+        out.mkdir()
+        (out / "readme.txt").write_text("mine")
+    else:
+        out.write_text("mine")
+    before = sorted(path.name for path in tmp_path.rglob("*"))
+    assert main(["compare", "cnn-small", "mlp", *TINY, "--data-dir", str(cifar_root), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert ("not empty" if occupied == "folder" else "is a file") in error and len(error.strip().splitlines()) == 1
+    assert sorted(path.name for path in tmp_path.rglob("*")) == before  # no lock file left behind
+
+
 def test_sweep_varies_a_training_setting_and_a_data_setting(cifar_root, tmp_path, capsys):
     out = tmp_path / "sweep"
     assert main(["sweep", "--model", "cnn-small", "--vary", "lr=0.001,0.003", *TINY, "--data-dir", str(cifar_root), "--out", str(out)]) == 0

@@ -55,13 +55,14 @@ def test_the_report_embeds_only_the_study_figures_and_escapes_what_it_reads(cifa
     secret = tmp_path / "secret.png"
     secret.write_bytes(b"\x89PNG private")
     study = json.loads((out / "study.json").read_text())
-    study["command"] = f"vitlab compare\n\n![leak]({secret})\n<script>alert(1)</script>"
+    (out / "figures" / "zz.png").symlink_to(out / "figures" / "zz.png")  # a loop is skipped, not a crash
+    study["command"] = f"vitlab compare\n\n![leak]({secret})\n![loop](figures/zz.png)\n<script>alert(1)</script>"
     (out / "study.json").write_text(json.dumps(study))
     assert main(["report", str(out), "--html"]) == 0
     page = (out / "report.html").read_text()
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "cHJpdmF0ZQ" not in page and "private" not in page  # the secret file's bytes, base64 or not
-    assert page.count("data:image/png;base64,") == len(list((out / "figures").glob("*.png")))
+    assert page.count("data:image/png;base64,") == len([p for p in (out / "figures").glob("*.png") if p.name != "zz.png"])
     report = (out / "report.md").read_text()
     assert "Seeds: 0, 1" in report and "torch" in report and "![differences](figures/differences.png)" in report
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vitlab.data import CLASSES
 from vitlab.errors import VitlabError
+from vitlab.io import resolved
 from vitlab.models.base import VitlabModel
 from vitlab.rundir import RESULTS_FILE, RunDir
 
@@ -65,9 +66,9 @@ def load_runs(paths: list[str | Path]) -> list[ServedRun]:
     """Every run folder in `paths`, each once, named by its folder (by its path where two folders share a name)."""
     if not paths:
         raise VitlabError("no run folder given; pass one or more folders written by 'vitlab train'")
-    resolved = [Path(path).resolve() for path in paths]
-    for index, path in enumerate(resolved):
-        if path in resolved[:index]:
+    paths_resolved = [resolved(path) for path in paths]
+    for index, path in enumerate(paths_resolved):
+        if path in paths_resolved[:index]:
             raise VitlabError(f"{paths[index]} is given twice; pass each run folder once")
     names = [Path(path).name or str(path) for path in paths]
     return [load_run(path, name if names.count(name) == 1 else str(path)) for path, name in zip(paths, names, strict=True)]

@@ -25,7 +25,7 @@ from vitlab.config import DataConfig, RunConfig
 from vitlab.errors import RunStopped, VitlabError
 from vitlab.io import ExclusiveLock, lock_holder
 from vitlab.rundir import RunDir
-from vitlab.study.plan import StudyLock, StudyMember, StudyPlan, open_study
+from vitlab.study.plan import StudyLock, StudyMember, StudyPlan, check_study_folder, open_study
 
 _DATA_CACHE: dict[str, object] = {}
 
@@ -146,6 +146,7 @@ def run_study(plan: StudyPlan, study_dir: str | Path, jobs: int = 1, command: st
     members = plan.members(study_dir)  # parses every spec and config before anything is written
     for data_config in {json.dumps(dataclasses.asdict(m.config.data), sort_keys=True): m.config.data for m in members}.values():
         cached_data(data_config)  # missing or corrupt data fails before the folder is made
+    check_study_folder(study_dir, plan)  # refused before the lock file is made in a folder that is not the study's
     with StudyLock(study_dir):
         open_study(study_dir, plan, command or shlex.join(["vitlab", *sys.argv[1:]]))
         unfinished = [member for member in members if RunDir(member.run_dir).state() != "finished"]

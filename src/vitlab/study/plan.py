@@ -262,10 +262,14 @@ def estimated_cost(run: RunConfig) -> float:
     return forward_flops_per_image(model_from_config(run.model), batch=1) * images * epochs_for(run.train, images)
 
 
-def open_study(study_dir: Path, plan: StudyPlan, command: str) -> None:
-    """Create the study folder, or check that an existing one holds this same study."""
+def check_study_folder(study_dir: Path, plan: StudyPlan) -> bool:
+    """Whether `study_dir` already holds this same study (False: it is free for it); anything else is refused, before
+    the study writes a file (its lock included)."""
+    study_dir = Path(study_dir)
     study_file = study_dir / STUDY_FILE
     wanted = plan.description()
+    if study_dir.exists() and not study_dir.is_dir():
+        raise VitlabError(f"--out {study_dir} is a file, not a folder; choose another --out")
     if study_file.exists():
         saved = read_json(study_file, "study description")
         if not isinstance(saved, dict) or {key: saved.get(key) for key in wanted} != wanted:
@@ -273,10 +277,17 @@ def open_study(study_dir: Path, plan: StudyPlan, command: str) -> None:
             budget = saved.get("budget") if isinstance(saved, dict) else "?"
             raise VitlabError(f"{study_dir} holds a different study ({specs}, budget {budget}, seeds "
                               f"{saved.get('seeds') if isinstance(saved, dict) else '?'}); use a new --out")
-        return
+        return True
     if study_dir.exists() and any(entry.name != LOCK_FILE for entry in study_dir.iterdir()):
         raise VitlabError(f"--out {study_dir} is not empty and holds no {STUDY_FILE}; choose a new folder")
-    write_json(study_file, wanted | {"command": command, "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "versions": versions()})
+    return False
+
+
+def open_study(study_dir: Path, plan: StudyPlan, command: str) -> None:
+    """Create the study folder, or check that an existing one holds this same study."""
+    if check_study_folder(study_dir, plan):
+        return
+    write_json(study_dir / STUDY_FILE, plan.description() | {"command": command, "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "versions": versions()})
 
 
 LOCK_FILE = ".lock"
@@ -307,5 +318,6 @@ def read_study(study_dir: Path) -> dict:
     return study
 
 
-__all__ = ["base_of", "plan_study", "BUDGETS", "ModelSpec", "SEED_STUDY", "STUDY_FILE", "RUNS_FOLDER", "StudyLock", "StudyMember", "StudyPlan",
+__all__ = ["base_of", "check_study_folder",
+           "plan_study", "BUDGETS", "ModelSpec", "SEED_STUDY", "STUDY_FILE", "RUNS_FOLDER", "StudyLock", "StudyMember", "StudyPlan",
            "open_study", "parse_spec", "read_study", "sweep_specs", "sweep_values"]

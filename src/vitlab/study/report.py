@@ -106,8 +106,11 @@ def markdown_to_html(markdown_text: str, study_dir: Path) -> str:
 
     def embed(match: re.Match) -> str:
         alt, source = match.group("alt"), html.unescape(match.group("src"))
-        path = (study_dir / source).resolve()
-        if path.parent != figures or path.suffix != ".png" or not path.is_file():
+        try:
+            path = (study_dir / source).resolve()
+        except (OSError, RuntimeError):  # a symbolic link loop
+            path = None
+        if path is None or path.parent != figures or path.suffix != ".png" or not path.is_file():
             return f"<em>[figure {html.escape(source)} not embedded: not one of this study's figures]</em>"
         data = base64.b64encode(path.read_bytes()).decode()
         return f'<img alt="{alt}" src="data:image/png;base64,{data}">'
