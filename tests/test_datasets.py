@@ -76,6 +76,18 @@ def test_folder_images_of_another_size_are_resized_once_to_image_size(tmp_path, 
     results = json.loads((run / "results.json").read_text())
     assert results["classes"] == ["blue", "green", "red"] and results["train_images"] == 48  # 20% of train/ validates
     assert json.loads((run / "model.json").read_text())["config"]["image_size"] == 24
+    small = tmp_path / "small"
+    assert main(["train", "--model", "cnn-small", "--dataset", f"folder:{root}", "--image_size", "16", "--epochs", "1", "--progress", "false",
+                 "--out", str(small)]) == 0
+    capsys.readouterr()
+    for command, message in ((["explain", str(run), str(small), "--images", "1"], "images of different sizes"),
+                             (["explain", str(run), "--images", "1", "--steps", "1000"], "576 pixels")):
+        assert main(command) == 2
+        error = capsys.readouterr().err
+        assert message in error and len(error.strip().splitlines()) == 1, error
+    pytest.importorskip("onnxruntime")
+    assert main(["export", str(run), "--onnx", str(tmp_path / "run.onnx")]) == 0  # checked on the run's own 24×24 test images
+    assert "on 20 test images: top-1 agreement" in capsys.readouterr().out
 
 
 def write_fake_cifar100(root) -> dict:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from vitlab.cli.parser import add_data_dir_flag, positive_int
+from vitlab.cli.parser import add_data_dir_flag, non_negative_int, positive_int
 from vitlab.inspect.attention import HEAD_FUSIONS
 from vitlab.inspect.explain import AUTO, METHODS
 
@@ -73,7 +73,7 @@ def add_parser(commands) -> None:
                                  "the graph; output: logits) and check it with onnxruntime against PyTorch on test images.")
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("--onnx", required=True, metavar="FILE", help="the .onnx file to write")
-    export.add_argument("--check-images", "--check_images", dest="check_images", type=int, default=1000,
+    export.add_argument("--check-images", "--check_images", dest="check_images", type=non_negative_int, default=1000,
                         help="test images to compare ONNX and PyTorch logits on (0: skip the check; default 1000)")
     add_data_dir_flag(export)
 
@@ -143,15 +143,16 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from vitlab.data import load_cifar10_test
     from vitlab.inspect.export import check_onnx, export_onnx
+    from vitlab.inspect.reports import images_to_show
     from vitlab.rundir import RunDir
 
     model = RunDir(args.run_dir).model()
     path = export_onnx(model, args.onnx)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if args.check_images > 0:
-        check = check_onnx(path, model, load_cifar10_test(args.data_dir, args.check_images)[0])
+        images = images_to_show([], args.check_images, args.data_dir, [], args.run_dir).images  # the run's own test set
+        check = check_onnx(path, model, images)
         print(f"onnxruntime vs PyTorch on {check.images} test images: top-1 agreement {100 * check.top1_agreement:.2f}%, "
               f"largest logit difference {check.max_abs_logit_difference:.2e}")
 

@@ -112,5 +112,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def add_data_dir_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", "--data_dir", dest="data_dir", help="folder holding CIFAR-10 (then $VITLAB_DATA, then ./data)")

@@ -82,7 +82,13 @@ def write_explanations(run_dirs: list[str], files: list[str], count: int, out: s
     for name, model in models:
         if not model.returns_attention and not model.has_stages:
             raise VitlabError(f"{name} is a '{model.name}' model, which has neither attention nor convolutional stages to show")
-    size = getattr(models[0][1].config, "image_size", 32)
+    sizes = {name: getattr(model.config, "image_size", 32) for name, model in models}
+    if len(set(sizes.values())) > 1:
+        raise VitlabError("the runs were trained on images of different sizes (" + ", ".join(f"{name}: {size}×{size}" for name, size in sizes.items())
+                          + "); explain runs of one dataset together")
+    size = sizes[models[0][0]]
+    if settings.steps > size * size:
+        raise VitlabError(f"--steps {settings.steps} is more than the {size * size} pixels of a {size}×{size} image; choose at most {size * size}")
     scored = images_to_show(files, max(count, score_images or count), data_dir, errors if errors is not None else [], run_dirs[0], size=size)
     shown = first_images(scored, count, files)
     explanations, notes = explain_runs(models, scored.images, settings)
