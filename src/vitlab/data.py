@@ -7,6 +7,7 @@ no per-sample Python, the same code on CPU and CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -140,12 +141,16 @@ def download(root: Path) -> Path:
 
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)
+    made = [folder for folder in (root, *root.parents) if not folder.exists()]  # the folders the download would create
     try:
         TorchvisionCIFAR10(root=str(root), train=True, download=True)
     except Exception as error:
         archive = root / "cifar-10-python.tar.gz"
         if archive.exists() and batches_folder(root) is None:
             archive.unlink()  # leave no half-downloaded archive behind
+        for folder in made:  # nor the folders made for it, innermost first, if they are empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise VitlabError(
             f"CIFAR-10 is not in {root} and downloading it failed ({reason}); "

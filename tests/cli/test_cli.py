@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import urllib.error
+from pathlib import Path
 
 import pytest
 
@@ -64,15 +65,22 @@ def test_heads_not_dividing_width_is_one_line_and_writes_nothing(cifar_root, tmp
 
 
 def test_missing_data_offline_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
-    def offline(*args, **kwargs):
+    def offline(root, **kwargs):
+        Path(root).mkdir(parents=True)  # as torchvision does before it downloads
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.delenv("VITLAB_DATA", raising=False)
     monkeypatch.setattr("torchvision.datasets.CIFAR10", offline)
     out = tmp_path / "run"
-    code = train(["--data-dir", str(tmp_path / "no-such-folder")], out)
+    code = train(["--data-dir", str(tmp_path / "no-such-folder" / "cifar")], out)
     assert_one_line_error(capsys, code, "downloading it failed")
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "no-such-folder").exists()  # the folders made for the download are gone
+
+
+def test_a_data_folder_that_does_not_exist_is_refused_for_a_trained_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(tmp_path), "--data-dir", str(tmp_path / "typo")])
+    assert_one_line_error(capsys, exit_info.value.code, "no folder")
 
 
 def test_corrupt_batch_file_is_one_line_and_writes_nothing(writable_cifar_root, tmp_path, capsys):

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import re
 import typing
+from pathlib import Path
 
 from vitlab.config import DataConfig, TrainConfig, flag_parser
 from vitlab.models import MODELS
@@ -122,5 +123,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def existing_folder(text: str) -> str:
+    if not Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"no folder {text}; pass the folder that holds the run's dataset (or leave the flag out)")
+    return text
+
+
 def add_data_dir_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", "--data_dir", dest="data_dir", help="folder holding CIFAR-10 (then $VITLAB_DATA, then ./data)")
+    """--data-dir for commands on a trained run: the data exists already, so a folder that does not is a typo (it would
+    otherwise fall through to $VITLAB_DATA silently)."""
+    parser.add_argument("--data-dir", "--data_dir", dest="data_dir", type=existing_folder,
+                        help="an existing folder holding the dataset (default: where the run was trained from, then $VITLAB_DATA, then ./data)")
