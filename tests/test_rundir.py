@@ -45,3 +45,22 @@ def test_a_symbolic_link_loop_is_a_one_line_error(tmp_path):
     loop.symlink_to(loop)
     with pytest.raises(VitlabError, match="symbolic link loop"):
         RunDir(tmp_path).is_run_file(loop / "x.gif")
+
+
+def test_a_run_folder_whose_name_is_not_utf8_reads_back(tmp_path):
+    import os
+
+    import torch
+
+    from vitlab.models import build_model
+    from vitlab.models.base import VitlabModel
+
+    folder = RunDir(tmp_path / os.fsdecode(b"run\xff"))  # a byte the file system takes and UTF-8 does not
+    folder.path.mkdir()
+    labels = torch.tensor([1, 2, 3])
+    folder.save_predictions(labels, labels.clone(), torch.eye(4)[1:])
+    assert torch.equal(folder.predictions()["predictions"], labels)
+    model = build_model("mlp", hidden_size=8)
+    model.save(folder.path)
+    restored = VitlabModel.load(folder.path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored.state_dict().values(), strict=True))

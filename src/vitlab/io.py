@@ -60,6 +60,22 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise VitlabError(f"{what} {path} is not valid JSON ({reason}); it is corrupt or truncated") from None
 
 
+def write_tensors(path: str | Path, tensors: dict) -> None:
+    """A safetensors file, atomically, written through Python's own file I/O: safetensors' file functions take only
+    UTF-8 paths, and a folder name that is not UTF-8 made a good run folder read as damaged."""
+    from safetensors.torch import save
+
+    data = save(tensors)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def read_tensors(path: str | Path) -> dict:
+    """Every tensor of a safetensors file (any path the OS takes); a damaged file raises safetensors' own errors."""
+    from safetensors.torch import load
+
+    return load(Path(path).read_bytes())
+
+
 def resolved(path: str | Path) -> Path:
     """`Path(path).resolve()`, with a symbolic link loop (RuntimeError before Python 3.13, OSError after) turned into a
     one-line `VitlabError`."""

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitlab.errors import VitlabError
-from vitlab.io import ExclusiveLock, atomic_write, lock_holder, read_json, resolved, write_json
+from vitlab.io import ExclusiveLock, lock_holder, read_json, read_tensors, resolved, write_json, write_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -246,19 +246,15 @@ class RunDir:
         return VitlabModel.load(self.path, device)
 
     def save_predictions(self, labels: torch.Tensor, predictions: torch.Tensor, probabilities: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
         tensors = {"labels": labels.contiguous(), "predictions": predictions.contiguous(), "probabilities": probabilities.float().contiguous()}
-        atomic_write(self.predictions_file, lambda tmp: save_file(tensors, str(tmp)))
+        write_tensors(self.predictions_file, tensors)
 
     def predictions(self) -> dict[str, torch.Tensor]:
         """labels (N,), predictions (N,), probabilities (N, classes) on the test set."""
-        from safetensors.torch import load_file
-
         if not self.predictions_file.is_file():
             raise VitlabError(f"{self.path} has no {PREDICTIONS_FILE}; it was trained by an older vitlab or did not finish; train it again")
         try:
-            tensors = load_file(str(self.predictions_file))
+            tensors = read_tensors(self.predictions_file)
         except Exception as error:  # safetensors raises several types for truncated or foreign files
             raise VitlabError(f"{self.predictions_file} is unreadable ({str(error)[:120]}); the run folder is damaged, train the run again") from None
         labels, predictions = tensors.get("labels"), tensors.get("predictions")

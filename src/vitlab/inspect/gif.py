@@ -12,11 +12,10 @@ from pathlib import Path
 
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
-from safetensors.torch import load_file
 
 from vitlab.data import CLASSES
 from vitlab.errors import VitlabError
-from vitlab.io import atomic_write
+from vitlab.io import atomic_write, read_tensors
 from vitlab.plotting import plt
 from vitlab.rundir import SNAPSHOT_IMAGES_FILE, RunDir
 
@@ -25,7 +24,7 @@ FRAME_MILLISECONDS = 600
 
 def read_safetensors(path: Path, what: str) -> dict:
     try:
-        return load_file(str(path))
+        return read_tensors(path)
     except Exception as error:  # safetensors raises several types for truncated files
         raise VitlabError(f"{path} ({what}) is unreadable ({str(error)[:100]}); delete it and rebuild, or train again with --gif true") from None
 

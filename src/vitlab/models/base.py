@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from vitlab.errors import VitlabError
-from vitlab.io import atomic_write, read_json, write_json
+from vitlab.io import read_json, read_tensors, write_json, write_tensors
 from vitlab.rundir import MODEL_FILE, WEIGHTS_FILE
 
 # Config fields that the data decides (image size, number of classes): not flags, set from the dataset.
@@ -148,12 +148,10 @@ class VitlabModel(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Write `model.safetensors` and `model.json` into `directory`; returns the weights path."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         # contiguous() also makes channels_last weights portable across memory formats.
         state = {key: value.detach().cpu().contiguous() for key, value in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
+        write_tensors(directory / WEIGHTS_FILE, state)
         write_json(directory / MODEL_FILE, self.describe())
         return directory / WEIGHTS_FILE
 
@@ -164,7 +162,6 @@ class VitlabModel(nn.Module):
         Called on a subclass (`VisionTransformer.load`), it also checks the saved model is that kind.
         """
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         from vitlab.models import build_model
 
@@ -187,7 +184,7 @@ class VitlabModel(nn.Module):
         if cls is not VitlabModel and not isinstance(model, cls):
             raise VitlabError(f"{directory} holds a '{model.name}' model, not a {cls.__name__}; load it with vitlab.load_model")
         try:
-            state = load_file(str(weights))
+            state = read_tensors(weights)
         except (SafetensorError, OSError, ValueError) as error:
             raise VitlabError(f"cannot read {weights} ({error}); the file is corrupt or truncated, retrain or copy it again") from None
         try:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from vitlab.data import normalize
 from vitlab.errors import VitlabError
 from vitlab.inspect.attention import attention_stack, rollout_maps
-from vitlab.io import atomic_write
+from vitlab.io import write_tensors
 from vitlab.models.base import eval_mode
 from vitlab.rundir import SNAPSHOT_IMAGES_FILE, RunDir
 
@@ -48,14 +47,14 @@ class SnapshotRecorder:
         self.folder.mkdir(parents=True, exist_ok=True)
         if not (self.folder / SNAPSHOT_IMAGES_FILE).exists():
             tensors = {"images": images.contiguous(), "labels": labels.contiguous()}
-            atomic_write(self.folder / SNAPSHOT_IMAGES_FILE, lambda tmp: save_file(tensors, tmp))
+            write_tensors(self.folder / SNAPSHOT_IMAGES_FILE, tensors)
 
     def __call__(self, record: dict) -> None:
         probabilities, maps = predict_and_attend(self.model, self.images)
         tensors = {"probabilities": probabilities.contiguous()}
         if maps is not None:
             tensors["attention"] = maps.half().contiguous()
-        atomic_write(self.folder / f"epoch_{record['epoch']:04d}.safetensors", lambda tmp: save_file(tensors, tmp))
+        write_tensors(self.folder / f"epoch_{record['epoch']:04d}.safetensors", tensors)
 
 
 def overlay(images: torch.Tensor, maps: torch.Tensor, scale: int = 4) -> torch.Tensor:
