@@ -151,3 +151,33 @@ def test_a_folder_too_small_to_leave_test_images_is_refused_before_training(tmp_
     error = capsys.readouterr().err
     assert "no test images" in error and len(error.strip().splitlines()) == 1, error
     assert not out.exists()
+
+
+def test_16_bit_grey_images_are_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+    from PIL import Image
+
+    gradient = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
+    path = tmp_path / "wide.png"
+    Image.fromarray(gradient).save(path)
+    assert Image.open(path).mode in datasets.WIDE_INTEGER_MODES
+    pixels = datasets.decode_image(path, 64)
+    assert pixels.shape == (3, 64, 64) and pixels[:, :, 0].max() <= 1 and pixels[:, :, -1].min() >= 254
+    assert abs(float(pixels.mean()) - 127.5) < 2  # a 0..65535 gradient: mid-grey on average, not white
+
+
+def test_image_files_that_are_not_images_are_refused_with_the_reason(tmp_path):
+    from PIL import Image, PngImagePlugin
+
+    from vitlab.inspect.images import load_image_file
+
+    text = PngImagePlugin.PngInfo()
+    text.add_text("comment", "x" * (PngImagePlugin.MAX_TEXT_CHUNK + 10), zip=True)  # more than PIL will decompress
+    bomb = tmp_path / "text.png"
+    Image.new("RGB", (4, 4)).save(bomb, pnginfo=text)
+    with pytest.raises(ValueError, match=r"text.png: not a readable image \(ValueError: Decompressed data too large"):
+        load_image_file(bomb)
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_image_file("/dev/null")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    with pytest.raises(ValueError, match="looping symbolic link"):
+        load_image_file(tmp_path / "loop.png")

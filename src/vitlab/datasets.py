@@ -116,15 +116,36 @@ def load_cifar100(config: DataConfig) -> CIFAR10:
 
 # ---------------------------------------------------------------- a folder of images
 
-def read_image(path: Path, size: int) -> np.ndarray:
+# PIL's modes for 16-bit (and 32-bit integer) grey images, whose values run to 65535: convert("RGB") clips them at 255.
+WIDE_INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """An image file → (3, size, size) uint8 RGB, the whole image resized (antialiased). 16-bit grey images are scaled
+    to 8 bits (not clipped to white); PIL's warning about very large images is not printed (the image is only read
+    and shrunk). Raises ValueError naming the reason for anything that is not a readable image."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as error:
-        raise VitlabError(f"{path} is not a readable image ({type(error).__name__}); remove it or replace it") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.mode in WIDE_INTEGER_MODES:
+                    wide = np.asarray(image, dtype=np.float64)
+                    image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+                rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError) as error:
+        raise ValueError(f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else 'unreadable'}") from None
     return np.asarray(rgb).transpose(2, 0, 1).copy()  # (3, size, size)
+
+
+def read_image(path: Path, size: int) -> np.ndarray:
+    try:
+        return decode_image(path, size)
+    except ValueError as error:
+        raise VitlabError(f"{path} is not a readable image ({error}); remove it or replace it") from None
 
 
 def class_folders(split: Path) -> dict[str, list[Path]]:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from vitlab.data import CLASSES, load_cifar10_test
+from vitlab.datasets import decode_image
 
 
 @dataclass
@@ -31,13 +31,13 @@ def load_image_file(path: str | Path, size: int = 32) -> torch.Tensor:
     if path.is_dir():
         raise ValueError(f"{path}: is a folder; give image files (e.g. {path}/*.png)")
     if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+        reason = ("a broken or looping symbolic link" if path.is_symlink() else
+                  "not a regular file" if os.path.lexists(path) else "no such file")
+        raise ValueError(f"{path}: {reason}; give image files")
     try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{path}: not a readable image ({type(error).__name__}); give a PNG, JPEG or other image file") from None
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(decode_image(path, size))
+    except ValueError as error:
+        raise ValueError(f"{path}: not a readable image ({error}); give a PNG, JPEG or other image file") from None
 
 
 def load_image_files(paths: list[str], size: int = 32) -> tuple[ImageSet, list[str]]:
