@@ -59,6 +59,14 @@ def test_a_different_study_in_the_same_folder_is_refused(cifar_root, tmp_path, c
     assert "holds a different study" in error and len(error.strip().splitlines()) == 1
 
 
+def test_more_jobs_than_the_machine_can_hold_are_refused_before_anything_is_made(cifar_root, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert main(["compare", "cnn-small", "mlp", *TINY, "--jobs", "100000", "--data-dir", str(cifar_root), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "training processes on this machine's" in error and len(error.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("occupied", ["folder", "file"])
 def test_a_place_that_is_not_a_study_is_refused_and_left_as_it_was(occupied, cifar_root, tmp_path, capsys):
     out = tmp_path / "project"

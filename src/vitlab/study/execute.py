@@ -140,6 +140,10 @@ def run_study(plan: StudyPlan, study_dir: str | Path, jobs: int = 1, command: st
     study_dir = Path(study_dir)
     if jobs < 1:
         raise VitlabError(f"--jobs must be >= 1, got {jobs}")
+    cores = os.cpu_count() or 1
+    if launcher == "local" and jobs > 8 * cores:  # each process holds its own copy of torch and the data
+        raise VitlabError(f"--jobs {jobs} would start {jobs} training processes on this machine's {cores} cores; choose at most {cores} "
+                          "(runs side by side share the cores), or --launcher slurm to spread them over a cluster")
     from vitlab.study.launch import check_launcher
 
     check_launcher(launcher, slurm or {})
@@ -193,6 +197,7 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
 
 
 def run_in_pool(todo: list[StudyMember], jobs: int, study_dir: Path) -> None:
+    jobs = min(jobs, len(todo))  # no idle processes (each would import torch)
     threads = max(1, (os.cpu_count() or 1) // jobs)  # one-thread runs side by side beat one two-thread run (docs/performance.md)
     context = multiprocessing.get_context("spawn")
     failures, stopped = [], False
