@@ -74,6 +74,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(cifar_root, tmp_path, unin
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
     assert "stopped by SIGTERM" in stderr and f"vitlab train --resume {out}" in stderr
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 2  # not finished: evaluate points to --resume
+    assert f"finish it with: vitlab train --resume {out}" in capsys.readouterr().err
     assert main(["train", "--resume", str(out)]) == 0
     expected, resumed = weights(uninterrupted), weights(out)
     assert all(torch.equal(expected[name], resumed[name]) for name in expected)
