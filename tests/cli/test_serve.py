@@ -42,6 +42,13 @@ def test_a_bad_port_is_a_usage_error(port, pattern, capsys):
     assert exit_.value.code == 2 and pattern in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("host", ["256.1.1.1", "no-such-host.invalid"])
+def test_a_host_this_machine_cannot_listen_on_is_refused_before_anything_starts(host, served_runs, serve_data, no_server, capsys):
+    code = main(["serve", str(served_runs["cnn"]), "--data-dir", str(serve_data), "--host", host])
+    one_line_error(capsys, code, f"--host {host}")
+    assert no_server == []
+
+
 def test_missing_gradio_names_the_extra_to_install(served_runs, serve_data, no_server, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio now raises ImportError
     code = main(["serve", str(served_runs["cnn"]), "--data-dir", str(serve_data)])

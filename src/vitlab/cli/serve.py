@@ -32,9 +32,10 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from vitlab.inspect.images import test_images
-    from vitlab.serve.app import build_app, require_gradio, serve
+    from vitlab.serve.app import build_app, check_address, require_gradio, serve
     from vitlab.serve.runs import load_runs
 
+    check_address(args.host, args.port)
     runs = load_runs(args.run_dirs)  # bad folders are refused before anything starts
     images = test_images(10_000, args.data_dir)  # the whole test set (fewer if it is smaller)
     require_gradio()

@@ -158,6 +158,25 @@ def attention_view(run: ServedRun) -> Callable[[torch.Tensor | None, float, floa
     return one_layer
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse, before anything starts, a host this machine cannot listen on (the server's own failure prints a log line
+    of its own beside vitlab's error)."""
+    import socket
+
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError):
+        raise VitlabError(f"--host {host} is not an address or a name this machine can resolve; use 127.0.0.1, 0.0.0.0 or one "
+                          "of this machine's addresses") from None
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise VitlabError(f"cannot listen on {host}:{port} ({error.strerror or error}); choose another --port, or a --host "
+                              "that is this machine's") from None
+
+
 def serve(app, host: str, port: int, announce: Callable[[str], None] = print) -> None:
     """Start the server on host:port and block until Ctrl-C. Uploads over the limit are refused by the server."""
     options = {"server_name": host, "server_port": port, "max_file_size": MAX_UPLOAD_BYTES, "share": False, "quiet": True,
