@@ -65,6 +65,8 @@ def test_more_jobs_than_the_machine_can_hold_are_refused_before_anything_is_made
     error = capsys.readouterr().err
     assert "training processes on this machine's" in error and len(error.strip().splitlines()) == 1
     assert not out.exists()
+    assert main(["compare", "cnn-small", "mlp", *TINY, "--reuse", str(tmp_path / "typo"), "--data-dir", str(cifar_root), "--out", str(out)]) == 2
+    assert "is not a study folder" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.parametrize("occupied", ["folder", "file"])

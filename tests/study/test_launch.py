@@ -11,7 +11,7 @@ import pytest
 from conftest import real_cifar10_root, vitlab_process
 from vitlab.cli import main
 from vitlab.errors import VitlabError
-from vitlab.study.launch import check_launcher, slurm_parameters
+from vitlab.study.launch import check_launcher, slurm_parameters, submitit_parameters
 
 pytest.importorskip("submitit")
 
@@ -26,8 +26,11 @@ def test_slurm_parameters_are_key_value_pairs():
 
 
 def test_slurm_parameters_get_submitits_names_and_unknown_ones_are_refused(cifar_root, tmp_path, capsys):
-    assert check_launcher("slurm", {"partition": "gpu", "timeout_min": 120, "slurm_qos": "high", "gpus_per_node": 1}) == {
+    assert submitit_parameters({"partition": "gpu", "timeout_min": 120, "slurm_qos": "high", "gpus_per_node": 1}) == {
         "slurm_partition": "gpu", "timeout_min": 120, "slurm_qos": "high", "gpus_per_node": 1}
+    for bad in ("abc", -5, 1.5, True):
+        with pytest.raises(VitlabError, match="expected a whole number of at least 1"):
+            submitit_parameters({"timeout_min": bad})
     assert main(["compare", "cnn-small", "mlp", *TINY, "--epochs", "1", "--launcher", "slurm", "--slurm", "partitoin=gpu",
                  "--data-dir", str(cifar_root), "--out", str(tmp_path / "s")]) == 2
     error = capsys.readouterr().err
@@ -63,3 +66,13 @@ def test_slurm_parameters_without_the_slurm_launcher_are_refused(cifar_root, tmp
                  "--data-dir", str(cifar_root), "--out", str(tmp_path / "s")]) == 2
     assert "--slurm parameters apply to --launcher slurm only" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_the_slurm_launcher_without_slurm_is_refused_before_the_study_folder_is_made(cifar_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("shutil.which", lambda name: None)  # a machine without Slurm, whatever this one has
+    with pytest.raises(VitlabError, match="needs Slurm's sbatch"):
+        check_launcher("slurm", {"partition": "gpu"})
+    out = tmp_path / "study"
+    assert main(["compare", "cnn-small", "mlp", *TINY, "--epochs", "1", "--launcher", "slurm", "--data-dir", str(cifar_root),
+                 "--out", str(out)]) == 2
+    assert "needs Slurm's sbatch" in capsys.readouterr().err and not out.exists()

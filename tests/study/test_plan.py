@@ -79,6 +79,24 @@ def test_specs_that_map_to_the_same_run_are_refused():
         StudyPlan(specs=["vit:lr=0.001", "vit:lr=1e-3"], budget={}, seeds=[0])
 
 
+def test_values_that_differ_past_six_digits_are_different_runs():
+    spec = parse_spec("mlp:lr=0.0012345678")
+    assert spec.overrides["lr"] == 0.0012345678 and parse_spec(spec.text) == spec
+    plan = StudyPlan(specs=["mlp:lr=0.0012345678", "mlp:lr=0.0012345679"], budget={}, seeds=[0])
+    assert len(set(plan.specs)) == 2
+
+
+def test_a_study_whose_specs_would_test_on_different_images_or_need_too_long_a_folder_is_refused():
+    with pytest.raises(VitlabError, match="tested on different images"):
+        StudyPlan(specs=["mlp", "mlp:test_subset=40"], budget={"test_subset": 50}, seeds=[0])
+    settings = ",".join(f"{name}={value}" for name, value in [("lr", 0.001), ("weight_decay", 0.01), ("warmup_epochs", 2.0),
+                                                              ("label_smoothing", 0.1), ("min_lr_ratio", 0.01), ("grad_clip", 1.0)] * 1)
+    long_spec = "mlp:hidden_size=8,dropout=0.1," + settings + ",beta1=0.85,beta2=0.98,momentum=0.8,mixup=0.2,cutmix=0.3,random_erasing=0.1,tta=true"
+    long_spec += ",crop_padding=3,flip=false,ema_decay=0.5,checkpoint_every=7,eval_batch_size=333,batch_size=77,schedule=linear"
+    with pytest.raises(VitlabError, match="too long for a folder name"):
+        StudyPlan(specs=[long_spec], budget={}, seeds=[0])
+
+
 def test_plan_study_takes_the_first_seed_and_refuses_a_varied_setting_in_the_budget():
     plan = plan_study(["cnn-small"], {"seed": 4, "epochs": 2}, "cpu", 3, vary="lr=0.001,0.003")
     assert plan.seeds == [4, 5, 6] and plan.budget == {"epochs": 2} and plan.vary == "lr"

@@ -110,9 +110,7 @@ def reuse_finished_runs(todo: list[StudyMember], reuse_dirs: list[Path]) -> list
     if not reuse_dirs:
         return todo
     finished: dict[str, Path] = {}
-    for study in reuse_dirs:
-        if not (Path(study) / "study.json").is_file():
-            raise VitlabError(f"--reuse {study} is not a study folder (no study.json)")
+    for study in reuse_dirs:  # each checked by run_study before anything was made
         for results in sorted(Path(study).glob("runs/*/seed*/results.json")):
             try:
                 finished.setdefault(comparable_config(RunDir(results.parent).config()), results.parent)
@@ -141,7 +139,7 @@ def run_study(plan: StudyPlan, study_dir: str | Path, jobs: int = 1, command: st
     if jobs < 1:
         raise VitlabError(f"--jobs must be >= 1, got {jobs}")
     cores = os.cpu_count() or 1
-    if launcher == "local" and jobs > 8 * cores:  # each process holds its own copy of torch and the data
+    if launcher in ("local", "submitit-local") and jobs > 8 * cores:  # each process holds its own copy of torch and the data
         raise VitlabError(f"--jobs {jobs} would start {jobs} training processes on this machine's {cores} cores; choose at most {cores} "
                           "(runs side by side share the cores), or --launcher slurm to spread them over a cluster")
     from vitlab.study.launch import check_launcher
@@ -150,6 +148,9 @@ def run_study(plan: StudyPlan, study_dir: str | Path, jobs: int = 1, command: st
     members = plan.members(study_dir)  # parses every spec and config before anything is written
     for data_config in {json.dumps(dataclasses.asdict(m.config.data), sort_keys=True): m.config.data for m in members}.values():
         cached_data(data_config)  # missing or corrupt data fails before the folder is made
+    for study in reuse or []:
+        if not (Path(study) / "study.json").is_file():
+            raise VitlabError(f"--reuse {study} is not a study folder (no study.json)")
     check_study_folder(study_dir, plan)  # refused before the lock file is made in a folder that is not the study's
     with StudyLock(study_dir):
         open_study(study_dir, plan, command or shlex.join(["vitlab", *sys.argv[1:]]))

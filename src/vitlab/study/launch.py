@@ -10,11 +10,15 @@ SIGTERM first, on which vitlab saves a checkpoint.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from vitlab.errors import VitlabError
 
 SUBMITIT_FOLDER = "submitit"
+# Slurm parameters submitit types as int (checked here: submitit asserts on a string only when it submits).
+WHOLE_NUMBER_PARAMETERS = {"timeout_min", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "array_parallelism",
+                           "gpus_per_task", "cpus_per_gpu"}
 
 
 def slurm_parameters(items: list[str]) -> dict:
@@ -47,6 +51,16 @@ def check_launcher(launcher: str, slurm: dict) -> dict:
         import submitit  # noqa: F401
     except ImportError:
         raise VitlabError(f"--launcher {launcher} needs submitit; pip install 'vitlab[cluster]'") from None
+    named = submitit_parameters(slurm)
+    if launcher == "slurm" and shutil.which("sbatch") is None:
+        raise VitlabError("--launcher slurm needs Slurm's sbatch, which is not on this machine's PATH; run the command on the "
+                          "cluster's login node, or use --launcher local")
+    return named
+
+
+def submitit_parameters(slurm: dict) -> dict:
+    """--slurm's parameters under submitit's names (partition → slurm_partition), each one submitit knows, whole numbers
+    where submitit wants them."""
     from submitit.auto.auto import AutoExecutor
     from submitit.slurm.slurm import SlurmExecutor
 
@@ -61,6 +75,9 @@ def check_launcher(launcher: str, slurm: dict) -> dict:
         else:
             raise VitlabError(f"--slurm {key}=...: not a Slurm parameter submitit knows; use one of "
                               f"{', '.join(sorted(generic | specific))}")
+    for key, value in named.items():
+        if key.removeprefix("slurm_") in WHOLE_NUMBER_PARAMETERS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise VitlabError(f"--slurm {key}={value}: expected a whole number of at least 1")
     return named
 
 

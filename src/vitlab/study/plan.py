@@ -29,6 +29,7 @@ from vitlab.provenance import versions
 
 STUDY_FILE = "study.json"
 RUNS_FOLDER = "runs"
+MAX_FOLDER_NAME = 200  # a SPEC's folder name: file systems take 255 bytes, and the lock file beside a run adds a few
 
 # The seeds' study: their CNN against ViTs at patch sizes 2, 4, 6, 8 (ViT defaults: width 64, 4 blocks,
 # 4 heads, seed 001's size), the CNN first as the baseline, and the seeds' MLP.
@@ -80,8 +81,9 @@ def canonical_value(value: Any) -> str:
         return "/".join(canonical_value(v) for v in value)
     if isinstance(value, dict):  # keyword arguments (timm_kwargs): in brackets, so their commas stay inside the value
         return "[" + ",".join(f"{key}={canonical_value(v)}" for key, v in value.items()) + "]"
-    if isinstance(value, float):
-        return f"{value:g}" if value == value and abs(value) != float("inf") else str(value)
+    if isinstance(value, float):  # short where that is exact (folder names), every digit where it is not (0.0012345678)
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
     return str(value)
 
 
@@ -131,7 +133,10 @@ def parse_spec(text: str) -> ModelSpec:
     parts = [canonical_value(overrides[variant_field])] if variant_field in overrides else []
     parts += [f"{key}={canonical_value(value)}" for key, value in overrides.items() if key != variant_field]
     canonical = name + (":" + ",".join(parts) if parts else "")
-    build_run_config(None if preset else model, preset, overrides)  # impossible values and shapes fail now
+    try:
+        build_run_config(None if preset else model, preset, overrides)  # impossible values and shapes fail now
+    except VitlabError as error:
+        raise VitlabError(f"'{text}': {error}") from None
     return ModelSpec(text=canonical, model=model, preset=preset, overrides=overrides)
 
 
@@ -212,10 +217,19 @@ class StudyPlan:
             if spec.slug in seen:
                 raise VitlabError(f"SPECs '{seen[spec.slug]}' and '{spec.text}' are the same run (folder runs/{spec.slug}); give each model once")
             seen[spec.slug] = spec.text
+            if len(spec.slug) > MAX_FOLDER_NAME:
+                raise VitlabError(f"SPEC '{spec.text}' is too long for a folder name ({len(spec.slug)} characters); give the settings every "
+                                  "SPEC shares as flags, or fewer settings per SPEC")
+        test_sets: dict[tuple, str] = {}
         for spec in parsed:
             run = self.run_config(spec, self.seeds[0])  # a budget setting a SPEC's model lacks fails now
             if run.train.optimizer in ("muon", "muon-adamw") or run.train.whitening_bias_epochs:  # so do optimiser settings the model cannot take
                 check_optimizer(spec.text, run)
+            test_sets.setdefault((run.data.dataset, run.data.data_dir, run.data.test_subset, run.data.image_size), spec.text)
+        if len(test_sets) > 1:  # the paired statistics compare predictions on the same test images
+            first, second = list(test_sets.values())[:2]
+            raise VitlabError(f"SPECs '{first}' and '{second}' would be tested on different images (dataset, data_dir, test_subset or "
+                              "image_size differ); a study compares runs on one test set, so give these settings as flags for all")
         if len(set(self.seeds)) != len(self.seeds):
             raise VitlabError(f"seeds {self.seeds} repeat a seed; give distinct seeds")
 
