@@ -109,6 +109,11 @@ def test_save_and_load_give_the_same_logits(tmp_path):
     torch.testing.assert_close(model(images), loaded(images), rtol=0, atol=0)
     assert loaded.config == model.config
     assert isinstance(VitlabModel.load(tmp_path / "model.safetensors"), VisionTransformer)
+    (tmp_path / "results.json").write_text("{}")  # now a finished run's folder: its weights are not replaced
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    with pytest.raises(VitlabError, match="holds a finished run"):
+        build_model("cnn-small").save(tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == weights
 
 
 def test_loading_the_wrong_kind_or_a_truncated_file_is_a_clear_error(tmp_path):

@@ -17,7 +17,7 @@ from torch import nn
 
 from vitlab.errors import VitlabError
 from vitlab.io import read_json, read_tensors, write_json, write_tensors
-from vitlab.rundir import CHECKPOINT_FILE, MODEL_FILE, WEIGHTS_FILE
+from vitlab.rundir import CHECKPOINT_FILE, MODEL_FILE, RESULTS_FILE, WEIGHTS_FILE
 
 # Config fields that the data decides (image size, number of classes): not flags, set from the dataset.
 FROM_DATA = {"from_data": True}
@@ -147,8 +147,11 @@ class VitlabModel(nn.Module):
         return {"model": self.name, "config": dataclasses.asdict(self.config), "data": dataclasses.asdict(self.input_spec)}
 
     def save(self, directory: str | Path) -> Path:
-        """Write `model.safetensors` and `model.json` into `directory`; returns the weights path."""
+        """Write `model.safetensors` and `model.json` into `directory`; returns the weights path. A finished run's folder
+        is refused: its weights belong to its results."""
         directory = Path(directory)
+        if (directory / RESULTS_FILE).is_file():
+            raise VitlabError(f"{directory} holds a finished run (it has {RESULTS_FILE}), whose weights this would replace; save into another folder")
         # contiguous() also makes channels_last weights portable across memory formats.
         state = {key: value.detach().cpu().contiguous() for key, value in self.state_dict().items()}
         write_tensors(directory / WEIGHTS_FILE, state)
