@@ -11,7 +11,7 @@ from vitlab.errors import VitlabError
 from vitlab.inspect.images import ImageSet
 from vitlab.models import build_model
 from vitlab.rundir import RunDir
-from vitlab.serve.app import build_app, require_gradio, run_view, serve
+from vitlab.serve.app import build_app, require_gradio, run_view, serve, whole_number
 from vitlab.serve.runs import ServedRun, load_runs
 
 
@@ -61,3 +61,13 @@ def test_a_one_block_vit_and_a_one_image_test_set_still_build(tmp_path):
     top, rollout, _, attention, caption = run_view(run)(image, 1, 1)
     assert len(top) == 5 and rollout.shape == attention.shape == (192, 192, 3)
     assert caption == "layer 1 of 1, head 1 of 1: CLS-to-patch attention"
+
+
+@pytest.mark.parametrize("sent", [float("nan"), float("inf"), -3, 10**9, "abc", [0, 1], None])
+def test_numbers_the_browser_sends_become_a_valid_layer_and_head(tmp_path, sent):
+    model = build_model("vit", patch_size=8, hidden_size=16, num_heads=2, num_blocks=2).eval()
+    run = ServedRun("vit", RunDir(tmp_path), model, list(CLASSES), 10.0)
+    image = torch.full((3, 32, 32), 30, dtype=torch.uint8)
+    *_, attention, caption = run_view(run)(image, sent, sent)
+    assert attention.shape == (192, 192, 3) and caption.startswith("layer ")
+    assert whole_number(sent, 0, 9) in range(10)

@@ -9,6 +9,7 @@ Elements carry `elem_id`s (status, top5-0, map-0, attention-0, ...) so a browser
 
 # No `from __future__ import annotations`: gradio reads the real `gr.SelectData` annotation of pick_gallery.
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,16 @@ def require_gradio():
     return gradio
 
 
+def whole_number(value: Any, low: int, high: int) -> int:
+    """A slider's or a click's value as an int within [low, high]: the browser can send NaN, a string or a list, which
+    the sliders' own bounds do not stop (NaN compares false with both ends); anything that is not a number is `low`."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return low
+    return low if not math.isfinite(number) else min(max(int(number), low), high)
+
+
 def build_app(runs: list[ServedRun], images: ImageSet):
     """The Gradio Blocks app for `runs`, with `images` (CIFAR-10 test images) to pick from."""
     gr = require_gradio()
@@ -44,14 +55,17 @@ def build_app(runs: list[ServedRun], images: ImageSet):
         return image, views.enlarge(image), source
 
     def pick_test(index: float) -> tuple[torch.Tensor, Any, str]:
-        index = min(max(int(index), 0), count - 1)
+        index = whole_number(index, 0, count - 1)
         return picked(images.images[index], f"**test image {index}**, true class: **{images.true_name(index)}**")
 
     def pick_gallery(event: gr.SelectData) -> tuple[torch.Tensor, Any, str, int]:
-        return (*pick_test(event.index), event.index)
+        index = whole_number(event.index, 0, count - 1)
+        return (*pick_test(index), index)
 
     def pick_upload(path: str, current: torch.Tensor | None) -> tuple[Any, Any, str]:
         try:
+            if not isinstance(path, str) or not path:
+                raise VitlabError("no file arrived; upload an image file again")
             image = read_upload(path)
         except VitlabError as error:
             return current, gr.update(), f"**Refused:** {error}"
@@ -143,7 +157,7 @@ def run_view(run: ServedRun) -> Callable[..., list[Any]]:
             return [None, None, ""] + [None, ""] * (run.kind == "vit")
         values: list[Any] = [views.top_classes(run, image), *views.where_it_looks(run, image)]
         if run.kind == "vit":
-            values += list(views.attention_overlay(run, image, *(int(value) for value in layer_and_head)))
+            values += list(views.attention_overlay(run, image, *layer_and_head_of(run, *layer_and_head)))
         return values
 
     return produce
@@ -153,9 +167,14 @@ def attention_view(run: ServedRun) -> Callable[[torch.Tensor | None, float, floa
     def one_layer(image: torch.Tensor | None, layer: float, head: float) -> tuple[Any, str]:
         if image is None:
             return None, ""
-        return views.attention_overlay(run, image, int(layer), int(head))
+        return views.attention_overlay(run, image, *layer_and_head_of(run, layer, head))
 
     return one_layer
+
+
+def layer_and_head_of(run: ServedRun, layer: Any, head: Any) -> tuple[int, int]:
+    """The sliders' values as a valid (layer 1..blocks, head 0..heads; head 0 is the mean of the heads)."""
+    return whole_number(layer, 1, run.model.config.num_blocks), whole_number(head, 0, run.model.config.num_heads)
 
 
 def check_address(host: str, port: int) -> None:
