@@ -21,6 +21,7 @@ def test_tuple_settings_are_written_with_a_slash_or_brackets():
     assert parse_spec("cnn-small:channels=[8,16],lr=0.01").overrides == {"channels": (8, 16), "lr": 0.01}
     assert parse_spec("cnn-small:channels=8/16").slug == "cnn-small_channels-8x16"
     assert sweep_specs(["cnn-small"], "channels=8/16,16/32") == ["cnn-small:channels=8/16", "cnn-small:channels=16/32"]
+    assert parse_spec("cnn-small:dataset=folder:/data/pets").overrides == {"dataset": "folder:/data/pets"}  # a path keeps its '/'
 
 
 def test_timm_specs_name_the_architecture_first_and_bracket_their_keyword_arguments(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,11 @@ def parse_setting_value(model: str, name: str, text: str) -> Any:
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
-    text = text.replace("/", ",")
-    return parse_field_value(setting_annotation_class(model, name), name, text)
+    owner = setting_annotation_class(model, name)
+    annotation = typing.get_type_hints(owner).get(name)
+    if any(option is tuple or typing.get_origin(option) is tuple for option in (annotation, *typing.get_args(annotation))):
+        text = text.replace("/", ",")  # only a tuple's items are separated by '/': a path keeps its own
+    return parse_field_value(owner, name, text)
 
 
 def canonical_value(value: Any) -> str:
