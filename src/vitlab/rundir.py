@@ -229,6 +229,15 @@ class RunDir:
                 raise VitlabError(f"{self.results_file} has no valid '{key}' (got {value!r}); the run folder is corrupt, train the run again")
         if not 0 <= results["test_acc"] <= 100:
             raise VitlabError(f"{self.results_file} has test_acc {results['test_acc']}, outside 0..100; the run folder is corrupt")
+        for key in ("params", "flops_per_image", "images_per_second"):  # optional, but numbers where present
+            value = results.get(key)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise VitlabError(f"{self.results_file} has '{key}' {value!r}, not a number; the run folder is corrupt, train the run again")
+        per_class = results.get("per_class_acc")
+        if per_class is not None and (not isinstance(per_class, dict) or not all(
+                isinstance(value, (int, float)) and not isinstance(value, bool) for value in per_class.values())):
+            raise VitlabError(f"{self.results_file} has a 'per_class_acc' that is not class names with accuracies; the run folder "
+                              "is corrupt, train the run again")
         return results
 
     # -- model and predictions -------------------------------------------------------------------------

@@ -71,6 +71,7 @@ def test_the_report_embeds_only_the_study_figures_and_escapes_what_it_reads(cifa
     lambda study: study.update(specs="cnn-small"),
     lambda study: study.update(seeds=[0, "one"]),
     lambda study: study.clear(),
+    lambda study: study.update(vary=["lr"]),
 ])
 def test_a_damaged_study_json_is_one_clear_error(cifar_root, tmp_path, damage, capsys):
     out = tmp_path / "study"
@@ -84,3 +85,31 @@ def test_a_damaged_study_json_is_one_clear_error(cifar_root, tmp_path, damage, c
     assert "study.json is damaged" in error and len(error.strip().splitlines()) == 1
     with pytest.raises(VitlabError):
         summarize_study(out)
+
+
+@pytest.mark.parametrize(("file", "edit", "message"), [
+    ("results.json", lambda results: results.update(params="abc"), "'params' 'abc', not a number"),
+    ("results.json", lambda results: results.update(per_class_acc=[1, 2]), "'per_class_acc' that is not class names"),
+    ("results.json", lambda results: results["per_class_acc"].pop("cat"), None),  # a class one seed lacks: left out of the table
+    ("metrics.jsonl", None, "lacks one of"),
+])
+def test_edited_run_files_are_one_clear_error_or_left_out(cifar_root, tmp_path, file, edit, message, capsys):
+    out = tmp_path / "study"
+    make_study(cifar_root, out, seeds=2)
+    path = sorted(out.glob(f"runs/*/seed1/{file}"))[0]
+    if edit is None:  # a metrics line without its validation loss
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        lines[0].pop("val_loss")
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    else:
+        results = json.loads(path.read_text())
+        edit(results)
+        path.write_text(json.dumps(results))
+    capsys.readouterr()
+    status = main(["report", str(out)])
+    error = capsys.readouterr().err
+    if message is None:
+        header = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| Model | airplane"))
+        assert status == 0 and "| cat |" not in header and "| dog |" in header, error
+    else:
+        assert status == 2 and message in error and len(error.strip().splitlines()) == 1, error

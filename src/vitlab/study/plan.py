@@ -331,6 +331,8 @@ def read_study(study_dir: Path) -> dict:
             problems.append("'seeds' is not a list of integers")
         if not isinstance(study.get("budget", {}), dict):
             problems.append("'budget' is not an object")
+        if study.get("vary") is not None and not isinstance(study.get("vary"), str):
+            problems.append("'vary' is not a setting name")
     if problems:
         raise VitlabError(f"{Path(study_dir) / STUDY_FILE} is damaged ({problems[0]}); restore it or run the study again in a new folder")
     return study

@@ -88,7 +88,7 @@ def report_markdown(study_dir: Path, summary: StudySummary) -> str:
               "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
     lines += [f"| {escaped(r['spec'])} | {r['seed']} | {r['test_acc']:.2f} | {r['test_loss']:.4f} | {r['train_seconds']:.0f} s | "
               f"{'yes' if r['resumed'] else 'no'} | <code>{escaped(r['folder'])}</code> |" for r in records]
-    classes = list(summary.rows[0].per_class_acc) if summary.rows else []
+    classes = [name for name in summary.rows[0].per_class_acc if all(name in row.per_class_acc for row in summary.rows)] if summary.rows else []
     if classes:
         lines += ["", "## Per-class test accuracy (mean over seeds, %)", "",
                   "| Model | " + " | ".join(escaped(c) for c in classes) + " |", "| --- |" + " ---: |" * len(classes)]

@@ -225,6 +225,11 @@ def mean_history(folders: list[RunDir]) -> list[dict]:
     histories = [{record["epoch"]: record for record in folder.history()} for folder in folders]
     epochs = sorted(set.intersection(*(set(h) for h in histories))) if histories else []
     keys = ("train_loss", "train_acc", "val_loss", "val_acc")
+    for folder, history in zip(folders, histories, strict=True):
+        for epoch in epochs:
+            if not all(isinstance(history[epoch].get(key), (int, float)) and not isinstance(history[epoch].get(key), bool) for key in keys):
+                raise VitlabError(f"{folder.metrics_file}: epoch {epoch} lacks one of {', '.join(keys)}; the run folder is corrupt, "
+                                  "train the run again")
     return [{"epoch": epoch, **{key: sum(h[epoch][key] for h in histories) / len(histories) for key in keys}} for epoch in epochs]
 
 
@@ -268,14 +273,15 @@ def summarize_study(study_dir: str | Path, write: bool = True, resamples: int = 
             correct[spec][seed] = correctness(folder, labels)
             labels = labels if labels is not None else folder.predictions()["labels"]
         first = next(iter(results.values()))
-        classes = list(first.get("per_class_acc") or {})
+        # classes every seed has (a damaged or foreign results.json may lack some)
+        classes = [name for name in (first.get("per_class_acc") or {}) if all(name in (r.get("per_class_acc") or {}) for r in results.values())]
         rows.append(Row(
-            spec=spec, model=first.get("model", "?"), settings=flat_settings(next(iter(runs.values()))), params=int(first.get("params", 0)),
-            flops_per_image=float(first.get("flops_per_image", float("nan"))), seeds=sorted(runs),
+            spec=spec, model=first.get("model", "?"), settings=flat_settings(next(iter(runs.values()))), params=int(first.get("params") or 0),
+            flops_per_image=float(first.get("flops_per_image") or float("nan")), seeds=sorted(runs),
             test_acc=mean_and_ci([r["test_acc"] for r in results.values()]),
             test_loss=mean_and_ci([r["test_loss"] for r in results.values()]),
             train_seconds=mean_and_ci([r["train_seconds"] for r in results.values()]),
-            images_per_second=sum(float(r.get("images_per_second", 0.0)) for r in results.values()) / len(results),
+            images_per_second=sum(float(r.get("images_per_second") or 0.0) for r in results.values()) / len(results),
             per_seed_acc={seed: r["test_acc"] for seed, r in sorted(results.items())},
             per_class_acc={name: sum(r["per_class_acc"][name] for r in results.values()) / len(results) for name in classes},
             history=mean_history(list(runs.values())),
