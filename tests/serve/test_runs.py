@@ -77,6 +77,8 @@ def test_a_run_for_other_images_is_refused(served_runs, tmp_path):
     description["config"]["num_classes"] = 100
     model = build_model(description["model"], **description["config"])
     model.input_spec = InputSpec(classes=tuple(f"class{i}" for i in range(100)), dataset="cifar100")
-    model.save(folder)
+    model.save(tmp_path / "other")  # a finished run's folder refuses save(): the foreign model goes in by copy
+    for name in ("model.safetensors", "model.json"):
+        shutil.copy(tmp_path / "other" / name, folder / name)
     with pytest.raises(VitlabError, match=r"holds a model for 100 classes of 32×32 images \(cifar100\); vitlab serve shows CIFAR-10"):
         load_run(folder)

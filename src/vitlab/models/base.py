@@ -173,7 +173,7 @@ class VitlabModel(nn.Module):
             raise VitlabError(f"{path} does not exist; pass a run folder written by 'vitlab train' or its model.safetensors")
         directory = path if path.is_dir() else path.parent
         weights, description_file = directory / WEIGHTS_FILE, directory / MODEL_FILE
-        if not weights.exists() and (directory / CHECKPOINT_FILE).is_file():
+        if not weights.exists() and (directory / CHECKPOINT_FILE).is_file() and not (directory / RESULTS_FILE).is_file():
             raise VitlabError(f"{directory} has not finished training (no {WEIGHTS_FILE} yet); finish it with: vitlab train --resume {directory}")
         if not weights.exists():
             raise VitlabError(f"no saved model in {directory} (missing {WEIGHTS_FILE}); pass a run folder written by 'vitlab train'")
