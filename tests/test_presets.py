@@ -31,5 +31,5 @@ def convolutions_that_see_across_patches(model: nn.Module) -> list[nn.Conv2d]:
 
 def test_vit_pure_has_no_convolution_and_the_hybrids_have_a_conv_tokenizer():
     assert convolutions_that_see_across_patches(model_from_config(build_run_config(None, "vit-pure", {}).model)) == []
-    for hybrid in ("vit-fast", "vit-cct", "vit-best"):
+    for hybrid in ("vit-fast", "vit-cct", "vit-best", "vit-cct-gpu"):
         assert len(convolutions_that_see_across_patches(model_from_config(build_run_config(None, hybrid, {}).model))) >= 2
