@@ -252,6 +252,8 @@ class RunDir:
     def model(self, device: str | torch.device = "cpu") -> VitlabModel:
         from vitlab.models.base import VitlabModel
 
+        if self.state() == "resumable" and not (self.path / WEIGHTS_FILE).exists():
+            raise VitlabError(f"{self.path} has not finished training (no {WEIGHTS_FILE} yet); finish it with: vitlab train --resume {self.path}")
         return VitlabModel.load(self.path, device)
 
     def save_predictions(self, labels: torch.Tensor, predictions: torch.Tensor, probabilities: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from vitlab.errors import VitlabError
 from vitlab.io import read_json, read_tensors, write_json, write_tensors
-from vitlab.rundir import CHECKPOINT_FILE, MODEL_FILE, RESULTS_FILE, WEIGHTS_FILE
+from vitlab.rundir import MODEL_FILE, RESULTS_FILE, WEIGHTS_FILE
 
 # Config fields that the data decides (image size, number of classes): not flags, set from the dataset.
 FROM_DATA = {"from_data": True}
@@ -173,8 +173,6 @@ class VitlabModel(nn.Module):
             raise VitlabError(f"{path} does not exist; pass a run folder written by 'vitlab train' or its model.safetensors")
         directory = path if path.is_dir() else path.parent
         weights, description_file = directory / WEIGHTS_FILE, directory / MODEL_FILE
-        if not weights.exists() and (directory / CHECKPOINT_FILE).is_file() and not (directory / RESULTS_FILE).is_file():
-            raise VitlabError(f"{directory} has not finished training (no {WEIGHTS_FILE} yet); finish it with: vitlab train --resume {directory}")
         if not weights.exists():
             raise VitlabError(f"no saved model in {directory} (missing {WEIGHTS_FILE}); pass a run folder written by 'vitlab train'")
         description = read_json(description_file, "model description")
