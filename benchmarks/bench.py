@@ -257,6 +257,7 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA GPU is visible")
 
+    from vitlab.kernels import kernel_status
     from vitlab.provenance import cpu_description
 
     root = str(locate_cifar10(args.data_dir, download_if_missing=False).parent)
@@ -266,6 +267,9 @@ def main() -> None:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
     print(f"{machine}, torch {torch.__version__}, {torch.get_num_threads()} threads; same-run peaks: bf16 matmul {peak_bf16:.3f} TFLOP/s, "
           f"fp32 {peak_fp32:.3f} TFLOP/s (2048³, best of 5 × 5); copy {bandwidth:.1f} GB/s (read + write)", flush=True)
+    kernels = kernel_status() if device.type == "cpu" else None
+    if kernels:
+        print(f"vitlab's CPU kernels: {kernels}", flush=True)
     loader = None if args.skip_reference else reference_loader(root, args.batch_size)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     rows = []
@@ -326,7 +330,7 @@ def main() -> None:
               f"({row['local_bf16_peaks'][0]:.2f} / {row['local_bf16_peaks'][1]:.2f}) | {traffic} | {matmul} | {others} |")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"machine": machine, "peak_bf16_tflop_s": peak_bf16, "peak_fp32_tflop_s": peak_fp32, "copy_gb_s": bandwidth,
+            json.dump({"machine": machine, "cpu_kernels": kernels, "peak_bf16_tflop_s": peak_bf16, "peak_fp32_tflop_s": peak_fp32, "copy_gb_s": bandwidth,
                        "rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args)}, handle, indent=2)
 
 

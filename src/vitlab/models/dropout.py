@@ -1,13 +1,20 @@
 """Dropout that is cheap on the CPU.
 
 `nn.Dropout` on the CPU draws one Bernoulli sample per element, and that dominated the training step
-of seed 002's ViT (dropout 0.1; the profile is in docs/performance.md). Drawing the random numbers is
-the cost, so `Dropout` here draws 64 random bits per int64 and uses them as four 15-bit uniform
-numbers, one per element: a quarter of the generator calls. The drop probability is rounded to a
-multiple of 1/32768 (0.1 becomes 0.100006) and the kept elements are scaled to match. On other
-devices (CUDA's generator is fast) it is `F.dropout`.
+of seed 002's ViT (dropout 0.1; the profile is in docs/performance.md). On the CPU, `Dropout` here
+gives each element a 15-bit uniform number and drops it when the number is below a threshold: the drop
+probability is rounded to a multiple of 1/32768 (0.1 becomes 0.100006) and the kept elements are
+scaled to match. On other devices (CUDA's generator is fast) it is `F.dropout`.
 
-The mask is applied as a multiplication by 0 or 1 in the inputs' own dtype, built with integer
+Two ways to the numbers, the same distribution:
+- **C kernel** (vitlab.kernels, where a C compiler is present; bf16 and fp32): one pass that draws
+  counter-based numbers (SplitMix64 under a key drawn from PyTorch's generator) and scales or zeroes
+  each element; backward regenerates the mask from the key, so no mask is stored. A dropped element
+  is 0 whatever its value (as `where` gives).
+- **PyTorch operators** (otherwise, and under torch.compile): 64 random bits per int64 from PyTorch's
+  generator, used as four 15-bit numbers, one per element (a quarter of the generator calls).
+
+In the operator path the mask is applied as a multiplication by 0 or 1 in the inputs' own dtype, built with integer
 arithmetic on the random numbers and reinterpreted as floats: PyTorch's CPU kernels that mix a bool
 mask with floats (`where`, a bool → float cast) ran 3-5× slower than float-only ones
 (docs/performance.md). For finite inputs and gradients the result is `where(mask, inputs * scale, 0)`
@@ -19,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vitlab.kernels.dropout import kernel_supports, masked_scale, random_key
 
 RESOLUTION = 1 << 15  # 15 uniform bits per element
 # Floating dtypes whose 0/1 multiplier is built as integers: (integer type of the same width, bit pattern of 1.0).
@@ -56,8 +65,28 @@ def keep_multiplier(shape: torch.Size, p: float, dtype: torch.dtype, device: tor
     return bits.view(dtype).view(shape)
 
 
+class KernelDropout(torch.autograd.Function):
+    """inputs × scale where kept, 0 where dropped, by the C kernel; backward applies the same mask to the gradient."""
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, p: float, scale: float) -> torch.Tensor:
+        ctx.mask = (random_key(inputs.device), drop_threshold(p), scale)
+        return masked_scale(inputs, *ctx.mask)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return masked_scale(grad, *ctx.mask), None, None
+
+
+def use_kernel(inputs: torch.Tensor) -> bool:
+    return kernel_supports(inputs) and not torch.compiler.is_compiling()
+
+
 def apply_mask(inputs: torch.Tensor, p: float) -> torch.Tensor:
     """`inputs` with each element zeroed with probability ≈ p (not rescaled)."""
+    if use_kernel(inputs):
+        return KernelDropout.apply(inputs, p, 1.0)
     if inputs.dtype in ONE_BITS:
         return inputs * keep_multiplier(inputs.shape, p, inputs.dtype, inputs.device)
     return torch.where(keep_mask(inputs.shape, p, inputs.device), inputs, 0.0)
@@ -65,6 +94,8 @@ def apply_mask(inputs: torch.Tensor, p: float) -> torch.Tensor:
 
 def fast_dropout(inputs: torch.Tensor, p: float) -> torch.Tensor:
     """Zero each element with probability ≈ p and scale the rest so the expectation is unchanged."""
+    if use_kernel(inputs):
+        return KernelDropout.apply(inputs, p, keep_scale(p))
     return apply_mask(inputs, p).mul_(keep_scale(p))
 
 

@@ -11,6 +11,7 @@ import torch
 from vitlab.config import DataConfig, RunConfig
 from vitlab.data import CIFAR10
 from vitlab.errors import RunStopped, VitlabError
+from vitlab.kernels import kernel_status
 from vitlab.models import VitlabModel, model_from_config
 from vitlab.models.flops import forward_flops_per_image
 from vitlab.provenance import cpu_description, device_description, git_commit, measured_matmul_peak, versions
@@ -176,6 +177,7 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir
         "cpu": cpu_description(),
         "bf16_matmul_peak_tflop_s": peak,
         "precision": runner.precision,
+        "cpu_kernels": kernel_status() if runner.device.type == "cpu" else None,
         "processes": distributed.world_size,
         "resumed": resume,
         "versions": versions(),

@@ -1,0 +1,54 @@
+import pytest
+
+from vitlab.kernels import build
+
+
+@pytest.fixture
+def fresh_load(monkeypatch, tmp_path):
+    """load() recomputed under the test's environment, and again afterwards for the other tests."""
+    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path))
+    build.load.cache_clear()
+    yield tmp_path
+    build.load.cache_clear()
+
+
+def test_the_library_is_compiled_into_the_cache_and_reused(fresh_load):
+    if build.find_compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    library, status = build.load()
+    assert library is not None and status.startswith("compiled C")
+    built = list((fresh_load / "kernels").glob("vitlab-kernels-*.so"))
+    assert len(built) == 1 and built[0].name in status
+    assert not list((fresh_load / "kernels").glob("tmp*"))  # the temporary file was renamed
+    build.load.cache_clear()
+    modified = built[0].stat().st_mtime_ns
+    assert build.load()[0] is not None and built[0].stat().st_mtime_ns == modified  # loaded, not rebuilt
+
+
+def test_switched_off_by_the_environment(fresh_load, monkeypatch):
+    monkeypatch.setenv("VITLAB_C_KERNELS", "0")
+    assert build.load() == (None, "PyTorch operators (VITLAB_C_KERNELS=0)")
+    assert build.compiled_library() is None
+
+
+def test_no_compiler_falls_back_to_pytorch_operators(fresh_load, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-anywhere")
+    library, status = build.load()
+    assert library is None and "no C compiler found" in status
+    assert not (fresh_load / "kernels").exists()
+
+
+def test_a_failing_compiler_falls_back_and_leaves_nothing_behind(fresh_load, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # exits 1 without output
+    library, status = build.load()
+    assert library is None and status.startswith("PyTorch operators (false failed")
+    assert not list((fresh_load / "kernels").iterdir())
+
+
+def test_the_cache_key_follows_source_compiler_and_cpu(monkeypatch):
+    first = build.library_path("/usr/bin/cc", b"int x;")
+    assert build.library_path("/usr/bin/cc", b"int x;") == first
+    assert build.library_path("/usr/bin/cc", b"int y;") != first
+    assert build.library_path("/usr/bin/clang", b"int x;") != first
+    monkeypatch.setattr(build, "cpu_flags", lambda: "flags : avx2")
+    assert build.library_path("/usr/bin/cc", b"int x;") != first
