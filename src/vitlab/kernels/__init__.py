@@ -9,6 +9,6 @@ Without a C compiler, or with `VITLAB_C_KERNELS=0`, every caller falls back to P
 results differ only in which random numbers are drawn (see `kernel_status()`, saved with every result).
 """
 
-from vitlab.kernels.build import compiled_library, kernel_status
+from vitlab.kernels.build import compiled_library, kernel_status, recording_graph
 
-__all__ = ["compiled_library", "kernel_status"]
+__all__ = ["compiled_library", "kernel_status", "recording_graph"]

@@ -12,9 +12,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import torch  # noqa: F401  (loads PyTorch's OpenMP runtime first, so the library shares it)
+import torch  # (also loads PyTorch's OpenMP runtime before the library, so the library shares it)
 
-SOURCES = ("dropout.c",)
+SOURCES = ("dropout.c", "softmax.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 COMPILE_SECONDS = 120
 DISABLE_VARIABLE = "VITLAB_C_KERNELS"
@@ -26,6 +26,10 @@ SIGNATURES = {
                              ctypes.c_float, ctypes.c_int], None),
     "vitlab_dropout_f32": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32,
                             ctypes.c_float, ctypes.c_int], None),
+    "vitlab_softmax_bf16": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int], None),
+    "vitlab_softmax_backward_bf16": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int],
+                                     None),
+    "vitlab_softmax_max_columns": ([], ctypes.c_int64),
 }
 
 
@@ -102,6 +106,12 @@ def load() -> tuple[ctypes.CDLL | None, str]:
 def compiled_library() -> ctypes.CDLL | None:
     """The C kernels, compiled on first use; None where they cannot be (then use PyTorch operators)."""
     return load()[0]
+
+
+def recording_graph() -> bool:
+    """Whether torch.compile, tracing or ONNX export is recording the graph: the C kernels are plain function calls
+    that none of them can record, so callers use PyTorch operators then."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def kernel_status() -> str:

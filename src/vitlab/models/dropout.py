@@ -11,7 +11,7 @@ Two ways to the numbers, the same distribution:
   counter-based numbers (SplitMix64 under a key drawn from PyTorch's generator) and scales or zeroes
   each element; backward regenerates the mask from the key, so no mask is stored. A dropped element
   is 0 whatever its value (as `where` gives).
-- **PyTorch operators** (otherwise, and under torch.compile): 64 random bits per int64 from PyTorch's
+- **PyTorch operators** (otherwise, and while torch.compile, tracing or ONNX export records the graph): 64 random bits per int64 from PyTorch's
   generator, used as four 15-bit numbers, one per element (a quarter of the generator calls).
 
 In the operator path the mask is applied as a multiplication by 0 or 1 in the inputs' own dtype, built with integer
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab.kernels import recording_graph
 from vitlab.kernels.dropout import kernel_supports, masked_scale, random_key
 
 RESOLUTION = 1 << 15  # 15 uniform bits per element
@@ -80,7 +81,7 @@ class KernelDropout(torch.autograd.Function):
 
 
 def use_kernel(inputs: torch.Tensor) -> bool:
-    return kernel_supports(inputs) and not torch.compiler.is_compiling()
+    return kernel_supports(inputs) and not recording_graph()
 
 
 def apply_mask(inputs: torch.Tensor, p: float) -> torch.Tensor:

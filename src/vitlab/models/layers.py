@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vitlab.kernels import recording_graph
+from vitlab.kernels import softmax as softmax_kernel
 from vitlab.models.dropout import dropout_matmul
 
 try:
@@ -49,6 +51,31 @@ def self_mask_bias(tokens: int, dtype: torch.dtype, device: torch.device) -> tor
     return torch.zeros(tokens, tokens, dtype=dtype, device=device).masked_fill_(diagonal, float("-inf"))
 
 
+class KernelSoftmax(torch.autograd.Function):
+    """softmax over the last axis by vitlab's C kernel (bf16 on the CPU), optionally without the diagonal."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, mask_diagonal: bool) -> torch.Tensor:
+        weights = softmax_kernel.softmax(scores, mask_diagonal)
+        ctx.save_for_backward(weights)
+        return weights
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_weights: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (weights,) = ctx.saved_tensors
+        return softmax_kernel.softmax_backward(weights, grad_weights), None
+
+
+def attention_softmax(scores: torch.Tensor, mask_self: bool) -> torch.Tensor:
+    """softmax(scores, dim=-1) over (B, H, T, T), with each token's score for itself left out if mask_self."""
+    if softmax_kernel.kernel_supports(scores) and not recording_graph():
+        return KernelSoftmax.apply(scores, mask_self)
+    if mask_self:
+        scores = scores + self_mask_bias(scores.shape[-1], scores.dtype, scores.device)
+    return scores.softmax(dim=-1)
+
+
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, dropout: float = 0.0,
               scale: torch.Tensor | float | None = None, mask_self: bool = False,
               return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -69,9 +96,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, dr
     if return_weights or cpu_dropout or mask_self or learned_scale or short_on_cpu:
         # Scaling Q (T × Dh) instead of the scores (T × T) saves a pass over the largest tensor.
         scores = (query * scale) @ key.transpose(-2, -1)  # (B, H, T, T)
-        if mask_self:
-            scores = scores + self_mask_bias(scores.shape[-1], scores.dtype, scores.device)
-        weights = scores.softmax(dim=-1)
+        weights = attention_softmax(scores, mask_self)
         if cpu_dropout:
             mixed = dropout_matmul(weights, value, dropout)
         else:
