@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch  # (also loads PyTorch's OpenMP runtime before the library, so the library shares it)
 
-SOURCES = ("dropout.c", "softmax.c")
+SOURCES = ("attention.c", "dropout.c", "softmax.c")
+HEADERS = ("bf16_math.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 COMPILE_SECONDS = 120
 DISABLE_VARIABLE = "VITLAB_C_KERNELS"
@@ -30,6 +31,11 @@ SIGNATURES = {
     "vitlab_softmax_backward_bf16": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int],
                                      None),
     "vitlab_softmax_max_columns": ([], ctypes.c_int64),
+    "vitlab_attention_supported": ([], ctypes.c_int),
+    "vitlab_attention_max_tokens": ([], ctypes.c_int64),
+    "vitlab_attention_max_head_size": ([], ctypes.c_int64),
+    "vitlab_attention_forward": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int], None),
+    "vitlab_attention_backward": ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int], None),
 }
 
 
@@ -87,7 +93,8 @@ def load() -> tuple[ctypes.CDLL | None, str]:
     if compiler is None:
         return None, "PyTorch operators (no C compiler found; set CC to use vitlab's C kernels)"
     sources = [Path(__file__).with_name(name) for name in SOURCES]
-    target = library_path(compiler, b"\0".join(path.read_bytes() for path in sources))
+    headers = [Path(__file__).with_name(name) for name in HEADERS]
+    target = library_path(compiler, b"\0".join(path.read_bytes() for path in sources + headers))
     try:
         if not target.exists():
             compile_library(compiler, sources, target)

@@ -9,8 +9,7 @@
  * Elements are handled in chunks of LANES words; within a chunk, element quarter * LANES + lane takes quarter
  * `quarter` of word `lane`, so every inner loop runs over LANES neighbouring elements and vectorises.
  */
-#include <stdint.h>
-#include <string.h>
+#include "bf16_math.h"
 
 #define LANES 64
 #define CHUNK (4 * LANES)
@@ -37,22 +36,6 @@ static void chunk_numbers(int64_t chunk, uint64_t key, uint16_t numbers[CHUNK]) 
     for (int quarter = 0; quarter < 4; quarter++)
         for (int lane = 0; lane < LANES; lane++)
             numbers[quarter * LANES + lane] = (uint16_t)((words[lane] >> (16 * quarter)) & 0x7FFFu);
-}
-
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t wide = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &wide, sizeof value);
-    return value;
-}
-
-/* Round to nearest even, as PyTorch's float → bf16 conversion does; a NaN stays a (quiet) NaN. */
-static inline uint16_t float_to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    uint32_t quiet_nan = (bits >> 16) | 0x40u;
-    return (uint16_t)(((bits & 0x7FFFFFFFu) > 0x7F800000u) ? quiet_nan : rounded);
 }
 
 /* out[i] = inputs[i] * scale where element i is kept, else 0 (bf16 in and out, the product in fp32). */

@@ -4,81 +4,13 @@
  * exact to a few fp32 ulps, far below bf16's rounding. Forward can leave out each token's score for itself
  * (the diagonal of every T × T block: LSA, Lee et al. 2021) without a separate pass to mask it.
  */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
+#include "bf16_math.h"
 
 #define PARALLEL_MIN_ROWS 256
 #define MAX_COLUMNS 4096
 
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t wide = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &wide, sizeof value);
-    return value;
-}
-
-/* Round to nearest even, as PyTorch's float → bf16 conversion does; a NaN stays a (quiet) NaN. */
-static inline uint16_t float_to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    uint32_t quiet_nan = (bits >> 16) | 0x40u;
-    return (uint16_t)(((bits & 0x7FFFFFFFu) > 0x7F800000u) ? quiet_nan : rounded);
-}
-
-/* e^x for x <= 0 (scores minus their row maximum): 2^n · p(r) with x = n ln 2 + r, |r| <= ln2 / 2, and p the
- * degree-6 Taylor polynomial (relative error below 2e-7 there). Below -87 the result is 0, as e^x is in fp32 (-inf
- * included; a NaN gives NaN). */
-static inline float exp_nonpositive(float x) {
-    float clamped = x < -87.0f ? -87.0f : x;
-    float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 · 2^23 */
-    float r = clamped - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f + r * (8.3333338e-3f + r * 1.3888889e-3f)))));
-    int32_t exponent = ((int32_t)n + 127) << 23;
-    float power;
-    memcpy(&power, &exponent, sizeof power);
-    float result = p * power;
-    return x < -87.0f ? 0.0f : (x != x ? x : result);
-}
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-
-/* The same row functions written with AVX-512: 16 columns at a time, the row's tail through masked loads. */
-static inline __m512 load_bf16(const uint16_t *source, __mmask16 mask) {
-    __m256i bits = _mm256_maskz_loadu_epi16(mask, source);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
-static inline void store_bf16(uint16_t *target, __m512 values, __mmask16 mask) {
-    __m512i bits = _mm512_castps_si512(values);
-    __m512i rounded = _mm512_srli_epi32(
-        _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)))), 16);
-    __mmask16 nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
-    rounded = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
-    _mm256_mask_storeu_epi16(target, mask, _mm512_cvtepi32_epi16(rounded));
-}
-
-static inline __m512 exp_nonpositive_vector(__m512 x) {
-    __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), clamped);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.3888889e-3f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3333338e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1666668e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666667e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    __m512 result = _mm512_scalef_ps(p, n);  /* p · 2^n */
-    result = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ), result, _mm512_setzero_ps());
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), result, x);
-}
-
-static inline __mmask16 tail_mask(int64_t remaining) { return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1u); }
-
+#ifdef VITLAB_AVX512
+/* The row functions written with AVX-512: 16 columns at a time, the row's tail through masked loads. */
 static void softmax_row(const uint16_t *scores, uint16_t *out, int64_t columns, int64_t masked_column) {
     __m512 values[MAX_COLUMNS / 16];
     __m512 maximum = _mm512_set1_ps(-INFINITY);

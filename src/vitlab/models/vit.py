@@ -27,7 +27,7 @@ from vitlab.errors import VitlabError
 from vitlab.models.aircnn import AirCNNConfig, ConvGroup
 from vitlab.models.base import FROM_DATA, TokenLayout, VitlabModel, init_linear_weights
 from vitlab.models.dropout import Dropout
-from vitlab.models.layers import attention
+from vitlab.models.layers import self_attention
 
 POS_EMBEDS = ("learned", "sincos")
 POOLS = ("cls", "mean", "seq")
@@ -276,13 +276,11 @@ class Attention(nn.Module):
         self.log_temperature = nn.Parameter(torch.tensor(0.5 * math.log(self.head_size))) if config.lsa else None
 
     def forward(self, tokens: torch.Tensor, return_attention: bool = False):
-        batch, num_tokens, hidden = tokens.shape  # (B, T, D)
-        qkv = self.qkv(tokens).reshape(batch, num_tokens, 3, self.num_heads, self.head_size)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, Dh)
+        batch, num_tokens, _ = tokens.shape  # (B, T, D)
+        qkv = self.qkv(tokens).reshape(batch, num_tokens, 3, self.num_heads, self.head_size)  # (B, T, 3, H, Dh)
         scale = torch.exp(-self.log_temperature) if self.lsa else None
-        mixed, weights = attention(query, key, value, dropout=self.attention_dropout if self.training else 0.0, scale=scale,
-                                   mask_self=self.lsa, return_weights=return_attention)  # (B, H, T, Dh)
-        mixed = mixed.transpose(1, 2).reshape(batch, num_tokens, hidden)  # (B, T, D)
+        mixed, weights = self_attention(qkv, dropout=self.attention_dropout if self.training else 0.0, scale=scale,
+                                        mask_self=self.lsa, return_weights=return_attention)  # (B, T, D)
         return self.output_dropout(self.projection(mixed)), weights
 
 

@@ -1,0 +1,315 @@
+/* Self-attention for short sequences (T <= 128 tokens, heads of 16-64), forward and backward, one (image, head) at a
+ * time in the CPU's caches, with AVX-512 BF16 dot products (Zen 4, Sapphire Rapids and later).
+ *
+ * PyTorch computes softmax(Q Kᵀ) V as two batched matmuls, a softmax and copies of Q, K, V into head-major layouts,
+ * each a pass over memory, and its batched products of 65 × 16 × 65 ran at a third of the machine's bf16 peak
+ * (docs/performance.md). Here every (image, head) reads Q, K, V straight from the QKV projection's output
+ * (B, T, 3, H, Dh), keeps its T × T scores in registers, and writes its output straight into (B, T, H, Dh), the
+ * layout the output projection reads. Forward also stores the attention weights (B, H, T, T) for backward.
+ *
+ * Numerics: products of bf16 numbers accumulated in fp32 (as PyTorch's bf16 matmuls do), scores kept in fp32, the
+ * softmax in fp32; the weights, the output and every gradient are rounded to bf16, as on PyTorch's bf16 path.
+ *
+ * `vdpbf16ps` multiplies pairs: lane l of acc += a[2l]·b[2l] + a[2l+1]·b[2l+1]. So every matrix that a product runs
+ * over is packed as pairs of bf16 numbers in one uint32, along the axis the product sums over:
+ *   pairs_by_column[e][j] = (M[j][2e], M[j][2e+1])   sums over the head's features (Q Kᵀ, dO Vᵀ),
+ *   pairs_by_row[p][d]    = (M[2p][d], M[2p+1][d])   sums over tokens (P V, dS K, dSᵀ Q, Pᵀ dO).
+ */
+#include <stdlib.h>
+
+#include "bf16_math.h"
+
+#define MAX_TOKENS 128
+#define MAX_HEAD 64
+#define PADDED(count) (((count) + 15) / 16 * 16)
+
+#if defined(VITLAB_AVX512) && defined(__AVX512BF16__)
+
+int vitlab_attention_supported(void) { return 1; }
+
+/* 16 fp32 lanes stored as bf16 by the CPU's own conversion (vcvtneps2bf16: round to nearest even, as PyTorch rounds,
+ * except that numbers below bf16's smallest normal become 0). */
+static inline void store_bf16_rounded(uint16_t *target, __m512 values) {
+    _mm256_storeu_si256((__m256i *)target, (__m256i)_mm512_cvtneps_pbh(values));
+}
+
+/* One (image, head)'s rows of a (B, T, ?, H, Dh)-like tensor: row t at base + t * row_stride. */
+typedef struct {
+    const uint16_t *base;
+    int64_t row_stride;
+} Rows;
+
+/* Pair `index` of a bf16 row, i.e. (row[2 index], row[2 index + 1]) as one uint32 (memcpy: no aliasing of types). */
+static inline uint32_t pair_at(const void *row, int64_t index) {
+    uint32_t pair;
+    memcpy(&pair, (const char *)row + 4 * index, sizeof pair);
+    return pair;
+}
+
+/* pairs[e * PADDED(T) + j] = (M[j][2e], M[j][2e+1]): row j read as Dh / 2 pairs, transposed; zero for padded j. */
+static void pack_pairs_by_column(Rows matrix, int64_t tokens, int64_t head_size, uint32_t *pairs) {
+    int64_t padded = PADDED(tokens);
+    for (int64_t j = 0; j < tokens; j++) {
+        const uint16_t *row = matrix.base + j * matrix.row_stride;
+        for (int64_t e = 0; e < head_size / 2; e++)
+            pairs[e * padded + j] = pair_at(row, e);
+    }
+    for (int64_t e = 0; e < head_size / 2; e++)
+        for (int64_t j = tokens; j < padded; j++)
+            pairs[e * padded + j] = 0;
+}
+
+/* 16 bf16 numbers of a row (those `mask` selects, 0 elsewhere), scaled (and rounded to bf16 again) unless scale is
+ * 1, widened to 32-bit lanes. */
+static inline __m512i scaled_lanes(const uint16_t *row, __mmask16 mask, float scale) {
+    __m256i bits = _mm256_maskz_loadu_epi16(mask, row);
+    if (scale != 1.0f)
+        bits = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(load_bf16(row, mask), _mm512_set1_ps(scale)));
+    return _mm512_cvtepu16_epi32(bits);
+}
+
+/* pairs[p * PADDED(columns) + c] = (M[2p][c], M[2p+1][c]) · scale for the first `count` rows of M; zero for rows >= count
+ * and columns >= columns. Vectorised: 16 columns of two rows at a time. */
+static void pack_pairs_by_row(Rows matrix, int64_t count, int64_t columns, float scale, uint32_t *pairs) {
+    int64_t stride = PADDED(columns);
+    for (int64_t p = 0; p < (count + 1) / 2; p++) {
+        const uint16_t *even = matrix.base + 2 * p * matrix.row_stride;
+        for (int64_t c = 0; c < stride; c += 16) {
+            __mmask16 mask = tail_mask(columns - c);
+            __m512i low = scaled_lanes(even + c, mask, scale);
+            __m512i high = 2 * p + 1 < count ? scaled_lanes(even + matrix.row_stride + c, mask, scale) : _mm512_setzero_si512();
+            _mm512_storeu_si512(pairs + p * stride + c, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+        }
+    }
+}
+
+/* scores[jv] (16 lanes each) = Σ_e pair e of row · pairs_by_column[e][16 jv ..]: a row of Dh times Mᵀ, all padded j.
+ * The loops over jv run to the compile-time maximum with a guard, so that the compiler unrolls them and keeps every
+ * accumulator in a register through the whole sum; each pair of the row is broadcast once. */
+static inline void row_times_columns(const uint16_t *row, const uint32_t *pairs_by_column, int64_t tokens,
+                                     int64_t head_size, __m512 *scores) {
+    int64_t padded = PADDED(tokens), vectors = padded / 16;
+    __m512 sums[MAX_TOKENS / 16];
+    for (int jv = 0; jv < MAX_TOKENS / 16; jv++)
+        sums[jv] = _mm512_setzero_ps();
+    for (int64_t e = 0; e < head_size / 2; e++) {
+        __m512bh pair = (__m512bh)_mm512_set1_epi32((int)pair_at(row, e));
+        const uint32_t *columns = pairs_by_column + e * padded;
+#pragma GCC unroll 8
+        for (int jv = 0; jv < MAX_TOKENS / 16; jv++)
+            if (jv < vectors)
+                sums[jv] = _mm512_dpbf16_ps(sums[jv], pair, (__m512bh)_mm512_loadu_si512(columns + 16 * jv));
+    }
+#pragma GCC unroll 8
+    for (int jv = 0; jv < MAX_TOKENS / 16; jv++)
+        if (jv < vectors)
+            scores[jv] = sums[jv];
+}
+
+/* out[dv] (16 lanes each) = Σ_p weight pair p · pairs_by_row[p][16 dv ..]: T weights times M (T × Dh). Weight pair p
+ * is the uint32 at weights + p · stride: a bf16 row read as pairs (stride 1; for odd T the row holds a zero after its
+ * last weight), or a column of a matrix packed by pack_pairs_by_row (stride: its padded width). Four register
+ * accumulators per output vector (p mod 4) keep the dot-product unit busy; the loops over dv are unrolled as above. */
+static inline void row_times_rows(const void *weights, int64_t stride, const uint32_t *pairs_by_row, int64_t tokens,
+                                  int64_t head_size, __m512 *out) {
+    int64_t pairs = (tokens + 1) / 2, vectors = head_size / 16;
+    __m512 sums[4][MAX_HEAD / 16];
+    for (int chain = 0; chain < 4; chain++)
+        for (int dv = 0; dv < MAX_HEAD / 16; dv++)
+            sums[chain][dv] = _mm512_setzero_ps();
+    int64_t p = 0;
+    for (; p + 3 < pairs; p += 4) {
+#pragma GCC unroll 4
+        for (int chain = 0; chain < 4; chain++) {
+            __m512bh weight = (__m512bh)_mm512_set1_epi32((int)pair_at(weights, (p + chain) * stride));
+            const uint32_t *rows = pairs_by_row + (p + chain) * head_size;
+#pragma GCC unroll 4
+            for (int dv = 0; dv < MAX_HEAD / 16; dv++)
+                if (dv < vectors)
+                    sums[chain][dv] = _mm512_dpbf16_ps(sums[chain][dv], weight, (__m512bh)_mm512_loadu_si512(rows + 16 * dv));
+        }
+    }
+    for (; p < pairs; p++) {
+        __m512bh weight = (__m512bh)_mm512_set1_epi32((int)pair_at(weights, p * stride));
+#pragma GCC unroll 4
+        for (int dv = 0; dv < MAX_HEAD / 16; dv++)
+            if (dv < vectors)
+                sums[0][dv] = _mm512_dpbf16_ps(sums[0][dv], weight, (__m512bh)_mm512_loadu_si512(pairs_by_row + p * head_size + 16 * dv));
+    }
+#pragma GCC unroll 4
+    for (int dv = 0; dv < MAX_HEAD / 16; dv++)
+        if (dv < vectors)
+            out[dv] = _mm512_add_ps(_mm512_add_ps(sums[0][dv], sums[1][dv]), _mm512_add_ps(sums[2][dv], sums[3][dv]));
+}
+
+/* Forward. qkv (B, T, 3, H, Dh) bf16 → out (B, T, H, Dh) bf16 and weights (B, H, T, T) bf16. scales[h] multiplies
+ * head h's queries (rounded to bf16, as `query * scale` is); mask_diagonal leaves out each token's own score. */
+void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weights, int64_t batch, int64_t tokens,
+                              int64_t heads, int64_t head_size, const float *scales, int mask_diagonal, int threads) {
+    int64_t qkv_row = 3 * heads * head_size, out_row = heads * head_size, padded = PADDED(tokens);
+#pragma omp parallel num_threads(threads)
+    {
+        /* Each phase below reads what an earlier phase wrote, never what the previous instruction stored (a load
+         * that overlaps a narrower pending store waits for it to reach the cache). */
+        uint32_t *key_pairs = malloc(sizeof(uint32_t) * (MAX_HEAD / 2) * MAX_TOKENS);
+        uint32_t *value_pairs = malloc(sizeof(uint32_t) * (MAX_TOKENS / 2) * MAX_HEAD);
+        uint16_t *scaled_queries = malloc(sizeof(uint16_t) * MAX_TOKENS * MAX_HEAD);
+        uint16_t *weight_buffer = malloc(sizeof(uint16_t) * MAX_TOKENS * (MAX_TOKENS + 16)); /* rows padded with zeros */
+        int64_t buffer_row = MAX_TOKENS + 16;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < batch * heads; item++) {
+            int64_t image = item / heads, head = item % heads;
+            const uint16_t *first_row = qkv + image * tokens * qkv_row + head * head_size;
+            Rows query = {first_row, qkv_row}, key = {first_row + out_row, qkv_row}, value = {first_row + 2 * out_row, qkv_row};
+            pack_pairs_by_column(key, tokens, head_size, key_pairs);
+            pack_pairs_by_row(value, tokens, head_size, 1.0f, value_pairs);
+            __m512 scale = _mm512_set1_ps(scales[head]);
+            for (int64_t i = 0; i < tokens; i++)
+                for (int64_t d = 0; d < head_size; d += 16)
+                    store_bf16_rounded(scaled_queries + i * MAX_HEAD + d, _mm512_mul_ps(load_bf16(query.base + i * query.row_stride + d, 0xFFFF), scale));
+            uint16_t *weight_rows = weights + item * tokens * tokens;
+            for (int64_t i = 0; i < tokens; i++) {
+                __m512 scores[MAX_TOKENS / 16];
+                row_times_columns(scaled_queries + i * MAX_HEAD, key_pairs, tokens, head_size, scores);
+                __m512 maximum = _mm512_set1_ps(-INFINITY);
+                for (int64_t jv = 0; jv < padded / 16; jv++) {
+                    __mmask16 outside = (__mmask16)~tail_mask(tokens - 16 * jv);
+                    if (mask_diagonal && i >= 16 * jv && i < 16 * jv + 16)
+                        outside |= (__mmask16)(1u << (i - 16 * jv));
+                    scores[jv] = _mm512_mask_blend_ps(outside, scores[jv], _mm512_set1_ps(-INFINITY));
+                    maximum = _mm512_max_ps(maximum, scores[jv]);
+                }
+                float row_maximum = _mm512_reduce_max_ps(maximum);
+                __m512 shift = _mm512_set1_ps(row_maximum == -INFINITY ? 0.0f : row_maximum);
+                __m512 total = _mm512_setzero_ps();
+                for (int64_t jv = 0; jv < padded / 16; jv++) {
+                    scores[jv] = exp_nonpositive_vector(_mm512_sub_ps(scores[jv], shift));
+                    total = _mm512_add_ps(total, scores[jv]);
+                }
+                __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+                uint16_t *weight_row = weight_buffer + i * buffer_row;
+                for (int64_t jv = 0; jv < padded / 16; jv++)
+                    store_bf16_rounded(weight_row + 16 * jv, _mm512_mul_ps(scores[jv], inverse));
+            }
+            for (int64_t i = 0; i < tokens; i++) {
+                memcpy(weight_rows + i * tokens, weight_buffer + i * buffer_row, sizeof(uint16_t) * tokens);
+                __m512 mixed[MAX_HEAD / 16];
+                row_times_rows(weight_buffer + i * buffer_row, 1, value_pairs, tokens, head_size, mixed);
+                uint16_t *out_row_start = out + (image * tokens + i) * out_row + head * head_size;
+                for (int64_t dv = 0; dv < head_size / 16; dv++)
+                    store_bf16_rounded(out_row_start + 16 * dv, mixed[dv]);
+            }
+        }
+        free(scaled_queries);
+        free(weight_buffer);
+        free(key_pairs);
+        free(value_pairs);
+    }
+}
+
+/* Backward. From qkv, the forward's out and weights, and grad_out (B, T, H, Dh): grad_qkv (B, T, 3, H, Dh) and
+ * grad_scale_sums (B, H): Σ over the item's queries of query · dL/d(scaled query), the gradient of scales[h] from
+ * image b. With S = scale · Q Kᵀ, P = softmax(S), O = P V:
+ *   dP = dO Vᵀ,  dS = P ⊙ (dP − rowsum(dO ⊙ O)),  d(scaled Q) = dS K,  dQ = scale · d(scaled Q),
+ *   dK = dSᵀ (scaled Q),  dV = Pᵀ dO. */
+void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const uint16_t *weights, const uint16_t *grad_out,
+                               uint16_t *grad_qkv, float *grad_scale_sums, int64_t batch, int64_t tokens, int64_t heads,
+                               int64_t head_size, const float *scales, int threads) {
+    int64_t qkv_row = 3 * heads * head_size, out_row = heads * head_size, padded = PADDED(tokens);
+#pragma omp parallel num_threads(threads)
+    {
+        uint32_t *value_pairs = malloc(sizeof(uint32_t) * (MAX_HEAD / 2) * MAX_TOKENS);      /* by column: dO Vᵀ */
+        uint32_t *key_pairs = malloc(sizeof(uint32_t) * (MAX_TOKENS / 2) * MAX_HEAD);        /* by row: dS K */
+        uint32_t *query_pairs = malloc(sizeof(uint32_t) * (MAX_TOKENS / 2) * MAX_HEAD);      /* by row: dSᵀ Q */
+        uint32_t *grad_out_pairs = malloc(sizeof(uint32_t) * (MAX_TOKENS / 2) * MAX_HEAD);   /* by row: Pᵀ dO */
+        uint16_t *grad_scores = malloc(sizeof(uint16_t) * MAX_TOKENS * (MAX_TOKENS + 16));       /* dS, rows i */
+        uint32_t *grad_score_pairs = malloc(sizeof(uint32_t) * (MAX_TOKENS / 2 + 1) * MAX_TOKENS); /* dS by row */
+        uint32_t *weight_pairs = malloc(sizeof(uint32_t) * (MAX_TOKENS / 2 + 1) * MAX_TOKENS);     /* P by row */
+        int64_t buffer_row = MAX_TOKENS + 16;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < batch * heads; item++) {
+            int64_t image = item / heads, head = item % heads;
+            float scale = scales[head];
+            const uint16_t *first_row = qkv + image * tokens * qkv_row + head * head_size;
+            Rows query = {first_row, qkv_row}, key = {first_row + out_row, qkv_row}, value = {first_row + 2 * out_row, qkv_row};
+            Rows grad_rows = {grad_out + image * tokens * out_row + head * head_size, out_row};
+            Rows out_rows = {out + image * tokens * out_row + head * head_size, out_row};
+            uint16_t *grad_first = grad_qkv + image * tokens * qkv_row + head * head_size;
+            pack_pairs_by_column(value, tokens, head_size, value_pairs);
+            pack_pairs_by_row(key, tokens, head_size, 1.0f, key_pairs);
+            pack_pairs_by_row(query, tokens, head_size, scale, query_pairs);
+            pack_pairs_by_row(grad_rows, tokens, head_size, 1.0f, grad_out_pairs);
+            const uint16_t *weight_rows = weights + item * tokens * tokens;
+            float scale_sum = 0.0f;
+            for (int64_t i = 0; i < tokens; i++) {
+                const uint16_t *grad_row = grad_rows.base + i * grad_rows.row_stride;
+                const uint16_t *out_row_i = out_rows.base + i * out_rows.row_stride;
+                __m512 dot = _mm512_setzero_ps();
+                for (int64_t dv = 0; dv < head_size / 16; dv++)
+                    dot = _mm512_fmadd_ps(load_bf16(grad_row + 16 * dv, 0xFFFF), load_bf16(out_row_i + 16 * dv, 0xFFFF), dot);
+                __m512 row_dot = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
+                __m512 grad_weights[MAX_TOKENS / 16];
+                row_times_columns(grad_row, value_pairs, tokens, head_size, grad_weights);
+                uint16_t *grad_score_row = grad_scores + i * buffer_row;
+                for (int64_t jv = 0; jv < padded / 16; jv++) {
+                    __mmask16 inside = tail_mask(tokens - 16 * jv);
+                    __m512 weight = load_bf16(weight_rows + i * tokens + 16 * jv, inside);
+                    store_bf16_rounded(grad_score_row + 16 * jv, _mm512_mul_ps(weight, _mm512_sub_ps(grad_weights[jv], row_dot)));
+                }
+                __m512 grad_query[MAX_HEAD / 16];
+                row_times_rows(grad_score_row, 1, key_pairs, tokens, head_size, grad_query);
+                const uint16_t *query_row = query.base + i * query.row_stride;
+                __m512 scale_dot = _mm512_setzero_ps();
+                for (int64_t dv = 0; dv < head_size / 16; dv++) {
+                    scale_dot = _mm512_fmadd_ps(load_bf16(query_row + 16 * dv, 0xFFFF), grad_query[dv], scale_dot);
+                    store_bf16_rounded(grad_first + i * qkv_row + 16 * dv, _mm512_mul_ps(grad_query[dv], _mm512_set1_ps(scale)));
+                }
+                scale_sum += _mm512_reduce_add_ps(scale_dot);
+            }
+            /* dK and dV sum over the queries i: dS and P packed as pairs of rows, read down their columns j. */
+            pack_pairs_by_row((Rows){grad_scores, buffer_row}, tokens, tokens, 1.0f, grad_score_pairs);
+            pack_pairs_by_row((Rows){weight_rows, tokens}, tokens, tokens, 1.0f, weight_pairs);
+            for (int64_t j = 0; j < tokens; j++) {
+                __m512 result[MAX_HEAD / 16];
+                row_times_rows(grad_score_pairs + j, padded, query_pairs, tokens, head_size, result);
+                for (int64_t dv = 0; dv < head_size / 16; dv++)
+                    store_bf16_rounded(grad_first + j * qkv_row + out_row + 16 * dv, result[dv]);
+                row_times_rows(weight_pairs + j, padded, grad_out_pairs, tokens, head_size, result);
+                for (int64_t dv = 0; dv < head_size / 16; dv++)
+                    store_bf16_rounded(grad_first + j * qkv_row + 2 * out_row + 16 * dv, result[dv]);
+            }
+            grad_scale_sums[item] = scale_sum;
+        }
+        free(value_pairs);
+        free(key_pairs);
+        free(query_pairs);
+        free(grad_out_pairs);
+        free(grad_scores);
+        free(grad_score_pairs);
+        free(weight_pairs);
+    }
+}
+
+#else
+
+int vitlab_attention_supported(void) { return 0; }
+
+void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weights, int64_t batch, int64_t tokens,
+                              int64_t heads, int64_t head_size, const float *scales, int mask_diagonal, int threads) {
+    (void)qkv, (void)out, (void)weights, (void)batch, (void)tokens, (void)heads, (void)head_size, (void)scales;
+    (void)mask_diagonal, (void)threads;
+    abort(); /* callers check vitlab_attention_supported() first */
+}
+
+void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const uint16_t *weights, const uint16_t *grad_out,
+                               uint16_t *grad_qkv, float *grad_scale_sums, int64_t batch, int64_t tokens, int64_t heads,
+                               int64_t head_size, const float *scales, int threads) {
+    (void)qkv, (void)out, (void)weights, (void)grad_out, (void)grad_qkv, (void)grad_scale_sums, (void)batch, (void)tokens;
+    (void)heads, (void)head_size, (void)scales, (void)threads;
+    abort();
+}
+
+#endif
+
+int64_t vitlab_attention_max_tokens(void) { return MAX_TOKENS; }
+int64_t vitlab_attention_max_head_size(void) { return MAX_HEAD; }

@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+import vitlab.kernels.attention as attention_kernel
+from vitlab.kernels.build import compiled_library
+from vitlab.models.layers import self_attention, self_mask_bias
+
+SUPPORTED = attention_kernel.kernel_supports(torch.zeros(1, 4, 3, 1, 16, dtype=torch.bfloat16))
+pytestmark = pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 BF16 C kernels on this machine")
+
+
+def reference(qkv: torch.Tensor, scales: torch.Tensor, mask_self: bool) -> torch.Tensor:
+    """softmax(scale · Q Kᵀ) V in fp64 from the bf16 inputs, the scaled query rounded to bf16 as the kernel does."""
+    query, key, value = qkv.double().permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, Dh)
+    scaled = (query * scales.double().view(1, -1, 1, 1)).to(torch.bfloat16).double()
+    scores = scaled @ key.transpose(-2, -1)
+    if mask_self:
+        scores = scores + self_mask_bias(scores.shape[-1], torch.float64, scores.device)
+    return (scores.softmax(-1) @ value).transpose(1, 2)  # (B, T, H, Dh)
+
+
+SHAPES = [(65, 4, 16, False), (64, 4, 32, True), (7, 2, 64, False), (128, 3, 48, True), (1, 1, 16, False), (2, 2, 16, True)]
+
+
+@pytest.mark.parametrize("tokens,heads,head_size,mask_self", SHAPES)
+def test_forward_matches_a_float64_reference(tokens, heads, head_size, mask_self):
+    torch.manual_seed(tokens)
+    qkv = torch.randn(3, tokens, 3, heads, head_size).to(torch.bfloat16)
+    scales = head_size**-0.5 * (1 + torch.arange(heads, dtype=torch.float32))  # a different temperature per head
+    out, weights = attention_kernel.attention_forward(qkv, scales, mask_self)
+    expected = reference(qkv, scales, mask_self)
+    assert out.shape == (3, tokens, heads, head_size) and weights.shape == (3, heads, tokens, tokens)
+    torch.testing.assert_close(out.double(), expected, rtol=2**-7, atol=2**-7)
+    torch.testing.assert_close(weights.double().sum(-1), torch.ones(3, heads, tokens, dtype=torch.float64), rtol=0, atol=0.02)
+    if mask_self and tokens > 1:
+        assert torch.all(weights.diagonal(dim1=-2, dim2=-1) == 0)
+
+
+@pytest.mark.parametrize("tokens,heads,head_size,mask_self", SHAPES[:4])
+@pytest.mark.parametrize("per_head_scale", [False, True])
+def test_gradients_match_float64_autograd_at_least_as_well_as_pytorchs_bf16_path(tokens, heads, head_size, mask_self, per_head_scale):
+    torch.manual_seed(1)
+    qkv = torch.randn(4, tokens, 3, heads, head_size).to(torch.bfloat16)
+    scale_shape = (heads, 1, 1) if per_head_scale else ()
+    scale = torch.full(scale_shape, head_size**-0.5 * 1.7)
+    grad_out = torch.randn(4, tokens, heads * head_size).to(torch.bfloat16)
+
+    def gradients(route: str) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, temperature = qkv.clone().double() if route == "fp64" else qkv.clone(), scale.clone().double() if route == "fp64" else scale.clone()
+        inputs.requires_grad_(), temperature.requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=route != "fp64"):
+            if route == "kernel":
+                out, _ = self_attention(inputs, scale=temperature, mask_self=mask_self)
+            else:  # through `attention`: PyTorch operators (return_weights forces that route)
+                out, _ = self_attention(inputs, scale=temperature, mask_self=mask_self, return_weights=True)
+        out.backward(grad_out.to(out.dtype))
+        return inputs.grad.double(), temperature.grad.double()
+
+    exact_qkv, exact_scale = gradients("fp64")
+    kernel_qkv, kernel_scale = gradients("kernel")
+    torch_qkv, torch_scale = gradients("operators")
+    assert kernel_scale.shape == scale.shape
+    kernel_error, torch_error = (kernel_qkv - exact_qkv).abs().max(), (torch_qkv - exact_qkv).abs().max()
+    assert kernel_error <= 1.5 * torch_error + 1e-3
+    assert (kernel_scale - exact_scale).abs().max() <= 2 * (torch_scale - exact_scale).abs().max() + 0.02 * exact_scale.abs().max()
+
+
+def test_which_inputs_take_the_kernel_and_the_rest_still_attend(monkeypatch):
+    ok = torch.zeros(2, 65, 3, 4, 16, dtype=torch.bfloat16)
+    assert attention_kernel.kernel_supports(ok)
+    for rejected in (ok.float(), torch.zeros(2, 129, 3, 4, 16, dtype=torch.bfloat16), torch.zeros(2, 8, 3, 4, 24, dtype=torch.bfloat16),
+                     torch.zeros(2, 8, 3, 4, 80, dtype=torch.bfloat16), torch.zeros(0, 8, 3, 4, 16, dtype=torch.bfloat16)):
+        assert not attention_kernel.kernel_supports(rejected)
+    calls = []
+    monkeypatch.setattr(attention_kernel, "attention_forward", lambda *args: calls.append(args) or (_ for _ in ()).throw(AssertionError))
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 129, 3, 2, 16).to(torch.bfloat16)  # too long: PyTorch's kernels
+    out, _ = self_attention(qkv)
+    _, weights = self_attention(qkv[:, :9], return_weights=True)  # weights asked for: PyTorch's kernels
+    dropped, _ = self_attention(qkv[:, :9], dropout=0.5)  # attention dropout: PyTorch's kernels
+    assert out.shape == (2, 129, 32) and weights.shape == (2, 2, 9, 9) and dropped.shape == (2, 9, 32) and not calls
+
+
+def test_a_vit_gives_the_same_logits_and_trains_through_either_route(monkeypatch):
+    from vitlab.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("vit", patch_size=4, hidden_size=64, num_heads=4, num_blocks=2, lsa=True)
+    images = torch.randn(8, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kernel_logits = model(images)
+        kernel_logits.float().sum().backward()
+    kernel_grad = model.blocks[0].attention.log_temperature.grad.clone()
+    model.zero_grad()
+    monkeypatch.setattr(attention_kernel, "kernel_supports", lambda qkv: False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch_logits = model(images)
+        torch_logits.float().sum().backward()
+    torch_grad = model.blocks[0].attention.log_temperature.grad
+    torch.testing.assert_close(kernel_logits.float(), torch_logits.float(), rtol=0.05, atol=0.05)
+    torch.testing.assert_close(kernel_grad, torch_grad, rtol=0.1, atol=0.05 * torch_grad.abs().item() + 1e-3)
+    assert compiled_library() is not None
