@@ -19,7 +19,8 @@ def reference(qkv: torch.Tensor, scales: torch.Tensor, mask_self: bool) -> torch
     return (scores.softmax(-1) @ value).transpose(1, 2)  # (B, T, H, Dh)
 
 
-SHAPES = [(65, 4, 16, False), (64, 4, 32, True), (7, 2, 64, False), (128, 3, 48, True), (1, 1, 16, False), (2, 2, 16, True)]
+SHAPES = [(65, 4, 16, False), (64, 4, 32, True), (7, 2, 64, False), (128, 3, 48, True), (1, 1, 16, False), (2, 2, 16, True),
+          (257, 2, 16, False), (272, 1, 64, True)]
 
 
 @pytest.mark.parametrize("tokens,heads,head_size,mask_self", SHAPES)
@@ -68,17 +69,17 @@ def test_gradients_match_float64_autograd_at_least_as_well_as_pytorchs_bf16_path
 def test_which_inputs_take_the_kernel_and_the_rest_still_attend(monkeypatch):
     ok = torch.zeros(2, 65, 3, 4, 16, dtype=torch.bfloat16)
     assert attention_kernel.kernel_supports(ok)
-    for rejected in (ok.float(), torch.zeros(2, 129, 3, 4, 16, dtype=torch.bfloat16), torch.zeros(2, 8, 3, 4, 24, dtype=torch.bfloat16),
+    for rejected in (ok.float(), torch.zeros(2, 273, 3, 4, 16, dtype=torch.bfloat16), torch.zeros(2, 8, 3, 4, 24, dtype=torch.bfloat16),
                      torch.zeros(2, 8, 3, 4, 80, dtype=torch.bfloat16), torch.zeros(0, 8, 3, 4, 16, dtype=torch.bfloat16)):
         assert not attention_kernel.kernel_supports(rejected)
     calls = []
     monkeypatch.setattr(attention_kernel, "attention_forward", lambda *args: calls.append(args) or (_ for _ in ()).throw(AssertionError))
     torch.manual_seed(0)
-    qkv = torch.randn(2, 129, 3, 2, 16).to(torch.bfloat16)  # too long: PyTorch's kernels
+    qkv = torch.randn(2, 273, 3, 2, 16).to(torch.bfloat16)  # too long: PyTorch's kernels
     out, _ = self_attention(qkv)
     _, weights = self_attention(qkv[:, :9], return_weights=True)  # weights asked for: PyTorch's kernels
     dropped, _ = self_attention(qkv[:, :9], dropout=0.5)  # attention dropout: PyTorch's kernels
-    assert out.shape == (2, 129, 32) and weights.shape == (2, 2, 9, 9) and dropped.shape == (2, 9, 32) and not calls
+    assert out.shape == (2, 273, 32) and weights.shape == (2, 2, 9, 9) and dropped.shape == (2, 9, 32) and not calls
 
 
 def test_a_vit_gives_the_same_logits_and_trains_through_either_route(monkeypatch):

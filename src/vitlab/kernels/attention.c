@@ -19,7 +19,7 @@
 
 #include "bf16_math.h"
 
-#define MAX_TOKENS 128
+#define MAX_TOKENS 272 /* 17 vectors of 16: row_times_columns_17 */
 #define MAX_HEAD 64
 #define PADDED(count) (((count) + 15) / 16 * 16)
 
@@ -84,26 +84,39 @@ static void pack_pairs_by_row(Rows matrix, int64_t count, int64_t columns, float
 }
 
 /* scores[jv] (16 lanes each) = Σ_e pair e of row · pairs_by_column[e][16 jv ..]: a row of Dh times Mᵀ, all padded j.
- * The loops over jv run to the compile-time maximum with a guard, so that the compiler unrolls them and keeps every
- * accumulator in a register through the whole sum; each pair of the row is broadcast once. */
+ * Written once per bound LIMIT on the number of 16-token vectors: its loops over jv run to LIMIT with a guard, so the
+ * compiler unrolls them fully and keeps every accumulator in a register through the whole sum (an array indexed at
+ * run time inside the sum would go through memory); each pair of the row is broadcast once. */
+#define DEFINE_ROW_TIMES_COLUMNS(LIMIT)                                                                                  \
+    static inline void row_times_columns_##LIMIT(const uint16_t *row, const uint32_t *pairs_by_column, int64_t padded,   \
+                                                 int64_t head_size, __m512 *scores) {                                    \
+        int64_t vectors = padded / 16;                                                                                   \
+        __m512 sums[LIMIT];                                                                                              \
+        _Pragma("GCC unroll 17") for (int jv = 0; jv < LIMIT; jv++) sums[jv] = _mm512_setzero_ps();                     \
+        for (int64_t e = 0; e < head_size / 2; e++) {                                                                    \
+            __m512bh pair = (__m512bh)_mm512_set1_epi32((int)pair_at(row, e));                                           \
+            const uint32_t *columns = pairs_by_column + e * padded;                                                      \
+            _Pragma("GCC unroll 17") for (int jv = 0; jv < LIMIT; jv++) if (jv < vectors) sums[jv] =                    \
+                _mm512_dpbf16_ps(sums[jv], pair, (__m512bh)_mm512_loadu_si512(columns + 16 * jv));                       \
+        }                                                                                                                \
+        _Pragma("GCC unroll 17") for (int jv = 0; jv < LIMIT; jv++) if (jv < vectors) scores[jv] = sums[jv];            \
+    }
+DEFINE_ROW_TIMES_COLUMNS(4)
+DEFINE_ROW_TIMES_COLUMNS(5)
+DEFINE_ROW_TIMES_COLUMNS(8)
+DEFINE_ROW_TIMES_COLUMNS(17)
+
 static inline void row_times_columns(const uint16_t *row, const uint32_t *pairs_by_column, int64_t tokens,
                                      int64_t head_size, __m512 *scores) {
-    int64_t padded = PADDED(tokens), vectors = padded / 16;
-    __m512 sums[MAX_TOKENS / 16];
-    for (int jv = 0; jv < MAX_TOKENS / 16; jv++)
-        sums[jv] = _mm512_setzero_ps();
-    for (int64_t e = 0; e < head_size / 2; e++) {
-        __m512bh pair = (__m512bh)_mm512_set1_epi32((int)pair_at(row, e));
-        const uint32_t *columns = pairs_by_column + e * padded;
-#pragma GCC unroll 8
-        for (int jv = 0; jv < MAX_TOKENS / 16; jv++)
-            if (jv < vectors)
-                sums[jv] = _mm512_dpbf16_ps(sums[jv], pair, (__m512bh)_mm512_loadu_si512(columns + 16 * jv));
-    }
-#pragma GCC unroll 8
-    for (int jv = 0; jv < MAX_TOKENS / 16; jv++)
-        if (jv < vectors)
-            scores[jv] = sums[jv];
+    int64_t padded = PADDED(tokens);
+    if (padded <= 4 * 16)
+        row_times_columns_4(row, pairs_by_column, padded, head_size, scores);
+    else if (padded <= 5 * 16)
+        row_times_columns_5(row, pairs_by_column, padded, head_size, scores);
+    else if (padded <= 8 * 16)
+        row_times_columns_8(row, pairs_by_column, padded, head_size, scores);
+    else
+        row_times_columns_17(row, pairs_by_column, padded, head_size, scores);
 }
 
 /* out[dv] (16 lanes each) = Σ_p weight pair p · pairs_by_row[p][16 dv ..]: T weights times M (T × Dh). Weight pair p
