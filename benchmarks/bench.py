@@ -127,19 +127,31 @@ def bytes_per_step(run_step) -> int:
 COMPILED_KERNELS = "## Call CompiledFxGraph"
 
 
+# vitlab's C kernels (vitlab/kernels) appear in the profile under their autograd Functions' names, forward and backward.
+C_KERNELS = {"KernelSelfAttention": "C attention", "KernelSoftmax": "C softmax", "KernelDropout": "C dropout"}
+
+
 def operator_name(key: str) -> str:
-    return "compiled fused kernels" if key.startswith(COMPILED_KERNELS) else key.removeprefix("aten::")
+    if key.startswith(COMPILED_KERNELS):
+        return "compiled fused kernels"
+    return C_KERNELS.get(key.removesuffix("Backward"), key.removeprefix("aten::"))
+
+
+def counted_event(key: str) -> bool:
+    """aten operators, compiled graphs and vitlab's C kernels: together every operator's time, each counted once."""
+    return key.startswith(("aten::", COMPILED_KERNELS)) or key.removesuffix("Backward") in C_KERNELS
 
 
 def non_matmul_breakdown(run_step, steps: int = 5, rows: int = 6) -> tuple[float, list[tuple[str, float]]]:
     """Share of the step's operator self time that is matrix multiplication, and the largest other operators
-    as (name, share of the step). A compiled model's fused kernels count as one other operator."""
+    as (name, share of the step). A compiled model's fused kernels count as one other operator, and so does each of
+    vitlab's C kernels (the attention kernel's matmuls included)."""
     from torch.profiler import profile
 
     with profile() as profiler:
         for _ in range(steps):
             run_step()
-    events = [event for event in profiler.key_averages() if event.key.startswith(("aten::", COMPILED_KERNELS))]
+    events = [event for event in profiler.key_averages() if counted_event(event.key)]
     total = sum(event.self_cpu_time_total for event in events) or 1.0
     matmul = sum(event.self_cpu_time_total for event in events if any(op in event.key for op in MATMUL_OPS))
     others: dict[str, float] = {}

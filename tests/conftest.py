@@ -18,6 +18,7 @@ import torch
 
 from vitlab import data as data_module
 from vitlab.data import CIFAR10, FOLDER, MD5, batches_folder
+from vitlab.kernels import switch_kernels
 
 
 def write_fake_cifar10(root: Path, per_batch: int = 60, seed: int = 0) -> dict[str, str]:
@@ -82,6 +83,8 @@ def isolated_environment(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VITLAB_PEAK_ROUNDS", "1")
     torch.manual_seed(0)
+    yield
+    switch_kernels(True)  # a run with --cpu_kernels false switches them off for the rest of its process
 
 
 def tiny_dataset(count: int = 256, seed: int = 0) -> CIFAR10:

@@ -173,6 +173,23 @@ def test_a_compiled_steps_fused_kernels_count_as_one_non_matmul_operator():
     assert "compiled fused kernels" in dict(others)
 
 
+def test_vitlabs_c_kernels_count_in_the_breakdown_forward_and_backward_together():
+    from vitlab.kernels.attention import kernel_supports
+    from vitlab.models.layers import self_attention
+
+    qkv = torch.randn(8, 65, 3, 4, 16).to(torch.bfloat16).requires_grad_()
+    if not kernel_supports(qkv):
+        pytest.skip("no AVX-512 BF16 C kernels on this machine")
+
+    def step():
+        out, _ = self_attention(qkv)
+        out.float().sum().backward()
+
+    matmul_share, others = bench.non_matmul_breakdown(step, steps=2, rows=20)
+    assert matmul_share == 0 and "C attention" in dict(others)
+    assert not any(name.startswith("Kernel") for name in dict(others))
+
+
 def test_compile_both_times_every_configuration_eager_and_compiled_in_the_same_rounds(tmp_path, monkeypatch):
     timed = []
 

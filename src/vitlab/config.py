@@ -150,6 +150,9 @@ class TrainConfig:
         channels_last: store convolutional models and their batches channels-last (NHWC).
         compile: run the model through torch.compile (off by default: about a minute of compiling, and on the CPU it has
             paid for vit-pure's step but not for the small models measured; docs/performance.md).
+        cpu_kernels: on the CPU, use vitlab's C kernels where they apply (dropout in one pass; softmax and self-attention
+            of up to 272 tokens with AVX-512 BF16; vitlab/kernels); false: PyTorch's operators only (the same
+            distributions and formulas, other random draws and roundings). Without a C compiler it is always false.
         progress: show a live progress bar.
         tensorboard: also log scalars (and a ViT's attention rollout images) to RUN_DIR/tensorboard.
         gif: save per-epoch snapshots of fixed validation images and write RUN_DIR/training.gif.
@@ -186,6 +189,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     channels_last: bool = True
     compile: bool = False
+    cpu_kernels: bool = True
     progress: bool = True
     tensorboard: bool = False
     gif: bool = False

@@ -52,3 +52,16 @@ def test_the_cache_key_follows_source_compiler_and_cpu(monkeypatch):
     assert build.library_path("/usr/bin/clang", b"int x;") != first
     monkeypatch.setattr(build, "cpu_flags", lambda: "flags : avx2")
     assert build.library_path("/usr/bin/cc", b"int x;") != first
+
+
+def test_a_run_switches_the_kernels_off_and_says_so(monkeypatch):
+    from vitlab.config import TrainConfig
+    from vitlab.models import build_model
+    from vitlab.train.device import place_model
+
+    if build.load()[0] is None:
+        pytest.skip("no C kernels on this machine")
+    place_model(build_model("cnn-small"), TrainConfig(device="cpu", cpu_kernels=False))
+    assert build.compiled_library() is None and build.kernel_status() == "PyTorch operators (cpu_kernels false)"
+    place_model(build_model("cnn-small"), TrainConfig(device="cpu"))
+    assert build.compiled_library() is not None and build.kernel_status().startswith("compiled C")

@@ -78,24 +78,18 @@ def test_layouts_and_what_the_kernel_takes():
         softmax(torch.ones(2, 3, dtype=torch.bfloat16), mask_diagonal=True)
 
 
-def test_the_portable_c_path_gives_the_same_weights(tmp_path):
-    """Machines without AVX-512 compile the plain C row functions; build them here for an x86-64-v2 CPU and compare."""
+def test_a_build_without_avx512_leaves_softmax_and_attention_to_pytorch(tmp_path):
+    """On a CPU without AVX-512 the library still builds (dropout runs anywhere) but reports these two kernels
+    unsupported, so vitlab keeps PyTorch's vectorised operators there."""
     compiler = build.find_compiler()
-    source = Path(build.__file__).with_name("softmax.c")
+    sources = [str(Path(build.__file__).with_name(name)) for name in build.SOURCES]
     library_file = tmp_path / "portable.so"
     flags = [flag for flag in build.FLAGS if not flag.startswith("-march")]
     try:
-        subprocess.run([compiler, *flags, "-march=x86-64-v2", "-o", str(library_file), str(source)], check=True, capture_output=True)
+        subprocess.run([compiler, *flags, "-march=x86-64-v2", "-o", str(library_file), *sources], check=True, capture_output=True)
     except subprocess.CalledProcessError:
         pytest.skip("this compiler cannot build for x86-64-v2 (not an x86 machine)")
     library = ctypes.CDLL(str(library_file))
-    scores = random_scores(5, 65, 65)
-    portable = torch.empty_like(scores)
-    library.vitlab_softmax_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
-    library.vitlab_softmax_bf16(scores.data_ptr(), portable.data_ptr(), 5 * 65, 65, 1, 1)
-    expected = (scores.double() + self_mask_bias(65, torch.float64, scores.device)).softmax(-1)
-    torch.testing.assert_close(portable.double(), expected, rtol=BF16_ULP, atol=1e-30)
-    grad, portable_grad = torch.randn(scores.shape, dtype=torch.bfloat16), torch.empty_like(scores)
-    library.vitlab_softmax_backward_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-    library.vitlab_softmax_backward_bf16(portable.data_ptr(), grad.data_ptr(), portable_grad.data_ptr(), 5 * 65, 65, 1)
-    torch.testing.assert_close(portable_grad, softmax_backward(portable, grad), rtol=2 * BF16_ULP, atol=1e-3)
+    assert library.vitlab_softmax_supported() == 0 and library.vitlab_attention_supported() == 0
+    this_machine = build.compiled_library()
+    assert this_machine.vitlab_softmax_supported() == int(kernel_supports(torch.ones(2, 3, dtype=torch.bfloat16)))

@@ -5,10 +5,11 @@
 `$XDG_CACHE_HOME/vitlab`, else `~/.cache/vitlab`), and loads it with ctypes. The library links the OpenMP
 runtime PyTorch already loaded, so its threads are PyTorch's threads.
 
-Without a C compiler, or with `VITLAB_C_KERNELS=0`, every caller falls back to PyTorch operators; the
-results differ only in which random numbers are drawn (see `kernel_status()`, saved with every result).
+Without a C compiler, with `VITLAB_C_KERNELS=0` or with a run's `--cpu_kernels false` (`switch_kernels`), every
+caller uses PyTorch operators instead: the same distributions and formulas, other random draws and roundings
+(`kernel_status()` says which, in every results.json).
 """
 
-from vitlab.kernels.build import compiled_library, kernel_status, recording_graph
+from vitlab.kernels.build import compiled_library, kernel_status, recording_graph, switch_kernels
 
-__all__ = ["compiled_library", "kernel_status", "recording_graph"]
+__all__ = ["compiled_library", "kernel_status", "recording_graph", "switch_kernels"]

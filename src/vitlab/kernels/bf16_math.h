@@ -22,21 +22,6 @@ static inline uint16_t float_to_bf16(float value) {
     return (uint16_t)(((bits & 0x7FFFFFFFu) > 0x7F800000u) ? quiet_nan : rounded);
 }
 
-/* e^x for x <= 0 (scores minus their row maximum): 2^n · p(r) with x = n ln 2 + r, |r| <= ln2 / 2, and p the
- * degree-6 Taylor polynomial (relative error below 2e-7 there). Below -87 the result is 0, as e^x is in fp32 (-inf
- * included); a NaN gives NaN. */
-static inline float exp_nonpositive(float x) {
-    float clamped = x < -87.0f ? -87.0f : x;
-    float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 · 2^23 */
-    float r = clamped - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f + r * (8.3333338e-3f + r * 1.3888889e-3f)))));
-    int32_t exponent = ((int32_t)n + 127) << 23;
-    float power;
-    memcpy(&power, &exponent, sizeof power);
-    float result = p * power;
-    return x < -87.0f ? 0.0f : (x != x ? x : result);
-}
-
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define VITLAB_AVX512 1
 #include <immintrin.h>
@@ -57,7 +42,9 @@ static inline void store_bf16(uint16_t *target, __m512 values, __mmask16 mask) {
     _mm256_mask_storeu_epi16(target, mask, _mm512_cvtepi32_epi16(rounded));
 }
 
-/* exp_nonpositive on 16 lanes. */
+/* e^x for x <= 0 (scores minus their row maximum) on 16 lanes: 2^n · p(r) with x = n ln 2 + r, |r| <= ln2 / 2, and
+ * p the degree-6 Taylor polynomial (relative error below 2e-7 there). Below -87 the result is 0, as e^x is in fp32
+ * (-inf included); a NaN gives NaN. */
 static inline __m512 exp_nonpositive_vector(__m512 x) {
     __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

@@ -31,6 +31,7 @@ SIGNATURES = {
     "vitlab_softmax_backward_bf16": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int],
                                      None),
     "vitlab_softmax_max_columns": ([], ctypes.c_int64),
+    "vitlab_softmax_supported": ([], ctypes.c_int),
     "vitlab_attention_supported": ([], ctypes.c_int),
     "vitlab_attention_max_tokens": ([], ctypes.c_int64),
     "vitlab_attention_max_head_size": ([], ctypes.c_int64),
@@ -110,9 +111,19 @@ def load() -> tuple[ctypes.CDLL | None, str]:
     return library, f"compiled C ({Path(compiler).name} {' '.join(FLAGS[:2])}, {target.name})"
 
 
+# Switched per run by the Runner's placement (TrainConfig.cpu_kernels); on by default.
+_switched_on = True
+
+
+def switch_kernels(on: bool) -> None:
+    """Use the C kernels (where they can run) or PyTorch's operators only, from now on in this process."""
+    global _switched_on
+    _switched_on = bool(on)
+
+
 def compiled_library() -> ctypes.CDLL | None:
-    """The C kernels, compiled on first use; None where they cannot be (then use PyTorch operators)."""
-    return load()[0]
+    """The C kernels, compiled on first use; None where they cannot be or are switched off (then use PyTorch operators)."""
+    return load()[0] if _switched_on else None
 
 
 def recording_graph() -> bool:
@@ -123,4 +134,4 @@ def recording_graph() -> bool:
 
 def kernel_status() -> str:
     """Which kernels this process uses, e.g. 'compiled C (gcc -O3 -march=native, vitlab-kernels-….so)'."""
-    return load()[1]
+    return load()[1] if _switched_on else "PyTorch operators (cpu_kernels false)"

@@ -4,6 +4,8 @@
  * exact to a few fp32 ulps, far below bf16's rounding. Forward can leave out each token's score for itself
  * (the diagonal of every T × T block: LSA, Lee et al. 2021) without a separate pass to mask it.
  */
+#include <stdlib.h>
+
 #include "bf16_math.h"
 
 #define PARALLEL_MIN_ROWS 256
@@ -50,36 +52,15 @@ static void softmax_backward_row(const uint16_t *y, const uint16_t *grad_y, uint
     }
 }
 #else
+/* Without AVX-512 PyTorch's own vectorised softmax is the faster one: callers check vitlab_softmax_supported(). */
 static void softmax_row(const uint16_t *scores, uint16_t *out, int64_t columns, int64_t masked_column) {
-    float values[MAX_COLUMNS];
-    float maximum = -INFINITY;
-#pragma omp simd reduction(max : maximum)
-    for (int64_t column = 0; column < columns; column++) {
-        float value = column == masked_column ? -INFINITY : bf16_to_float(scores[column]);
-        values[column] = value;
-        maximum = fmaxf(maximum, value);
-    }
-    if (maximum == -INFINITY)
-        maximum = 0.0f; /* a row of -inf only: every exp is 0, the result 0/0 = NaN as PyTorch gives */
-    float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t column = 0; column < columns; column++) {
-        values[column] = exp_nonpositive(values[column] - maximum);
-        total += values[column];
-    }
-    float inverse = 1.0f / total;
-    for (int64_t column = 0; column < columns; column++)
-        out[column] = float_to_bf16(values[column] * inverse);
+    (void)scores, (void)out, (void)columns, (void)masked_column;
+    abort();
 }
 
-
 static void softmax_backward_row(const uint16_t *y, const uint16_t *grad_y, uint16_t *grad_scores, int64_t columns) {
-    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t column = 0; column < columns; column++)
-        dot += bf16_to_float(y[column]) * bf16_to_float(grad_y[column]);
-    for (int64_t column = 0; column < columns; column++)
-        grad_scores[column] = float_to_bf16(bf16_to_float(y[column]) * (bf16_to_float(grad_y[column]) - dot));
+    (void)y, (void)grad_y, (void)grad_scores, (void)columns;
+    abort();
 }
 #endif
 
@@ -101,3 +82,9 @@ void vitlab_softmax_backward_bf16(const uint16_t *y, const uint16_t *grad_y, uin
 }
 
 int64_t vitlab_softmax_max_columns(void) { return MAX_COLUMNS; }
+
+#ifdef VITLAB_AVX512
+int vitlab_softmax_supported(void) { return 1; }
+#else
+int vitlab_softmax_supported(void) { return 0; }
+#endif

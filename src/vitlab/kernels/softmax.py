@@ -8,10 +8,11 @@ from vitlab.kernels.build import compiled_library
 
 
 def kernel_supports(scores: torch.Tensor) -> bool:
-    """Whether `softmax` can take these scores: bf16 on the CPU, rows the kernel's buffer holds, a compiler present."""
+    """Whether `softmax` can take these scores: bf16 on the CPU, rows the kernel's buffer holds, and a CPU and compiler
+    with AVX-512 (without it PyTorch's softmax is the faster one)."""
     library = compiled_library()
     return (scores.device.type == "cpu" and scores.dtype == torch.bfloat16 and scores.dim() >= 1 and library is not None
-            and 0 < scores.shape[-1] <= library.vitlab_softmax_max_columns())
+            and bool(library.vitlab_softmax_supported()) and 0 < scores.shape[-1] <= library.vitlab_softmax_max_columns())
 
 
 def softmax(scores: torch.Tensor, mask_diagonal: bool = False) -> torch.Tensor:

@@ -1,11 +1,16 @@
 """Attention kernels: the one place that decides how softmax(Q Kᵀ / τ) V is computed.
 
-Two kernels, one result (tests check they agree), chosen as follows:
+`self_attention` takes the QKV projection's output (B, T, 3, H, Dh); on the CPU in bf16 it runs vitlab's C kernel
+(kernels/attention.c: up to 272 tokens, heads of 16-64 features, a CPU with AVX-512 BF16) whenever neither attention
+dropout nor the weights are asked for: Q, K and V are read where the projection wrote them and the output is
+written where the next projection reads it, so no head-major copies are made and the T × T scores stay in the
+cache. It was faster than every PyTorch route below at 64, 65 and 257 tokens (docs/performance.md). Everything
+else goes through `attention`, which has two kernels with one result (tests check they agree), chosen as follows:
 
 - **fused**: `F.scaled_dot_product_attention`, the default while training and evaluating;
-- **explicit**: the softmax written out, when the weights are wanted (attention maps, rollout), when the
-  attention needs a diagonal mask or a learned temperature (LSA), and for attention dropout on the CPU
-  (SDPA's dropout there samples with the slow `bernoulli_`; see models/dropout.py);
+- **explicit**: the softmax written out (by vitlab's C softmax on AVX-512 CPUs in bf16), when the weights are
+  wanted (attention maps, rollout), when the attention needs a diagonal mask or a learned temperature (LSA), and
+  for attention dropout on the CPU (SDPA's dropout there samples with the slow `bernoulli_`; see models/dropout.py);
 - on the CPU, bf16 sequences of at most `CPU_EXPLICIT_MAX_TOKENS` tokens (every CIFAR ViT with patch >= 4)
   take the explicit path in bf16: PyTorch's CPU flash-attention kernel works in blocks sized for long
   sequences and lost to two batched matmuls and a softmax at 64-129 tokens (docs/performance.md). The

@@ -10,6 +10,7 @@ from torch import nn
 
 from vitlab.config import TrainConfig
 from vitlab.errors import VitlabError
+from vitlab.kernels import switch_kernels
 from vitlab.train.distributed import SINGLE, DistContext
 
 
@@ -89,6 +90,7 @@ def place_model(model: nn.Module, config: TrainConfig, distributed: DistContext 
         device = torch.device("cuda", distributed.local_rank)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
     precision = resolve_precision(config.precision, device)
+    switch_kernels(config.cpu_kernels)
     if device.type == "cuda":
         # Fixed shapes every step: let cuDNN pick the fastest convolution once; TF32 for fp32 matmuls.
         torch.backends.cudnn.benchmark = True
