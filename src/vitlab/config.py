@@ -150,9 +150,10 @@ class TrainConfig:
         channels_last: store convolutional models and their batches channels-last (NHWC).
         compile: run the model through torch.compile (off by default: about a minute of compiling, and on the CPU it has
             paid for vit-pure's step but not for the small models measured; docs/performance.md).
-        cpu_kernels: on the CPU, use vitlab's C kernels where they apply (dropout in one pass; softmax and self-attention
-            of up to 272 tokens with AVX-512 BF16; vitlab/kernels); false: PyTorch's operators only (the same
-            distributions and formulas, other random draws and roundings). Without a C compiler it is always false.
+        cpu_kernels: on the CPU, use vitlab's C kernels where they apply (dropout in one pass; with AVX-512 the
+            softmax of attention weights, with AVX-512 BF16 self-attention of up to 272 tokens; vitlab/kernels);
+            false: PyTorch's operators only (the same distributions and formulas, other random draws and roundings).
+            Without a C compiler it is always false.
         progress: show a live progress bar.
         tensorboard: also log scalars (and a ViT's attention rollout images) to RUN_DIR/tensorboard.
         gif: save per-epoch snapshots of fixed validation images and write RUN_DIR/training.gif.

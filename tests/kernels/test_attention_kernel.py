@@ -101,3 +101,54 @@ def test_a_vit_gives_the_same_logits_and_trains_through_either_route(monkeypatch
     torch.testing.assert_close(kernel_logits.float(), torch_logits.float(), rtol=0.05, atol=0.05)
     torch.testing.assert_close(kernel_grad, torch_grad, rtol=0.1, atol=0.05 * torch_grad.abs().item() + 1e-3)
     assert compiled_library() is not None
+
+
+def test_a_default_device_set_elsewhere_does_not_reach_the_kernel():
+    """torch.set_default_device must not make the kernel's own buffers non-CPU memory (that crashed the process)."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom vitlab.models.layers import self_attention\n"
+            "qkv = torch.randn(1, 4, 3, 1, 16, device='cpu').to(torch.bfloat16).requires_grad_()\n"
+            "torch.set_default_device('meta')\n"
+            "out, _ = self_attention(qkv)\nout.float().sum().backward()\n"
+            "assert out.device.type == 'cpu' and qkv.grad.device.type == 'cpu' and torch.isfinite(qkv.grad).all()\n")
+    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+
+
+def test_backward_uses_the_kernel_its_forward_used_even_if_switched_off_in_between():
+    from vitlab.kernels import switch_kernels
+    from vitlab.models.dropout import Dropout
+
+    qkv = torch.randn(2, 9, 3, 2, 16).to(torch.bfloat16).requires_grad_()
+    inputs = torch.randn(4, 100, requires_grad=True)
+    out, _ = self_attention(qkv)
+    dropped = Dropout(0.5).train()(inputs)
+    switch_kernels(False)  # e.g. the next run of a study in this process, before this backward
+    out.float().sum().backward()
+    dropped.sum().backward()
+    assert torch.isfinite(qkv.grad).all() and torch.equal(inputs.grad != 0, dropped != 0)
+
+
+def test_evaluation_writes_no_weights_and_gives_the_training_outputs(monkeypatch):
+    calls = []
+    forward = attention_kernel.attention_forward
+    monkeypatch.setattr(attention_kernel, "attention_forward", lambda *args: calls.append(args[3]) or forward(*args))
+    qkv = torch.randn(2, 9, 3, 2, 16).to(torch.bfloat16)
+    with torch.no_grad():
+        evaluated, _ = self_attention(qkv)
+    trained, _ = self_attention(qkv.clone().requires_grad_())
+    assert calls == [False, True] and torch.equal(evaluated, trained.detach())
+
+
+def test_graph_capture_sees_pytorch_operators_without_a_break():
+    """torch.compile must not trace into the kernels' checks (the library lookup, the file system): no graph break
+    in attention, and in dropout none but the one PyTorch's own `random_` makes (docs/performance.md)."""
+    from vitlab.models.dropout import Dropout
+
+    attend = torch.compile(lambda qkv: self_attention(qkv)[0], fullgraph=True, backend="eager")
+    assert attend(torch.randn(2, 9, 3, 2, 16).to(torch.bfloat16)).shape == (2, 9, 32)
+    explanation = torch._dynamo.explain(Dropout(0.3).train())(torch.randn(8, 64))
+    reasons = [str(getattr(reason, "reason", reason)) for reason in explanation.break_reasons]
+    assert reasons and all("random_" in reason for reason in reasons)

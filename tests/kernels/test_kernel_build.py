@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 
 from vitlab.kernels import build
@@ -46,12 +50,13 @@ def test_a_failing_compiler_falls_back_and_leaves_nothing_behind(fresh_load, mon
 
 
 def test_the_cache_key_follows_source_compiler_and_cpu(monkeypatch):
-    first = build.library_path("/usr/bin/cc", b"int x;")
-    assert build.library_path("/usr/bin/cc", b"int x;") == first
-    assert build.library_path("/usr/bin/cc", b"int y;") != first
-    assert build.library_path("/usr/bin/clang", b"int x;") != first
+    first = build.library_path(["/usr/bin/cc"], b"int x;")
+    assert build.library_path(["/usr/bin/cc"], b"int x;") == first
+    assert build.library_path(["/usr/bin/cc"], b"int y;") != first
+    assert build.library_path(["/usr/bin/clang"], b"int x;") != first
+    assert build.library_path(["/usr/bin/ccache", "/usr/bin/cc"], b"int x;") != first
     monkeypatch.setattr(build, "cpu_flags", lambda: "flags : avx2")
-    assert build.library_path("/usr/bin/cc", b"int x;") != first
+    assert build.library_path(["/usr/bin/cc"], b"int x;") != first
 
 
 def test_a_run_switches_the_kernels_off_and_says_so(monkeypatch):
@@ -65,3 +70,47 @@ def test_a_run_switches_the_kernels_off_and_says_so(monkeypatch):
     assert build.compiled_library() is None and build.kernel_status() == "PyTorch operators (cpu_kernels false)"
     place_model(build_model("cnn-small"), TrainConfig(device="cpu"))
     assert build.compiled_library() is not None and build.kernel_status().startswith("compiled C")
+
+
+def test_a_damaged_or_foreign_cached_library_is_rebuilt_not_loaded(fresh_load):
+    """Loading a truncated shared library can kill the process, so a library is loaded only when its digest matches.
+    Each damage is followed by a fresh process (this one already has the library mapped) that must rebuild it."""
+    if build.find_compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    build.load()
+    built = next((fresh_load / "kernels").glob("vitlab-kernels-*.so"))
+    original = built.read_bytes()
+
+    def replace_with(content: bytes) -> None:  # a new file: the library mapped in this process stays untouched
+        damaged = built.with_name("damaged")
+        damaged.write_bytes(content)
+        os.replace(damaged, built)
+
+    check = "from vitlab.kernels import build; library, status = build.load(); print(status); assert library is not None"
+    for damage in (lambda: replace_with(original[:5000]), lambda: replace_with(b""), lambda: build.digest_path(built).unlink()):
+        damage()
+        finished = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300,
+                                  env={**os.environ, "VITLAB_CACHE": str(fresh_load)})
+        assert finished.returncode == 0 and finished.stdout.startswith("compiled C"), finished.stderr[-2000:]
+        assert build.intact(built) and built.read_bytes() == original
+
+
+def test_a_library_without_a_kernel_it_should_export_falls_back(fresh_load, monkeypatch):
+    if build.find_compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setitem(build.SIGNATURES, "vitlab_no_such_kernel", ([], None))
+    library, status = build.load()
+    assert library is None and "C kernels unavailable" in status and "vitlab_no_such_kernel" in status
+
+
+def test_cc_with_arguments_and_the_compilers_own_error_line(fresh_load, monkeypatch):
+    compiler = build.find_compiler()
+    if compiler is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("CC", f"{compiler[0]} -DVITLAB_EXTRA_FLAG=1")
+    assert build.find_compiler() == [compiler[0], "-DVITLAB_EXTRA_FLAG=1"]
+    assert build.load()[0] is not None
+    build.load.cache_clear()
+    monkeypatch.setenv("CC", f"{compiler[0]} -include /no/such/header.h")
+    library, status = build.load()
+    assert library is None and "error" in status and "/no/such/header.h" in status

@@ -86,7 +86,7 @@ def test_a_build_without_avx512_leaves_softmax_and_attention_to_pytorch(tmp_path
     library_file = tmp_path / "portable.so"
     flags = [flag for flag in build.FLAGS if not flag.startswith("-march")]
     try:
-        subprocess.run([compiler, *flags, "-march=x86-64-v2", "-o", str(library_file), *sources], check=True, capture_output=True)
+        subprocess.run([*compiler, *flags, "-march=x86-64-v2", "-o", str(library_file), *sources], check=True, capture_output=True)
     except subprocess.CalledProcessError:
         pytest.skip("this compiler cannot build for x86-64-v2 (not an x86 machine)")
     library = ctypes.CDLL(str(library_file))

@@ -1,8 +1,8 @@
-/* Self-attention for short sequences (T <= 128 tokens, heads of 16-64), forward and backward, one (image, head) at a
- * time in the CPU's caches, with AVX-512 BF16 dot products (Zen 4, Sapphire Rapids and later).
+/* Self-attention for short sequences (T <= 272 tokens, heads of 16, 32, 48 or 64), forward and backward, one
+ * (image, head) at a time in the CPU's caches, with AVX-512 BF16 dot products (Zen 4, Sapphire Rapids and later).
  *
  * PyTorch computes softmax(Q Kᵀ) V as two batched matmuls, a softmax and copies of Q, K, V into head-major layouts,
- * each a pass over memory, and its batched products of 65 × 16 × 65 ran at a third of the machine's bf16 peak
+ * each a pass over memory, and its batched products of such small matrices ran far below the machine's bf16 peak
  * (docs/performance.md). Here every (image, head) reads Q, K, V straight from the QKV projection's output
  * (B, T, 3, H, Dh), keeps its T × T scores in registers, and writes its output straight into (B, T, H, Dh), the
  * layout the output projection reads. Forward also stores the attention weights (B, H, T, T) for backward.
@@ -155,7 +155,7 @@ static inline void row_times_rows(const void *weights, int64_t stride, const uin
             out[dv] = _mm512_add_ps(_mm512_add_ps(sums[0][dv], sums[1][dv]), _mm512_add_ps(sums[2][dv], sums[3][dv]));
 }
 
-/* Forward. qkv (B, T, 3, H, Dh) bf16 → out (B, T, H, Dh) bf16 and weights (B, H, T, T) bf16. scales[h] multiplies
+/* Forward. qkv (B, T, 3, H, Dh) bf16 → out (B, T, H, Dh) bf16 and weights (B, H, T, T) bf16 (not written if NULL). scales[h] multiplies
  * head h's queries (rounded to bf16, as `query * scale` is); mask_diagonal leaves out each token's own score. */
 void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weights, int64_t batch, int64_t tokens,
                               int64_t heads, int64_t head_size, const float *scales, int mask_diagonal, int threads) {
@@ -180,7 +180,7 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
             for (int64_t i = 0; i < tokens; i++)
                 for (int64_t d = 0; d < head_size; d += 16)
                     store_bf16_rounded(scaled_queries + i * MAX_HEAD + d, _mm512_mul_ps(load_bf16(query.base + i * query.row_stride + d, 0xFFFF), scale));
-            uint16_t *weight_rows = weights + item * tokens * tokens;
+            uint16_t *weight_rows = weights == NULL ? NULL : weights + item * tokens * tokens;
             for (int64_t i = 0; i < tokens; i++) {
                 __m512 scores[MAX_TOKENS / 16];
                 row_times_columns(scaled_queries + i * MAX_HEAD, key_pairs, tokens, head_size, scores);
@@ -205,7 +205,8 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
                     store_bf16_rounded(weight_row + 16 * jv, _mm512_mul_ps(scores[jv], inverse));
             }
             for (int64_t i = 0; i < tokens; i++) {
-                memcpy(weight_rows + i * tokens, weight_buffer + i * buffer_row, sizeof(uint16_t) * tokens);
+                if (weights != NULL)
+                    memcpy(weight_rows + i * tokens, weight_buffer + i * buffer_row, sizeof(uint16_t) * tokens);
                 __m512 mixed[MAX_HEAD / 16];
                 row_times_rows(weight_buffer + i * buffer_row, 1, value_pairs, tokens, head_size, mixed);
                 uint16_t *out_row_start = out + (image * tokens + i) * out_row + head * head_size;

@@ -4,31 +4,42 @@ from __future__ import annotations
 
 import torch
 
-from vitlab.kernels.build import compiled_library
+from vitlab.kernels.build import compiled_library, loaded_library
 
 
-def kernel_supports(qkv: torch.Tensor) -> bool:
-    """Whether `attention_forward` can take this (B, T, 3, H, Dh) tensor: bf16 on the CPU, at most the kernel's tokens,
-    heads of a multiple of 16 up to its limit, and a CPU and compiler with AVX-512 BF16."""
-    library = compiled_library()
-    if library is None or qkv.device.type != "cpu" or qkv.dtype != torch.bfloat16 or qkv.dim() != 5 or qkv.shape[2] != 3:
+def shape_supported(qkv: torch.Tensor, library) -> bool:
+    """Whether the library's attention kernel can take this (B, T, 3, H, Dh) tensor: bf16 on the CPU, at most its
+    tokens, heads of a multiple of 16 up to its limit, and a CPU and compiler with AVX-512 BF16."""
+    if qkv.device.type != "cpu" or qkv.dtype != torch.bfloat16 or qkv.dim() != 5 or qkv.shape[2] != 3:
         return False
     batch, tokens, _, heads, head_size = qkv.shape
     return (bool(library.vitlab_attention_supported()) and batch > 0 and heads > 0 and 0 < tokens <= library.vitlab_attention_max_tokens()
             and head_size % 16 == 0 and 0 < head_size <= library.vitlab_attention_max_head_size())
 
 
-def attention_forward(qkv: torch.Tensor, scales: torch.Tensor, mask_diagonal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """qkv (B, T, 3, H, Dh) bf16, scales (H,) fp32 → (out (B, T, H, Dh), weights (B, H, T, T)), both bf16.
+def kernel_supports(qkv: torch.Tensor) -> bool:
+    """Whether `attention_forward` will take `qkv` (see shape_supported) with the kernels switched on."""
+    library = compiled_library()
+    return library is not None and shape_supported(qkv, library)
+
+
+def attention_forward(qkv: torch.Tensor, scales: torch.Tensor, mask_diagonal: bool,
+                      keep_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """qkv (B, T, 3, H, Dh) bf16 on the CPU, scales (H,) → (out (B, T, H, Dh), weights (B, H, T, T) or None), bf16.
 
     out = softmax(scale_h · Q Kᵀ [diagonal left out]) V per image and head h, the query rounded to bf16 after
-    scaling; weights are the softmax's output, kept for backward."""
-    qkv, scales = qkv.contiguous(), scales.to(torch.float32).contiguous()
+    scaling; weights are the softmax's output, which backward needs (not written without keep_weights)."""
+    if not shape_supported(qkv, loaded_library()):
+        raise ValueError(f"the attention kernel cannot take a {qkv.dtype} tensor of shape {tuple(qkv.shape)} on {qkv.device}")
+    cpu = torch.device("cpu")  # explicit: a default device set with torch.set_default_device must not apply here
+    qkv, scales = qkv.contiguous(), scales.to(cpu, torch.float32).contiguous()
     batch, tokens, _, heads, head_size = qkv.shape
-    out = torch.empty(batch, tokens, heads, head_size, dtype=qkv.dtype)
-    weights = torch.empty(batch, heads, tokens, tokens, dtype=qkv.dtype)
-    compiled_library().vitlab_attention_forward(qkv.data_ptr(), out.data_ptr(), weights.data_ptr(), batch, tokens, heads, head_size,
-                                                scales.data_ptr(), int(mask_diagonal), torch.get_num_threads())
+    if scales.shape != (heads,):
+        raise ValueError(f"scales must have one value per head ({heads}), got shape {tuple(scales.shape)}")
+    out = torch.empty(batch, tokens, heads, head_size, dtype=qkv.dtype, device=cpu)
+    weights = torch.empty(batch, heads, tokens, tokens, dtype=qkv.dtype, device=cpu) if keep_weights else None
+    loaded_library().vitlab_attention_forward(qkv.data_ptr(), out.data_ptr(), 0 if weights is None else weights.data_ptr(), batch,
+                                              tokens, heads, head_size, scales.data_ptr(), int(mask_diagonal), torch.get_num_threads())
     return out, weights
 
 
@@ -36,12 +47,19 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, weights: torch.Tens
                        scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of `attention_forward`: (grad_qkv (B, T, 3, H, Dh) bf16, grad_scale_sums (B, H) fp32), where
     grad_scale_sums[b, h] is image b's share of the gradient of scales[h]."""
-    qkv, out, weights, scales = qkv.contiguous(), out.contiguous(), weights.contiguous(), scales.to(torch.float32).contiguous()
-    grad_out = grad_out.contiguous().to(torch.bfloat16)
+    cpu = torch.device("cpu")
+    qkv, out, weights = qkv.contiguous(), out.contiguous(), weights.contiguous()
+    scales = scales.to(cpu, torch.float32).contiguous()
+    grad_out = grad_out.to(cpu, torch.bfloat16).contiguous()
     batch, tokens, _, heads, head_size = qkv.shape
+    expected = {"out": (out, (batch, tokens, heads, head_size)), "weights": (weights, (batch, heads, tokens, tokens)),
+                "grad_out": (grad_out, (batch, tokens, heads, head_size))}
+    for name, (tensor, shape) in expected.items():
+        if tensor.shape != shape or tensor.dtype != torch.bfloat16 or tensor.device != cpu:
+            raise ValueError(f"{name} must be a bf16 CPU tensor of shape {shape}, got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
     grad_qkv = torch.empty_like(qkv)
-    grad_scale_sums = torch.empty(batch, heads, dtype=torch.float32)
-    compiled_library().vitlab_attention_backward(qkv.data_ptr(), out.data_ptr(), weights.data_ptr(), grad_out.data_ptr(),
-                                                 grad_qkv.data_ptr(), grad_scale_sums.data_ptr(), batch, tokens, heads, head_size,
-                                                 scales.data_ptr(), torch.get_num_threads())
+    grad_scale_sums = torch.empty(batch, heads, dtype=torch.float32, device=cpu)
+    loaded_library().vitlab_attention_backward(qkv.data_ptr(), out.data_ptr(), weights.data_ptr(), grad_out.data_ptr(),
+                                               grad_qkv.data_ptr(), grad_scale_sums.data_ptr(), batch, tokens, heads, head_size,
+                                               scales.data_ptr(), torch.get_num_threads())
     return grad_qkv, grad_scale_sums

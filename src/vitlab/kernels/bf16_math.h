@@ -43,8 +43,9 @@ static inline void store_bf16(uint16_t *target, __m512 values, __mmask16 mask) {
 }
 
 /* e^x for x <= 0 (scores minus their row maximum) on 16 lanes: 2^n · p(r) with x = n ln 2 + r, |r| <= ln2 / 2, and
- * p the degree-6 Taylor polynomial (relative error below 2e-7 there). Below -87 the result is 0, as e^x is in fp32
- * (-inf included); a NaN gives NaN. */
+ * p the degree-6 Taylor polynomial (relative error below 2e-7 there). Below -87 the result is 0 (fp32's e^x would
+ * still be a subnormal number down to about -104, far below any weight bf16 keeps apart from 0); -inf gives 0 and
+ * a NaN gives NaN. */
 static inline __m512 exp_nonpositive_vector(__m512 x) {
     __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch  # (also loads PyTorch's OpenMP runtime before the library, so the library shares it)
@@ -48,11 +51,14 @@ def cache_folder() -> Path:
     return Path(base) / "vitlab" / "kernels"
 
 
-def find_compiler() -> str | None:
-    """$CC if set, else the first of cc, gcc, clang on the PATH."""
+def find_compiler() -> list[str] | None:
+    """The compiler's command: $CC if set (split like a shell would, e.g. 'ccache gcc'), else the first of cc, gcc,
+    clang on the PATH; None if there is none."""
     if os.environ.get("CC"):
-        return shutil.which(os.environ["CC"])
-    return next((found for name in ("cc", "gcc", "clang") if (found := shutil.which(name))), None)
+        words = shlex.split(os.environ["CC"])
+        found = shutil.which(words[0]) if words else None
+        return [found, *words[1:]] if found else None
+    return next(([found] for name in ("cc", "gcc", "clang") if (found := shutil.which(name))), None)
 
 
 def cpu_flags() -> str:
@@ -64,25 +70,84 @@ def cpu_flags() -> str:
         return platform.processor()
 
 
-def library_path(compiler: str, source_text: bytes) -> Path:
+def library_path(compiler: list[str], source_text: bytes) -> Path:
     digest = hashlib.sha256()
-    for part in (source_text, " ".join(FLAGS).encode(), compiler.encode(), cpu_flags().encode(), platform.machine().encode()):
+    for part in (source_text, " ".join(FLAGS).encode(), " ".join(compiler).encode(), cpu_flags().encode(), platform.machine().encode()):
         digest.update(part + b"\0")
     return cache_folder() / f"vitlab-kernels-{digest.hexdigest()[:16]}.so"
 
 
-def compile_library(compiler: str, sources: list[Path], target: Path) -> None:
-    """Compile into a temporary file next to `target`, then rename: a concurrent process sees all or nothing."""
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def digest_path(target: Path) -> Path:
+    """The sidecar holding the library's sha256, written after the library: a library without a matching one (cut
+    short by a crash, damaged, replaced) is rebuilt instead of loaded, since loading a damaged one can kill the process."""
+    return target.with_suffix(".sha256")
+
+
+def intact(target: Path) -> bool:
+    try:
+        return target.exists() and digest_path(target).read_text(encoding="ascii").strip() == file_digest(target)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def compile_library(compiler: list[str], sources: list[Path], target: Path) -> None:
+    """Compile into a temporary file next to `target`, flush it to disk, then rename it and write its digest: a
+    concurrent process sees all or nothing. Temporary files an hour old (a killed build's) are removed first."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob("tmp*"):
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > 3600:
+                stale.unlink()
     handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", temporary, *map(str, sources)], check=True, capture_output=True,
+        subprocess.run([*compiler, *FLAGS, "-o", temporary, *map(str, sources)], check=True, capture_output=True,
                        timeout=COMPILE_SECONDS)
+        with open(temporary, "rb") as built:
+            os.fsync(built.fileno())
+        digest = file_digest(Path(temporary))
         os.replace(temporary, target)
+        write_text_atomically(digest_path(target), digest + "\n")
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent)
+    with os.fdopen(handle, "w", encoding="ascii") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def compiler_error(error: subprocess.CalledProcessError) -> str:
+    """The compiler's first line that names an error (else its first line)."""
+    lines = error.stderr.decode(errors="replace").strip().splitlines()
+    return next((line for line in lines if "error" in line.lower()), lines[0] if lines else str(error))
+
+
+def open_library(target: Path) -> ctypes.CDLL:
+    """Load the library and declare its functions' types; AttributeError if a function is missing."""
+    library = ctypes.CDLL(str(target))
+    for name, (argument_types, return_type) in SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argument_types, return_type
+    return library
+
+
+def available_kernels(library: ctypes.CDLL) -> str:
+    names = ["dropout"]
+    if library.vitlab_softmax_supported():
+        names.append("softmax")
+    if library.vitlab_attention_supported():
+        names.append("attention")
+    return ", ".join(names)
 
 
 @functools.cache
@@ -96,19 +161,16 @@ def load() -> tuple[ctypes.CDLL | None, str]:
     sources = [Path(__file__).with_name(name) for name in SOURCES]
     headers = [Path(__file__).with_name(name) for name in HEADERS]
     target = library_path(compiler, b"\0".join(path.read_bytes() for path in sources + headers))
+    name = Path(compiler[0]).name
     try:
-        if not target.exists():
+        if not intact(target):
             compile_library(compiler, sources, target)
-        library = ctypes.CDLL(str(target))
+        library = open_library(target)
     except subprocess.CalledProcessError as error:
-        reason = error.stderr.decode(errors="replace").strip().splitlines()
-        return None, f"PyTorch operators ({Path(compiler).name} failed: {reason[0] if reason else error})"
-    except (OSError, subprocess.SubprocessError) as error:
+        return None, f"PyTorch operators ({name} failed: {compiler_error(error)})"
+    except (OSError, AttributeError, subprocess.SubprocessError) as error:
         return None, f"PyTorch operators (C kernels unavailable: {error})"
-    for name, (argument_types, return_type) in SIGNATURES.items():
-        function = getattr(library, name)
-        function.argtypes, function.restype = argument_types, return_type
-    return library, f"compiled C ({Path(compiler).name} {' '.join(FLAGS[:2])}, {target.name})"
+    return library, f"compiled C: {available_kernels(library)} ({name} {' '.join(FLAGS[:2])}, {target.name})"
 
 
 # Switched per run by the Runner's placement (TrainConfig.cpu_kernels); on by default.
@@ -122,8 +184,18 @@ def switch_kernels(on: bool) -> None:
 
 
 def compiled_library() -> ctypes.CDLL | None:
-    """The C kernels, compiled on first use; None where they cannot be or are switched off (then use PyTorch operators)."""
+    """The C kernels, compiled on first use; None where they cannot be or are switched off (then use PyTorch operators).
+    Callers decide with this; a backward pass calls the library it started with (`loaded_library`), even if a later
+    run switched the kernels off in between."""
     return load()[0] if _switched_on else None
+
+
+def loaded_library() -> ctypes.CDLL:
+    """The library itself, switched on or not (for a computation that already started in C)."""
+    library = load()[0]
+    if library is None:
+        raise RuntimeError("vitlab's C kernels are not available in this process")
+    return library
 
 
 def recording_graph() -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vitlab.kernels.build import compiled_library
+from vitlab.kernels.build import compiled_library, loaded_library
 
 # dtype → name of the C function that handles it
 FUNCTIONS = {torch.bfloat16: "vitlab_dropout_bf16", torch.float32: "vitlab_dropout_f32"}
@@ -26,11 +26,11 @@ def masked_scale(inputs: torch.Tensor, key: int, threshold: int, scale: float) -
     The same key and shape always give the same mask, whatever the thread count."""
     inputs = inputs.contiguous()
     out = torch.empty_like(inputs)
-    function = getattr(compiled_library(), FUNCTIONS[inputs.dtype])
+    function = getattr(loaded_library(), FUNCTIONS[inputs.dtype])
     function(inputs.data_ptr(), out.data_ptr(), inputs.numel(), key, threshold, scale, torch.get_num_threads())
     return out
 
 
 def splitmix64_word(key: int, index: int) -> int:
     """Word `index` of the generator seeded with `key` (the mask's random bits), for checking it against a reference."""
-    return compiled_library().vitlab_splitmix64_word(key, index)
+    return loaded_library().vitlab_splitmix64_word(key, index)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vitlab.kernels.build import compiled_library
+from vitlab.kernels.build import compiled_library, loaded_library
 
 
 def kernel_supports(scores: torch.Tensor) -> bool:
@@ -22,7 +22,7 @@ def softmax(scores: torch.Tensor, mask_diagonal: bool = False) -> torch.Tensor:
         raise ValueError(f"mask_diagonal needs square (..., T, T) scores, got {tuple(scores.shape)}")
     out = torch.empty_like(scores)
     columns = scores.shape[-1]
-    compiled_library().vitlab_softmax_bf16(scores.data_ptr(), out.data_ptr(), scores.numel() // columns, columns,
+    loaded_library().vitlab_softmax_bf16(scores.data_ptr(), out.data_ptr(), scores.numel() // columns, columns,
                                            int(mask_diagonal), torch.get_num_threads())
     return out
 
@@ -32,6 +32,6 @@ def softmax_backward(weights: torch.Tensor, grad_weights: torch.Tensor) -> torch
     weights, grad_weights = weights.contiguous(), grad_weights.contiguous().to(torch.bfloat16)
     grad_scores = torch.empty_like(weights)
     columns = weights.shape[-1]
-    compiled_library().vitlab_softmax_backward_bf16(weights.data_ptr(), grad_weights.data_ptr(), grad_scores.data_ptr(),
+    loaded_library().vitlab_softmax_backward_bf16(weights.data_ptr(), grad_weights.data_ptr(), grad_scores.data_ptr(),
                                                     weights.numel() // columns, columns, torch.get_num_threads())
     return grad_scores

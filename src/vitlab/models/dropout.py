@@ -81,7 +81,7 @@ class KernelDropout(torch.autograd.Function):
 
 
 def use_kernel(inputs: torch.Tensor) -> bool:
-    return kernel_supports(inputs) and not recording_graph()
+    return not recording_graph() and kernel_supports(inputs)
 
 
 def apply_mask(inputs: torch.Tensor, p: float) -> torch.Tensor:
