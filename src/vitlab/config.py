@@ -153,7 +153,8 @@ class TrainConfig:
         cpu_kernels: on the CPU, use vitlab's C kernels where they apply (dropout in one pass; with AVX-512 the
             softmax of attention weights, with AVX-512 BF16 self-attention of up to 272 tokens; vitlab/kernels);
             false: PyTorch's operators only (the same distributions and formulas, other random draws and roundings).
-            Without a C compiler it is always false.
+            Without a C compiler it is always false. It applies to training; evaluate, predict and the inspection
+            commands use the kernels wherever they can run.
         progress: show a live progress bar.
         tensorboard: also log scalars (and a ViT's attention rollout images) to RUN_DIR/tensorboard.
         gif: save per-epoch snapshots of fixed validation images and write RUN_DIR/training.gif.
