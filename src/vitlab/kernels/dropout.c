@@ -48,16 +48,9 @@ void vitlab_dropout_bf16(const uint16_t *inputs, uint16_t *out, int64_t count, u
         chunk_numbers(chunk, key, numbers);
         int64_t start = chunk * CHUNK;
         int64_t length = count - start < CHUNK ? count - start : CHUNK;
-        if (length == CHUNK) {
-            for (int i = 0; i < CHUNK; i++) {
-                float kept = bf16_to_float(inputs[start + i]) * scale;
-                out[start + i] = numbers[i] >= threshold ? float_to_bf16(kept) : 0;
-            }
-        } else {
-            for (int64_t i = 0; i < length; i++) {
-                float kept = bf16_to_float(inputs[start + i]) * scale;
-                out[start + i] = numbers[i] >= threshold ? float_to_bf16(kept) : 0;
-            }
+        for (int64_t i = 0; i < length; i++) {
+            float kept = bf16_to_float(inputs[start + i]) * scale;
+            out[start + i] = numbers[i] >= threshold ? float_to_bf16(kept) : 0;
         }
     }
 }
