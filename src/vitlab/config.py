@@ -149,8 +149,8 @@ class TrainConfig:
         checkpoint_every: also checkpoint every this many steps (the run folder always gets one per epoch).
         channels_last: store convolutional models and their batches channels-last (NHWC).
         compile: run the model through torch.compile (off by default: about a minute of compiling; on the CPU a compiled
-            model runs PyTorch's operators instead of vitlab's C kernels, and eager steps were as fast or faster for
-            every model measured; docs/performance.md).
+            model runs PyTorch's operators instead of vitlab's C kernels, and with them eager steps were faster for
+            every model measured but vit-pure, where the two were within a few per cent; docs/performance.md).
         cpu_kernels: on the CPU, use vitlab's C kernels where they apply (dropout in one pass; with AVX-512 the
             softmax of attention weights, with AVX-512 BF16 self-attention of up to 272 tokens; vitlab/kernels);
             false: PyTorch's operators only (the same distributions and formulas, other random draws and roundings).
