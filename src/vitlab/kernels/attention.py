@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vitlab.kernels.build import compiled_library, loaded_library
+from vitlab.kernels.build import compiled_library, library_capabilities, loaded_library
 
 
 def shape_supported(qkv: torch.Tensor, library) -> bool:
@@ -13,8 +13,9 @@ def shape_supported(qkv: torch.Tensor, library) -> bool:
     if qkv.device.type != "cpu" or qkv.dtype != torch.bfloat16 or qkv.dim() != 5 or qkv.shape[2] != 3:
         return False
     batch, tokens, _, heads, head_size = qkv.shape
-    return (bool(library.vitlab_attention_supported()) and batch > 0 and heads > 0 and 0 < tokens <= library.vitlab_attention_max_tokens()
-            and head_size % 16 == 0 and 0 < head_size <= library.vitlab_attention_max_head_size())
+    capabilities = library_capabilities(library)
+    return (capabilities.attention and batch > 0 and heads > 0 and 0 < tokens <= capabilities.attention_max_tokens
+            and head_size % 16 == 0 and 0 < head_size <= capabilities.attention_max_head_size)
 
 
 def kernel_supports(qkv: torch.Tensor) -> bool:

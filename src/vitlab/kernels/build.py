@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -141,13 +142,27 @@ def open_library(target: Path) -> ctypes.CDLL:
     return library
 
 
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a loaded library's kernels can run on this CPU, read from it once (the checks run in every training step)."""
+
+    softmax: bool  # AVX-512
+    softmax_max_columns: int
+    attention: bool  # AVX-512 BF16
+    attention_max_tokens: int
+    attention_max_head_size: int
+
+
+@functools.cache
+def library_capabilities(library: ctypes.CDLL) -> Capabilities:
+    return Capabilities(bool(library.vitlab_softmax_supported()), library.vitlab_softmax_max_columns(),
+                        bool(library.vitlab_attention_supported()), library.vitlab_attention_max_tokens(),
+                        library.vitlab_attention_max_head_size())
+
+
 def available_kernels(library: ctypes.CDLL) -> str:
-    names = ["dropout"]
-    if library.vitlab_softmax_supported():
-        names.append("softmax")
-    if library.vitlab_attention_supported():
-        names.append("attention")
-    return ", ".join(names)
+    capabilities = library_capabilities(library)
+    return ", ".join(["dropout"] + ["softmax"] * capabilities.softmax + ["attention"] * capabilities.attention)
 
 
 @functools.cache

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from vitlab.kernels.build import compiled_library, loaded_library
+from vitlab.kernels.build import compiled_library, library_capabilities, loaded_library
 
 
 def kernel_supports(scores: torch.Tensor) -> bool:
     """Whether `softmax` can take these scores: bf16 on the CPU, rows the kernel's buffer holds, and a CPU and compiler
     with AVX-512 (without it PyTorch's softmax is the faster one)."""
     library = compiled_library()
-    return (scores.device.type == "cpu" and scores.dtype == torch.bfloat16 and scores.dim() >= 1 and library is not None
-            and bool(library.vitlab_softmax_supported()) and 0 < scores.shape[-1] <= library.vitlab_softmax_max_columns())
+    if library is None or scores.device.type != "cpu" or scores.dtype != torch.bfloat16 or scores.dim() < 1:
+        return False
+    capabilities = library_capabilities(library)
+    return capabilities.softmax and 0 < scores.shape[-1] <= capabilities.softmax_max_columns
 
 
 def softmax(scores: torch.Tensor, mask_diagonal: bool = False) -> torch.Tensor:
