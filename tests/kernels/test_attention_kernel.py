@@ -152,3 +152,36 @@ def test_graph_capture_sees_pytorch_operators_without_a_break():
     explanation = torch._dynamo.explain(Dropout(0.3).train())(torch.randn(8, 64))
     reasons = [str(getattr(reason, "reason", reason)) for reason in explanation.break_reasons]
     assert reasons and all("random_" in reason for reason in reasons)
+
+
+def test_weight_buffers_are_reused_only_once_no_graph_holds_them():
+    buffers = attention_kernel.WeightBuffers()
+    first = buffers.take((2, 3, 5, 5))
+    address = first.data_ptr()
+    assert buffers.take((2, 3, 5, 5)).data_ptr() != address  # `first` still refers to its storage
+    del first
+    again = buffers.take((1, 3, 5, 5))  # smaller shapes fit in an idle larger buffer
+    assert again.data_ptr() == address and again.shape == (1, 3, 5, 5)
+    assert buffers.held_bytes() == 2 * 2 * 3 * 5 * 5 * 2
+    del again
+    assert buffers.release() == 2 * 2 * 3 * 5 * 5 * 2 and buffers.held_bytes() == 0
+
+
+def test_a_graph_kept_for_a_second_backward_keeps_its_weights():
+    """retain_graph: a forward between two backward passes must not take (and overwrite) the weights the graph saved."""
+    torch.manual_seed(3)
+    qkv = torch.randn(2, 65, 3, 4, 16).to(torch.bfloat16).requires_grad_()
+    grad_out = torch.randn(2, 65, 64).to(torch.bfloat16)
+    out, _ = self_attention(qkv)
+    out.backward(grad_out, retain_graph=True)
+    first = qkv.grad.clone()
+    qkv.grad = None
+    other = torch.randn(2, 65, 3, 4, 16).to(torch.bfloat16).requires_grad_()
+    other_out, _ = self_attention(other)  # needs weights of the same shape while the first graph is alive
+    out.backward(grad_out)
+    assert torch.equal(qkv.grad, first)
+    other_out.float().sum().backward()
+    fresh = torch.randn(2, 65, 3, 4, 16).to(torch.bfloat16).requires_grad_()
+    before = attention_kernel.weight_buffers.held_bytes()
+    self_attention(fresh)[0].float().sum().backward()  # both graphs are gone: their buffers are taken again
+    assert attention_kernel.weight_buffers.held_bytes() == before

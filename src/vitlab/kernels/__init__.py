@@ -12,4 +12,12 @@ caller uses PyTorch operators instead: the same distributions and formulas, othe
 
 from vitlab.kernels.build import compiled_library, kernel_status, recording_graph, switch_kernels
 
-__all__ = ["compiled_library", "kernel_status", "recording_graph", "switch_kernels"]
+
+def release_buffers() -> int:
+    """Free the memory the kernels keep between steps (the attention weights' idle buffers); returns the bytes."""
+    from vitlab.kernels.attention import weight_buffers
+
+    return weight_buffers.release()
+
+
+__all__ = ["compiled_library", "kernel_status", "recording_graph", "release_buffers", "switch_kernels"]

@@ -84,37 +84,41 @@ static void pack_pairs_by_row(Rows matrix, int64_t count, int64_t columns, float
 }
 
 /* scores[jv] (16 lanes each) = Σ_e pair e of row · pairs_by_column[e][16 jv ..]: a row of Dh times Mᵀ, all padded j.
- * Written once per bound LIMIT on the number of 16-token vectors: its loops over jv run to LIMIT with a guard, so the
- * compiler unrolls them fully and keeps every accumulator in a register through the whole sum (an array indexed at
- * run time inside the sum would go through memory); each pair of the row is broadcast once. */
-#define DEFINE_ROW_TIMES_COLUMNS(LIMIT)                                                                                  \
-    static inline void row_times_columns_##LIMIT(const uint16_t *row, const uint32_t *pairs_by_column, int64_t padded,   \
-                                                 int64_t head_size, __m512 *scores) {                                    \
+ * Written once per bound LIMIT on the number of 16-token vectors: its loops over jv run to LIMIT, so the compiler
+ * unrolls them fully and keeps every accumulator in a register through the whole sum (an array indexed at run time
+ * inside the sum would go through memory); each pair of the row is broadcast once. EXACT versions are for exactly
+ * LIMIT vectors (no guard per vector); the others check jv against the row's count. */
+#define DEFINE_ROW_TIMES_COLUMNS(NAME, LIMIT, EXACT)                                                                     \
+    static inline void NAME(const uint16_t *row, const uint32_t *pairs_by_column, int64_t padded, int64_t head_size,     \
+                            __m512 *scores) {                                                                            \
         int64_t vectors = padded / 16;                                                                                   \
         __m512 sums[LIMIT];                                                                                              \
         _Pragma("GCC unroll 17") for (int jv = 0; jv < LIMIT; jv++) sums[jv] = _mm512_setzero_ps();                     \
         for (int64_t e = 0; e < head_size / 2; e++) {                                                                    \
             __m512bh pair = (__m512bh)_mm512_set1_epi32((int)pair_at(row, e));                                           \
             const uint32_t *columns = pairs_by_column + e * padded;                                                      \
-            _Pragma("GCC unroll 17") for (int jv = 0; jv < LIMIT; jv++) if (jv < vectors) sums[jv] =                    \
+            _Pragma("GCC unroll 17") for (int jv = 0; jv < LIMIT; jv++) if (EXACT || jv < vectors) sums[jv] =           \
                 _mm512_dpbf16_ps(sums[jv], pair, (__m512bh)_mm512_loadu_si512(columns + 16 * jv));                       \
         }                                                                                                                \
-        _Pragma("GCC unroll 17") for (int jv = 0; jv < LIMIT; jv++) if (jv < vectors) scores[jv] = sums[jv];            \
+        _Pragma("GCC unroll 17") for (int jv = 0; jv < LIMIT; jv++) if (EXACT || jv < vectors) scores[jv] = sums[jv];   \
     }
-DEFINE_ROW_TIMES_COLUMNS(4)
-DEFINE_ROW_TIMES_COLUMNS(5)
-DEFINE_ROW_TIMES_COLUMNS(8)
-DEFINE_ROW_TIMES_COLUMNS(17)
+DEFINE_ROW_TIMES_COLUMNS(row_times_columns_4, 4, 0)
+DEFINE_ROW_TIMES_COLUMNS(row_times_columns_exactly_5, 5, 1)
+DEFINE_ROW_TIMES_COLUMNS(row_times_columns_8, 8, 0)
+DEFINE_ROW_TIMES_COLUMNS(row_times_columns_17, 17, 0)
+DEFINE_ROW_TIMES_COLUMNS(row_times_columns_exactly_17, 17, 1)
 
 static inline void row_times_columns(const uint16_t *row, const uint32_t *pairs_by_column, int64_t tokens,
                                      int64_t head_size, __m512 *scores) {
     int64_t padded = PADDED(tokens);
     if (padded <= 4 * 16)
         row_times_columns_4(row, pairs_by_column, padded, head_size, scores);
-    else if (padded <= 5 * 16)
-        row_times_columns_5(row, pairs_by_column, padded, head_size, scores);
+    else if (padded == 5 * 16)
+        row_times_columns_exactly_5(row, pairs_by_column, padded, head_size, scores);
     else if (padded <= 8 * 16)
         row_times_columns_8(row, pairs_by_column, padded, head_size, scores);
+    else if (padded == 17 * 16)
+        row_times_columns_exactly_17(row, pairs_by_column, padded, head_size, scores);
     else
         row_times_columns_17(row, pairs_by_column, padded, head_size, scores);
 }
@@ -155,6 +159,110 @@ static inline void row_times_rows(const void *weights, int64_t stride, const uin
             out[dv] = _mm512_add_ps(_mm512_add_ps(sums[0][dv], sums[1][dv]), _mm512_add_ps(sums[2][dv], sums[3][dv]));
 }
 
+/* row_times_rows for ROW_BLOCK rows of weights at once, each vector of M loaded once for all of them: row r's pair p
+ * is the uint32 at weights + r · row_step + p · stride, out[r] its result. One version per head width (VECTORS of 16
+ * features); with one vector per row, two accumulators per row (p even and odd) keep eight products in flight. */
+#define ROW_BLOCK 4
+#define DEFINE_BLOCK_TIMES_ROWS(VECTORS, CHAINS)                                                                          \
+    static inline void block_times_rows_##VECTORS(const void *weights, int64_t row_step, int64_t stride,                 \
+                                                  const uint32_t *pairs_by_row, int64_t tokens,                          \
+                                                  __m512 out[ROW_BLOCK][MAX_HEAD / 16]) {                                \
+        int64_t pairs = (tokens + 1) / 2, p = 0;                                                                         \
+        __m512 sums[CHAINS][ROW_BLOCK][VECTORS];                                                                         \
+        _Pragma("GCC unroll 2") for (int chain = 0; chain < CHAINS; chain++)                                            \
+            _Pragma("GCC unroll 4") for (int r = 0; r < ROW_BLOCK; r++)                                                 \
+                _Pragma("GCC unroll 4") for (int dv = 0; dv < VECTORS; dv++) sums[chain][r][dv] = _mm512_setzero_ps(); \
+        for (; p + CHAINS <= pairs; p += CHAINS) {                                                                       \
+            _Pragma("GCC unroll 2") for (int chain = 0; chain < CHAINS; chain++) {                                      \
+                __m512bh rows[VECTORS];                                                                                  \
+                _Pragma("GCC unroll 4") for (int dv = 0; dv < VECTORS; dv++) rows[dv] =                                 \
+                    (__m512bh)_mm512_loadu_si512(pairs_by_row + (p + chain) * 16 * VECTORS + 16 * dv);                   \
+                _Pragma("GCC unroll 4") for (int r = 0; r < ROW_BLOCK; r++) {                                           \
+                    __m512bh weight = (__m512bh)_mm512_set1_epi32((int)pair_at(weights, r * row_step + (p + chain) * stride)); \
+                    _Pragma("GCC unroll 4") for (int dv = 0; dv < VECTORS; dv++) sums[chain][r][dv] =                   \
+                        _mm512_dpbf16_ps(sums[chain][r][dv], weight, rows[dv]);                                          \
+                }                                                                                                        \
+            }                                                                                                            \
+        }                                                                                                                \
+        for (; p < pairs; p++) {                                                                                         \
+            _Pragma("GCC unroll 4") for (int r = 0; r < ROW_BLOCK; r++) {                                               \
+                __m512bh weight = (__m512bh)_mm512_set1_epi32((int)pair_at(weights, r * row_step + p * stride));        \
+                _Pragma("GCC unroll 4") for (int dv = 0; dv < VECTORS; dv++) sums[0][r][dv] = _mm512_dpbf16_ps(         \
+                    sums[0][r][dv], weight, (__m512bh)_mm512_loadu_si512(pairs_by_row + p * 16 * VECTORS + 16 * dv));    \
+            }                                                                                                            \
+        }                                                                                                                \
+        _Pragma("GCC unroll 4") for (int r = 0; r < ROW_BLOCK; r++)                                                     \
+            _Pragma("GCC unroll 4") for (int dv = 0; dv < VECTORS; dv++) {                                              \
+                __m512 total = sums[0][r][dv];                                                                           \
+                _Pragma("GCC unroll 2") for (int chain = 1; chain < CHAINS; chain++) total =                            \
+                    _mm512_add_ps(total, sums[chain][r][dv]);                                                            \
+                out[r][dv] = total;                                                                                      \
+            }                                                                                                            \
+    }
+DEFINE_BLOCK_TIMES_ROWS(1, 2)
+DEFINE_BLOCK_TIMES_ROWS(2, 1)
+DEFINE_BLOCK_TIMES_ROWS(3, 1)
+DEFINE_BLOCK_TIMES_ROWS(4, 1)
+
+static inline void block_times_rows(const void *weights, int64_t row_step, int64_t stride, const uint32_t *pairs_by_row,
+                                    int64_t tokens, int64_t head_size, __m512 out[ROW_BLOCK][MAX_HEAD / 16]) {
+    switch (head_size / 16) {
+    case 1: block_times_rows_1(weights, row_step, stride, pairs_by_row, tokens, out); break;
+    case 2: block_times_rows_2(weights, row_step, stride, pairs_by_row, tokens, out); break;
+    case 3: block_times_rows_3(weights, row_step, stride, pairs_by_row, tokens, out); break;
+    default: block_times_rows_4(weights, row_step, stride, pairs_by_row, tokens, out); break;
+    }
+}
+
+/* One query row's attention weights: softmax of (scaled query row) · Kᵀ over the T tokens, written as bf16 to
+ * weight_row for all padded tokens (zeros beyond T); the token `masked` (the row's own, with LSA's diagonal mask; -1:
+ * none) is left out. Written per bound on the vectors of 16 tokens, as row_times_columns, so that the scores stay in
+ * registers from the products through the softmax to the store. */
+#define DEFINE_QUERY_ROW_TO_WEIGHTS(NAME, LIMIT, EXACT, ROW_TIMES_COLUMNS)                                               \
+    static inline void NAME(const uint16_t *query_row, const uint32_t *key_pairs, int64_t tokens, int64_t head_size,     \
+                            int64_t masked, uint16_t *weight_row) {                                                      \
+        int64_t padded = PADDED(tokens), vectors = padded / 16;                                                          \
+        __m512 scores[LIMIT], minus_infinity = _mm512_set1_ps(-INFINITY);                                                \
+        ROW_TIMES_COLUMNS(query_row, key_pairs, padded, head_size, scores);                                              \
+        __m512 maximum = minus_infinity;                                                                                 \
+        _Pragma("GCC unroll 17") for (int jv = 0; jv < LIMIT; jv++) if (EXACT || jv < vectors) {                        \
+            __mmask16 outside = jv == vectors - 1 ? (__mmask16)~tail_mask(tokens - 16 * jv) : 0;                         \
+            if (masked >= 16 * jv && masked < 16 * jv + 16)                                                              \
+                outside |= (__mmask16)(1u << (masked - 16 * jv));                                                        \
+            scores[jv] = _mm512_mask_mov_ps(scores[jv], outside, minus_infinity);                                        \
+            maximum = _mm512_max_ps(maximum, scores[jv]);                                                                \
+        }                                                                                                                \
+        float row_maximum = _mm512_reduce_max_ps(maximum);                                                               \
+        __m512 shift = _mm512_set1_ps(row_maximum == -INFINITY ? 0.0f : row_maximum), total = _mm512_setzero_ps();       \
+        _Pragma("GCC unroll 17") for (int jv = 0; jv < LIMIT; jv++) if (EXACT || jv < vectors) {                        \
+            scores[jv] = exp_nonpositive_vector(_mm512_sub_ps(scores[jv], shift));                                       \
+            total = _mm512_add_ps(total, scores[jv]);                                                                    \
+        }                                                                                                                \
+        __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));                                             \
+        _Pragma("GCC unroll 17") for (int jv = 0; jv < LIMIT; jv++) if (EXACT || jv < vectors)                          \
+            store_bf16_rounded(weight_row + 16 * jv, _mm512_mul_ps(scores[jv], inverse));                               \
+    }
+DEFINE_QUERY_ROW_TO_WEIGHTS(query_row_to_weights_4, 4, 0, row_times_columns_4)
+DEFINE_QUERY_ROW_TO_WEIGHTS(query_row_to_weights_exactly_5, 5, 1, row_times_columns_exactly_5)
+DEFINE_QUERY_ROW_TO_WEIGHTS(query_row_to_weights_8, 8, 0, row_times_columns_8)
+DEFINE_QUERY_ROW_TO_WEIGHTS(query_row_to_weights_exactly_17, 17, 1, row_times_columns_exactly_17)
+DEFINE_QUERY_ROW_TO_WEIGHTS(query_row_to_weights_17, 17, 0, row_times_columns_17)
+
+static inline void query_row_to_weights(const uint16_t *query_row, const uint32_t *key_pairs, int64_t tokens,
+                                        int64_t head_size, int64_t masked, uint16_t *weight_row) {
+    int64_t padded = PADDED(tokens);
+    if (padded <= 4 * 16)
+        query_row_to_weights_4(query_row, key_pairs, tokens, head_size, masked, weight_row);
+    else if (padded == 5 * 16)
+        query_row_to_weights_exactly_5(query_row, key_pairs, tokens, head_size, masked, weight_row);
+    else if (padded <= 8 * 16)
+        query_row_to_weights_8(query_row, key_pairs, tokens, head_size, masked, weight_row);
+    else if (padded == 17 * 16)
+        query_row_to_weights_exactly_17(query_row, key_pairs, tokens, head_size, masked, weight_row);
+    else
+        query_row_to_weights_17(query_row, key_pairs, tokens, head_size, masked, weight_row);
+}
+
 /* Forward. qkv (B, T, 3, H, Dh) bf16 → out (B, T, H, Dh) bf16 and weights (B, H, T, T) bf16 (not written if NULL). scales[h] multiplies
  * head h's queries (rounded to bf16, as `query * scale` is); mask_diagonal leaves out each token's own score. */
 void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weights, int64_t batch, int64_t tokens,
@@ -181,37 +289,25 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
                 for (int64_t d = 0; d < head_size; d += 16)
                     store_bf16_rounded(scaled_queries + i * MAX_HEAD + d, _mm512_mul_ps(load_bf16(query.base + i * query.row_stride + d, 0xFFFF), scale));
             uint16_t *weight_rows = weights == NULL ? NULL : weights + item * tokens * tokens;
-            for (int64_t i = 0; i < tokens; i++) {
-                __m512 scores[MAX_TOKENS / 16];
-                row_times_columns(scaled_queries + i * MAX_HEAD, key_pairs, tokens, head_size, scores);
-                __m512 maximum = _mm512_set1_ps(-INFINITY);
-                for (int64_t jv = 0; jv < padded / 16; jv++) {
-                    __mmask16 outside = (__mmask16)~tail_mask(tokens - 16 * jv);
-                    if (mask_diagonal && i >= 16 * jv && i < 16 * jv + 16)
-                        outside |= (__mmask16)(1u << (i - 16 * jv));
-                    scores[jv] = _mm512_mask_blend_ps(outside, scores[jv], _mm512_set1_ps(-INFINITY));
-                    maximum = _mm512_max_ps(maximum, scores[jv]);
-                }
-                float row_maximum = _mm512_reduce_max_ps(maximum);
-                __m512 shift = _mm512_set1_ps(row_maximum == -INFINITY ? 0.0f : row_maximum);
-                __m512 total = _mm512_setzero_ps();
-                for (int64_t jv = 0; jv < padded / 16; jv++) {
-                    scores[jv] = exp_nonpositive_vector(_mm512_sub_ps(scores[jv], shift));
-                    total = _mm512_add_ps(total, scores[jv]);
-                }
-                __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-                uint16_t *weight_row = weight_buffer + i * buffer_row;
-                for (int64_t jv = 0; jv < padded / 16; jv++)
-                    store_bf16_rounded(weight_row + 16 * jv, _mm512_mul_ps(scores[jv], inverse));
-            }
-            for (int64_t i = 0; i < tokens; i++) {
-                if (weights != NULL)
+            for (int64_t i = 0; i < tokens; i++)
+                query_row_to_weights(scaled_queries + i * MAX_HEAD, key_pairs, tokens, head_size, mask_diagonal ? i : -1,
+                                     weight_buffer + i * buffer_row);
+            if (weights != NULL)
+                for (int64_t i = 0; i < tokens; i++)
                     memcpy(weight_rows + i * tokens, weight_buffer + i * buffer_row, sizeof(uint16_t) * tokens);
+            int64_t i = 0;
+            for (; i + ROW_BLOCK <= tokens; i += ROW_BLOCK) {
+                __m512 mixed[ROW_BLOCK][MAX_HEAD / 16];
+                block_times_rows(weight_buffer + i * buffer_row, buffer_row / 2, 1, value_pairs, tokens, head_size, mixed);
+                for (int r = 0; r < ROW_BLOCK; r++)
+                    for (int64_t dv = 0; dv < head_size / 16; dv++)
+                        store_bf16_rounded(out + (image * tokens + i + r) * out_row + head * head_size + 16 * dv, mixed[r][dv]);
+            }
+            for (; i < tokens; i++) {
                 __m512 mixed[MAX_HEAD / 16];
                 row_times_rows(weight_buffer + i * buffer_row, 1, value_pairs, tokens, head_size, mixed);
-                uint16_t *out_row_start = out + (image * tokens + i) * out_row + head * head_size;
                 for (int64_t dv = 0; dv < head_size / 16; dv++)
-                    store_bf16_rounded(out_row_start + 16 * dv, mixed[dv]);
+                    store_bf16_rounded(out + (image * tokens + i) * out_row + head * head_size + 16 * dv, mixed[dv]);
             }
         }
         free(scaled_queries);
@@ -254,7 +350,6 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
             pack_pairs_by_row(query, tokens, head_size, scale, query_pairs);
             pack_pairs_by_row(grad_rows, tokens, head_size, 1.0f, grad_out_pairs);
             const uint16_t *weight_rows = weights + item * tokens * tokens;
-            float scale_sum = 0.0f;
             for (int64_t i = 0; i < tokens; i++) {
                 const uint16_t *grad_row = grad_rows.base + i * grad_rows.row_stride;
                 const uint16_t *out_row_i = out_rows.base + i * out_rows.row_stride;
@@ -270,20 +365,43 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
                     __m512 weight = load_bf16(weight_rows + i * tokens + 16 * jv, inside);
                     store_bf16_rounded(grad_score_row + 16 * jv, _mm512_mul_ps(weight, _mm512_sub_ps(grad_weights[jv], row_dot)));
                 }
-                __m512 grad_query[MAX_HEAD / 16];
-                row_times_rows(grad_score_row, 1, key_pairs, tokens, head_size, grad_query);
-                const uint16_t *query_row = query.base + i * query.row_stride;
-                __m512 scale_dot = _mm512_setzero_ps();
-                for (int64_t dv = 0; dv < head_size / 16; dv++) {
-                    scale_dot = _mm512_fmadd_ps(load_bf16(query_row + 16 * dv, 0xFFFF), grad_query[dv], scale_dot);
-                    store_bf16_rounded(grad_first + i * qkv_row + 16 * dv, _mm512_mul_ps(grad_query[dv], _mm512_set1_ps(scale)));
+            }
+            /* d(scaled Q) = dS K, ROW_BLOCK rows at a time; dQ = scale · that, and the scale's gradient from it. */
+            float scale_sum = 0.0f;
+            for (int64_t i = 0; i < tokens; i += ROW_BLOCK) {
+                int64_t block = tokens - i < ROW_BLOCK ? tokens - i : ROW_BLOCK;
+                __m512 grad_queries[ROW_BLOCK][MAX_HEAD / 16];
+                if (block == ROW_BLOCK)
+                    block_times_rows(grad_scores + i * buffer_row, buffer_row / 2, 1, key_pairs, tokens, head_size, grad_queries);
+                else
+                    for (int64_t r = 0; r < block; r++)
+                        row_times_rows(grad_scores + (i + r) * buffer_row, 1, key_pairs, tokens, head_size, grad_queries[r]);
+                for (int64_t r = 0; r < block; r++) {
+                    const uint16_t *query_row = query.base + (i + r) * query.row_stride;
+                    __m512 scale_dot = _mm512_setzero_ps();
+                    for (int64_t dv = 0; dv < head_size / 16; dv++) {
+                        scale_dot = _mm512_fmadd_ps(load_bf16(query_row + 16 * dv, 0xFFFF), grad_queries[r][dv], scale_dot);
+                        store_bf16_rounded(grad_first + (i + r) * qkv_row + 16 * dv, _mm512_mul_ps(grad_queries[r][dv], _mm512_set1_ps(scale)));
+                    }
+                    scale_sum += _mm512_reduce_add_ps(scale_dot);
                 }
-                scale_sum += _mm512_reduce_add_ps(scale_dot);
             }
             /* dK and dV sum over the queries i: dS and P packed as pairs of rows, read down their columns j. */
             pack_pairs_by_row((Rows){grad_scores, buffer_row}, tokens, tokens, 1.0f, grad_score_pairs);
             pack_pairs_by_row((Rows){weight_rows, tokens}, tokens, tokens, 1.0f, weight_pairs);
-            for (int64_t j = 0; j < tokens; j++) {
+            int64_t j = 0;
+            for (; j + ROW_BLOCK <= tokens; j += ROW_BLOCK) {
+                __m512 results[ROW_BLOCK][MAX_HEAD / 16];
+                block_times_rows(grad_score_pairs + j, 1, padded, query_pairs, tokens, head_size, results);
+                for (int r = 0; r < ROW_BLOCK; r++)
+                    for (int64_t dv = 0; dv < head_size / 16; dv++)
+                        store_bf16_rounded(grad_first + (j + r) * qkv_row + out_row + 16 * dv, results[r][dv]);
+                block_times_rows(weight_pairs + j, 1, padded, grad_out_pairs, tokens, head_size, results);
+                for (int r = 0; r < ROW_BLOCK; r++)
+                    for (int64_t dv = 0; dv < head_size / 16; dv++)
+                        store_bf16_rounded(grad_first + (j + r) * qkv_row + 2 * out_row + 16 * dv, results[r][dv]);
+            }
+            for (; j < tokens; j++) {
                 __m512 result[MAX_HEAD / 16];
                 row_times_rows(grad_score_pairs + j, padded, query_pairs, tokens, head_size, result);
                 for (int64_t dv = 0; dv < head_size / 16; dv++)

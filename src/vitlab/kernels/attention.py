@@ -2,9 +2,63 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from vitlab.kernels.build import compiled_library, library_capabilities, loaded_library
+
+
+class WeightBuffers:
+    """Memory for the attention weights that forward keeps for backward, reused from step to step.
+
+    At 257 tokens a batch of 128 images and 4 heads keeps 68 MB of weights per block. glibc hands allocations that
+    large (above its 32 MB ceiling for reusing freed memory) fresh pages from the kernel every time, and faulting them
+    in took longer than the attention itself. Every buffer handed out is a view of a flat buffer this pool holds; a
+    flat buffer is handed out again only once no tensor but the pool's own refers to its storage (autograd has freed
+    the saved weights after backward, or the graph was dropped), so a graph kept with retain_graph keeps its weights.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffers: list[tuple[torch.Tensor, int]] = []  # (flat bf16 buffer, its storage's use count when idle)
+
+    @staticmethod
+    def _use_count(buffer: torch.Tensor) -> int | None:
+        count = getattr(torch._C, "_storage_Use_Count", None)
+        return None if count is None else count(buffer.untyped_storage()._cdata)
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised bf16 CPU tensor of `shape`, from an idle buffer if one is large enough."""
+        needed = 1
+        for size in shape:
+            needed *= size
+        with self._lock:
+            idle = [buffer for buffer, idle_count in self._buffers
+                    if buffer.numel() >= needed and self._use_count(buffer) == idle_count]
+            if idle:
+                return min(idle, key=torch.Tensor.numel)[:needed].view(shape)
+            buffer = torch.empty(needed, dtype=torch.bfloat16, device=torch.device("cpu"))
+            idle_count = self._use_count(buffer)
+            if idle_count is None:  # a PyTorch without the count: no reuse
+                return buffer.view(shape)
+            self._buffers.append((buffer, idle_count))
+            return buffer[:needed].view(shape)
+
+    def release(self) -> int:
+        """Free the idle buffers (those in use stay until their graphs are gone); returns the bytes freed."""
+        with self._lock:
+            idle = [self._use_count(buffer) == count for buffer, count in self._buffers]
+            freed = sum(buffer.numel() * buffer.element_size() for (buffer, _), free in zip(self._buffers, idle) if free)
+            self._buffers = [entry for entry, free in zip(self._buffers, idle) if not free]
+            return freed
+
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(buffer.numel() * buffer.element_size() for buffer, _ in self._buffers)
+
+
+weight_buffers = WeightBuffers()
 
 
 def shape_supported(qkv: torch.Tensor, library) -> bool:
@@ -38,7 +92,7 @@ def attention_forward(qkv: torch.Tensor, scales: torch.Tensor, mask_diagonal: bo
     if scales.shape != (heads,):
         raise ValueError(f"scales must have one value per head ({heads}), got shape {tuple(scales.shape)}")
     out = torch.empty(batch, tokens, heads, head_size, dtype=qkv.dtype, device=cpu)
-    weights = torch.empty(batch, heads, tokens, tokens, dtype=qkv.dtype, device=cpu) if keep_weights else None
+    weights = weight_buffers.take((batch, heads, tokens, tokens)) if keep_weights else None
     loaded_library().vitlab_attention_forward(qkv.data_ptr(), out.data_ptr(), 0 if weights is None else weights.data_ptr(), batch,
                                               tokens, heads, head_size, scales.data_ptr(), int(mask_diagonal), torch.get_num_threads())
     return out, weights

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from vitlab.config import DataConfig, TrainConfig, epochs_for
 from vitlab.data import CIFAR10, DeviceBatches, normalize
 from vitlab.errors import VitlabError
+from vitlab.kernels import release_buffers
 from vitlab.train.checkpoint import Progress, TrainingInterrupted, TrainingState, load_checkpoint, save_checkpoint, stop_on_signals
 from vitlab.train.device import Placement, autocast, place_model
 from vitlab.train.distributed import SINGLE, DistContext, all_reduce_sum, any_rank, no_gradient_sync
@@ -147,6 +148,7 @@ class Runner:
         if self.ema is not None:  # the run's final weights are the average: what is saved and tested
             self.ema.copy_to_model()
             self.ema = None
+        release_buffers()  # the attention kernel's weights, kept from step to step
         return self.history
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
