@@ -128,7 +128,8 @@ COMPILED_KERNELS = "## Call CompiledFxGraph"
 
 
 # vitlab's C kernels (vitlab/kernels) appear in the profile under their autograd Functions' names, forward and backward.
-C_KERNELS = {"KernelSelfAttention": "C attention", "KernelSoftmax": "C softmax", "KernelDropout": "C dropout"}
+C_KERNELS = {"KernelSelfAttention": "C attention", "KernelSoftmax": "C softmax", "KernelDropout": "C dropout",
+             "KernelLayerNorm": "C layer norm"}
 
 
 def operator_name(key: str) -> str:

@@ -28,6 +28,7 @@ from vitlab.models.aircnn import AirCNNConfig, ConvGroup
 from vitlab.models.base import FROM_DATA, TokenLayout, VitlabModel, init_linear_weights
 from vitlab.models.dropout import Dropout
 from vitlab.models.layers import self_attention
+from vitlab.models.norms import MatmulInputNorm
 
 POS_EMBEDS = ("learned", "sincos")
 POOLS = ("cls", "mean", "seq")
@@ -291,9 +292,11 @@ class Block(nn.Module):
         super().__init__()
         mlp_size = int(config.hidden_size * config.mlp_ratio)
         self.pre_norm = config.norm == "pre"
-        self.attention_norm = nn.LayerNorm(config.hidden_size)
+        # Pre-norm: each norm's output only feeds a linear layer (bf16 straight from a C kernel under CPU autocast).
+        norm = MatmulInputNorm if self.pre_norm else nn.LayerNorm
+        self.attention_norm = norm(config.hidden_size)
         self.attention = Attention(config)
-        self.mlp_norm = nn.LayerNorm(config.hidden_size)
+        self.mlp_norm = norm(config.hidden_size)
         self.mlp = nn.Sequential(
             nn.Linear(config.hidden_size, mlp_size),
             nn.GELU() if config.activation == "gelu" else nn.ReLU(),
