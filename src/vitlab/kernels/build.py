@@ -155,7 +155,7 @@ class Capabilities:
     attention: bool  # AVX-512 BF16
     attention_max_tokens: int
     attention_max_head_size: int
-    layer_norm: bool  # AVX-512
+    layer_norm: bool  # AVX-512 (BF16 not needed)
     layer_norm_max_features: int
 
 

@@ -3,7 +3,8 @@
  *
  * Under bf16 autocast PyTorch normalises in fp32, writes an fp32 output, and the next linear layer casts it to bf16;
  * backward casts the bf16 gradient to fp32 before LayerNorm's backward: four passes over memory besides the two
- * norms. Here forward reads x once and writes bf16 once (rounded to nearest even, as the cast does), and backward
+ * norms. Here forward reads x once and writes bf16 once (rounded to nearest even, as the cast does; with AVX-512 BF16
+ * by the CPU's own conversion, which also flushes bf16 subnormals to 0), and backward
  * reads the bf16 gradient directly. Statistics as PyTorch keeps them: the mean and 1 / sqrt(biased variance + eps)
  * of each row, in fp32; the variance from a second pass over the row (x − mean)², not from E[x²] − mean².
  */
@@ -40,7 +41,11 @@ void vitlab_layer_norm_forward(const float *x, const float *weight, const float 
         for (int64_t v = 0; v < vectors; v++) {
             __m512 normalised = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(values + 16 * v), centre), scale);
             __m512 out = _mm512_fmadd_ps(normalised, _mm512_loadu_ps(weight + 16 * v), _mm512_loadu_ps(bias + 16 * v));
+#ifdef __AVX512BF16__
             _mm256_storeu_si256((__m256i *)(y + row * features + 16 * v), (__m256i)_mm512_cvtneps_pbh(out));
+#else /* AVX-512 without BF16 (Skylake-SP to Ice Lake): the same rounding in integer operations */
+            store_bf16(y + row * features + 16 * v, out, 0xFFFF);
+#endif
         }
         mean[row] = row_mean;
         rstd[row] = row_rstd;

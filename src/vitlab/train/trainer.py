@@ -121,34 +121,36 @@ class Runner:
 
         # Moved once here, not copied to the device by every epoch's validation.
         val_images, val_labels = data.val_images.to(self.device), data.val_labels.to(self.device)
-        with stop_on_signals() as stop, thawed_on_exit() as frozen:
-            while progress.epoch <= self.epochs:
-                frozen += self.freeze_stopped(optimizer, epochs_done=progress.epoch - 1)
-                record = self.train_epoch(batches, optimizer, schedule, progress, stop, save, checkpoint_every)
-                # Test-time augmentation (up to 6 views) only in the last epoch's validation, like the test.
-                validation = self.evaluate(val_images, val_labels, tta=cfg.tta and progress.epoch == self.epochs)
-                if not math.isfinite(validation.loss):
-                    raise VitlabError(f"validation loss became {validation.loss} in epoch {record['epoch']} (the weights are not finite); "
-                                      "lower --lr or --weight_decay, or set --grad_clip 1.0")
-                record.update(val_loss=validation.loss, val_acc=validation.accuracy)
-                self.history.append(record)
-                progress = Progress(epoch=progress.epoch + 1)
-                save()
-                if self.history_file is not None and self.distributed.is_main:
-                    from vitlab.io import append_jsonl
+        try:
+            with stop_on_signals() as stop, thawed_on_exit() as frozen:
+                while progress.epoch <= self.epochs:
+                    frozen += self.freeze_stopped(optimizer, epochs_done=progress.epoch - 1)
+                    record = self.train_epoch(batches, optimizer, schedule, progress, stop, save, checkpoint_every)
+                    # Test-time augmentation (up to 6 views) only in the last epoch's validation, like the test.
+                    validation = self.evaluate(val_images, val_labels, tta=cfg.tta and progress.epoch == self.epochs)
+                    if not math.isfinite(validation.loss):
+                        raise VitlabError(f"validation loss became {validation.loss} in epoch {record['epoch']} (the weights are not finite); "
+                                          "lower --lr or --weight_decay, or set --grad_clip 1.0")
+                    record.update(val_loss=validation.loss, val_acc=validation.accuracy)
+                    self.history.append(record)
+                    progress = Progress(epoch=progress.epoch + 1)
+                    save()
+                    if self.history_file is not None and self.distributed.is_main:
+                        from vitlab.io import append_jsonl
 
-                    append_jsonl(self.history_file, record)
-                for hook in self.epoch_end_hooks:
-                    hook(record)
-                if cfg.progress and self.distributed.is_main:
-                    tqdm.write(
-                        f"epoch {record['epoch']}/{self.epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}% | "
-                        f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.2f}% | {record['images_per_second']:.0f} img/s"
-                    )
-        if self.ema is not None:  # the run's final weights are the average: what is saved and tested
-            self.ema.copy_to_model()
-            self.ema = None
-        release_buffers()  # the attention kernel's weights, kept from step to step
+                        append_jsonl(self.history_file, record)
+                    for hook in self.epoch_end_hooks:
+                        hook(record)
+                    if cfg.progress and self.distributed.is_main:
+                        tqdm.write(
+                            f"epoch {record['epoch']}/{self.epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}% | "
+                            f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.2f}% | {record['images_per_second']:.0f} img/s"
+                        )
+            if self.ema is not None:  # the run's final weights are the average: what is saved and tested
+                self.ema.copy_to_model()
+                self.ema = None
+        finally:
+            release_buffers()  # the attention kernel's weights, kept from step to step (also after an error)
         return self.history
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
