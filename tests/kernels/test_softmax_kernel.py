@@ -100,13 +100,14 @@ def test_a_build_without_avx512_leaves_softmax_and_attention_to_pytorch(tmp_path
         pytest.skip("this compiler cannot build for x86-64-v2 (not an x86 machine)")
     library = ctypes.CDLL(str(library_file))
     assert library.vitlab_softmax_supported() == 0 and library.vitlab_attention_supported() == 0
+    assert library.vitlab_layer_norm_supported() == library.vitlab_gelu_supported() == 0
     this_machine = build.compiled_library()
     assert this_machine.vitlab_softmax_supported() == int(kernel_supports(torch.ones(2, 3, dtype=torch.bfloat16)))
 
 
 def test_a_build_for_avx512_without_bf16_keeps_every_kernel_but_attention(tmp_path):
     """Skylake-SP to Ice Lake: AVX-512 without its BF16 instructions. The library must still build (one source that
-    needed BF16 would take every kernel away), with softmax and layer norm on and attention off."""
+    needed BF16 would take every kernel away), with softmax, layer norm and GELU on and attention off."""
     compiler = build.find_compiler()
     sources = [str(Path(build.__file__).with_name(name)) for name in build.SOURCES]
     library_file = tmp_path / "icelake.so"
@@ -118,5 +119,5 @@ def test_a_build_for_avx512_without_bf16_keeps_every_kernel_but_attention(tmp_pa
             pytest.skip("this compiler does not know -march=icelake-server (not an x86 machine)")
         raise
     library = ctypes.CDLL(str(library_file))
-    assert library.vitlab_softmax_supported() == 1 and library.vitlab_layer_norm_supported() == 1
+    assert library.vitlab_softmax_supported() == library.vitlab_layer_norm_supported() == library.vitlab_gelu_supported() == 1
     assert library.vitlab_attention_supported() == 0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch  # (also loads PyTorch's OpenMP runtime before the library, so the library shares it)
 
-SOURCES = ("attention.c", "dropout.c", "layer_norm.c", "softmax.c")
+SOURCES = ("attention.c", "dropout.c", "gelu.c", "layer_norm.c", "softmax.c")
 HEADERS = ("bf16_math.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 COMPILE_SECONDS = 120
@@ -36,6 +36,9 @@ SIGNATURES = {
                                      None),
     "vitlab_softmax_max_columns": ([], ctypes.c_int64),
     "vitlab_softmax_supported": ([], ctypes.c_int),
+    "vitlab_gelu_supported": ([], ctypes.c_int),
+    "vitlab_gelu_forward": ([ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int], None),
+    "vitlab_gelu_backward": ([ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int], None),
     "vitlab_layer_norm_supported": ([], ctypes.c_int),
     "vitlab_layer_norm_max_features": ([], ctypes.c_int64),
     "vitlab_layer_norm_forward": ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int], None),
@@ -157,6 +160,7 @@ class Capabilities:
     attention_max_head_size: int
     layer_norm: bool  # AVX-512 (BF16 not needed)
     layer_norm_max_features: int
+    gelu: bool  # AVX-512 (BF16 not needed)
 
 
 @functools.cache
@@ -164,13 +168,13 @@ def library_capabilities(library: ctypes.CDLL) -> Capabilities:
     return Capabilities(bool(library.vitlab_softmax_supported()), library.vitlab_softmax_max_columns(),
                         bool(library.vitlab_attention_supported()), library.vitlab_attention_max_tokens(),
                         library.vitlab_attention_max_head_size(), bool(library.vitlab_layer_norm_supported()),
-                        library.vitlab_layer_norm_max_features())
+                        library.vitlab_layer_norm_max_features(), bool(library.vitlab_gelu_supported()))
 
 
 def available_kernels(library: ctypes.CDLL) -> str:
     capabilities = library_capabilities(library)
     return ", ".join(["dropout"] + ["softmax"] * capabilities.softmax + ["attention"] * capabilities.attention
-                     + ["layer norm"] * capabilities.layer_norm)
+                     + ["layer norm"] * capabilities.layer_norm + ["GELU"] * capabilities.gelu)
 
 
 @functools.cache

@@ -16,6 +16,7 @@ from torch import nn
 
 from vitlab.kernels import layer_norm as layer_norm_kernel
 from vitlab.kernels import recording_graph
+from vitlab.models.activations import has_hooks
 
 
 def cpu_autocast_dtype() -> torch.dtype | None:
@@ -47,15 +48,8 @@ class KernelLayerNorm(torch.autograd.Function):
 class MatmulInputNorm(nn.LayerNorm):
     """nn.LayerNorm whose output only feeds a linear layer: bf16 from vitlab's kernel under CPU bf16 autocast."""
 
-    def hooked(self) -> bool:
-        from torch.nn.modules import module
-
-        own = (self._forward_hooks, self._forward_pre_hooks, self._backward_hooks, getattr(self, "_backward_pre_hooks", None))
-        global_names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
-        return any(own) or any(getattr(module, name, None) for name in global_names)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (len(self.normalized_shape) == 1 and cpu_autocast_dtype() == torch.bfloat16 and not recording_graph()
-                and layer_norm_kernel.kernel_supports(x, self.weight, self.bias) and not self.hooked()):
+                and layer_norm_kernel.kernel_supports(x, self.weight, self.bias) and not has_hooks(self)):
             return KernelLayerNorm.apply(x, self.weight, self.bias, self.eps)  # (..., D) bf16
         return super().forward(x)

@@ -27,6 +27,7 @@ from vitlab.errors import VitlabError
 from vitlab.models.aircnn import AirCNNConfig, ConvGroup
 from vitlab.models.base import FROM_DATA, TokenLayout, VitlabModel, init_linear_weights
 from vitlab.models.dropout import Dropout
+from vitlab.models.activations import GELU
 from vitlab.models.layers import self_attention
 from vitlab.models.norms import MatmulInputNorm
 
@@ -299,7 +300,7 @@ class Block(nn.Module):
         self.mlp_norm = norm(config.hidden_size)
         self.mlp = nn.Sequential(
             nn.Linear(config.hidden_size, mlp_size),
-            nn.GELU() if config.activation == "gelu" else nn.ReLU(),
+            GELU() if config.activation == "gelu" else nn.ReLU(),  # GELU: bf16 CPU activations through a C kernel
             Dropout(config.dropout),
             nn.Linear(mlp_size, config.hidden_size),
             Dropout(config.dropout),

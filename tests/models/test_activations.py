@@ -1,0 +1,43 @@
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlab.kernels import gelu as gelu_kernel
+from vitlab.models.activations import GELU, has_hooks
+
+
+def test_bf16_activations_get_pytorchs_gelu_and_gradient_within_bf16_rounding():
+    torch.manual_seed(0)
+    x = (torch.randn(4, 9, 64) * 2).to(torch.bfloat16)
+    grad = torch.randn(4, 9, 64).to(torch.bfloat16)
+    results = []
+    for module in (GELU(), nn.GELU()):
+        inputs = x.clone().requires_grad_()
+        out = module(inputs)
+        out.backward(grad)
+        results.append((out, inputs.grad))
+    (kernel_out, kernel_grad), (torch_out, torch_grad) = results
+    assert kernel_out.dtype == kernel_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(kernel_out.float(), torch_out.float(), rtol=2**-7, atol=1e-5)
+    torch.testing.assert_close(kernel_grad.float(), torch_grad.float(), rtol=2**-6, atol=1e-3)  # the kernel rounds the gradient twice
+
+
+def test_fp32_inputs_a_hook_or_the_tanh_form_use_nn_gelu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gelu_kernel, "gelu_forward", lambda *args: calls.append(args) or (_ for _ in ()).throw(AssertionError))
+    x = torch.randn(3, 5)
+    assert torch.equal(GELU()(x), F.gelu(x))
+    assert torch.equal(GELU(approximate="tanh")(x.to(torch.bfloat16)), F.gelu(x.to(torch.bfloat16), approximate="tanh"))
+    hooked = GELU()
+    handle = hooked.register_forward_hook(lambda module, inputs, output: None)
+    assert has_hooks(hooked) and not has_hooks(GELU())
+    assert torch.equal(hooked(x.to(torch.bfloat16)), F.gelu(x.to(torch.bfloat16)))
+    handle.remove()
+    assert not calls
+
+
+def test_the_vit_mlp_uses_it():
+    from vitlab.models import build_model
+
+    model = build_model("vit", patch_size=8, hidden_size=32, num_heads=2, num_blocks=1)
+    assert isinstance(model.blocks[0].mlp[1], GELU) and isinstance(model.blocks[0].mlp[1], nn.GELU)
