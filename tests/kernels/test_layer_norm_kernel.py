@@ -34,7 +34,7 @@ def test_gradients_match_float64_autograd(shape):
     grad_x, grad_weight, grad_bias = layer_norm_kernel.layer_norm_backward(grad_out, x, weight, mean, rstd)
     inputs = [t.double().requires_grad_() for t in (x, weight, bias)]
     F.layer_norm(inputs[0], shape[-1:], inputs[1], inputs[2], 1e-5).backward(grad_out.double())
-    for got, exact in zip((grad_x, grad_weight, grad_bias), (t.grad for t in inputs)):
+    for got, exact in zip((grad_x, grad_weight, grad_bias), (t.grad for t in inputs), strict=True):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
 

@@ -39,7 +39,7 @@ def test_under_bf16_autocast_it_gives_the_cast_nn_layernorm_output_and_its_gradi
     (kernel_out, *kernel_grads), (plain_out, *plain_grads) = results
     assert kernel_out.dtype == torch.bfloat16
     torch.testing.assert_close(kernel_out.float(), plain_out.float(), rtol=2**-7, atol=1e-3)  # at most one bf16 step apart
-    for got, expected in zip(kernel_grads, plain_grads):
+    for got, expected in zip(kernel_grads, plain_grads, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 

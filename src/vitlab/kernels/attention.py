@@ -49,8 +49,8 @@ class WeightBuffers:
         """Free the idle buffers (those in use stay until their graphs are gone); returns the bytes freed."""
         with self._lock:
             idle = [self._use_count(buffer) == count for buffer, count in self._buffers]
-            freed = sum(buffer.numel() * buffer.element_size() for (buffer, _), free in zip(self._buffers, idle) if free)
-            self._buffers = [entry for entry, free in zip(self._buffers, idle) if not free]
+            freed = sum(buffer.numel() * buffer.element_size() for (buffer, _), free in zip(self._buffers, idle, strict=True) if free)
+            self._buffers = [entry for entry, free in zip(self._buffers, idle, strict=True) if not free]
             return freed
 
     def held_bytes(self) -> int:

@@ -24,10 +24,10 @@ from torch import nn
 
 from vitlab.config import check_finite_numbers
 from vitlab.errors import VitlabError
+from vitlab.models.activations import GELU
 from vitlab.models.aircnn import AirCNNConfig, ConvGroup
 from vitlab.models.base import FROM_DATA, TokenLayout, VitlabModel, init_linear_weights
 from vitlab.models.dropout import Dropout
-from vitlab.models.activations import GELU
 from vitlab.models.layers import self_attention
 from vitlab.models.norms import MatmulInputNorm
 
