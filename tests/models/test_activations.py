@@ -3,7 +3,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlab.kernels import gelu as gelu_kernel
-from vitlab.models.activations import GELU, has_hooks
+from vitlab.models.activations import GELU
+from vitlab.models.base import has_hooks
 
 
 def test_bf16_activations_get_pytorchs_gelu_and_gradient_within_bf16_rounding():

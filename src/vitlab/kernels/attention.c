@@ -27,12 +27,6 @@
 
 int vitlab_attention_supported(void) { return 1; }
 
-/* 16 fp32 lanes stored as bf16 by the CPU's own conversion (vcvtneps2bf16: round to nearest even, as PyTorch rounds,
- * except that numbers below bf16's smallest normal become 0). */
-static inline void store_bf16_rounded(uint16_t *target, __m512 values) {
-    _mm256_storeu_si256((__m256i *)target, (__m256i)_mm512_cvtneps_pbh(values));
-}
-
 /* One (image, head)'s rows of a (B, T, ?, H, Dh)-like tensor: row t at base + t * row_stride. */
 typedef struct {
     const uint16_t *base;
@@ -240,7 +234,7 @@ static inline void block_times_rows(const void *weights, int64_t row_step, int64
         }                                                                                                                \
         __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));                                             \
         _Pragma("GCC unroll 17") for (int jv = 0; jv < LIMIT; jv++) if (EXACT || jv < vectors)                          \
-            store_bf16_rounded(weight_row + 16 * jv, _mm512_mul_ps(scores[jv], inverse));                               \
+            store_bf16_rounded(weight_row + 16 * jv, _mm512_mul_ps(scores[jv], inverse), 0xFFFF);                               \
     }
 DEFINE_QUERY_ROW_TO_WEIGHTS(query_row_to_weights_4, 4, 0, row_times_columns_4)
 DEFINE_QUERY_ROW_TO_WEIGHTS(query_row_to_weights_exactly_5, 5, 1, row_times_columns_exactly_5)
@@ -287,7 +281,7 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
             __m512 scale = _mm512_set1_ps(scales[head]);
             for (int64_t i = 0; i < tokens; i++)
                 for (int64_t d = 0; d < head_size; d += 16)
-                    store_bf16_rounded(scaled_queries + i * MAX_HEAD + d, _mm512_mul_ps(load_bf16(query.base + i * query.row_stride + d, 0xFFFF), scale));
+                    store_bf16_rounded(scaled_queries + i * MAX_HEAD + d, _mm512_mul_ps(load_bf16(query.base + i * query.row_stride + d, 0xFFFF), scale), 0xFFFF);
             uint16_t *weight_rows = weights == NULL ? NULL : weights + item * tokens * tokens;
             for (int64_t i = 0; i < tokens; i++)
                 query_row_to_weights(scaled_queries + i * MAX_HEAD, key_pairs, tokens, head_size, mask_diagonal ? i : -1,
@@ -301,13 +295,13 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
                 block_times_rows(weight_buffer + i * buffer_row, buffer_row / 2, 1, value_pairs, tokens, head_size, mixed);
                 for (int r = 0; r < ROW_BLOCK; r++)
                     for (int64_t dv = 0; dv < head_size / 16; dv++)
-                        store_bf16_rounded(out + (image * tokens + i + r) * out_row + head * head_size + 16 * dv, mixed[r][dv]);
+                        store_bf16_rounded(out + (image * tokens + i + r) * out_row + head * head_size + 16 * dv, mixed[r][dv], 0xFFFF);
             }
             for (; i < tokens; i++) {
                 __m512 mixed[MAX_HEAD / 16];
                 row_times_rows(weight_buffer + i * buffer_row, 1, value_pairs, tokens, head_size, mixed);
                 for (int64_t dv = 0; dv < head_size / 16; dv++)
-                    store_bf16_rounded(out + (image * tokens + i) * out_row + head * head_size + 16 * dv, mixed[dv]);
+                    store_bf16_rounded(out + (image * tokens + i) * out_row + head * head_size + 16 * dv, mixed[dv], 0xFFFF);
             }
         }
         free(scaled_queries);
@@ -363,7 +357,7 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
                 for (int64_t jv = 0; jv < padded / 16; jv++) {
                     __mmask16 inside = tail_mask(tokens - 16 * jv);
                     __m512 weight = load_bf16(weight_rows + i * tokens + 16 * jv, inside);
-                    store_bf16_rounded(grad_score_row + 16 * jv, _mm512_mul_ps(weight, _mm512_sub_ps(grad_weights[jv], row_dot)));
+                    store_bf16_rounded(grad_score_row + 16 * jv, _mm512_mul_ps(weight, _mm512_sub_ps(grad_weights[jv], row_dot)), 0xFFFF);
                 }
             }
             /* d(scaled Q) = dS K, ROW_BLOCK rows at a time; dQ = scale · that, and the scale's gradient from it. */
@@ -381,7 +375,7 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
                     __m512 scale_dot = _mm512_setzero_ps();
                     for (int64_t dv = 0; dv < head_size / 16; dv++) {
                         scale_dot = _mm512_fmadd_ps(load_bf16(query_row + 16 * dv, 0xFFFF), grad_queries[r][dv], scale_dot);
-                        store_bf16_rounded(grad_first + (i + r) * qkv_row + 16 * dv, _mm512_mul_ps(grad_queries[r][dv], _mm512_set1_ps(scale)));
+                        store_bf16_rounded(grad_first + (i + r) * qkv_row + 16 * dv, _mm512_mul_ps(grad_queries[r][dv], _mm512_set1_ps(scale)), 0xFFFF);
                     }
                     scale_sum += _mm512_reduce_add_ps(scale_dot);
                 }
@@ -395,20 +389,20 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
                 block_times_rows(grad_score_pairs + j, 1, padded, query_pairs, tokens, head_size, results);
                 for (int r = 0; r < ROW_BLOCK; r++)
                     for (int64_t dv = 0; dv < head_size / 16; dv++)
-                        store_bf16_rounded(grad_first + (j + r) * qkv_row + out_row + 16 * dv, results[r][dv]);
+                        store_bf16_rounded(grad_first + (j + r) * qkv_row + out_row + 16 * dv, results[r][dv], 0xFFFF);
                 block_times_rows(weight_pairs + j, 1, padded, grad_out_pairs, tokens, head_size, results);
                 for (int r = 0; r < ROW_BLOCK; r++)
                     for (int64_t dv = 0; dv < head_size / 16; dv++)
-                        store_bf16_rounded(grad_first + (j + r) * qkv_row + 2 * out_row + 16 * dv, results[r][dv]);
+                        store_bf16_rounded(grad_first + (j + r) * qkv_row + 2 * out_row + 16 * dv, results[r][dv], 0xFFFF);
             }
             for (; j < tokens; j++) {
                 __m512 result[MAX_HEAD / 16];
                 row_times_rows(grad_score_pairs + j, padded, query_pairs, tokens, head_size, result);
                 for (int64_t dv = 0; dv < head_size / 16; dv++)
-                    store_bf16_rounded(grad_first + j * qkv_row + out_row + 16 * dv, result[dv]);
+                    store_bf16_rounded(grad_first + j * qkv_row + out_row + 16 * dv, result[dv], 0xFFFF);
                 row_times_rows(weight_pairs + j, padded, grad_out_pairs, tokens, head_size, result);
                 for (int64_t dv = 0; dv < head_size / 16; dv++)
-                    store_bf16_rounded(grad_first + j * qkv_row + 2 * out_row + 16 * dv, result[dv]);
+                    store_bf16_rounded(grad_first + j * qkv_row + 2 * out_row + 16 * dv, result[dv], 0xFFFF);
             }
             grad_scale_sums[item] = scale_sum;
         }

@@ -42,6 +42,16 @@ static inline void store_bf16(uint16_t *target, __m512 values, __mmask16 mask) {
     _mm256_mask_storeu_epi16(target, mask, _mm512_cvtepi32_epi16(rounded));
 }
 
+/* store_bf16 by the CPU's own conversion where it has AVX-512 BF16 (vcvtneps2bf16: the same rounding, except that
+ * numbers below bf16's smallest normal become 0), else store_bf16 itself. */
+static inline void store_bf16_rounded(uint16_t *target, __m512 values, __mmask16 mask) {
+#ifdef __AVX512BF16__
+    _mm256_mask_storeu_epi16(target, mask, (__m256i)_mm512_cvtneps_pbh(values));
+#else
+    store_bf16(target, values, mask);
+#endif
+}
+
 /* e^x for x <= 0 (scores minus their row maximum) on 16 lanes, for weights that end up rounded to bf16: 2^n · p(r)
  * with x = n ln 2 + r, |r| <= ln2 / 2, and p the degree-5 Taylor polynomial (relative error below 3e-6 there, far
  * below bf16's 2^-9). Below -87 the result is 0 (fp32's e^x would still be a subnormal number down to about -104,

@@ -28,14 +28,16 @@ uint64_t vitlab_splitmix64_word(uint64_t key, uint64_t index) {
     return splitmix64_mix(key + (index + 1) * GOLDEN_GAMMA);
 }
 
-/* The 15-bit numbers of one chunk (CHUNK of them), in the element order described above. */
-static void chunk_numbers(int64_t chunk, uint64_t key, uint16_t numbers[CHUNK]) {
+/* The 15-bit numbers of one chunk (CHUNK of them), in the element order described above; returns how many of the
+ * count elements the chunk holds (CHUNK, or fewer in the last one). */
+static int64_t chunk_numbers(int64_t chunk, int64_t count, uint64_t key, uint16_t numbers[CHUNK]) {
     uint64_t words[LANES];
     for (int lane = 0; lane < LANES; lane++)
         words[lane] = splitmix64_mix(key + ((uint64_t)chunk * LANES + (uint64_t)lane + 1) * GOLDEN_GAMMA);
     for (int quarter = 0; quarter < 4; quarter++)
         for (int lane = 0; lane < LANES; lane++)
             numbers[quarter * LANES + lane] = (uint16_t)((words[lane] >> (16 * quarter)) & 0x7FFFu);
+    return count - chunk * CHUNK < CHUNK ? count - chunk * CHUNK : CHUNK;
 }
 
 /* out[i] = inputs[i] * scale where element i is kept, else 0 (bf16 in and out, the product in fp32). */
@@ -45,9 +47,7 @@ void vitlab_dropout_bf16(const uint16_t *inputs, uint16_t *out, int64_t count, u
 #pragma omp parallel for num_threads(threads) schedule(static) if (count >= PARALLEL_MIN_ELEMENTS)
     for (int64_t chunk = 0; chunk < chunks; chunk++) {
         uint16_t numbers[CHUNK];
-        chunk_numbers(chunk, key, numbers);
-        int64_t start = chunk * CHUNK;
-        int64_t length = count - start < CHUNK ? count - start : CHUNK;
+        int64_t start = chunk * CHUNK, length = chunk_numbers(chunk, count, key, numbers);
         for (int64_t i = 0; i < length; i++) {
             float kept = bf16_to_float(inputs[start + i]) * scale;
             out[start + i] = numbers[i] >= threshold ? float_to_bf16(kept) : 0;
@@ -62,9 +62,7 @@ void vitlab_dropout_f32(const float *inputs, float *out, int64_t count, uint64_t
 #pragma omp parallel for num_threads(threads) schedule(static) if (count >= PARALLEL_MIN_ELEMENTS)
     for (int64_t chunk = 0; chunk < chunks; chunk++) {
         uint16_t numbers[CHUNK];
-        chunk_numbers(chunk, key, numbers);
-        int64_t start = chunk * CHUNK;
-        int64_t length = count - start < CHUNK ? count - start : CHUNK;
+        int64_t start = chunk * CHUNK, length = chunk_numbers(chunk, count, key, numbers);
         for (int64_t i = 0; i < length; i++)
             out[start + i] = numbers[i] >= threshold ? inputs[start + i] * scale : 0.0f;
     }

@@ -16,14 +16,6 @@
 
 int vitlab_gelu_supported(void) { return 1; }
 
-static inline void store_rounded(uint16_t *target, __m512 values, __mmask16 mask) {
-#ifdef __AVX512BF16__
-    _mm256_mask_storeu_epi16(target, mask, (__m256i)_mm512_cvtneps_pbh(values));
-#else
-    store_bf16(target, values, mask);
-#endif
-}
-
 /* x (count) bf16 → out = GELU(x), derivative = GELU'(x), both bf16. */
 void vitlab_gelu_forward(const uint16_t *x, uint16_t *out, uint16_t *derivative, int64_t count, int threads) {
     int64_t vectors = (count + 15) / 16;
@@ -48,8 +40,8 @@ void vitlab_gelu_forward(const uint16_t *x, uint16_t *out, uint16_t *derivative,
         __m512 tail = _mm512_mul_ps(_mm512_mul_ps(poly, gauss), half);                                          /* ½ (1 − erf(|x|/√2)) */
         __mmask16 negative = _mm512_cmp_ps_mask(value, _mm512_setzero_ps(), _CMP_LT_OQ);
         __m512 cdf = _mm512_mask_blend_ps(negative, _mm512_sub_ps(one, tail), tail); /* Φ(x) */
-        store_rounded(out + 16 * v, _mm512_mul_ps(value, cdf), mask);
-        store_rounded(derivative + 16 * v, _mm512_fmadd_ps(_mm512_mul_ps(value, gauss), density, cdf), mask);
+        store_bf16_rounded(out + 16 * v, _mm512_mul_ps(value, cdf), mask);
+        store_bf16_rounded(derivative + 16 * v, _mm512_fmadd_ps(_mm512_mul_ps(value, gauss), density, cdf), mask);
     }
 }
 
@@ -59,7 +51,7 @@ void vitlab_gelu_backward(const uint16_t *grad_out, const uint16_t *derivative, 
 #pragma omp parallel for num_threads(threads) schedule(static) if (vectors >= PARALLEL_MIN_VECTORS)
     for (int64_t v = 0; v < vectors; v++) {
         __mmask16 mask = tail_mask(count - 16 * v);
-        store_rounded(grad_x + 16 * v, _mm512_mul_ps(load_bf16(grad_out + 16 * v, mask), load_bf16(derivative + 16 * v, mask)), mask);
+        store_bf16_rounded(grad_x + 16 * v, _mm512_mul_ps(load_bf16(grad_out + 16 * v, mask), load_bf16(derivative + 16 * v, mask)), mask);
     }
 }
 

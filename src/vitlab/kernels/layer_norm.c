@@ -41,11 +41,7 @@ void vitlab_layer_norm_forward(const float *x, const float *weight, const float 
         for (int64_t v = 0; v < vectors; v++) {
             __m512 normalised = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(values + 16 * v), centre), scale);
             __m512 out = _mm512_fmadd_ps(normalised, _mm512_loadu_ps(weight + 16 * v), _mm512_loadu_ps(bias + 16 * v));
-#ifdef __AVX512BF16__
-            _mm256_storeu_si256((__m256i *)(y + row * features + 16 * v), (__m256i)_mm512_cvtneps_pbh(out));
-#else /* AVX-512 without BF16 (Skylake-SP to Ice Lake): the same rounding in integer operations */
-            store_bf16(y + row * features + 16 * v, out, 0xFFFF);
-#endif
+            store_bf16_rounded(y + row * features + 16 * v, out, 0xFFFF);
         }
         mean[row] = row_mean;
         rstd[row] = row_rstd;

@@ -13,6 +13,7 @@ from torch import nn
 
 from vitlab.kernels import gelu as gelu_kernel
 from vitlab.kernels import recording_graph
+from vitlab.models.base import has_hooks
 
 
 class KernelGELU(torch.autograd.Function):
@@ -29,15 +30,6 @@ class KernelGELU(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
         (derivative,) = ctx.saved_tensors
         return gelu_kernel.gelu_backward(grad_out, derivative)
-
-
-def has_hooks(module: nn.Module) -> bool:
-    """Whether a hook (the module's own or a global one) would see this module's inputs or outputs."""
-    from torch.nn.modules import module as modules
-
-    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, getattr(module, "_backward_pre_hooks", None))
-    global_names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
-    return any(own) or any(getattr(modules, name, None) for name in global_names)
 
 
 class GELU(nn.GELU):

@@ -16,7 +16,7 @@ from torch import nn
 
 from vitlab.kernels import layer_norm as layer_norm_kernel
 from vitlab.kernels import recording_graph
-from vitlab.models.activations import has_hooks
+from vitlab.models.base import has_hooks
 
 
 def cpu_autocast_dtype() -> torch.dtype | None:
@@ -42,7 +42,7 @@ class KernelLayerNorm(torch.autograd.Function):
     def backward(ctx, grad_normalised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         x, weight, mean, rstd = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = layer_norm_kernel.layer_norm_backward(grad_normalised, x, weight, mean, rstd)
-        return grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None
+        return grad_x, grad_weight, grad_bias, None  # fp32, as the weight (shape_supported)
 
 
 class MatmulInputNorm(nn.LayerNorm):
