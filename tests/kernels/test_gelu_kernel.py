@@ -35,9 +35,33 @@ def test_zeros_tails_infinities_and_nan():
 def test_backward_multiplies_by_the_derivative():
     torch.manual_seed(0)
     grad, derivative = torch.randn(5, 33).to(torch.bfloat16), torch.rand(5, 33).to(torch.bfloat16)
-    assert torch.equal(gelu_kernel.gelu_backward(grad, derivative), (grad.float() * derivative.float()).to(torch.bfloat16))
+    grad_x, grad_bias = gelu_kernel.gelu_backward(grad, derivative)
+    assert torch.equal(grad_x, (grad.float() * derivative.float()).to(torch.bfloat16)) and grad_bias is None
     with pytest.raises(ValueError, match="shape"):
         gelu_kernel.gelu_backward(grad[:4], derivative)
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (3, 48), (128, 65, 256)])
+def test_a_bias_is_added_per_feature_before_gelu(shape):
+    torch.manual_seed(len(shape))
+    x = (torch.randn(shape) * 2).to(torch.bfloat16)
+    bias = torch.randn(shape[-1])
+    out, derivative = gelu_kernel.gelu_forward(x, bias)
+    exact = (x.double() + bias.double()).requires_grad_()
+    F.gelu(exact).backward(torch.ones_like(exact))
+    torch.testing.assert_close(out.double(), F.gelu(x.double() + bias.double()), rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(derivative.double(), exact.grad, rtol=2**-8, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (7, 32), (128, 65, 256)])
+def test_backward_sums_the_bias_gradient_over_rows(shape):
+    torch.manual_seed(1)
+    grad, derivative = torch.randn(shape).to(torch.bfloat16), torch.rand(shape).to(torch.bfloat16)
+    grad_x, grad_bias = gelu_kernel.gelu_backward(grad, derivative, bias_gradient=True)
+    products = grad.double() * derivative.double()
+    assert torch.equal(grad_x, products.to(torch.bfloat16))
+    assert grad_bias.dtype == torch.float32 and grad_bias.shape == shape[-1:]
+    torch.testing.assert_close(grad_bias.double(), products.reshape(-1, shape[-1]).sum(0), rtol=1e-5, atol=1e-4)
 
 
 def test_which_inputs_the_kernel_takes():
@@ -45,3 +69,10 @@ def test_which_inputs_the_kernel_takes():
     assert not any(gelu_kernel.kernel_supports(x) for x in (torch.zeros(2, 3), torch.zeros(0, dtype=torch.bfloat16)))
     with pytest.raises(ValueError, match="cannot take"):
         gelu_kernel.gelu_forward(torch.zeros(3))
+    x = torch.zeros(2, 32, dtype=torch.bfloat16)
+    assert gelu_kernel.kernel_supports(x, torch.zeros(32))
+    wrong_biases = (torch.zeros(16), torch.zeros(32, dtype=torch.bfloat16), torch.zeros(1, 32))
+    assert not any(gelu_kernel.kernel_supports(x, bias) for bias in wrong_biases)
+    assert not gelu_kernel.kernel_supports(torch.zeros(2, 24, dtype=torch.bfloat16), torch.zeros(24))  # not a multiple of 16
+    with pytest.raises(ValueError, match="bias of shape"):
+        gelu_kernel.gelu_forward(x, torch.zeros(16))

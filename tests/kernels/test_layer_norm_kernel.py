@@ -48,3 +48,54 @@ def test_which_inputs_the_kernel_takes():
         assert not layer_norm_kernel.kernel_supports(x, w, b)
     with pytest.raises(ValueError, match="cannot take"):
         layer_norm_kernel.layer_norm_forward(torch.zeros(4, 24), torch.ones(24), torch.zeros(24), 1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_with_an_addend_it_writes_the_fp32_total_and_normalises_that(with_bias):
+    torch.manual_seed(2)
+    x, addend = torch.randn(5, 9, 64) * 2, (torch.randn(5, 9, 64) * 3).to(torch.bfloat16)
+    addend_bias = torch.randn(64) if with_bias else None
+    weight, bias = affine(64)
+    total, out, mean, rstd = layer_norm_kernel.residual_layer_norm_forward(x, addend, addend_bias, weight, bias, 1e-5)
+    expected_total = x.double() + addend.double() + (addend_bias.double() if with_bias else 0)
+    assert total.dtype == torch.float32 and out.dtype == torch.bfloat16
+    torch.testing.assert_close(total.double(), expected_total, rtol=1e-6, atol=1e-6)
+    expected = F.layer_norm(expected_total, (64,), weight.double(), bias.double(), 1e-5)
+    torch.testing.assert_close(out.double(), expected, rtol=2**-8, atol=1e-5)
+
+
+@pytest.mark.parametrize("stream_gradient", [True, False])
+def test_with_an_addend_backward_adds_the_stream_gradient_and_sums_the_columns(stream_gradient):
+    torch.manual_seed(3)
+    shape = (6, 33, 128)
+    x, addend, addend_bias = torch.randn(shape), torch.randn(shape).to(torch.bfloat16), torch.randn(128)
+    weight, bias = affine(128)
+    grad_out, grad_total = torch.randn(shape).to(torch.bfloat16), torch.randn(shape) if stream_gradient else None
+    total, _, mean, rstd = layer_norm_kernel.residual_layer_norm_forward(x, addend, addend_bias, weight, bias, 1e-5)
+    grad_x, grad_addend, grad_weight, grad_bias, grad_addend_bias = layer_norm_kernel.residual_layer_norm_backward(
+        grad_out, total, weight, mean, rstd, grad_total, True)
+    inputs = [t.double().requires_grad_() for t in (x, addend, addend_bias, weight, bias)]
+    exact_total = inputs[0] + inputs[1] + inputs[2]
+    normalised = F.layer_norm(exact_total, (128,), inputs[3], inputs[4], 1e-5)
+    torch.autograd.backward([normalised] + ([exact_total] if stream_gradient else []),
+                            [grad_out.double()] + ([grad_total.double()] if stream_gradient else []))
+    assert grad_addend.dtype == torch.bfloat16 and torch.equal(grad_addend, grad_x.to(torch.bfloat16))
+    for got, exact in zip((grad_x, grad_addend_bias, grad_weight, grad_bias), (inputs[0].grad, inputs[2].grad, inputs[3].grad, inputs[4].grad),
+                          strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
+    no_sums = layer_norm_kernel.residual_layer_norm_backward(grad_out, total, weight, mean, rstd, grad_total, False)
+    assert no_sums[-1] is None and torch.equal(no_sums[0], grad_x)
+
+
+def test_an_addend_of_another_shape_or_dtype_is_refused():
+    x, (weight, bias) = torch.zeros(2, 32), affine(32)
+    assert layer_norm_kernel.residual_kernel_supports(x, torch.zeros(2, 32, dtype=torch.bfloat16), torch.zeros(32), weight, bias)
+    refused = [(torch.zeros(2, 32), None), (torch.zeros(3, 32, dtype=torch.bfloat16), None),
+               (torch.zeros(2, 32, dtype=torch.bfloat16), torch.zeros(16)), (torch.zeros(2, 32, dtype=torch.bfloat16), torch.zeros(32).double())]
+    assert not any(layer_norm_kernel.residual_kernel_supports(x, addend, addend_bias, weight, bias) for addend, addend_bias in refused)
+    with pytest.raises(ValueError, match="cannot add"):
+        layer_norm_kernel.residual_layer_norm_forward(x, torch.zeros(2, 32), None, weight, bias, 1e-5)
+    with pytest.raises(ValueError, match="residual gradient"):
+        layer_norm_kernel.residual_layer_norm_backward(torch.zeros(2, 32, dtype=torch.bfloat16), x, weight, torch.zeros(2), torch.ones(2),
+                                                       torch.zeros(3, 32), False)

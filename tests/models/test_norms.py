@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from vitlab.kernels import layer_norm as layer_norm_kernel
-from vitlab.models.norms import MatmulInputNorm, cpu_autocast_dtype
+from vitlab.models.base import cpu_autocast_dtype
+from vitlab.models.norms import MatmulInputNorm
 
 SUPPORTED = layer_norm_kernel.kernel_supports(torch.zeros(2, 16), torch.ones(16), torch.zeros(16))
 
@@ -65,3 +66,36 @@ def test_a_pre_norm_vit_uses_it_and_a_post_norm_one_does_not():
     assert isinstance(pre.blocks[0].attention_norm, MatmulInputNorm) and isinstance(pre.blocks[0].mlp_norm, MatmulInputNorm)
     assert type(post.blocks[0].attention_norm) is nn.LayerNorm  # its output is the residual stream itself
     assert set(pre.blocks[0].state_dict()) == set(post.blocks[0].state_dict())
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 C kernels on this machine")
+def test_after_residual_adds_then_normalises_like_separate_operations():
+    kernel_norm, plain = norms()
+    torch.manual_seed(1)
+    x, addend, addend_bias = torch.randn(4, 9, 64), torch.randn(4, 9, 64).to(torch.bfloat16), torch.randn(64)
+    grad_total, grad_out = torch.randn(4, 9, 64), torch.randn(4, 9, 64).to(torch.bfloat16)
+    results = []
+    for fused in (True, False):
+        inputs = [t.clone().requires_grad_() for t in (x, addend, addend_bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                total, out = kernel_norm.after_residual(*inputs)
+            else:
+                total = inputs[0] + inputs[1].float() + inputs[2]  # the kernel adds in fp32
+                out = plain(total).to(torch.bfloat16)
+        torch.autograd.backward([total, out], [grad_total, grad_out])
+        results.append((total, out, *(t.grad for t in inputs)))
+    (total, out, *grads), (plain_total, plain_out, *plain_grads) = results
+    assert total.dtype == torch.float32 and out.dtype == torch.bfloat16 and grads[1].dtype == torch.bfloat16
+    torch.testing.assert_close(total, plain_total, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.float(), plain_out.float(), rtol=2**-7, atol=0.02)
+    for got, expected in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=1e-3 * expected.abs().max().item())
+
+
+def test_after_residual_outside_autocast_is_add_then_nn_layernorm(monkeypatch):
+    kernel_norm, plain = norms()
+    monkeypatch.setattr(layer_norm_kernel, "residual_layer_norm_forward", lambda *args: (_ for _ in ()).throw(AssertionError))
+    x, addend, addend_bias = torch.randn(2, 3, 64), torch.randn(2, 3, 64), torch.randn(64)
+    total, out = kernel_norm.after_residual(x, addend, addend_bias)
+    assert torch.equal(total, x + (addend + addend_bias)) and torch.equal(out, plain(total))

@@ -196,3 +196,50 @@ def test_under_bf16_autocast_the_written_out_and_the_fused_kernels_give_close_lo
         fused = model(images).float()  # the fused kernel in fp32
     assert not torch.equal(written_out, fused)  # two different kernels ran
     torch.testing.assert_close(written_out, fused, atol=0.05, rtol=0.05)
+
+
+def fused_and_plain_gradients(monkeypatch, model, images):
+    """(logits, gradients) of `model` under CPU bf16 autocast with the block's fused paths, then with them turned off."""
+    import copy
+
+    from vitlab.models import activations, vit
+
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(vit.Attention, "projection_without_dropout", lambda self: False)
+            monkeypatch.setattr(activations.MLP, "forward", nn.Sequential.forward)
+        copied = copy.deepcopy(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = copied(images)
+        logits.float().square().sum().backward()
+        results.append((logits.float(), {name: p.grad for name, p in copied.named_parameters()}))
+    return results
+
+
+def test_the_fused_residual_norm_and_mlp_bias_match_the_plain_block(monkeypatch):
+    torch.manual_seed(0)
+    model = build_model("vit", patch_size=4, hidden_size=64, num_heads=4, num_blocks=2)
+    for parameter in model.parameters():
+        if parameter.dim() == 1:
+            nn.init.normal_(parameter, std=0.1)  # biases away from 0, so a lost or doubled bias shows
+    nn.init.normal_(model.head.weight, std=0.5)
+    (fused_logits, fused_grads), (plain_logits, plain_grads) = fused_and_plain_gradients(monkeypatch, model, torch.randn(8, 3, 32, 32))
+    torch.testing.assert_close(fused_logits, plain_logits, rtol=0.02, atol=0.02)
+    for name, expected in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], expected, rtol=0.02, atol=0.02 * expected.abs().max().item(), msg=name)
+
+
+def test_the_block_keeps_the_projection_with_a_hook_or_active_dropout():
+    model = build_model("vit", patch_size=8, hidden_size=32, num_heads=2, num_blocks=1, dropout=0.1)
+    attention = model.blocks[0].attention
+    assert not attention.projection_without_dropout()  # training, dropout 0.1 after the projection
+    model.eval()
+    assert attention.projection_without_dropout()
+    seen = []
+    handle = attention.projection.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    assert not attention.projection_without_dropout()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 32, 32))
+    handle.remove()
+    assert len(seen) == 1  # the hook saw the projection run

@@ -1,4 +1,5 @@
-"""ctypes bindings of gelu.c: GELU of bf16 activations that also writes its derivative for backward."""
+"""ctypes bindings of gelu.c: GELU of bf16 activations that also writes its derivative for backward, optionally with
+the preceding linear layer's bias added first."""
 
 from __future__ import annotations
 
@@ -7,33 +8,48 @@ import torch
 from vitlab.kernels.build import compiled_library, library_capabilities, loaded_library
 
 
-def shape_supported(x: torch.Tensor, library) -> bool:
-    """Whether the library's GELU kernel can take x: a non-empty bf16 CPU tensor, and a CPU and compiler with AVX-512."""
-    return (library is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() > 0
-            and library_capabilities(library).gelu)
+def shape_supported(x: torch.Tensor, library, bias: torch.Tensor | None = None) -> bool:
+    """Whether the library's GELU kernel can take x: a non-empty bf16 CPU tensor, and a CPU and compiler with AVX-512;
+    with a bias, an fp32 CPU vector of x's last dimension, a multiple of 16."""
+    if library is None or x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.numel() == 0 or not library_capabilities(library).gelu:
+        return False
+    return bias is None or (x.dim() >= 1 and bias.device.type == "cpu" and bias.dtype == torch.float32
+                            and bias.shape == x.shape[-1:] and x.shape[-1] % 16 == 0)
 
 
-def kernel_supports(x: torch.Tensor) -> bool:
-    """Whether `gelu_forward` will take x (see shape_supported) with the kernels switched on."""
-    return shape_supported(x, compiled_library())
+def kernel_supports(x: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether `gelu_forward` will take x (and bias; see shape_supported) with the kernels switched on."""
+    return shape_supported(x, compiled_library(), bias)
 
 
-def gelu_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """GELU (the exact, erf form) of bf16 x → (GELU(x), GELU'(x)), both bf16 of x's shape."""
-    if not shape_supported(x, loaded_library()):
-        raise ValueError(f"the GELU kernel cannot take a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}")
+def gelu_forward(x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GELU (the exact, erf form) of bf16 x (+ bias, per last-axis feature, in fp32) → (GELU, GELU'), both bf16 of x's
+    shape."""
+    if not shape_supported(x, loaded_library(), bias):
+        bias_text = "" if bias is None else f" with a {bias.dtype} bias of shape {tuple(bias.shape)}"
+        raise ValueError(f"the GELU kernel cannot take a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}{bias_text}")
     x = x.contiguous()
+    bias = None if bias is None else bias.detach().contiguous()
     out, derivative = torch.empty_like(x), torch.empty_like(x)
-    loaded_library().vitlab_gelu_forward(x.data_ptr(), out.data_ptr(), derivative.data_ptr(), x.numel(), torch.get_num_threads())
+    loaded_library().vitlab_gelu_forward(x.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+                                         derivative.data_ptr(), x.numel(), x.shape[-1] if x.dim() else 1,
+                                         torch.get_num_threads())
     return out, derivative
 
 
-def gelu_backward(grad_out: torch.Tensor, derivative: torch.Tensor) -> torch.Tensor:
-    """grad_out · derivative, in bf16 (grad_out is cast to bf16 if it is not)."""
+def gelu_backward(grad_out: torch.Tensor, derivative: torch.Tensor,
+                  bias_gradient: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(grad_out · derivative in bf16 (grad_out is cast to bf16 if it is not), and with `bias_gradient` its sums over
+    every axis but the last in fp32, else None)."""
     grad_out = grad_out.to(torch.device("cpu"), torch.bfloat16).contiguous()
     if grad_out.shape != derivative.shape:
         raise ValueError(f"grad_out must have the derivative's shape {tuple(derivative.shape)}, got {tuple(grad_out.shape)}")
     grad_x = torch.empty_like(derivative)
-    loaded_library().vitlab_gelu_backward(grad_out.data_ptr(), derivative.contiguous().data_ptr(), grad_x.data_ptr(),
-                                          derivative.numel(), torch.get_num_threads())
-    return grad_x
+    columns = derivative.shape[-1] if derivative.dim() else 1
+    grad_bias = torch.empty(columns) if bias_gradient else None
+    failed = loaded_library().vitlab_gelu_backward(grad_out.data_ptr(), derivative.contiguous().data_ptr(), grad_x.data_ptr(),
+                                                   None if grad_bias is None else grad_bias.data_ptr(), derivative.numel(),
+                                                   columns, torch.get_num_threads())
+    if failed:
+        raise MemoryError("the GELU kernel could not allocate its per-thread sums")
+    return grad_x, grad_bias

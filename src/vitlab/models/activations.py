@@ -1,41 +1,76 @@
-"""GELU that keeps its derivative instead of its input, in one pass on the CPU in bf16.
+"""GELU that keeps its derivative instead of its input, in one pass on the CPU in bf16; and the ViT's MLP, which
+hands its first layer's bias to that pass.
 
 PyTorch's GELU backward recomputes erf and the normal density from the saved input. `GELU` here (an nn.GELU) runs
 vitlab's C kernel (kernels/gelu.c) on bf16 CPU activations, the MLP's under bf16 autocast: forward writes GELU(x) and
 GELU'(x) from one exponential, backward is one multiply (docs/performance.md). Everywhere else (fp32 or GPU inputs,
 the tanh approximation, a hook on the module, a graph being recorded, no compiler or no AVX-512) it is nn.GELU.
+
+`MLP` (an nn.Sequential: linear, activation, dropout, linear, dropout, with the same parameter names) runs its first
+layer without the bias and lets the GELU kernel add it: PyTorch's addmm copies the bias into its whole output before
+the matmul, and backward sums the gradient for the bias in a pass of its own; the kernel does both in passes it makes
+anyway.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitlab.kernels import gelu as gelu_kernel
 from vitlab.kernels import recording_graph
-from vitlab.models.base import has_hooks
+from vitlab.models.base import bf16_on_cpu, has_hooks
 
 
 class KernelGELU(torch.autograd.Function):
-    """GELU of bf16 x by vitlab's C kernel, the derivative saved for backward."""
+    """GELU of bf16 x (+ an fp32 bias per last-axis feature) by vitlab's C kernel, the derivative saved for backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        out, derivative = gelu_kernel.gelu_forward(x)
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out, derivative = gelu_kernel.gelu_forward(x, bias)
         ctx.save_for_backward(derivative)
+        ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # no double backward through the kernel (nn.GELU has one)
-    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         (derivative,) = ctx.saved_tensors
-        return gelu_kernel.gelu_backward(grad_out, derivative)
+        return gelu_kernel.gelu_backward(grad_out, derivative, bias_gradient=ctx.has_bias and ctx.needs_input_grad[1])
 
 
 class GELU(nn.GELU):
     """nn.GELU (exact form) whose bf16 CPU activations go through vitlab's kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.approximate == "none" and not recording_graph() and gelu_kernel.kernel_supports(x) and not has_hooks(self):
+        if self.kernel_applies(x):
             return KernelGELU.apply(x)
         return super().forward(x)
+
+    def kernel_applies(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+        """Whether x (+ bias) goes through the kernel: exact GELU, no hook, no graph being recorded, a shape it takes."""
+        return (self.approximate == "none" and not recording_graph() and not has_hooks(self)
+                and gelu_kernel.kernel_supports(x, bias))
+
+
+class MLP(nn.Sequential):
+    """linear → activation → dropout → linear → dropout; with vitlab's GELU kernel, the first linear layer's bias is
+    added by the kernel (see the module doc). Without it (or with a hook on the first layer) as nn.Sequential."""
+
+    def __init__(self, width: int, hidden: int, activation: nn.Module, dropout: nn.Module, output_dropout: nn.Module) -> None:
+        super().__init__(nn.Linear(width, hidden), activation, dropout, nn.Linear(hidden, width), output_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, activation, *rest = self
+        if isinstance(activation, GELU) and bf16_on_cpu(x) and first.bias is not None and not has_hooks(first):
+            hidden = F.linear(x, first.weight)  # (..., hidden) bf16, without the bias
+            if activation.kernel_applies(hidden, first.bias):
+                x = KernelGELU.apply(hidden, first.bias)
+            else:  # a width the kernel does not take: the bias in bf16, as autocast's addmm has it
+                x = activation(hidden + first.bias.to(hidden.dtype))
+        else:
+            x = activation(first(x))
+        for module in rest:
+            x = module(x)
+        return x

@@ -225,3 +225,17 @@ def has_hooks(module: nn.Module) -> bool:
     own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, getattr(module, "_backward_pre_hooks", None))
     global_names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
     return any(own) or any(getattr(nn.modules.module, name, None) for name in global_names)
+
+
+def cpu_autocast_dtype() -> torch.dtype | None:
+    """The dtype CPU autocast casts matmul inputs to right now, or None when it is off."""
+    try:
+        enabled, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    except TypeError:  # torch < 2.4
+        enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return dtype if enabled else None
+
+
+def bf16_on_cpu(x: torch.Tensor) -> bool:
+    """Whether a linear layer's output from x will be bf16 on the CPU (x bf16, or CPU bf16 autocast on)."""
+    return x.device.type == "cpu" and (x.dtype == torch.bfloat16 or cpu_autocast_dtype() == torch.bfloat16)

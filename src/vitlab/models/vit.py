@@ -24,9 +24,9 @@ from torch import nn
 
 from vitlab.config import check_finite_numbers
 from vitlab.errors import VitlabError
-from vitlab.models.activations import GELU
+from vitlab.models.activations import GELU, MLP
 from vitlab.models.aircnn import AirCNNConfig, ConvGroup
-from vitlab.models.base import FROM_DATA, TokenLayout, VitlabModel, init_linear_weights
+from vitlab.models.base import FROM_DATA, TokenLayout, VitlabModel, bf16_on_cpu, has_hooks, init_linear_weights
 from vitlab.models.dropout import Dropout
 from vitlab.models.layers import self_attention
 from vitlab.models.norms import MatmulInputNorm
@@ -278,12 +278,21 @@ class Attention(nn.Module):
         self.log_temperature = nn.Parameter(torch.tensor(0.5 * math.log(self.head_size))) if config.lsa else None
 
     def forward(self, tokens: torch.Tensor, return_attention: bool = False):
+        mixed, weights = self.mix(tokens, return_attention)  # (B, T, D)
+        return self.output_dropout(self.projection(mixed)), weights
+
+    def mix(self, tokens: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The heads' outputs side by side (B, T, D), before the output projection, and the weights if asked for."""
         batch, num_tokens, _ = tokens.shape  # (B, T, D)
         qkv = self.qkv(tokens).reshape(batch, num_tokens, 3, self.num_heads, self.head_size)  # (B, T, 3, H, Dh)
         scale = torch.exp(-self.log_temperature) if self.lsa else None
-        mixed, weights = self_attention(qkv, dropout=self.attention_dropout if self.training else 0.0, scale=scale,
-                                        mask_self=self.lsa, return_weights=return_attention)  # (B, T, D)
-        return self.output_dropout(self.projection(mixed)), weights
+        return self_attention(qkv, dropout=self.attention_dropout if self.training else 0.0, scale=scale,
+                              mask_self=self.lsa, return_weights=return_attention)  # (B, T, D)
+
+    def projection_without_dropout(self) -> bool:
+        """Whether the output projection is all there is after `mix` (its dropout inactive, no hook on either)."""
+        dropout = self.output_dropout
+        return (not self.training or dropout.p == 0.0) and not any(map(has_hooks, (self, self.projection, dropout)))
 
 
 class Block(nn.Module):
@@ -298,15 +307,17 @@ class Block(nn.Module):
         self.attention_norm = norm(config.hidden_size)
         self.attention = Attention(config)
         self.mlp_norm = norm(config.hidden_size)
-        self.mlp = nn.Sequential(
-            nn.Linear(config.hidden_size, mlp_size),
-            GELU() if config.activation == "gelu" else nn.ReLU(),  # GELU: bf16 CPU activations through a C kernel
-            Dropout(config.dropout),
-            nn.Linear(mlp_size, config.hidden_size),
-            Dropout(config.dropout),
-        )
+        # GELU: bf16 CPU activations through a C kernel, which also adds the first layer's bias
+        self.mlp = MLP(config.hidden_size, mlp_size, GELU() if config.activation == "gelu" else nn.ReLU(),
+                       Dropout(config.dropout), Dropout(config.dropout))
 
     def forward(self, tokens: torch.Tensor, return_attention: bool = False):
+        if self.pre_norm and self.attention.projection_without_dropout() and bf16_on_cpu(tokens):
+            # The projection's bias and the residual add go into the MLP norm's kernel (norms.MatmulInputNorm.after_residual).
+            mixed, weights = self.attention.mix(self.attention_norm(tokens), return_attention)
+            projection = self.attention.projection
+            tokens, normalised = self.mlp_norm.after_residual(tokens, F.linear(mixed, projection.weight), projection.bias)
+            return tokens + self.mlp(normalised), weights
         if self.pre_norm:
             mixed, weights = self.attention(self.attention_norm(tokens), return_attention)
             tokens = tokens + mixed  # (B, T, D)
