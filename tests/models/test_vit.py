@@ -202,29 +202,39 @@ def fused_and_plain_gradients(monkeypatch, model, images):
     """(logits, gradients) of `model` under CPU bf16 autocast with the block's fused paths, then with them turned off."""
     import copy
 
+    from vitlab.kernels import layer_norm as layer_norm_kernel
     from vitlab.models import activations, vit
 
-    results = []
+    results, calls = [], []
+    forward = layer_norm_kernel.residual_layer_norm_forward
+    monkeypatch.setattr(layer_norm_kernel, "residual_layer_norm_forward", lambda *args: calls.append(args) or forward(*args))
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(vit.Attention, "projection_without_dropout", lambda self: False)
             monkeypatch.setattr(activations.MLP, "forward", nn.Sequential.forward)
+            monkeypatch.setattr(vit.Block, "output_deferrable", lambda self, tokens: False)
         copied = copy.deepcopy(model)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = copied(images)
         logits.float().square().sum().backward()
-        results.append((logits.float(), {name: p.grad for name, p in copied.named_parameters()}))
+        results.append((logits.float(), {name: p.grad for name, p in copied.named_parameters()}, len(calls)))
+        calls.clear()
     return results
 
 
-def test_the_fused_residual_norm_and_mlp_bias_match_the_plain_block(monkeypatch):
+def test_the_fused_residual_norms_biases_and_deferred_mlp_output_match_the_plain_blocks(monkeypatch):
+    from vitlab.kernels import layer_norm as layer_norm_kernel
+
     torch.manual_seed(0)
-    model = build_model("vit", patch_size=4, hidden_size=64, num_heads=4, num_blocks=2)
+    model = build_model("vit", patch_size=4, hidden_size=64, num_heads=4, num_blocks=3)
     for parameter in model.parameters():
         if parameter.dim() == 1:
             nn.init.normal_(parameter, std=0.1)  # biases away from 0, so a lost or doubled bias shows
     nn.init.normal_(model.head.weight, std=0.5)
-    (fused_logits, fused_grads), (plain_logits, plain_grads) = fused_and_plain_gradients(monkeypatch, model, torch.randn(8, 3, 32, 32))
+    (fused_logits, fused_grads, residual_norms), (plain_logits, plain_grads, plain_residual_norms) = fused_and_plain_gradients(
+        monkeypatch, model, torch.randn(8, 3, 32, 32))
+    if layer_norm_kernel.kernel_supports(torch.zeros(1, 64), torch.ones(64), torch.zeros(64)):
+        assert (residual_norms, plain_residual_norms) == (3 + 2, 0)  # every MLP norm, and the 2nd and 3rd blocks' first norms
     torch.testing.assert_close(fused_logits, plain_logits, rtol=0.02, atol=0.02)
     for name, expected in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], expected, rtol=0.02, atol=0.02 * expected.abs().max().item(), msg=name)

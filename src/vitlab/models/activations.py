@@ -62,15 +62,27 @@ class MLP(nn.Sequential):
         super().__init__(nn.Linear(width, hidden), activation, dropout, nn.Linear(hidden, width), output_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first, activation, *rest = self
+        return self[4](self[3](self.hidden(x)))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The activations after the first layer, the activation and the dropout (..., hidden)."""
+        first, activation, dropout = self[0], self[1], self[2]
         if isinstance(activation, GELU) and bf16_on_cpu(x) and first.bias is not None and not has_hooks(first):
             hidden = F.linear(x, first.weight)  # (..., hidden) bf16, without the bias
             if activation.kernel_applies(hidden, first.bias):
-                x = KernelGELU.apply(hidden, first.bias)
-            else:  # a width the kernel does not take: the bias in bf16, as autocast's addmm has it
-                x = activation(hidden + first.bias.to(hidden.dtype))
-        else:
-            x = activation(first(x))
-        for module in rest:
-            x = module(x)
-        return x
+                return dropout(KernelGELU.apply(hidden, first.bias))
+            return dropout(activation(hidden + first.bias.to(hidden.dtype)))  # a width the kernel does not take: the bias as addmm has it
+        return dropout(activation(first(x)))
+
+    def without_last_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the output without the last layer's bias, that bias), for whoever adds both to the residual stream (only where
+        `last_bias_deferrable`)."""
+        last = self[3]
+        return F.linear(self.hidden(x), last.weight), last.bias
+
+    def last_bias_deferrable(self) -> bool:
+        """Whether the output is just the last layer's matmul plus its bias: the last dropout inactive, no hooks on it,
+        on the last layer or on the MLP."""
+        dropout = self[4]
+        inactive = not dropout.training or getattr(dropout, "p", 0.0) == 0.0
+        return inactive and not any(map(has_hooks, (self, self[3], dropout)))

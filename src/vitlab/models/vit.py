@@ -311,20 +311,41 @@ class Block(nn.Module):
         self.mlp = MLP(config.hidden_size, mlp_size, GELU() if config.activation == "gelu" else nn.ReLU(),
                        Dropout(config.dropout), Dropout(config.dropout))
 
-    def forward(self, tokens: torch.Tensor, return_attention: bool = False):
-        if self.pre_norm and self.attention.projection_without_dropout() and bf16_on_cpu(tokens):
-            # The projection's bias and the residual add go into the MLP norm's kernel (norms.MatmulInputNorm.after_residual).
-            mixed, weights = self.attention.mix(self.attention_norm(tokens), return_attention)
+    def forward(self, tokens: torch.Tensor, return_attention: bool = False, pending: tuple[torch.Tensor, torch.Tensor] | None = None,
+                defer_output: bool = False):
+        """(tokens, attention weights or None). Pre-norm blocks can hand their MLP's output to the next block instead of
+        adding it (`defer_output`, see `output_deferrable`): they then return (tokens, weights, pending), and the next
+        block takes `pending` — the MLP's last layer without its bias, and that bias — and adds both in its first
+        norm's kernel (norms.MatmulInputNorm.after_residual). The same sums either way, in other roundings."""
+        if not self.pre_norm:
+            mixed, weights = self.attention(tokens, return_attention)
+            tokens = self.attention_norm(tokens + mixed)  # (B, T, D)
+            return self.mlp_norm(tokens + self.mlp(tokens)), weights
+        if pending is not None:
+            tokens, normalised = self.attention_norm.after_residual(tokens, *pending)
+        else:
+            normalised = self.attention_norm(tokens)
+        if self.attention.projection_without_dropout() and bf16_on_cpu(tokens):
+            # The projection's bias and the residual add go into the MLP norm's kernel.
+            mixed, weights = self.attention.mix(normalised, return_attention)
             projection = self.attention.projection
             tokens, normalised = self.mlp_norm.after_residual(tokens, F.linear(mixed, projection.weight), projection.bias)
-            return tokens + self.mlp(normalised), weights
-        if self.pre_norm:
-            mixed, weights = self.attention(self.attention_norm(tokens), return_attention)
+        else:
+            mixed, weights = self.attention(normalised, return_attention)
             tokens = tokens + mixed  # (B, T, D)
-            return tokens + self.mlp(self.mlp_norm(tokens)), weights
-        mixed, weights = self.attention(tokens, return_attention)
-        tokens = self.attention_norm(tokens + mixed)  # (B, T, D)
-        return self.mlp_norm(tokens + self.mlp(tokens)), weights
+            normalised = self.mlp_norm(tokens)
+        if defer_output:
+            return tokens, weights, self.mlp.without_last_bias(normalised)
+        return tokens + self.mlp(normalised), weights
+
+    def output_deferrable(self, tokens: torch.Tensor) -> bool:
+        """Whether this block may leave its MLP's output to the next block (a pre-norm block computing in bf16 on the
+        CPU, its MLP's last dropout inactive, no hook on the block or on the MLP's last layers)."""
+        return self.pre_norm and bf16_on_cpu(tokens) and not has_hooks(self) and self.mlp.last_bias_deferrable()
+
+    def takes_pending(self) -> bool:
+        """Whether this block can add the previous block's deferred MLP output (pre-norm, no hook on the block)."""
+        return self.pre_norm and not has_hooks(self)
 
 
 def mimetic_factors(target: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,8 +453,12 @@ class VisionTransformer(VitlabModel):
         tokens = torch.cat(parts, dim=1) if len(parts) > 1 else tokens  # (B, T, D)
         tokens = self.embedding_dropout(tokens)
         attention_maps = []
-        for block in self.blocks:
-            tokens, weights = block(tokens, return_attention)
+        pending = None  # the previous block's MLP output, left for this block's first norm to add (Block.forward)
+        for index, block in enumerate(self.blocks):
+            following = self.blocks[index + 1] if index + 1 < len(self.blocks) else None
+            defer = following is not None and following.takes_pending() and block.output_deferrable(tokens)
+            tokens, weights, *rest = block(tokens, return_attention, pending=pending, defer_output=defer)
+            pending = rest[0] if defer else None
             attention_maps.append(weights)
         tokens = self.norm(tokens)  # (B, T, D)
         logits = self.head(self.pool(tokens))  # (B, num_classes)
