@@ -5,7 +5,8 @@
  * each a pass over memory, and its batched products of such small matrices ran far below the machine's bf16 peak
  * (docs/performance.md). Here every (image, head) reads Q, K, V straight from the QKV projection's output
  * (B, T, 3, H, Dh), keeps its T × T scores in registers, and writes its output straight into (B, T, H, Dh), the
- * layout the output projection reads. Forward also stores the attention weights (B, H, T, T) for backward.
+ * layout the output projection reads. Forward also stores the attention weights for backward, each row padded with
+ * zeros to a multiple of 16 tokens (B, H, T, PADDED(T)): the layout its P V product reads, so they are written once.
  *
  * Numerics: products of bf16 numbers accumulated in fp32 (as PyTorch's bf16 matmuls do), scores kept in fp32, the
  * softmax in fp32; the weights, the output and every gradient are rounded to bf16, as on PyTorch's bf16 path.
@@ -257,7 +258,8 @@ static inline void query_row_to_weights(const uint16_t *query_row, const uint32_
         query_row_to_weights_17(query_row, key_pairs, tokens, head_size, masked, weight_row);
 }
 
-/* Forward. qkv (B, T, 3, H, Dh) bf16 → out (B, T, H, Dh) bf16 and weights (B, H, T, T) bf16 (not written if NULL). scales[h] multiplies
+/* Forward. qkv (B, T, 3, H, Dh) bf16 → out (B, T, H, Dh) bf16 and weights (B, H, T, PADDED(T)) bf16, each row's
+ * weights followed by zeros (not written if NULL).  scales[h] multiplies
  * head h's queries (rounded to bf16, as `query * scale` is); mask_diagonal leaves out each token's own score. */
 void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weights, int64_t batch, int64_t tokens,
                               int64_t heads, int64_t head_size, const float *scales, int mask_diagonal, int threads) {
@@ -282,24 +284,23 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
             for (int64_t i = 0; i < tokens; i++)
                 for (int64_t d = 0; d < head_size; d += 16)
                     store_bf16_rounded(scaled_queries + i * MAX_HEAD + d, _mm512_mul_ps(load_bf16(query.base + i * query.row_stride + d, 0xFFFF), scale), 0xFFFF);
-            uint16_t *weight_rows = weights == NULL ? NULL : weights + item * tokens * tokens;
+            /* The weights go straight into the kept rows (padded with zeros, as P V reads them) or, without, the buffer. */
+            uint16_t *weight_rows = weights == NULL ? weight_buffer : weights + item * tokens * padded;
+            int64_t weight_row = weights == NULL ? buffer_row : padded;
             for (int64_t i = 0; i < tokens; i++)
                 query_row_to_weights(scaled_queries + i * MAX_HEAD, key_pairs, tokens, head_size, mask_diagonal ? i : -1,
-                                     weight_buffer + i * buffer_row);
-            if (weights != NULL)
-                for (int64_t i = 0; i < tokens; i++)
-                    memcpy(weight_rows + i * tokens, weight_buffer + i * buffer_row, sizeof(uint16_t) * tokens);
+                                     weight_rows + i * weight_row);
             int64_t i = 0;
             for (; i + ROW_BLOCK <= tokens; i += ROW_BLOCK) {
                 __m512 mixed[ROW_BLOCK][MAX_HEAD / 16];
-                block_times_rows(weight_buffer + i * buffer_row, buffer_row / 2, 1, value_pairs, tokens, head_size, mixed);
+                block_times_rows(weight_rows + i * weight_row, weight_row / 2, 1, value_pairs, tokens, head_size, mixed);
                 for (int r = 0; r < ROW_BLOCK; r++)
                     for (int64_t dv = 0; dv < head_size / 16; dv++)
                         store_bf16_rounded(out + (image * tokens + i + r) * out_row + head * head_size + 16 * dv, mixed[r][dv], 0xFFFF);
             }
             for (; i < tokens; i++) {
                 __m512 mixed[MAX_HEAD / 16];
-                row_times_rows(weight_buffer + i * buffer_row, 1, value_pairs, tokens, head_size, mixed);
+                row_times_rows(weight_rows + i * weight_row, 1, value_pairs, tokens, head_size, mixed);
                 for (int64_t dv = 0; dv < head_size / 16; dv++)
                     store_bf16_rounded(out + (image * tokens + i) * out_row + head * head_size + 16 * dv, mixed[dv], 0xFFFF);
             }
@@ -311,7 +312,7 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
     }
 }
 
-/* Backward. From qkv, the forward's out and weights, and grad_out (B, T, H, Dh): grad_qkv (B, T, 3, H, Dh) and
+/* Backward. From qkv, the forward's out and padded weights, and grad_out (B, T, H, Dh): grad_qkv (B, T, 3, H, Dh) and
  * grad_scale_sums (B, H): Σ over the item's queries of query · dL/d(scaled query), the gradient of scales[h] from
  * image b. With S = scale · Q Kᵀ, P = softmax(S), O = P V:
  *   dP = dO Vᵀ,  dS = P ⊙ (dP − rowsum(dO ⊙ O)),  d(scaled Q) = dS K,  dQ = scale · d(scaled Q),
@@ -343,7 +344,7 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
             pack_pairs_by_row(key, tokens, head_size, 1.0f, key_pairs);
             pack_pairs_by_row(query, tokens, head_size, scale, query_pairs);
             pack_pairs_by_row(grad_rows, tokens, head_size, 1.0f, grad_out_pairs);
-            const uint16_t *weight_rows = weights + item * tokens * tokens;
+            const uint16_t *weight_rows = weights + item * tokens * padded;
             for (int64_t i = 0; i < tokens; i++) {
                 const uint16_t *grad_row = grad_rows.base + i * grad_rows.row_stride;
                 const uint16_t *out_row_i = out_rows.base + i * out_rows.row_stride;
@@ -356,7 +357,7 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
                 uint16_t *grad_score_row = grad_scores + i * buffer_row;
                 for (int64_t jv = 0; jv < padded / 16; jv++) {
                     __mmask16 inside = tail_mask(tokens - 16 * jv);
-                    __m512 weight = load_bf16(weight_rows + i * tokens + 16 * jv, inside);
+                    __m512 weight = load_bf16(weight_rows + i * padded + 16 * jv, inside);
                     store_bf16_rounded(grad_score_row + 16 * jv, _mm512_mul_ps(weight, _mm512_sub_ps(grad_weights[jv], row_dot)), 0xFFFF);
                 }
             }
@@ -382,7 +383,7 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
             }
             /* dK and dV sum over the queries i: dS and P packed as pairs of rows, read down their columns j. */
             pack_pairs_by_row((Rows){grad_scores, buffer_row}, tokens, tokens, 1.0f, grad_score_pairs);
-            pack_pairs_by_row((Rows){weight_rows, tokens}, tokens, tokens, 1.0f, weight_pairs);
+            pack_pairs_by_row((Rows){weight_rows, padded}, tokens, tokens, 1.0f, weight_pairs);
             int64_t j = 0;
             for (; j + ROW_BLOCK <= tokens; j += ROW_BLOCK) {
                 __m512 results[ROW_BLOCK][MAX_HEAD / 16];

@@ -83,7 +83,8 @@ def attention_forward(qkv: torch.Tensor, scales: torch.Tensor, mask_diagonal: bo
     """qkv (B, T, 3, H, Dh) bf16 on the CPU, scales (H,) → (out (B, T, H, Dh), weights (B, H, T, T) or None), bf16.
 
     out = softmax(scale_h · Q Kᵀ [diagonal left out]) V per image and head h, the query rounded to bf16 after
-    scaling; weights are the softmax's output, which backward needs (not written without keep_weights)."""
+    scaling; weights are the softmax's output, which backward needs (not written without keep_weights): a view of
+    rows padded to a multiple of 16 tokens (see padded_weights)."""
     if not shape_supported(qkv, loaded_library()):
         raise ValueError(f"the attention kernel cannot take a {qkv.dtype} tensor of shape {tuple(qkv.shape)} on {qkv.device}")
     cpu = torch.device("cpu")  # explicit: a default device set with torch.set_default_device must not apply here
@@ -92,10 +93,25 @@ def attention_forward(qkv: torch.Tensor, scales: torch.Tensor, mask_diagonal: bo
     if scales.shape != (heads,):
         raise ValueError(f"scales must have one value per head ({heads}), got shape {tuple(scales.shape)}")
     out = torch.empty(batch, tokens, heads, head_size, dtype=qkv.dtype, device=cpu)
-    weights = weight_buffers.take((batch, heads, tokens, tokens)) if keep_weights else None
-    loaded_library().vitlab_attention_forward(qkv.data_ptr(), out.data_ptr(), 0 if weights is None else weights.data_ptr(), batch,
+    padded = weight_buffers.take((batch, heads, tokens, padded_tokens(tokens))) if keep_weights else None
+    loaded_library().vitlab_attention_forward(qkv.data_ptr(), out.data_ptr(), 0 if padded is None else padded.data_ptr(), batch,
                                               tokens, heads, head_size, scales.data_ptr(), int(mask_diagonal), torch.get_num_threads())
-    return out, weights
+    return out, None if padded is None else padded[..., :tokens]
+
+
+def padded_tokens(tokens: int) -> int:
+    """The row length of the kernel's weights: tokens rounded up to a multiple of 16."""
+    return -(-tokens // 16) * 16
+
+
+def padded_weights(weights: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, T) weights in the kernel's layout (B, H, T, PADDED(T)), each row followed by zeros: a view of the
+    kernel's own output as it is, a padded copy of any other tensor."""
+    batch, heads, tokens, _ = weights.shape
+    padded = padded_tokens(tokens)
+    if weights.stride() == (heads * tokens * padded, tokens * padded, padded, 1) and weights.storage_offset() == 0:
+        return weights  # the kernel's output (its padding zeros are in the storage beyond each row)
+    return torch.nn.functional.pad(weights, (0, padded - tokens)).contiguous()
 
 
 def attention_backward(qkv: torch.Tensor, out: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor,
@@ -103,7 +119,7 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, weights: torch.Tens
     """The gradients of `attention_forward`: (grad_qkv (B, T, 3, H, Dh) bf16, grad_scale_sums (B, H) fp32), where
     grad_scale_sums[b, h] is image b's share of the gradient of scales[h]."""
     cpu = torch.device("cpu")
-    qkv, out, weights = qkv.contiguous(), out.contiguous(), weights.contiguous()
+    qkv, out = qkv.contiguous(), out.contiguous()
     scales = scales.to(cpu, torch.float32).contiguous()
     grad_out = grad_out.to(cpu, torch.bfloat16).contiguous()
     batch, tokens, _, heads, head_size = qkv.shape
@@ -112,6 +128,7 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, weights: torch.Tens
     for name, (tensor, shape) in expected.items():
         if tensor.shape != shape or tensor.dtype != torch.bfloat16 or tensor.device != cpu:
             raise ValueError(f"{name} must be a bf16 CPU tensor of shape {shape}, got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
+    weights = padded_weights(weights)  # (B, H, T, PADDED(T)), or its view (B, H, T, T) as forward returned it
     grad_qkv = torch.empty_like(qkv)
     grad_scale_sums = torch.empty(batch, heads, dtype=torch.float32, device=cpu)
     loaded_library().vitlab_attention_backward(qkv.data_ptr(), out.data_ptr(), weights.data_ptr(), grad_out.data_ptr(),
