@@ -129,7 +129,7 @@ COMPILED_KERNELS = "## Call CompiledFxGraph"
 
 # vitlab's C kernels (vitlab/kernels) appear in the profile under their autograd Functions' names, forward and backward.
 C_KERNELS = {"KernelSelfAttention": "C attention", "KernelSoftmax": "C softmax", "KernelDropout": "C dropout",
-             "KernelLayerNorm": "C layer norm", "KernelGELU": "C GELU"}
+             "KernelLayerNorm": "C layer norm", "KernelResidualNorm": "C residual add + layer norm", "KernelGELU": "C GELU"}
 
 
 def operator_name(key: str) -> str:

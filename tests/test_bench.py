@@ -191,9 +191,11 @@ def test_vitlabs_c_kernels_count_in_the_breakdown_forward_and_backward_together(
         out.float().sum().backward()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             GELU()(norm(tokens)).float().sum().backward()
+            total, normalised = norm.after_residual(tokens, out.detach(), torch.zeros(64))
+            (total.sum() + normalised.float().sum()).backward()
 
     matmul_share, others = bench.non_matmul_breakdown(step, steps=2, rows=20)
-    assert matmul_share == 0 and {"C attention", "C layer norm", "C GELU"} <= set(dict(others))
+    assert matmul_share == 0 and {"C attention", "C layer norm", "C residual add + layer norm", "C GELU"} <= set(dict(others))
     assert not any(name.startswith("Kernel") for name in dict(others))
 
 
