@@ -253,3 +253,18 @@ def test_the_block_keeps_the_projection_with_a_hook_or_active_dropout():
         model(torch.randn(2, 3, 32, 32))
     handle.remove()
     assert len(seen) == 1  # the hook saw the projection run
+
+
+def test_with_the_kernels_switched_off_the_block_computes_exactly_as_before(monkeypatch):
+    """cpu_kernels false must give PyTorch's operators in their old order (the fused paths only where a kernel runs)."""
+    from vitlab.kernels import switch_kernels
+
+    torch.manual_seed(0)
+    model = build_model("vit", patch_size=4, hidden_size=64, num_heads=4, num_blocks=3)
+    nn.init.normal_(model.head.weight, std=0.5)
+    switch_kernels(False)
+    try:
+        (logits, grads, _), (plain_logits, plain_grads, _) = fused_and_plain_gradients(monkeypatch, model, torch.randn(4, 3, 32, 32))
+    finally:
+        switch_kernels(True)
+    assert torch.equal(logits, plain_logits) and all(torch.equal(grads[name], plain_grads[name]) for name in plain_grads)

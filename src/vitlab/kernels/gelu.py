@@ -22,6 +22,14 @@ def kernel_supports(x: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     return shape_supported(x, compiled_library(), bias)
 
 
+def adds_bias(features: int, bias: torch.Tensor | None) -> bool:
+    """Whether, with the kernels switched on, the kernel will add `bias` to bf16 CPU activations of `features` per row
+    (checked before the activations exist, so that a linear layer knows whether to leave its bias out)."""
+    library = compiled_library()
+    return (library is not None and library_capabilities(library).gelu and bias is not None and features % 16 == 0
+            and bias.device.type == "cpu" and bias.dtype == torch.float32 and bias.shape == (features,))
+
+
 def gelu_forward(x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GELU (the exact, erf form) of bf16 x (+ bias, per last-axis feature, in fp32) → (GELU, GELU'), both bf16 of x's
     shape."""

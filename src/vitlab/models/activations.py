@@ -48,6 +48,12 @@ class GELU(nn.GELU):
             return KernelGELU.apply(x)
         return super().forward(x)
 
+    def takes_bias_of(self, linear: nn.Linear, x: torch.Tensor) -> bool:
+        """Whether the kernel will add the bias of `linear` (whose output from x it activates): exact GELU, bf16 CPU
+        output, no hook on either module, no graph being recorded, a width and bias the kernel takes."""
+        return (self.approximate == "none" and bf16_on_cpu(x) and not recording_graph() and not has_hooks(self)
+                and not has_hooks(linear) and gelu_kernel.adds_bias(linear.out_features, linear.bias))
+
     def kernel_applies(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
         """Whether x (+ bias) goes through the kernel: exact GELU, no hook, no graph being recorded, a shape it takes."""
         return (self.approximate == "none" and not recording_graph() and not has_hooks(self)
@@ -67,11 +73,11 @@ class MLP(nn.Sequential):
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The activations after the first layer, the activation and the dropout (..., hidden)."""
         first, activation, dropout = self[0], self[1], self[2]
-        if isinstance(activation, GELU) and bf16_on_cpu(x) and first.bias is not None and not has_hooks(first):
+        if isinstance(activation, GELU) and activation.takes_bias_of(first, x):
             hidden = F.linear(x, first.weight)  # (..., hidden) bf16, without the bias
             if activation.kernel_applies(hidden, first.bias):
                 return dropout(KernelGELU.apply(hidden, first.bias))
-            return dropout(activation(hidden + first.bias.to(hidden.dtype)))  # a width the kernel does not take: the bias as addmm has it
+            return dropout(activation(hidden + first.bias.to(hidden.dtype)))  # not expected: the bias as addmm has it
         return dropout(activation(first(x)))
 
     def without_last_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

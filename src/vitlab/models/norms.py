@@ -82,6 +82,11 @@ class MatmulInputNorm(nn.LayerNorm):
         total = x + (addend if addend_bias is None else addend + addend_bias.to(addend.dtype))
         return total, self(total)
 
+    def residual_kernel_applies(self, x: torch.Tensor) -> bool:
+        """Whether `after_residual(x, addend, bias)` will run the kernel for a bf16 addend of x's shape (checked before
+        the addend exists, so that its linear layer knows whether to leave its bias out)."""
+        return self.kernel_applies() and layer_norm_kernel.kernel_supports(x, self.weight, self.bias)
+
     def kernel_applies(self) -> bool:
         """Whether this norm may run the kernel now: one normalised axis, CPU bf16 autocast on, no graph being
         recorded, no hook on the module (the kernel checks the tensors)."""

@@ -325,7 +325,7 @@ class Block(nn.Module):
             tokens, normalised = self.attention_norm.after_residual(tokens, *pending)
         else:
             normalised = self.attention_norm(tokens)
-        if self.attention.projection_without_dropout() and bf16_on_cpu(tokens):
+        if self.attention.projection_without_dropout() and self.mlp_norm.residual_kernel_applies(tokens):
             # The projection's bias and the residual add go into the MLP norm's kernel.
             mixed, weights = self.attention.mix(normalised, return_attention)
             projection = self.attention.projection
@@ -343,9 +343,10 @@ class Block(nn.Module):
         CPU, its MLP's last dropout inactive, no hook on the block or on the MLP's last layers)."""
         return self.pre_norm and bf16_on_cpu(tokens) and not has_hooks(self) and self.mlp.last_bias_deferrable()
 
-    def takes_pending(self) -> bool:
-        """Whether this block can add the previous block's deferred MLP output (pre-norm, no hook on the block)."""
-        return self.pre_norm and not has_hooks(self)
+    def takes_pending(self, tokens: torch.Tensor) -> bool:
+        """Whether this block adds a deferred MLP output to `tokens` in its first norm's kernel (pre-norm, no hook on the
+        block, the kernel available for these tokens)."""
+        return self.pre_norm and not has_hooks(self) and self.attention_norm.residual_kernel_applies(tokens)
 
 
 def mimetic_factors(target: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -456,7 +457,7 @@ class VisionTransformer(VitlabModel):
         pending = None  # the previous block's MLP output, left for this block's first norm to add (Block.forward)
         for index, block in enumerate(self.blocks):
             following = self.blocks[index + 1] if index + 1 < len(self.blocks) else None
-            defer = following is not None and following.takes_pending() and block.output_deferrable(tokens)
+            defer = following is not None and following.takes_pending(tokens) and block.output_deferrable(tokens)
             tokens, weights, *rest = block(tokens, return_attention, pending=pending, defer_output=defer)
             pending = rest[0] if defer else None
             attention_maps.append(weights)
