@@ -37,7 +37,7 @@ def test_forward_matches_a_float64_reference(tokens, heads, head_size, mask_self
         assert torch.all(weights.diagonal(dim1=-2, dim2=-1) == 0)
 
 
-@pytest.mark.parametrize("tokens,heads,head_size,mask_self", SHAPES[:4])
+@pytest.mark.parametrize("tokens,heads,head_size,mask_self", SHAPES)
 @pytest.mark.parametrize("per_head_scale", [False, True])
 def test_gradients_match_float64_autograd_at_least_as_well_as_pytorchs_bf16_path(tokens, heads, head_size, mask_self, per_head_scale):
     torch.manual_seed(1)
@@ -63,7 +63,8 @@ def test_gradients_match_float64_autograd_at_least_as_well_as_pytorchs_bf16_path
     assert kernel_scale.shape == scale.shape
     kernel_error, torch_error = (kernel_qkv - exact_qkv).abs().max(), (torch_qkv - exact_qkv).abs().max()
     assert kernel_error <= 1.5 * torch_error + 1e-3
-    assert (kernel_scale - exact_scale).abs().max() <= 2 * (torch_scale - exact_scale).abs().max() + 0.02 * exact_scale.abs().max()
+    # (+1e-5: with 2 tokens and the diagonal masked the exact gradient is 0, the kernel's fp32 sums leave ~1e-7)
+    assert (kernel_scale - exact_scale).abs().max() <= 2 * (torch_scale - exact_scale).abs().max() + 0.02 * exact_scale.abs().max() + 1e-5
 
 
 def test_which_inputs_take_the_kernel_and_the_rest_still_attend(monkeypatch):

@@ -354,11 +354,28 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
                 __m512 row_dot = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
                 __m512 grad_weights[MAX_TOKENS / 16];
                 row_times_columns(grad_row, value_pairs, tokens, head_size, grad_weights);
+                /* dS row i, and at each odd i (or the last row) rows i - 1 and i of dS and P as pairs by row for dK and dV
+                 * (pack_pairs_by_row's layout; the zeros beyond T come from the masked loads). */
                 uint16_t *grad_score_row = grad_scores + i * buffer_row;
+                const uint16_t *weight_row = weight_rows + i * padded;
+                int odd = i % 2 == 1, last = i == tokens - 1;
+                uint32_t *score_pairs = grad_score_pairs + i / 2 * padded, *probability_pairs = weight_pairs + i / 2 * padded;
                 for (int64_t jv = 0; jv < padded / 16; jv++) {
                     __mmask16 inside = tail_mask(tokens - 16 * jv);
-                    __m512 weight = load_bf16(weight_rows + i * padded + 16 * jv, inside);
-                    store_bf16_rounded(grad_score_row + 16 * jv, _mm512_mul_ps(weight, _mm512_sub_ps(grad_weights[jv], row_dot)), 0xFFFF);
+                    __m512i weight_lanes = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(inside, weight_row + 16 * jv));
+                    __m512 weight = _mm512_castsi512_ps(_mm512_slli_epi32(weight_lanes, 16));
+                    __m256i score_bits = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(weight, _mm512_sub_ps(grad_weights[jv], row_dot)));
+                    _mm256_storeu_si256((__m256i *)(grad_score_row + 16 * jv), score_bits);
+                    __m512i score_lanes = _mm512_cvtepu16_epi32(score_bits);
+                    if (odd) {
+                        __m512i even_scores = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(grad_score_row - buffer_row + 16 * jv)));
+                        __m512i even_weights = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(inside, weight_row - padded + 16 * jv));
+                        _mm512_storeu_si512(score_pairs + 16 * jv, _mm512_or_si512(even_scores, _mm512_slli_epi32(score_lanes, 16)));
+                        _mm512_storeu_si512(probability_pairs + 16 * jv, _mm512_or_si512(even_weights, _mm512_slli_epi32(weight_lanes, 16)));
+                    } else if (last) { /* odd T: the last row pairs with zeros */
+                        _mm512_storeu_si512(score_pairs + 16 * jv, score_lanes);
+                        _mm512_storeu_si512(probability_pairs + 16 * jv, weight_lanes);
+                    }
                 }
             }
             /* d(scaled Q) = dS K, ROW_BLOCK rows at a time; dQ = scale · that, and the scale's gradient from it. */
@@ -381,9 +398,7 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
                     scale_sum += _mm512_reduce_add_ps(scale_dot);
                 }
             }
-            /* dK and dV sum over the queries i: dS and P packed as pairs of rows, read down their columns j. */
-            pack_pairs_by_row((Rows){grad_scores, buffer_row}, tokens, tokens, 1.0f, grad_score_pairs);
-            pack_pairs_by_row((Rows){weight_rows, padded}, tokens, tokens, 1.0f, weight_pairs);
+            /* dK and dV sum over the queries i: dS and P as pairs of rows (written above), read down their columns j. */
             int64_t j = 0;
             for (; j + ROW_BLOCK <= tokens; j += ROW_BLOCK) {
                 __m512 results[ROW_BLOCK][MAX_HEAD / 16];
