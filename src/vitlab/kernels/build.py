@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch  # (also loads PyTorch's OpenMP runtime before the library, so the library shares it)
 
-SOURCES = ("attention.c", "dropout.c", "gelu.c", "layer_norm.c", "softmax.c")
+SOURCES = ("attention.c", "augment.c", "dropout.c", "gelu.c", "layer_norm.c", "softmax.c")
 HEADERS = ("bf16_math.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 COMPILE_SECONDS = 120
@@ -43,6 +43,8 @@ SIGNATURES = {
     "vitlab_layer_norm_max_features": ([], ctypes.c_int64),
     "vitlab_layer_norm_forward": ([ctypes.c_void_p] * 9 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int], None),
     "vitlab_layer_norm_backward": ([ctypes.c_void_p] * 11 + [ctypes.c_int64] * 2 + [ctypes.c_int], ctypes.c_int),
+    "vitlab_crop_flip_normalize": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4 + [ctypes.c_int], None),
+    "vitlab_crop_flip_max_width": ([], ctypes.c_int64),
     "vitlab_attention_supported": ([], ctypes.c_int),
     "vitlab_attention_max_tokens": ([], ctypes.c_int64),
     "vitlab_attention_max_head_size": ([], ctypes.c_int64),
@@ -173,7 +175,7 @@ def library_capabilities(library: ctypes.CDLL) -> Capabilities:
 
 def available_kernels(library: ctypes.CDLL) -> str:
     capabilities = library_capabilities(library)
-    return ", ".join(["dropout"] + ["softmax"] * capabilities.softmax + ["attention"] * capabilities.attention
+    return ", ".join(["dropout", "crop and flip"] + ["softmax"] * capabilities.softmax + ["attention"] * capabilities.attention
                      + ["layer norm"] * capabilities.layer_norm + ["GELU"] * capabilities.gelu)
 
 
