@@ -268,3 +268,29 @@ def test_with_the_kernels_switched_off_the_block_computes_exactly_as_before(monk
     finally:
         switch_kernels(True)
     assert torch.equal(logits, plain_logits) and all(torch.equal(grads[name], plain_grads[name]) for name in plain_grads)
+
+
+def test_monte_carlo_dropout_and_replaced_linear_layers_keep_their_own_forward():
+    """The fused paths skip a module's forward only where it would do nothing else: a dropout switched back on in an
+    evaluated model (Monte-Carlo dropout) still drops, and a Linear subclass with its own forward still runs it."""
+    model = build_model("vit", patch_size=8, hidden_size=32, num_heads=2, num_blocks=2, dropout=0.5).eval()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.train()
+    calls = []
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            calls.append(self)
+            return 2 * super().forward(x)
+
+    for block in model.blocks:
+        for parent, name in ((block.attention, "projection"), (block.mlp, "0"), (block.mlp, "3")):
+            replaced = Doubled(getattr(parent, name).in_features, getattr(parent, name).out_features)
+            replaced.load_state_dict(getattr(parent, name).state_dict())
+            setattr(parent, name, replaced)
+    dropped = []
+    model.blocks[0].attention.output_dropout.forward = lambda x: dropped.append(x) or x
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 32, 32))
+    assert len(calls) == 6 and len(dropped) == 1

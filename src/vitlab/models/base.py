@@ -239,3 +239,15 @@ def cpu_autocast_dtype() -> torch.dtype | None:
 def bf16_on_cpu(x: torch.Tensor) -> bool:
     """Whether a linear layer's output from x will be bf16 on the CPU (x bf16, or CPU bf16 autocast on)."""
     return x.device.type == "cpu" and (x.dtype == torch.bfloat16 or cpu_autocast_dtype() == torch.bfloat16)
+
+
+def inactive_dropout(module: nn.Module) -> bool:
+    """Whether `module` is a dropout (an nn.Dropout, vitlab's included) that passes its input through now: its own
+    `training` off or p = 0, and no hook that would see it run."""
+    return isinstance(module, nn.Dropout) and (not module.training or module.p == 0.0) and not has_hooks(module)
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """Whether `module` is an nn.Linear whose forward nothing replaced (a fused path may then use its weight and bias
+    itself) and no hook would see it run."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and not has_hooks(module)

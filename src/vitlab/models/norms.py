@@ -89,6 +89,6 @@ class MatmulInputNorm(nn.LayerNorm):
 
     def kernel_applies(self) -> bool:
         """Whether this norm may run the kernel now: one normalised axis, CPU bf16 autocast on, no graph being
-        recorded, no hook on the module (the kernel checks the tensors)."""
+        recorded, no hook on the module, no subclass's forward in place of this one (the kernel checks the tensors)."""
         return (len(self.normalized_shape) == 1 and cpu_autocast_dtype() == torch.bfloat16 and not recording_graph()
-                and not has_hooks(self))
+                and not has_hooks(self) and type(self).forward is MatmulInputNorm.forward)

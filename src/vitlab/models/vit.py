@@ -26,7 +26,7 @@ from vitlab.config import check_finite_numbers
 from vitlab.errors import VitlabError
 from vitlab.models.activations import GELU, MLP
 from vitlab.models.aircnn import AirCNNConfig, ConvGroup
-from vitlab.models.base import FROM_DATA, TokenLayout, VitlabModel, bf16_on_cpu, has_hooks, init_linear_weights
+from vitlab.models.base import FROM_DATA, TokenLayout, VitlabModel, bf16_on_cpu, has_hooks, inactive_dropout, init_linear_weights, plain_linear
 from vitlab.models.dropout import Dropout
 from vitlab.models.layers import self_attention
 from vitlab.models.norms import MatmulInputNorm
@@ -290,9 +290,9 @@ class Attention(nn.Module):
                               mask_self=self.lsa, return_weights=return_attention)  # (B, T, D)
 
     def projection_without_dropout(self) -> bool:
-        """Whether the output projection is all there is after `mix` (its dropout inactive, no hook on either)."""
-        dropout = self.output_dropout
-        return (not self.training or dropout.p == 0.0) and not any(map(has_hooks, (self, self.projection, dropout)))
+        """Whether the output projection is all there is after `mix`: a plain nn.Linear, its dropout inactive (by the
+        dropout's own mode: Monte-Carlo dropout keeps it on in an evaluated model), no hook on either or on this module."""
+        return plain_linear(self.projection) and inactive_dropout(self.output_dropout) and not has_hooks(self)
 
 
 class Block(nn.Module):
