@@ -103,8 +103,13 @@ def copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:
     return best / 1e9
 
 
+# Operators that move no data: views (a new shape or stride over the same memory) and allocations not yet written.
+NO_TRAFFIC = {"_unsafe_view", "alias", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+
+
 class ByteCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Bytes of every tensor each operator reads and writes (an upper bound on traffic: caches ignored)."""
+    """Bytes of every tensor each operator reads and writes (an upper bound on traffic: caches ignored), views and
+    allocations left out. vitlab's C kernels are not PyTorch operators: their traffic is not counted."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -112,8 +117,9 @@ class ByteCounter(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         output = func(*args, **(kwargs or {}))
-        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, output)) if isinstance(t, torch.Tensor)]
-        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+        if not func.is_view and func.overloadpacket.__name__ not in NO_TRAFFIC:
+            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, output)) if isinstance(t, torch.Tensor)]
+            self.bytes += sum(t.numel() * t.element_size() for t in tensors)
         return output
 
 

@@ -36,6 +36,12 @@ def test_byte_counter_counts_what_an_operator_reads_and_writes():
     assert bench.bytes_per_step(lambda: a @ b) == (100 * 50 + 50 * 20 + 100 * 20) * 4
 
 
+def test_byte_counter_leaves_out_views_and_allocations():
+    a = torch.ones(100, 50)
+    assert bench.bytes_per_step(lambda: (a.t(), a.view(50, 100), a.unfold(0, 10, 1), a[:, 1:], torch.empty(1000))) == 0
+    assert bench.bytes_per_step(lambda: a.t().contiguous()) == 2 * 100 * 50 * 4  # a copy reads and writes
+
+
 def test_gpu_suite_dry_run_builds_every_step(tmp_path):
     """The GPU suite stays runnable on machines without a GPU: its dry run parses every command and takes one step."""
     import gpu_suite
