@@ -105,11 +105,14 @@ def copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:
 
 # Operators that move no data: views (a new shape or stride over the same memory) and allocations not yet written.
 NO_TRAFFIC = {"_unsafe_view", "alias", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+# Gathers read only what they pick from their source (its size is the output's), not the whole source.
+GATHERS = {"index", "index_select", "gather", "embedding", "take"}
 
 
 class ByteCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """Bytes of every tensor each operator reads and writes (an upper bound on traffic: caches ignored), views and
-    allocations left out. vitlab's C kernels are not PyTorch operators: their traffic is not counted."""
+    allocations left out, a gather's source counted as what it picks. vitlab's C kernels are not PyTorch operators:
+    their traffic is not counted."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -117,9 +120,14 @@ class ByteCounter(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         output = func(*args, **(kwargs or {}))
-        if not func.is_view and func.overloadpacket.__name__ not in NO_TRAFFIC:
-            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, output)) if isinstance(t, torch.Tensor)]
-            self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+        name = func.overloadpacket.__name__
+        if func.is_view or name in NO_TRAFFIC:
+            return output
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, output)) if isinstance(t, torch.Tensor)]
+        if name in GATHERS and isinstance(output, torch.Tensor):  # the source as much as was picked, the indices, the output
+            source = args[0] if name != "embedding" else args[1]
+            tensors = [t for t in tensors if t is not source] + [output]
+        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
         return output
 
 

@@ -40,6 +40,8 @@ def test_byte_counter_leaves_out_views_and_allocations():
     a = torch.ones(100, 50)
     assert bench.bytes_per_step(lambda: (a.t(), a.view(50, 100), a.unfold(0, 10, 1), a[:, 1:], torch.empty(1000))) == 0
     assert bench.bytes_per_step(lambda: a.t().contiguous()) == 2 * 100 * 50 * 4  # a copy reads and writes
+    index = torch.tensor([3, 7])
+    assert bench.bytes_per_step(lambda: a.index_select(0, index)) == 2 * 2 * 50 * 4 + 2 * 8  # picked rows in and out, the index
 
 
 def test_gpu_suite_dry_run_builds_every_step(tmp_path):
