@@ -412,17 +412,15 @@ class DeviceBatches:
             scale, shift = normalization_affine(self.device, torch.float32, self.mean, self.std)
             images = augment_kernel.crop_flip_normalize(self.images, index, offsets, flips, self.crop_padding, scale, shift,
                                                         self.memory_format)
-            if erase_boxes is not None:
-                images = apply_random_erasing(images, erase_boxes, erase_noise)
-            return images, self.labels.index_select(0, index)
-        # index_select copies whole images; indexing with a tensor copies byte by byte (20× slower for a CPU batch)
-        images = self.images.index_select(0, index) if isinstance(index, torch.Tensor) else self.images[index]
-        if self.train:
-            images = apply_crop_flip(images, self.crop_padding, offsets, flips, self.pad_mode)
-            if augment_draws is not None:
-                images = apply_trivial_augment(images, augment_draws)
-        # The layout change happens on uint8 (a quarter of the bytes); normalize keeps it.
-        images = normalize(images.contiguous(memory_format=self.memory_format), mean=self.mean, std=self.std)
+        else:
+            # index_select copies whole images; indexing with a tensor copies byte by byte (20× slower for a CPU batch)
+            images = self.images.index_select(0, index) if isinstance(index, torch.Tensor) else self.images[index]
+            if self.train:
+                images = apply_crop_flip(images, self.crop_padding, offsets, flips, self.pad_mode)
+                if augment_draws is not None:
+                    images = apply_trivial_augment(images, augment_draws)
+            # The layout change happens on uint8 (a quarter of the bytes); normalize keeps it.
+            images = normalize(images.contiguous(memory_format=self.memory_format), mean=self.mean, std=self.std)
         if self.train and erase_boxes is not None:
             images = apply_random_erasing(images, erase_boxes, erase_noise)
         return images, self.labels.index_select(0, index) if isinstance(index, torch.Tensor) else self.labels[index]
