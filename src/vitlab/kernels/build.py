@@ -151,6 +151,11 @@ def open_library(target: Path) -> ctypes.CDLL:
     return library
 
 
+def fp32_cpu_vector(tensor: torch.Tensor | None, length: int) -> bool:
+    """Whether `tensor` is an fp32 CPU vector of `length` numbers (a weight, bias or per-feature scale a kernel reads)."""
+    return tensor is not None and tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.shape == (length,)
+
+
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
     """What a loaded library's kernels can run on this CPU, read from it once (the checks run in every training step)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vitlab.kernels.build import compiled_library, library_capabilities, loaded_library
+from vitlab.kernels.build import compiled_library, fp32_cpu_vector, library_capabilities, loaded_library
 
 
 def shape_supported(x: torch.Tensor, library, bias: torch.Tensor | None = None) -> bool:
@@ -13,8 +13,12 @@ def shape_supported(x: torch.Tensor, library, bias: torch.Tensor | None = None) 
     with a bias, an fp32 CPU vector of x's last dimension, a multiple of 16."""
     if library is None or x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.numel() == 0 or not library_capabilities(library).gelu:
         return False
-    return bias is None or (x.dim() >= 1 and bias.device.type == "cpu" and bias.dtype == torch.float32
-                            and bias.shape == x.shape[-1:] and x.shape[-1] % 16 == 0)
+    return bias is None or (x.dim() >= 1 and bias_fits(x.shape[-1], bias))
+
+
+def bias_fits(features: int, bias: torch.Tensor | None) -> bool:
+    """Whether the kernel can add `bias` to rows of `features`: an fp32 CPU vector of them, a multiple of 16."""
+    return features % 16 == 0 and fp32_cpu_vector(bias, features)
 
 
 def kernel_supports(x: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
@@ -26,8 +30,7 @@ def adds_bias(features: int, bias: torch.Tensor | None) -> bool:
     """Whether, with the kernels switched on, the kernel will add `bias` to bf16 CPU activations of `features` per row
     (checked before the activations exist, so that a linear layer knows whether to leave its bias out)."""
     library = compiled_library()
-    return (library is not None and library_capabilities(library).gelu and bias is not None and features % 16 == 0
-            and bias.device.type == "cpu" and bias.dtype == torch.float32 and bias.shape == (features,))
+    return library is not None and library_capabilities(library).gelu and bias_fits(features, bias)
 
 
 def gelu_forward(x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vitlab.kernels.build import compiled_library, library_capabilities, loaded_library
+from vitlab.kernels.build import compiled_library, fp32_cpu_vector, library_capabilities, loaded_library
 
 CPU = torch.device("cpu")
 
@@ -18,7 +18,7 @@ def shape_supported(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     features = x.shape[-1]
     capabilities = library_capabilities(library)
     return (capabilities.layer_norm and x.numel() > 0 and features % 16 == 0 and 0 < features <= capabilities.layer_norm_max_features
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.shape == (features,) for t in (weight, bias)))
+            and fp32_cpu_vector(weight, features) and fp32_cpu_vector(bias, features))
 
 
 def residual_shape_supported(x: torch.Tensor, addend: torch.Tensor, addend_bias: torch.Tensor | None, weight: torch.Tensor | None,
@@ -26,8 +26,7 @@ def residual_shape_supported(x: torch.Tensor, addend: torch.Tensor, addend_bias:
     """shape_supported, and an addend of x's shape in bf16 on the CPU, and an addend bias (if any) as the weight."""
     return (shape_supported(x, weight, bias, library) and addend.device.type == "cpu" and addend.dtype == torch.bfloat16
             and addend.shape == x.shape
-            and (addend_bias is None or (addend_bias.device.type == "cpu" and addend_bias.dtype == torch.float32
-                                         and addend_bias.shape == x.shape[-1:])))
+            and (addend_bias is None or fp32_cpu_vector(addend_bias, x.shape[-1])))
 
 
 def kernel_supports(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:

@@ -75,7 +75,7 @@ class MLP(nn.Sequential):
         first, activation, dropout = self[0], self[1], self[2]
         if isinstance(activation, GELU) and activation.takes_bias_of(first, x):
             hidden = F.linear(x, first.weight)  # (..., hidden) bf16, without the bias
-            if activation.kernel_applies(hidden, first.bias):
+            if gelu_kernel.kernel_supports(hidden, first.bias):  # the module's conditions were checked just above
                 return dropout(KernelGELU.apply(hidden, first.bias))
             return dropout(activation(hidden + first.bias.to(hidden.dtype)))  # not expected: the bias as addmm has it
         return dropout(activation(first(x)))
