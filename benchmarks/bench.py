@@ -143,7 +143,14 @@ COMPILED_KERNELS = "## Call CompiledFxGraph"
 
 # vitlab's C kernels (vitlab/kernels) appear in the profile under their autograd Functions' names, forward and backward.
 C_KERNELS = {"KernelSelfAttention": "C attention", "KernelSoftmax": "C softmax", "KernelDropout": "C dropout",
-             "KernelLayerNorm": "C layer norm", "KernelResidualNorm": "C residual add + layer norm", "KernelGELU": "C GELU"}
+             "KernelLayerNorm": "C layer norm", "KernelResidualNorm": "C residual add + layer norm", "KernelGELU": "C GELU",
+             "KernelLinear": "C weight gradient"}
+# ... of which these are matrix multiplication (a linear layer's weight-gradient matmul, its forward's weight cast).
+MATMUL_C_KERNELS = {"KernelLinear"}
+
+
+def matmul_event(key: str) -> bool:
+    return any(op in key for op in MATMUL_OPS) or key.removesuffix("Backward") in MATMUL_C_KERNELS
 
 
 def operator_name(key: str) -> str:
@@ -168,10 +175,10 @@ def non_matmul_breakdown(run_step, steps: int = 5, rows: int = 6) -> tuple[float
             run_step()
     events = [event for event in profiler.key_averages() if counted_event(event.key)]
     total = sum(event.self_cpu_time_total for event in events) or 1.0
-    matmul = sum(event.self_cpu_time_total for event in events if any(op in event.key for op in MATMUL_OPS))
+    matmul = sum(event.self_cpu_time_total for event in events if matmul_event(event.key))
     others: dict[str, float] = {}
     for event in events:
-        if not any(op in event.key for op in MATMUL_OPS):
+        if not matmul_event(event.key):
             name = operator_name(event.key)
             others[name] = others.get(name, 0.0) + event.self_cpu_time_total / total
     return matmul / total, sorted(others.items(), key=lambda item: -item[1])[:rows]

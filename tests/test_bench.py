@@ -207,6 +207,30 @@ def test_vitlabs_c_kernels_count_in_the_breakdown_forward_and_backward_together(
     assert not any(name.startswith("Kernel") for name in dict(others))
 
 
+def test_the_weight_gradient_kernel_counts_as_matmul_time():
+    from vitlab.kernels.weight_gradient import kernel_supports
+    from vitlab.models.linear import linear
+
+    if not kernel_supports(64, 64, True):
+        pytest.skip("no AVX-512 BF16 C kernels on this machine")
+    weight, bias = torch.randn(64, 64, requires_grad=True), torch.randn(64, requires_grad=True)
+    x = torch.randn(4096, 64).to(torch.bfloat16)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = linear(x, weight, bias)
+        out.float().sum().backward()
+
+    step()
+    only_kernel, _ = bench.non_matmul_breakdown(step, steps=2)
+    bench.MATMUL_C_KERNELS.discard("KernelLinear")
+    try:
+        without_it, others = bench.non_matmul_breakdown(step, steps=2, rows=20)
+    finally:
+        bench.MATMUL_C_KERNELS.add("KernelLinear")
+    assert "C weight gradient" in dict(others) and without_it < only_kernel
+
+
 def test_compile_both_times_every_configuration_eager_and_compiled_in_the_same_rounds(tmp_path, monkeypatch):
     timed = []
 

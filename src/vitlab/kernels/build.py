@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch  # (also loads PyTorch's OpenMP runtime before the library, so the library shares it)
 
-SOURCES = ("attention.c", "augment.c", "dropout.c", "gelu.c", "layer_norm.c", "softmax.c")
+SOURCES = ("attention.c", "augment.c", "dropout.c", "gelu.c", "layer_norm.c", "softmax.c", "weight_gradient.c")
 HEADERS = ("bf16_math.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 COMPILE_SECONDS = 120
@@ -50,6 +50,9 @@ SIGNATURES = {
     "vitlab_attention_max_head_size": ([], ctypes.c_int64),
     "vitlab_attention_forward": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int], None),
     "vitlab_attention_backward": ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int], None),
+    "vitlab_weight_gradient_supported": ([], ctypes.c_int),
+    "vitlab_weight_gradient_max_bias_features": ([], ctypes.c_int64),
+    "vitlab_weight_gradient": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], ctypes.c_int),
 }
 
 
@@ -168,6 +171,8 @@ class Capabilities:
     layer_norm: bool  # AVX-512 (BF16 not needed)
     layer_norm_max_features: int
     gelu: bool  # AVX-512 (BF16 not needed)
+    weight_gradient: bool  # AVX-512 BF16
+    weight_gradient_max_bias_features: int
 
 
 @functools.cache
@@ -175,13 +180,15 @@ def library_capabilities(library: ctypes.CDLL) -> Capabilities:
     return Capabilities(bool(library.vitlab_softmax_supported()), library.vitlab_softmax_max_columns(),
                         bool(library.vitlab_attention_supported()), library.vitlab_attention_max_tokens(),
                         library.vitlab_attention_max_head_size(), bool(library.vitlab_layer_norm_supported()),
-                        library.vitlab_layer_norm_max_features(), bool(library.vitlab_gelu_supported()))
+                        library.vitlab_layer_norm_max_features(), bool(library.vitlab_gelu_supported()),
+                        bool(library.vitlab_weight_gradient_supported()), library.vitlab_weight_gradient_max_bias_features())
 
 
 def available_kernels(library: ctypes.CDLL) -> str:
     capabilities = library_capabilities(library)
     return ", ".join(["dropout", "crop and flip"] + ["softmax"] * capabilities.softmax + ["attention"] * capabilities.attention
-                     + ["layer norm"] * capabilities.layer_norm + ["GELU"] * capabilities.gelu)
+                     + ["layer norm"] * capabilities.layer_norm + ["GELU"] * capabilities.gelu
+                     + ["weight gradients"] * capabilities.weight_gradient)
 
 
 @functools.cache

@@ -15,12 +15,12 @@ anyway.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitlab.kernels import gelu as gelu_kernel
 from vitlab.kernels import recording_graph
 from vitlab.models.base import bf16_on_cpu, has_hooks, inactive_dropout, plain_linear
+from vitlab.models.linear import linear, run_linear
 
 
 class KernelGELU(torch.autograd.Function):
@@ -68,23 +68,23 @@ class MLP(nn.Sequential):
         super().__init__(nn.Linear(width, hidden), activation, dropout, nn.Linear(hidden, width), output_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self[4](self[3](self.hidden(x)))
+        return self[4](run_linear(self[3], self.hidden(x)))
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The activations after the first layer, the activation and the dropout (..., hidden)."""
         first, activation, dropout = self[0], self[1], self[2]
         if isinstance(activation, GELU) and activation.takes_bias_of(first, x):
-            hidden = F.linear(x, first.weight)  # (..., hidden) bf16, without the bias
+            hidden = linear(x, first.weight)  # (..., hidden) bf16, without the bias
             if gelu_kernel.kernel_supports(hidden, first.bias):  # the module's conditions were checked just above
                 return dropout(KernelGELU.apply(hidden, first.bias))
             return dropout(activation(hidden + first.bias.to(hidden.dtype)))  # not expected: the bias as addmm has it
-        return dropout(activation(first(x)))
+        return dropout(activation(run_linear(first, x)))
 
     def without_last_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the output without the last layer's bias, that bias), for whoever adds both to the residual stream (only where
         `last_bias_deferrable`)."""
         last = self[3]
-        return F.linear(self.hidden(x), last.weight), last.bias
+        return linear(self.hidden(x), last.weight), last.bias
 
     def last_bias_deferrable(self) -> bool:
         """Whether the output is just the last layer's matmul plus its bias: the last dropout inactive, no hooks on it,

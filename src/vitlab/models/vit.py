@@ -29,6 +29,7 @@ from vitlab.models.aircnn import AirCNNConfig, ConvGroup
 from vitlab.models.base import FROM_DATA, TokenLayout, VitlabModel, bf16_on_cpu, has_hooks, inactive_dropout, init_linear_weights, plain_linear
 from vitlab.models.dropout import Dropout
 from vitlab.models.layers import self_attention
+from vitlab.models.linear import linear, run_linear
 from vitlab.models.norms import MatmulInputNorm
 
 POS_EMBEDS = ("learned", "sincos")
@@ -279,12 +280,12 @@ class Attention(nn.Module):
 
     def forward(self, tokens: torch.Tensor, return_attention: bool = False):
         mixed, weights = self.mix(tokens, return_attention)  # (B, T, D)
-        return self.output_dropout(self.projection(mixed)), weights
+        return self.output_dropout(run_linear(self.projection, mixed)), weights
 
     def mix(self, tokens: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The heads' outputs side by side (B, T, D), before the output projection, and the weights if asked for."""
         batch, num_tokens, _ = tokens.shape  # (B, T, D)
-        qkv = self.qkv(tokens).reshape(batch, num_tokens, 3, self.num_heads, self.head_size)  # (B, T, 3, H, Dh)
+        qkv = run_linear(self.qkv, tokens).reshape(batch, num_tokens, 3, self.num_heads, self.head_size)  # (B, T, 3, H, Dh)
         scale = torch.exp(-self.log_temperature) if self.lsa else None
         return self_attention(qkv, dropout=self.attention_dropout if self.training else 0.0, scale=scale,
                               mask_self=self.lsa, return_weights=return_attention)  # (B, T, D)
@@ -329,7 +330,7 @@ class Block(nn.Module):
             # The projection's bias and the residual add go into the MLP norm's kernel.
             mixed, weights = self.attention.mix(normalised, return_attention)
             projection = self.attention.projection
-            tokens, normalised = self.mlp_norm.after_residual(tokens, F.linear(mixed, projection.weight), projection.bias)
+            tokens, normalised = self.mlp_norm.after_residual(tokens, linear(mixed, projection.weight), projection.bias)
         else:
             mixed, weights = self.attention(normalised, return_attention)
             tokens = tokens + mixed  # (B, T, D)

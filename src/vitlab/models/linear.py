@@ -1,0 +1,67 @@
+"""Linear layers under CPU bf16 autocast whose weight and bias gradients come from vitlab's kernel, in fp32.
+
+Under autocast a linear layer's weight gradient is a bf16 matmul of the output gradient's transpose with the input
+(oneDNN first copies both into its own layouts), rounded to bf16 and cast to the fp32 weight's dtype in another
+pass; the bias gradient is a separate sum. `linear` computes the forward and the input gradient exactly as autocast
+does, and the weight and bias gradients in one pass of `kernels/weight_gradient.c`, in fp32 without the rounding to
+bf16. Everywhere else (no autocast, fp32 or GPU inputs, no gradient, a graph being recorded, widths the kernel does
+not take, no compiler or no AVX-512 BF16) it is F.linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlab.kernels import recording_graph
+from vitlab.kernels import weight_gradient as weight_gradient_kernel
+from vitlab.models.base import cpu_autocast_dtype, plain_linear
+
+
+class KernelLinear(torch.autograd.Function):
+    """x @ weightᵀ (+ bias) in bf16 for bf16 CPU x and fp32 weights; weight and bias gradients by vitlab's kernel."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        weight_bf16 = weight.detach().to(torch.bfloat16)
+        out = F.linear(x, weight_bf16, None if bias is None else bias.detach().to(torch.bfloat16))  # (..., out) bf16
+        ctx.save_for_backward(x, weight_bf16)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        x, weight_bf16 = ctx.saved_tensors
+        grad_out = grad_out.to(torch.bfloat16)
+        grad_x = grad_out @ weight_bf16 if ctx.needs_input_grad[0] else None  # (..., in) bf16, as autocast's backward
+        grad_weight = grad_bias = None
+        bias_gradient = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1] or bias_gradient:
+            grad_weight, grad_bias = weight_gradient_kernel.weight_gradient(grad_out, x, bias_gradient)
+        return grad_x, grad_weight if ctx.needs_input_grad[1] else None, grad_bias
+
+
+def kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether `linear` runs x through KernelLinear: bf16 CPU x under CPU bf16 autocast with gradients on, fp32
+    weight (and bias) on the CPU, no graph being recorded, widths the kernel takes."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.dtype == torch.float32
+            and weight.device.type == "cpu" and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
+            and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu" and bias.shape == weight.shape[:1]))
+            and torch.is_grad_enabled() and cpu_autocast_dtype() == torch.bfloat16 and not recording_graph()
+            and weight_gradient_kernel.kernel_supports(weight.shape[1], weight.shape[0], bias is not None))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), with the weight and bias gradients from vitlab's kernel where it applies."""
+    if kernel_applies(x, weight, bias):
+        return KernelLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def run_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x), through `linear` when the layer is a plain nn.Linear (no replaced forward, no hooks)."""
+    if plain_linear(layer):
+        return linear(x, layer.weight, layer.bias)
+    return layer(x)

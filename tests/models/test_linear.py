@@ -1,0 +1,142 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlab.kernels import switch_kernels
+from vitlab.kernels import weight_gradient as weight_gradient_kernel
+from vitlab.models import build_model
+from vitlab.models.linear import KernelLinear, kernel_applies, linear, run_linear
+
+SUPPORTED = weight_gradient_kernel.kernel_supports(16, 16, True)
+needs_kernel = pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 BF16 C kernels on this machine")
+
+
+def cpu_bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def autocast_and_kernel_gradients(x, weight, bias, grad_out):
+    """(outputs, x grads, weight grads, bias grads) of F.linear under autocast and of `linear`, from the same inputs."""
+    results = []
+    for function in (F.linear, linear):
+        x_, weight_ = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        bias_ = None if bias is None else bias.clone().requires_grad_()
+        with cpu_bf16():
+            out = function(x_, weight_, bias_)
+        out.backward(grad_out)
+        results.append((out, x_.grad, weight_.grad, None if bias_ is None else bias_.grad))
+    return results
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_forward_and_input_gradient_are_autocasts_bit_for_bit_the_weight_gradients_fp32_sums(with_bias):
+    torch.manual_seed(0)
+    x = torch.randn(8, 65, 64).to(torch.bfloat16)
+    weight, bias = torch.randn(192, 64) * 0.1, (torch.randn(192) if with_bias else None)
+    grad_out = torch.randn(8, 65, 192).to(torch.bfloat16)
+    with cpu_bf16():
+        assert kernel_applies(x, weight, bias)
+    (out_a, gx_a, gw_a, gb_a), (out_k, gx_k, gw_k, gb_k) = autocast_and_kernel_gradients(x, weight, bias, grad_out)
+    assert out_k.dtype == torch.bfloat16 and torch.equal(out_a, out_k) and torch.equal(gx_a, gx_k)
+    assert out_k.grad_fn.name().endswith("KernelLinearBackward")
+    grad_rows = grad_out.reshape(-1, 192).double()
+    exact_weight = grad_rows.t() @ x.reshape(-1, 64).double()
+    assert gw_k.dtype == torch.float32
+    torch.testing.assert_close(gw_k.double(), exact_weight, rtol=0, atol=1e-4)
+    # autocast's weight gradient is that sum rounded to bf16
+    torch.testing.assert_close(gw_a.double(), exact_weight, rtol=2**-8, atol=1e-3)
+    if with_bias:
+        torch.testing.assert_close(gb_k.double(), grad_rows.sum(0), rtol=0, atol=1e-4)
+        torch.testing.assert_close(gb_a.double(), grad_rows.sum(0), rtol=2**-8, atol=1e-3)
+
+
+@needs_kernel
+def test_only_the_gradients_asked_for_are_computed():
+    torch.manual_seed(1)
+    x = torch.randn(4, 32).to(torch.bfloat16)
+    weight, bias = torch.randn(16, 32, requires_grad=True), torch.randn(16)  # the bias frozen
+    with cpu_bf16():
+        out = KernelLinear.apply(x, weight, bias)  # x without a gradient
+    out.sum().backward()
+    assert weight.grad is not None and x.grad is None and bias.grad is None
+    frozen = torch.randn(16, 32)
+    x_grad = x.clone().requires_grad_()
+    with cpu_bf16():
+        KernelLinear.apply(x_grad, frozen, None).sum().backward()
+    assert x_grad.grad is not None and frozen.grad is None
+
+
+def test_falls_back_to_f_linear_where_the_kernel_does_not_apply():
+    x, weight = torch.randn(4, 32).to(torch.bfloat16), torch.randn(16, 32)
+    assert not kernel_applies(x, weight)  # no autocast
+    with cpu_bf16():
+        assert not kernel_applies(x.float(), weight)  # fp32 input
+        assert not kernel_applies(x, weight.to(torch.bfloat16))  # bf16 weights
+        assert not kernel_applies(x[:, :24], weight[:, :24])  # a width the kernel does not take
+        with torch.no_grad():
+            assert not kernel_applies(x, weight)
+        switch_kernels(False)
+        try:
+            assert not kernel_applies(x, weight)
+            out = linear(x, weight)
+        finally:
+            switch_kernels(True)
+        assert out.grad_fn is None or "KernelLinear" not in out.grad_fn.name()
+
+
+@needs_kernel
+def test_run_linear_calls_the_module_when_a_hook_or_a_replaced_forward_would_see_it():
+    torch.manual_seed(2)
+    layer, x = nn.Linear(32, 16), torch.randn(4, 32).to(torch.bfloat16)
+    seen = []
+    with cpu_bf16():
+        assert run_linear(layer, x).grad_fn.name().endswith("KernelLinearBackward")
+        handle = layer.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+        out = run_linear(layer, x)
+        handle.remove()
+    assert seen == [(4, 16)] and "KernelLinear" not in out.grad_fn.name()
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    doubled = Doubled(32, 16)
+    with cpu_bf16():
+        torch.testing.assert_close(run_linear(doubled, x), 2 * F.linear(x, doubled.weight, doubled.bias))
+
+
+def count_nodes(node, name: str) -> int:
+    seen, stack, count = set(), [node], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += node.name().endswith(name)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return count
+
+
+@needs_kernel
+def test_a_vit_trains_its_linear_layers_through_the_kernel_and_its_gradients_match_the_operators():
+    torch.manual_seed(3)
+    model = build_model("vit", patch_size=4, hidden_size=64, num_heads=4, num_blocks=2, dropout=0.0)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    gradients, kernel_nodes = {}, {}
+    for kernels in (True, False):
+        switch_kernels(kernels)
+        try:
+            model.zero_grad()
+            with cpu_bf16():
+                loss = F.cross_entropy(model(images), labels)
+            kernel_nodes[kernels] = count_nodes(loss.grad_fn, "KernelLinearBackward")
+            loss.backward()
+        finally:
+            switch_kernels(True)
+        gradients[kernels] = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+    assert kernel_nodes == {True: 8, False: 0}  # qkv, projection and the MLP's two layers of both blocks
+    for name, grad in gradients[True].items():
+        # the same gradients to bf16's precision (the kernels round elsewhere too); not bit for bit
+        torch.testing.assert_close(grad, gradients[False][name], rtol=0.05, atol=2e-3 * (1 + gradients[False][name].abs().max().item()))
