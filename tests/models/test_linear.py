@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,39 @@ def test_forward_and_input_gradient_are_autocasts_bit_for_bit_the_weight_gradien
     if with_bias:
         torch.testing.assert_close(gb_k.double(), grad_rows.sum(0), rtol=0, atol=1e-4)
         torch.testing.assert_close(gb_a.double(), grad_rows.sum(0), rtol=2**-8, atol=1e-3)
+
+
+@needs_kernel
+def test_a_second_derivative_is_refused_not_silently_wrong():
+    x = torch.randn(4, 32).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(16, 32, requires_grad=True)
+    with cpu_bf16():
+        out = linear(x, weight)
+    with pytest.raises(RuntimeError, match="create_graph=True.*cpu_kernels false"):
+        torch.autograd.grad(out, x, torch.ones_like(out), create_graph=True)
+
+
+@needs_kernel
+def test_a_frozen_weights_bias_gradient_is_its_column_sums(monkeypatch):
+    torch.manual_seed(4)
+    x, grad_out = torch.randn(3, 5, 32).to(torch.bfloat16), torch.randn(3, 5, 16).to(torch.bfloat16)
+    weight, bias = torch.randn(16, 32), torch.randn(16, requires_grad=True)
+    monkeypatch.setattr(weight_gradient_kernel, "weight_gradient", lambda *args: pytest.fail("the weight's product ran"))
+    with cpu_bf16():
+        out = linear(x, weight, bias)
+    out.backward(grad_out)
+    assert out.grad_fn.name().endswith("KernelLinearBackward") and weight.grad is None
+    torch.testing.assert_close(bias.grad.double(), grad_out.double().sum((0, 1)), rtol=0, atol=1e-5)
+
+
+@needs_kernel
+def test_tracing_falls_back_without_warnings():
+    model = build_model("vit", patch_size=8, hidden_size=32, num_heads=2, num_blocks=1, dropout=0.0)
+    with cpu_bf16(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated; vitlab's export still meets it
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, torch.randn(2, 3, 32, 32), check_trace=False)
+    assert "KernelLinear" not in str(traced.graph)
 
 
 @needs_kernel

@@ -31,25 +31,31 @@ class KernelLinear(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        if torch.is_grad_enabled():  # backward(create_graph=True): the kernel's gradients have no derivative of their own
+            raise RuntimeError("vitlab's weight-gradient kernel cannot be differentiated twice (a backward with "
+                               "create_graph=True); switch vitlab's C kernels off: --cpu_kernels false, or "
+                               "vitlab.kernels.switch_kernels(False)")
         x, weight_bf16 = ctx.saved_tensors
         grad_out = grad_out.to(torch.bfloat16)
         grad_x = grad_out @ weight_bf16 if ctx.needs_input_grad[0] else None  # (..., in) bf16, as autocast's backward
         grad_weight = grad_bias = None
         bias_gradient = ctx.has_bias and ctx.needs_input_grad[2]
-        if ctx.needs_input_grad[1] or bias_gradient:
+        if ctx.needs_input_grad[1]:
             grad_weight, grad_bias = weight_gradient_kernel.weight_gradient(grad_out, x, bias_gradient)
-        return grad_x, grad_weight if ctx.needs_input_grad[1] else None, grad_bias
+        elif bias_gradient:  # a frozen weight: the bias's sums alone
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=torch.float32)
+        return grad_x, grad_weight, grad_bias
 
 
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether `linear` runs x through KernelLinear: bf16 CPU x under CPU bf16 autocast with gradients on, fp32
     weight (and bias) on the CPU, no graph being recorded, widths the kernel takes."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.dtype == torch.float32
+    # the graph test first: a tracer would warn about the shape tests
+    return (not recording_graph() and torch.is_grad_enabled() and cpu_autocast_dtype() == torch.bfloat16
+            and x.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.dtype == torch.float32
             and weight.device.type == "cpu" and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
             and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu" and bias.shape == weight.shape[:1]))
-            and torch.is_grad_enabled() and cpu_autocast_dtype() == torch.bfloat16 and not recording_graph()
             and weight_gradient_kernel.kernel_supports(weight.shape[1], weight.shape[0], bias is not None))
 
 
