@@ -21,7 +21,7 @@
 #define CHUNK_PAIRS 64
 #define TILE_ROWS 4
 #define TILE_VECTORS 4
-#define MAX_BIAS_VECTORS 64 /* out_features ≤ 1024 with a bias gradient */
+#define MAX_BIAS_VECTORS 256 /* out_features ≤ 4096 with a bias gradient */
 
 #if defined(VITLAB_AVX512) && defined(__AVX512BF16__)
 
