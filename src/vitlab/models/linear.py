@@ -16,6 +16,7 @@ from torch import nn
 
 from vitlab.kernels import recording_graph
 from vitlab.kernels import weight_gradient as weight_gradient_kernel
+from vitlab.kernels.build import fp32_cpu_vector
 from vitlab.models.base import cpu_autocast_dtype, plain_linear
 
 
@@ -55,7 +56,7 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return (not recording_graph() and torch.is_grad_enabled() and cpu_autocast_dtype() == torch.bfloat16
             and x.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.dtype == torch.float32
             and weight.device.type == "cpu" and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
-            and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu" and bias.shape == weight.shape[:1]))
+            and (bias is None or fp32_cpu_vector(bias, weight.shape[0]))
             and weight_gradient_kernel.kernel_supports(weight.shape[1], weight.shape[0], bias is not None))
 
 
