@@ -10,6 +10,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,29 @@ def vitlab_process(argv: list[str], **popen_options) -> subprocess.Popen:
     code = ("import json, sys; import vitlab.data as d; d.MD5.update(json.loads(sys.argv[1])); "
             "from vitlab.cli import main; sys.exit(main(sys.argv[2:]))")
     return subprocess.Popen([sys.executable, "-c", code, json.dumps(data_module.MD5), *argv], **popen_options)
+
+
+def living_members(group: int) -> list[int]:
+    """The processes of process group `group` that have not exited (zombies, which hold no files or locks, excluded)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (command)": state, ppid, pgrp, ...
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        if int(fields[2]) == group and fields[0] not in "ZX":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def wait_until_the_group_has_exited(group: int, seconds: float = 60) -> None:
+    """After a SIGKILL to a process group: wait until each of its processes has exited. The group's leader may be
+    reaped while a job of the group is still exiting, and a dying process keeps its locks until it is gone."""
+    deadline = time.time() + seconds
+    while living_members(group):
+        if time.time() > deadline:
+            raise AssertionError(f"process group {group} still has processes {living_members(group)} {seconds} s after SIGKILL")
+        time.sleep(0.05)
 
 
 def pytest_addoption(parser):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import real_cifar10_root, vitlab_process
+from conftest import real_cifar10_root, vitlab_process, wait_until_the_group_has_exited
 from vitlab.cli import main
 from vitlab.errors import VitlabError
 from vitlab.io import lock_holder
@@ -172,6 +172,7 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(cifar_root, tmp_pa
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    wait_until_the_group_has_exited(process.pid)
     finished = {path: path.stat().st_mtime_ns for path in out.glob("runs/*/*/results.json")}
     assert 1 <= len(finished) < 4, "kill the study half-way"
     rerun = vitlab_process(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

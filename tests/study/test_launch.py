@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import real_cifar10_root, vitlab_process
+from conftest import real_cifar10_root, vitlab_process, wait_until_the_group_has_exited
 from vitlab.cli import main
 from vitlab.errors import VitlabError
 from vitlab.study.launch import check_launcher, slurm_parameters, submitit_parameters
@@ -51,6 +51,7 @@ def test_a_study_through_submitits_local_executor_resumes_after_a_kill(cifar_roo
         time.sleep(0.1)
     os.killpg(process.pid, signal.SIGKILL)  # the study and its job processes
     process.wait()
+    wait_until_the_group_has_exited(process.pid)  # a killed job holds its run's lock until its exit completes
     finished = {path: path.stat().st_mtime_ns for path in out.glob("runs/*/*/results.json")}
     assert 1 <= len(finished) < 4
     capsys.readouterr()
