@@ -258,6 +258,87 @@ static inline void query_row_to_weights(const uint16_t *query_row, const uint32_
         query_row_to_weights_17(query_row, key_pairs, tokens, head_size, masked, weight_row);
 }
 
+/* row_times_columns for two rows at once (`first` and `second`), up to 8 vectors of 16 columns (16 accumulators): each
+ * vector of Mᵀ is loaded once for both rows. The sums run in row_times_columns' order, so the results are the same
+ * bits. */
+#define DEFINE_TWO_ROWS_TIMES_COLUMNS(NAME, LIMIT, EXACT)                                                                \
+    static inline void NAME(const uint16_t *first, const uint16_t *second, const uint32_t *pairs_by_column,             \
+                            int64_t padded, int64_t head_size, __m512 scores[2][LIMIT]) {                                \
+        int64_t vectors = padded / 16;                                                                                   \
+        _Pragma("GCC unroll 8") for (int jv = 0; jv < LIMIT; jv++) {                                                    \
+            scores[0][jv] = _mm512_setzero_ps();                                                                         \
+            scores[1][jv] = _mm512_setzero_ps();                                                                         \
+        }                                                                                                                \
+        for (int64_t e = 0; e < head_size / 2; e++) {                                                                    \
+            __m512bh first_pair = (__m512bh)_mm512_set1_epi32((int)pair_at(first, e));                                   \
+            __m512bh second_pair = (__m512bh)_mm512_set1_epi32((int)pair_at(second, e));                                 \
+            const uint32_t *columns = pairs_by_column + e * padded;                                                      \
+            _Pragma("GCC unroll 8") for (int jv = 0; jv < LIMIT; jv++) if (EXACT || jv < vectors) {                     \
+                __m512bh column = (__m512bh)_mm512_loadu_si512(columns + 16 * jv);                                       \
+                scores[0][jv] = _mm512_dpbf16_ps(scores[0][jv], first_pair, column);                                     \
+                scores[1][jv] = _mm512_dpbf16_ps(scores[1][jv], second_pair, column);                                    \
+            }                                                                                                            \
+        }                                                                                                                \
+    }
+DEFINE_TWO_ROWS_TIMES_COLUMNS(two_rows_times_columns_4, 4, 0)
+DEFINE_TWO_ROWS_TIMES_COLUMNS(two_rows_times_columns_exactly_5, 5, 1)
+DEFINE_TWO_ROWS_TIMES_COLUMNS(two_rows_times_columns_8, 8, 0)
+
+/* Whether the two-row versions take rows of `tokens` scores. */
+static inline int two_rows_at_a_time(int64_t tokens) { return PADDED(tokens) <= 8 * 16; }
+
+/* query_row_to_weights for two query rows at once (rows `query_rows` and `query_rows` + MAX_HEAD, written to
+ * `weight_rows` and `weight_rows` + `weight_stride`; `masked`: the first row's masked token, the second's is the next
+ * one), for up to 8 vectors of 16 tokens: the two rows' reductions and divisions overlap instead of each waiting on
+ * the previous one, and every sum runs in query_row_to_weights' order, so the weights are the same bits. */
+#define DEFINE_TWO_QUERY_ROWS_TO_WEIGHTS(NAME, LIMIT, EXACT, TWO_ROWS_TIMES_COLUMNS)                                     \
+    static inline void NAME(const uint16_t *query_rows, const uint32_t *key_pairs, int64_t tokens, int64_t head_size,    \
+                            int64_t masked, uint16_t *weight_rows, int64_t weight_stride) {                              \
+        int64_t padded = PADDED(tokens), vectors = padded / 16;                                                          \
+        __m512 scores[2][LIMIT], minus_infinity = _mm512_set1_ps(-INFINITY);                                             \
+        TWO_ROWS_TIMES_COLUMNS(query_rows, query_rows + MAX_HEAD, key_pairs, padded, head_size, scores);                 \
+        __m512 maximum[2] = {minus_infinity, minus_infinity}, total[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};     \
+        _Pragma("GCC unroll 8") for (int jv = 0; jv < LIMIT; jv++) if (EXACT || jv < vectors) {                         \
+            __mmask16 outside = jv == vectors - 1 ? (__mmask16)~tail_mask(tokens - 16 * jv) : 0;                         \
+            _Pragma("GCC unroll 2") for (int r = 0; r < 2; r++) {                                                       \
+                __mmask16 row_outside = outside;                                                                         \
+                if (masked >= 0 && masked + r >= 16 * jv && masked + r < 16 * jv + 16)                                   \
+                    row_outside |= (__mmask16)(1u << (masked + r - 16 * jv));                                            \
+                scores[r][jv] = _mm512_mask_mov_ps(scores[r][jv], row_outside, minus_infinity);                          \
+                maximum[r] = _mm512_max_ps(maximum[r], scores[r][jv]);                                                   \
+            }                                                                                                            \
+        }                                                                                                                \
+        __m512 shift[2];                                                                                                 \
+        _Pragma("GCC unroll 2") for (int r = 0; r < 2; r++) {                                                           \
+            float row_maximum = _mm512_reduce_max_ps(maximum[r]);                                                        \
+            shift[r] = _mm512_set1_ps(row_maximum == -INFINITY ? 0.0f : row_maximum);                                    \
+        }                                                                                                                \
+        _Pragma("GCC unroll 8") for (int jv = 0; jv < LIMIT; jv++) if (EXACT || jv < vectors)                           \
+            _Pragma("GCC unroll 2") for (int r = 0; r < 2; r++) {                                                       \
+                scores[r][jv] = exp_nonpositive_vector(_mm512_sub_ps(scores[r][jv], shift[r]));                          \
+                total[r] = _mm512_add_ps(total[r], scores[r][jv]);                                                       \
+            }                                                                                                            \
+        _Pragma("GCC unroll 2") for (int r = 0; r < 2; r++) {                                                           \
+            __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total[r]));                                      \
+            _Pragma("GCC unroll 8") for (int jv = 0; jv < LIMIT; jv++) if (EXACT || jv < vectors)                       \
+                store_bf16_rounded(weight_rows + r * weight_stride + 16 * jv, _mm512_mul_ps(scores[r][jv], inverse), 0xFFFF); \
+        }                                                                                                                \
+    }
+DEFINE_TWO_QUERY_ROWS_TO_WEIGHTS(two_query_rows_to_weights_4, 4, 0, two_rows_times_columns_4)
+DEFINE_TWO_QUERY_ROWS_TO_WEIGHTS(two_query_rows_to_weights_exactly_5, 5, 1, two_rows_times_columns_exactly_5)
+DEFINE_TWO_QUERY_ROWS_TO_WEIGHTS(two_query_rows_to_weights_8, 8, 0, two_rows_times_columns_8)
+
+static inline void two_query_rows_to_weights(const uint16_t *query_rows, const uint32_t *key_pairs, int64_t tokens,
+                                             int64_t head_size, int64_t masked, uint16_t *weight_rows, int64_t weight_stride) {
+    int64_t padded = PADDED(tokens);
+    if (padded <= 4 * 16)
+        two_query_rows_to_weights_4(query_rows, key_pairs, tokens, head_size, masked, weight_rows, weight_stride);
+    else if (padded == 5 * 16)
+        two_query_rows_to_weights_exactly_5(query_rows, key_pairs, tokens, head_size, masked, weight_rows, weight_stride);
+    else
+        two_query_rows_to_weights_8(query_rows, key_pairs, tokens, head_size, masked, weight_rows, weight_stride);
+}
+
 /* Forward. qkv (B, T, 3, H, Dh) bf16 → out (B, T, H, Dh) bf16 and weights (B, H, T, PADDED(T)) bf16, each row's
  * weights followed by zeros (not written if NULL).  scales[h] multiplies
  * head h's queries (rounded to bf16, as `query * scale` is); mask_diagonal leaves out each token's own score. */
@@ -287,10 +368,15 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
             /* The weights go straight into the kept rows (padded with zeros, as P V reads them) or, without, the buffer. */
             uint16_t *weight_rows = weights == NULL ? weight_buffer : weights + item * tokens * padded;
             int64_t weight_row = weights == NULL ? buffer_row : padded;
-            for (int64_t i = 0; i < tokens; i++)
+            int64_t i = 0;
+            if (two_rows_at_a_time(tokens))
+                for (; i + 2 <= tokens; i += 2)
+                    two_query_rows_to_weights(scaled_queries + i * MAX_HEAD, key_pairs, tokens, head_size, mask_diagonal ? i : -1,
+                                              weight_rows + i * weight_row, weight_row);
+            for (; i < tokens; i++)
                 query_row_to_weights(scaled_queries + i * MAX_HEAD, key_pairs, tokens, head_size, mask_diagonal ? i : -1,
                                      weight_rows + i * weight_row);
-            int64_t i = 0;
+            i = 0;
             for (; i + ROW_BLOCK <= tokens; i += ROW_BLOCK) {
                 __m512 mixed[ROW_BLOCK][MAX_HEAD / 16];
                 block_times_rows(weight_rows + i * weight_row, weight_row / 2, 1, value_pairs, tokens, head_size, mixed);
@@ -310,6 +396,66 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
         free(key_pairs);
         free(value_pairs);
     }
+}
+
+/* Σ_d a[d] · b[d] over a head's features (bf16 rows), summed per lane in fp32 and then across the lanes. */
+static inline float row_dot_product(const uint16_t *a, const uint16_t *b, int64_t head_size) {
+    __m512 dot = _mm512_setzero_ps();
+    for (int64_t dv = 0; dv < head_size / 16; dv++)
+        dot = _mm512_fmadd_ps(load_bf16(a + 16 * dv, 0xFFFF), load_bf16(b + 16 * dv, 0xFFFF), dot);
+    return _mm512_reduce_add_ps(dot);
+}
+
+/* Backward's dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)) for query rows i and i + 1 (i even), up to 8 vectors of 16 tokens:
+ * both rows of dS are stored as bf16 (grad_score_rows, rows `buffer_row` apart) and, from the registers, as one row of
+ * pairs (score_pairs), with P's two rows as pairs (probability_pairs): the layout pack_pairs_by_row writes. The same
+ * bits as the one-row loop, which has to read the even row back from memory. */
+#define DEFINE_TWO_GRAD_SCORE_ROWS(NAME, LIMIT, EXACT, TWO_ROWS_TIMES_COLUMNS)                                          \
+    static inline void NAME(Rows grad_rows, Rows out_rows, int64_t i, const uint32_t *value_pairs,                       \
+                            const uint16_t *weight_rows, int64_t tokens, int64_t head_size, uint16_t *grad_score_rows,   \
+                            int64_t buffer_row, uint32_t *score_pairs, uint32_t *probability_pairs) {                    \
+        int64_t padded = PADDED(tokens), vectors = padded / 16;                                                          \
+        const uint16_t *first = grad_rows.base + i * grad_rows.row_stride, *second = first + grad_rows.row_stride;       \
+        __m512 row_dot[2] = {                                                                                            \
+            _mm512_set1_ps(row_dot_product(first, out_rows.base + i * out_rows.row_stride, head_size)),                  \
+            _mm512_set1_ps(row_dot_product(second, out_rows.base + (i + 1) * out_rows.row_stride, head_size))};          \
+        __m512 grad_weights[2][LIMIT];                                                                                   \
+        TWO_ROWS_TIMES_COLUMNS(first, second, value_pairs, padded, head_size, grad_weights);                             \
+        const uint16_t *weight_row = weight_rows + i * padded;                                                           \
+        _Pragma("GCC unroll 8") for (int jv = 0; jv < LIMIT; jv++) if (EXACT || jv < vectors) {                         \
+            __mmask16 inside = tail_mask(tokens - 16 * jv);                                                              \
+            __m512i weight_lanes[2], score_lanes[2];                                                                     \
+            _Pragma("GCC unroll 2") for (int r = 0; r < 2; r++) {                                                       \
+                weight_lanes[r] = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(inside, weight_row + r * padded + 16 * jv)); \
+                __m512 weight = _mm512_castsi512_ps(_mm512_slli_epi32(weight_lanes[r], 16));                             \
+                __m256i score_bits = (__m256i)_mm512_cvtneps_pbh(                                                        \
+                    _mm512_mul_ps(weight, _mm512_sub_ps(grad_weights[r][jv], row_dot[r])));                              \
+                _mm256_storeu_si256((__m256i *)(grad_score_rows + r * buffer_row + 16 * jv), score_bits);                \
+                score_lanes[r] = _mm512_cvtepu16_epi32(score_bits);                                                      \
+            }                                                                                                            \
+            _mm512_storeu_si512(score_pairs + 16 * jv, _mm512_or_si512(score_lanes[0], _mm512_slli_epi32(score_lanes[1], 16))); \
+            _mm512_storeu_si512(probability_pairs + 16 * jv,                                                             \
+                                _mm512_or_si512(weight_lanes[0], _mm512_slli_epi32(weight_lanes[1], 16)));               \
+        }                                                                                                                \
+    }
+DEFINE_TWO_GRAD_SCORE_ROWS(two_grad_score_rows_4, 4, 0, two_rows_times_columns_4)
+DEFINE_TWO_GRAD_SCORE_ROWS(two_grad_score_rows_exactly_5, 5, 1, two_rows_times_columns_exactly_5)
+DEFINE_TWO_GRAD_SCORE_ROWS(two_grad_score_rows_8, 8, 0, two_rows_times_columns_8)
+
+static inline void two_grad_score_rows(Rows grad_rows, Rows out_rows, int64_t i, const uint32_t *value_pairs,
+                                       const uint16_t *weight_rows, int64_t tokens, int64_t head_size,
+                                       uint16_t *grad_score_rows, int64_t buffer_row, uint32_t *score_pairs,
+                                       uint32_t *probability_pairs) {
+    int64_t padded = PADDED(tokens);
+    if (padded <= 4 * 16)
+        two_grad_score_rows_4(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, grad_score_rows,
+                              buffer_row, score_pairs, probability_pairs);
+    else if (padded == 5 * 16)
+        two_grad_score_rows_exactly_5(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, grad_score_rows,
+                                      buffer_row, score_pairs, probability_pairs);
+    else
+        two_grad_score_rows_8(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, grad_score_rows,
+                              buffer_row, score_pairs, probability_pairs);
 }
 
 /* Backward. From qkv, the forward's out and padded weights, and grad_out (B, T, H, Dh): grad_qkv (B, T, 3, H, Dh) and
@@ -345,13 +491,15 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
             pack_pairs_by_row(query, tokens, head_size, scale, query_pairs);
             pack_pairs_by_row(grad_rows, tokens, head_size, 1.0f, grad_out_pairs);
             const uint16_t *weight_rows = weights + item * tokens * padded;
-            for (int64_t i = 0; i < tokens; i++) {
+            int64_t i = 0;
+            if (two_rows_at_a_time(tokens))
+                for (; i + 2 <= tokens; i += 2)
+                    two_grad_score_rows(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size,
+                                        grad_scores + i * buffer_row, buffer_row, grad_score_pairs + i / 2 * padded,
+                                        weight_pairs + i / 2 * padded);
+            for (; i < tokens; i++) {
                 const uint16_t *grad_row = grad_rows.base + i * grad_rows.row_stride;
-                const uint16_t *out_row_i = out_rows.base + i * out_rows.row_stride;
-                __m512 dot = _mm512_setzero_ps();
-                for (int64_t dv = 0; dv < head_size / 16; dv++)
-                    dot = _mm512_fmadd_ps(load_bf16(grad_row + 16 * dv, 0xFFFF), load_bf16(out_row_i + 16 * dv, 0xFFFF), dot);
-                __m512 row_dot = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
+                __m512 row_dot = _mm512_set1_ps(row_dot_product(grad_row, out_rows.base + i * out_rows.row_stride, head_size));
                 __m512 grad_weights[MAX_TOKENS / 16];
                 row_times_columns(grad_row, value_pairs, tokens, head_size, grad_weights);
                 /* dS row i, and at each odd i (or the last row) rows i - 1 and i of dS and P as pairs by row for dK and dV

@@ -19,6 +19,19 @@ from vitlab.kernels import weight_gradient as weight_gradient_kernel
 from vitlab.kernels.build import fp32_cpu_vector
 from vitlab.models.base import cpu_autocast_dtype, plain_linear
 
+# oneDNN's fused linear (PyTorch builds with oneDNN have it; a private op, so looked up, not assumed)
+MKLDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for bf16 CPU tensors, bit for bit. With a bias and a contiguous x it is oneDNN's
+    linear with the bias in its output stage (the op inductor's CPU fusions call): F.linear's addmm first fills the
+    output with copies of the bias, a pass over memory of its own. On a strided x oneDNN's rounding differs from
+    F.linear's, so that goes to F.linear."""
+    if bias is not None and x.is_contiguous() and MKLDNN_LINEAR is not None:
+        return MKLDNN_LINEAR(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
 
 class KernelLinear(torch.autograd.Function):
     """x @ weightᵀ (+ bias) in bf16 for bf16 CPU x and fp32 weights; weight and bias gradients by vitlab's kernel."""
@@ -26,7 +39,7 @@ class KernelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         weight_bf16 = weight.detach().to(torch.bfloat16)
-        out = F.linear(x, weight_bf16, None if bias is None else bias.detach().to(torch.bfloat16))  # (..., out) bf16
+        out = bf16_linear(x, weight_bf16, None if bias is None else bias.detach().to(torch.bfloat16))  # (..., out) bf16
         ctx.save_for_backward(x, weight_bf16)
         ctx.has_bias = bias is not None
         return out
