@@ -23,6 +23,7 @@
 #define MAX_TOKENS 272 /* 17 vectors of 16: row_times_columns_17 */
 #define MAX_HEAD 64
 #define PADDED(count) (((count) + 15) / 16 * 16)
+#define PREFETCH_ROWS 4
 
 #if defined(VITLAB_AVX512) && defined(__AVX512BF16__)
 
@@ -328,15 +329,24 @@ DEFINE_TWO_QUERY_ROWS_TO_WEIGHTS(two_query_rows_to_weights_4, 4, 0, two_rows_tim
 DEFINE_TWO_QUERY_ROWS_TO_WEIGHTS(two_query_rows_to_weights_exactly_5, 5, 1, two_rows_times_columns_exactly_5)
 DEFINE_TWO_QUERY_ROWS_TO_WEIGHTS(two_query_rows_to_weights_8, 8, 0, two_rows_times_columns_8)
 
-static inline void two_query_rows_to_weights(const uint16_t *query_rows, const uint32_t *key_pairs, int64_t tokens,
-                                             int64_t head_size, int64_t masked, uint16_t *weight_rows, int64_t weight_stride) {
+/* The weights of query rows 0 .. 2⌊T/2⌋ - 1, two rows at a time (T <= 128; the caller does the last row of an odd
+ * T). Not inlined: the forward's code for longer sequences stays as it was compiled without it (inlined, it ran
+ * those slower). */
+__attribute__((noinline)) static void paired_query_rows_to_weights(const uint16_t *scaled_queries, const uint32_t *key_pairs,
+                                                                    int64_t tokens, int64_t head_size, int mask_diagonal,
+                                                                    uint16_t *weight_rows, int64_t weight_stride) {
     int64_t padded = PADDED(tokens);
-    if (padded <= 4 * 16)
-        two_query_rows_to_weights_4(query_rows, key_pairs, tokens, head_size, masked, weight_rows, weight_stride);
-    else if (padded == 5 * 16)
-        two_query_rows_to_weights_exactly_5(query_rows, key_pairs, tokens, head_size, masked, weight_rows, weight_stride);
-    else
-        two_query_rows_to_weights_8(query_rows, key_pairs, tokens, head_size, masked, weight_rows, weight_stride);
+    for (int64_t i = 0; i + 2 <= tokens; i += 2) {
+        const uint16_t *query_rows = scaled_queries + i * MAX_HEAD;
+        int64_t masked = mask_diagonal ? i : -1;
+        uint16_t *rows = weight_rows + i * weight_stride;
+        if (padded <= 4 * 16)
+            two_query_rows_to_weights_4(query_rows, key_pairs, tokens, head_size, masked, rows, weight_stride);
+        else if (padded == 5 * 16)
+            two_query_rows_to_weights_exactly_5(query_rows, key_pairs, tokens, head_size, masked, rows, weight_stride);
+        else
+            two_query_rows_to_weights_8(query_rows, key_pairs, tokens, head_size, masked, rows, weight_stride);
+    }
 }
 
 /* Forward. qkv (B, T, 3, H, Dh) bf16 → out (B, T, H, Dh) bf16 and weights (B, H, T, PADDED(T)) bf16, each row's
@@ -369,10 +379,10 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
             uint16_t *weight_rows = weights == NULL ? weight_buffer : weights + item * tokens * padded;
             int64_t weight_row = weights == NULL ? buffer_row : padded;
             int64_t i = 0;
-            if (two_rows_at_a_time(tokens))
-                for (; i + 2 <= tokens; i += 2)
-                    two_query_rows_to_weights(scaled_queries + i * MAX_HEAD, key_pairs, tokens, head_size, mask_diagonal ? i : -1,
-                                              weight_rows + i * weight_row, weight_row);
+            if (two_rows_at_a_time(tokens)) {
+                paired_query_rows_to_weights(scaled_queries, key_pairs, tokens, head_size, mask_diagonal, weight_rows, weight_row);
+                i = tokens / 2 * 2;
+            }
             for (; i < tokens; i++)
                 query_row_to_weights(scaled_queries + i * MAX_HEAD, key_pairs, tokens, head_size, mask_diagonal ? i : -1,
                                      weight_rows + i * weight_row);
@@ -442,20 +452,63 @@ DEFINE_TWO_GRAD_SCORE_ROWS(two_grad_score_rows_4, 4, 0, two_rows_times_columns_4
 DEFINE_TWO_GRAD_SCORE_ROWS(two_grad_score_rows_exactly_5, 5, 1, two_rows_times_columns_exactly_5)
 DEFINE_TWO_GRAD_SCORE_ROWS(two_grad_score_rows_8, 8, 0, two_rows_times_columns_8)
 
-static inline void two_grad_score_rows(Rows grad_rows, Rows out_rows, int64_t i, const uint32_t *value_pairs,
-                                       const uint16_t *weight_rows, int64_t tokens, int64_t head_size,
-                                       uint16_t *grad_score_rows, int64_t buffer_row, uint32_t *score_pairs,
-                                       uint32_t *probability_pairs) {
+/* Backward's dS row i (from dO Vᵀ, P and rowsum(dO ⊙ O)) into grad_scores; at each odd i (or the last row) rows i - 1
+ * and i of dS and P as pairs by row for dK and dV (pack_pairs_by_row's layout; the zeros beyond T come from the masked
+ * loads), the even row read back from grad_scores. */
+static inline void grad_score_row(Rows grad_rows, Rows out_rows, int64_t i, const uint32_t *value_pairs,
+                                  const uint16_t *weight_rows, int64_t tokens, int64_t head_size, uint16_t *grad_scores,
+                                  int64_t buffer_row, uint32_t *grad_score_pairs, uint32_t *weight_pairs) {
     int64_t padded = PADDED(tokens);
-    if (padded <= 4 * 16)
-        two_grad_score_rows_4(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, grad_score_rows,
-                              buffer_row, score_pairs, probability_pairs);
-    else if (padded == 5 * 16)
-        two_grad_score_rows_exactly_5(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, grad_score_rows,
-                                      buffer_row, score_pairs, probability_pairs);
-    else
-        two_grad_score_rows_8(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, grad_score_rows,
-                              buffer_row, score_pairs, probability_pairs);
+    const uint16_t *grad_row = grad_rows.base + i * grad_rows.row_stride;
+    __m512 row_dot = _mm512_set1_ps(row_dot_product(grad_row, out_rows.base + i * out_rows.row_stride, head_size));
+    __m512 grad_weights[MAX_TOKENS / 16];
+    row_times_columns(grad_row, value_pairs, tokens, head_size, grad_weights);
+    uint16_t *grad_score_row = grad_scores + i * buffer_row;
+    const uint16_t *weight_row = weight_rows + i * padded;
+    if (i + PREFETCH_ROWS < tokens) /* the forward wrote these weights long ago: out of the caches by now */
+        for (int64_t byte = 0; byte < 2 * padded; byte += 64)
+            _mm_prefetch((const char *)(weight_row + PREFETCH_ROWS * padded) + byte, _MM_HINT_T0);
+    int odd = i % 2 == 1, last = i == tokens - 1;
+    uint32_t *score_pairs = grad_score_pairs + i / 2 * padded, *probability_pairs = weight_pairs + i / 2 * padded;
+    for (int64_t jv = 0; jv < padded / 16; jv++) {
+        __mmask16 inside = tail_mask(tokens - 16 * jv);
+        __m512i weight_lanes = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(inside, weight_row + 16 * jv));
+        __m512 weight = _mm512_castsi512_ps(_mm512_slli_epi32(weight_lanes, 16));
+        __m256i score_bits = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(weight, _mm512_sub_ps(grad_weights[jv], row_dot)));
+        _mm256_storeu_si256((__m256i *)(grad_score_row + 16 * jv), score_bits);
+        __m512i score_lanes = _mm512_cvtepu16_epi32(score_bits);
+        if (odd) {
+            __m512i even_scores = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(grad_score_row - buffer_row + 16 * jv)));
+            __m512i even_weights = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(inside, weight_row - padded + 16 * jv));
+            _mm512_storeu_si512(score_pairs + 16 * jv, _mm512_or_si512(even_scores, _mm512_slli_epi32(score_lanes, 16)));
+            _mm512_storeu_si512(probability_pairs + 16 * jv, _mm512_or_si512(even_weights, _mm512_slli_epi32(weight_lanes, 16)));
+        } else if (last) { /* odd T: the last row pairs with zeros */
+            _mm512_storeu_si512(score_pairs + 16 * jv, score_lanes);
+            _mm512_storeu_si512(probability_pairs + 16 * jv, weight_lanes);
+        }
+    }
+}
+
+/* dS and its pairs for rows 0 .. 2⌊T/2⌋ - 1, two rows at a time (T <= 128; the caller does the last row of an odd T).
+ * Not inlined, for the reason paired_query_rows_to_weights is not. */
+__attribute__((noinline)) static void paired_grad_score_rows(Rows grad_rows, Rows out_rows, const uint32_t *value_pairs,
+                                                             const uint16_t *weight_rows, int64_t tokens, int64_t head_size,
+                                                             uint16_t *grad_scores, int64_t buffer_row,
+                                                             uint32_t *grad_score_pairs, uint32_t *weight_pairs) {
+    int64_t padded = PADDED(tokens);
+    for (int64_t i = 0; i + 2 <= tokens; i += 2) {
+        uint16_t *score_rows = grad_scores + i * buffer_row;
+        uint32_t *score_pairs = grad_score_pairs + i / 2 * padded, *probability_pairs = weight_pairs + i / 2 * padded;
+        if (padded <= 4 * 16)
+            two_grad_score_rows_4(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, score_rows, buffer_row,
+                                  score_pairs, probability_pairs);
+        else if (padded == 5 * 16)
+            two_grad_score_rows_exactly_5(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, score_rows,
+                                          buffer_row, score_pairs, probability_pairs);
+        else
+            two_grad_score_rows_8(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, score_rows, buffer_row,
+                                  score_pairs, probability_pairs);
+    }
 }
 
 /* Backward. From qkv, the forward's out and padded weights, and grad_out (B, T, H, Dh): grad_qkv (B, T, 3, H, Dh) and
@@ -491,40 +544,16 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
             pack_pairs_by_row(query, tokens, head_size, scale, query_pairs);
             pack_pairs_by_row(grad_rows, tokens, head_size, 1.0f, grad_out_pairs);
             const uint16_t *weight_rows = weights + item * tokens * padded;
-            int64_t i = 0;
-            if (two_rows_at_a_time(tokens))
-                for (; i + 2 <= tokens; i += 2)
-                    two_grad_score_rows(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size,
-                                        grad_scores + i * buffer_row, buffer_row, grad_score_pairs + i / 2 * padded,
-                                        weight_pairs + i / 2 * padded);
-            for (; i < tokens; i++) {
-                const uint16_t *grad_row = grad_rows.base + i * grad_rows.row_stride;
-                __m512 row_dot = _mm512_set1_ps(row_dot_product(grad_row, out_rows.base + i * out_rows.row_stride, head_size));
-                __m512 grad_weights[MAX_TOKENS / 16];
-                row_times_columns(grad_row, value_pairs, tokens, head_size, grad_weights);
-                /* dS row i, and at each odd i (or the last row) rows i - 1 and i of dS and P as pairs by row for dK and dV
-                 * (pack_pairs_by_row's layout; the zeros beyond T come from the masked loads). */
-                uint16_t *grad_score_row = grad_scores + i * buffer_row;
-                const uint16_t *weight_row = weight_rows + i * padded;
-                int odd = i % 2 == 1, last = i == tokens - 1;
-                uint32_t *score_pairs = grad_score_pairs + i / 2 * padded, *probability_pairs = weight_pairs + i / 2 * padded;
-                for (int64_t jv = 0; jv < padded / 16; jv++) {
-                    __mmask16 inside = tail_mask(tokens - 16 * jv);
-                    __m512i weight_lanes = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(inside, weight_row + 16 * jv));
-                    __m512 weight = _mm512_castsi512_ps(_mm512_slli_epi32(weight_lanes, 16));
-                    __m256i score_bits = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(weight, _mm512_sub_ps(grad_weights[jv], row_dot)));
-                    _mm256_storeu_si256((__m256i *)(grad_score_row + 16 * jv), score_bits);
-                    __m512i score_lanes = _mm512_cvtepu16_epi32(score_bits);
-                    if (odd) {
-                        __m512i even_scores = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(grad_score_row - buffer_row + 16 * jv)));
-                        __m512i even_weights = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(inside, weight_row - padded + 16 * jv));
-                        _mm512_storeu_si512(score_pairs + 16 * jv, _mm512_or_si512(even_scores, _mm512_slli_epi32(score_lanes, 16)));
-                        _mm512_storeu_si512(probability_pairs + 16 * jv, _mm512_or_si512(even_weights, _mm512_slli_epi32(weight_lanes, 16)));
-                    } else if (last) { /* odd T: the last row pairs with zeros */
-                        _mm512_storeu_si512(score_pairs + 16 * jv, score_lanes);
-                        _mm512_storeu_si512(probability_pairs + 16 * jv, weight_lanes);
-                    }
-                }
+            if (two_rows_at_a_time(tokens)) {
+                paired_grad_score_rows(grad_rows, out_rows, value_pairs, weight_rows, tokens, head_size, grad_scores, buffer_row,
+                                       grad_score_pairs, weight_pairs);
+                if (tokens % 2 == 1)
+                    grad_score_row(grad_rows, out_rows, tokens - 1, value_pairs, weight_rows, tokens, head_size, grad_scores,
+                                   buffer_row, grad_score_pairs, weight_pairs);
+            } else {
+                for (int64_t i = 0; i < tokens; i++)
+                    grad_score_row(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, grad_scores, buffer_row,
+                                   grad_score_pairs, weight_pairs);
             }
             /* d(scaled Q) = dS K, ROW_BLOCK rows at a time; dQ = scale · that, and the scale's gradient from it. */
             float scale_sum = 0.0f;
