@@ -1,4 +1,3 @@
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -85,57 +84,3 @@ def test_the_mlp_without_autocast_with_a_hook_or_relu_is_nn_sequential():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(fused(x), plain(x))
     handle.remove()
-
-
-def graph_node_names(node) -> set[str]:
-    seen, stack = set(), [node]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            stack.extend(next_node for next_node, _ in node.next_functions)
-    return {node.name() for node in seen}
-
-
-def mlp_gradients(mlp, x, grad_out, fused: bool, monkeypatch):
-    """(output, x's gradient, each parameter's gradient) of the MLP on bf16 x under autocast, its first layer and GELU
-    through KernelLinearGELU or (fused False) through the separate kernels."""
-    import vitlab.models.activations as activations
-
-    with monkeypatch.context() as patch:
-        if not fused:
-            patch.setattr(activations, "kernel_applies", lambda *args: False)
-        inputs = x.clone().requires_grad_()
-        mlp.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = mlp(inputs)
-        assert ("KernelLinearGELUBackward" in graph_node_names(out.grad_fn)) == fused
-        out.backward(grad_out)
-    return out, inputs.grad, {name: None if p.grad is None else p.grad.clone() for name, p in mlp.named_parameters()}
-
-
-def test_the_mlps_first_layer_and_gelu_in_one_function_give_the_separate_kernels_bits(monkeypatch):
-    from vitlab.kernels import weight_gradient as weight_gradient_kernel
-
-    if not (weight_gradient_kernel.kernel_supports(32, 64, True) and gelu_kernel.adds_bias(64, torch.zeros(64))):
-        return  # no AVX-512 BF16 kernels here
-    fused_mlp, _ = mlps()
-    x, grad_out = torch.randn(4, 9, 32).to(torch.bfloat16), torch.randn(4, 9, 32).to(torch.bfloat16)
-    out, grad_x, grads = mlp_gradients(fused_mlp, x, grad_out, True, monkeypatch)
-    out_separate, grad_x_separate, grads_separate = mlp_gradients(fused_mlp, x, grad_out, False, monkeypatch)
-    assert torch.equal(out, out_separate) and torch.equal(grad_x, grad_x_separate)
-    for name in grads:
-        if name == "0.bias":  # fp32 sums of the same fp32 products, in another order
-            torch.testing.assert_close(grads[name], grads_separate[name], rtol=1e-5, atol=1e-5)
-        else:
-            assert torch.equal(grads[name], grads_separate[name]), name
-    fused_mlp[0].weight.requires_grad_(False)  # a frozen first layer: its bias gradient alone
-    _, grad_x_frozen, grads_frozen = mlp_gradients(fused_mlp, x, grad_out, True, monkeypatch)
-    assert grads_frozen["0.weight"] is None and torch.equal(grad_x_frozen, grad_x)
-    torch.testing.assert_close(grads_frozen["0.bias"], grads["0.bias"], rtol=1e-5, atol=1e-5)
-    fused_mlp[0].weight.requires_grad_(True)
-    inputs = x.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        hidden = fused_mlp.hidden(inputs)
-    with pytest.raises(RuntimeError, match="create_graph=True"):
-        torch.autograd.grad(hidden.float().sum(), inputs, create_graph=True)

@@ -53,7 +53,6 @@ SIGNATURES = {
     "vitlab_weight_gradient_supported": ([], ctypes.c_int),
     "vitlab_weight_gradient_max_bias_features": ([], ctypes.c_int64),
     "vitlab_weight_gradient": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], ctypes.c_int),
-    "vitlab_gelu_weight_gradient": ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int], ctypes.c_int),
 }
 
 

@@ -47,32 +47,6 @@ static void interleave_rows(const uint16_t *first, const uint16_t *second, uint3
     }
 }
 
-/* The pre-activation gradient of two rows (grad_act · derivative in fp32, rounded to bf16 as the GELU kernel's backward
- * rounds it), written to grad_pre's two rows and interleaved into pairs as interleave_rows does; second_* NULL: the
- * second row is zeros (not written). With bias_acc, the fp32 products are added to it, the first row's then the
- * second's. count: a multiple of 16. */
-static void gelu_gradient_pairs(const uint16_t *first_grad, const uint16_t *first_derivative, const uint16_t *second_grad,
-                                const uint16_t *second_derivative, uint16_t *first_pre, uint16_t *second_pre, uint32_t *pairs,
-                                int64_t count, __m512 *bias_acc) {
-    const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    for (int64_t c = 0; c < count; c += 16) {
-        __m512 first = _mm512_mul_ps(load_bf16(first_grad + c, 0xFFFF), load_bf16(first_derivative + c, 0xFFFF));
-        __m256i first_bits = (__m256i)_mm512_cvtneps_pbh(first), second_bits = _mm256_setzero_si256();
-        _mm256_storeu_si256((__m256i *)(first_pre + c), first_bits);
-        __m512 second = _mm512_setzero_ps();
-        if (second_grad != NULL) {
-            second = _mm512_mul_ps(load_bf16(second_grad + c, 0xFFFF), load_bf16(second_derivative + c, 0xFFFF));
-            second_bits = (__m256i)_mm512_cvtneps_pbh(second);
-            _mm256_storeu_si256((__m256i *)(second_pre + c), second_bits);
-        }
-        if (bias_acc != NULL)
-            bias_acc[c / 16] = _mm512_add_ps(_mm512_add_ps(bias_acc[c / 16], first), second);
-        _mm512_storeu_si512(pairs + c, _mm512_permutex2var_epi16(_mm512_castsi256_si512(first_bits), low,
-                                                                 _mm512_castsi256_si512(second_bits)));
-    }
-}
-
 /* sums[r][16v + lane] (rows `ins` apart) += Σ_p out_pairs[p][r] · in_pairs[p][16v + lane], r < ROWS, v < VECTORS;
  * out_pairs rows are `outs` pairs long, in_pairs rows `ins`. ROWS and VECTORS are constants at every call. */
 static inline __attribute__((always_inline)) void add_tile(const int ROWS, const int VECTORS, float *sums, int64_t ins,
@@ -108,11 +82,11 @@ static inline __attribute__((always_inline)) void add_row_tiles(const int ROWS, 
     }
 }
 
-/* The two entries below: with `derivative` (rows × outs bf16, the GELU kernel's) grad_out is the gradient after a GELU,
- * and the layer's output gradient grad_out · derivative is written to grad_pre (bf16) on the way; the bias gradient
- * then sums the fp32 products. */
-static int weight_gradient(const uint16_t *grad_out, const uint16_t *derivative, uint16_t *grad_pre, const uint16_t *input,
-                           float *grad_weight, float *grad_bias, int64_t rows, int64_t outs, int64_t ins, int threads) {
+/* grad_out (rows × outs) and input (rows × ins), bf16, row-major; outs and ins multiples of 16 (outs ≤
+ * 16·MAX_BIAS_VECTORS when grad_bias is given) → grad_weight (outs × ins) and grad_bias (outs, or NULL), fp32.
+ * Returns 1 when its buffers could not be allocated (the outputs are then unset), else 0. */
+int vitlab_weight_gradient(const uint16_t *grad_out, const uint16_t *input, float *grad_weight, float *grad_bias,
+                           int64_t rows, int64_t outs, int64_t ins, int threads) {
     int64_t pairs = (rows + 1) / 2, per_output = outs * ins + outs;
     if (threads < 1)
         threads = 1;
@@ -143,15 +117,8 @@ static int weight_gradient(const uint16_t *grad_out, const uint16_t *derivative,
             for (int64_t p = 0; p < count; p++) {
                 int64_t row = 2 * (chunk + p);
                 int paired = row + 1 < rows;
-                interleave_rows(input + row * ins, paired ? input + (row + 1) * ins : NULL, in_pairs + p * ins, ins);
-                if (derivative != NULL) {
-                    const uint16_t *second = paired ? grad_out + (row + 1) * outs : NULL;
-                    gelu_gradient_pairs(grad_out + row * outs, derivative + row * outs, second, derivative + (row + 1) * outs,
-                                        grad_pre + row * outs, grad_pre + (row + 1) * outs, out_pairs + p * outs, outs,
-                                        bias_vectors ? bias_acc : NULL);
-                    continue;
-                }
                 interleave_rows(grad_out + row * outs, paired ? grad_out + (row + 1) * outs : NULL, out_pairs + p * outs, outs);
+                interleave_rows(input + row * ins, paired ? input + (row + 1) * ins : NULL, in_pairs + p * ins, ins);
                 for (int64_t v = 0; v < bias_vectors; v++) /* each pair times (1, 1): exact in fp32 */
                     bias_acc[v] = _mm512_dpbf16_ps(bias_acc[v], (__m512bh)_mm512_loadu_si512(out_pairs + p * outs + 16 * v), ones);
             }
@@ -179,23 +146,6 @@ static int weight_gradient(const uint16_t *grad_out, const uint16_t *derivative,
     return 0;
 }
 
-/* grad_out (rows × outs) and input (rows × ins), bf16, row-major; outs and ins multiples of 16 (outs ≤
- * 16·MAX_BIAS_VECTORS when grad_bias is given) → grad_weight (outs × ins) and grad_bias (outs, or NULL), fp32.
- * Returns 1 when its buffers could not be allocated (the outputs are then unset), else 0. */
-int vitlab_weight_gradient(const uint16_t *grad_out, const uint16_t *input, float *grad_weight, float *grad_bias,
-                           int64_t rows, int64_t outs, int64_t ins, int threads) {
-    return weight_gradient(grad_out, NULL, NULL, input, grad_weight, grad_bias, rows, outs, ins, threads);
-}
-
-/* The same for a linear layer followed by GELU: grad_act (rows × outs) is the gradient of the GELU's output and
- * derivative its GELU'(x) (both bf16); grad_pre (rows × outs, bf16) receives grad_act · derivative, the layer's output
- * gradient, from which grad_weight and grad_bias are summed (grad_bias from the fp32 products, before rounding). */
-int vitlab_gelu_weight_gradient(const uint16_t *grad_act, const uint16_t *derivative, uint16_t *grad_pre,
-                                const uint16_t *input, float *grad_weight, float *grad_bias, int64_t rows, int64_t outs,
-                                int64_t ins, int threads) {
-    return weight_gradient(grad_act, derivative, grad_pre, input, grad_weight, grad_bias, rows, outs, ins, threads);
-}
-
 #else
 
 int vitlab_weight_gradient_supported(void) { return 0; }
@@ -203,13 +153,6 @@ int64_t vitlab_weight_gradient_max_bias_features(void) { return 0; }
 int vitlab_weight_gradient(const uint16_t *grad_out, const uint16_t *input, float *grad_weight, float *grad_bias,
                            int64_t rows, int64_t outs, int64_t ins, int threads) {
     (void)grad_out, (void)input, (void)grad_weight, (void)grad_bias, (void)rows, (void)outs, (void)ins, (void)threads;
-    return 1;
-}
-int vitlab_gelu_weight_gradient(const uint16_t *grad_act, const uint16_t *derivative, uint16_t *grad_pre,
-                                const uint16_t *input, float *grad_weight, float *grad_bias, int64_t rows, int64_t outs,
-                                int64_t ins, int threads) {
-    (void)grad_act, (void)derivative, (void)grad_pre, (void)input, (void)grad_weight, (void)grad_bias, (void)rows,
-        (void)outs, (void)ins, (void)threads;
     return 1;
 }
 

@@ -25,45 +25,20 @@ def kernel_supports(in_features: int, out_features: int, with_bias: bool) -> boo
 def weight_gradient(grad_out: torch.Tensor, x: torch.Tensor, bias_gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(Σ over rows of grad_outᵀ x, (out, in) fp32; with `bias_gradient` the column sums of grad_out, (out,) fp32, else
     None) for bf16 CPU grad_out (..., out) and x (..., in) with the same leading shape."""
-    grad_out = grad_out.contiguous()
-    return run_kernel(grad_out, x, bias_gradient, lambda library, *pointers: library.vitlab_weight_gradient(grad_out.data_ptr(), *pointers))
-
-
-def run_kernel(grad_out: torch.Tensor, x: torch.Tensor, bias_gradient: bool, call) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Checks grad_out (..., out) and x (..., in) and runs `call(library, x, grad_weight, grad_bias, rows, out, in,
-    threads)` (pointers and sizes) into new (out, in) and (out,) fp32 outputs."""
     if grad_out.shape[:-1] != x.shape[:-1] or grad_out.dim() < 1:
         raise ValueError(f"grad_out {tuple(grad_out.shape)} and x {tuple(x.shape)} must share every axis but the last")
     out_features, in_features = grad_out.shape[-1], x.shape[-1]
     for name, tensor in (("grad_out", grad_out), ("x", x)):
         if tensor.device.type != "cpu" or tensor.dtype != torch.bfloat16:
             raise ValueError(f"the weight-gradient kernel takes bf16 CPU tensors, got {name} {tensor.dtype} on {tensor.device}")
-    library = loaded_library()
-    if not shape_supported(in_features, out_features, bias_gradient, library):
+    if not shape_supported(in_features, out_features, bias_gradient, loaded_library()):
         raise ValueError(f"the weight-gradient kernel cannot take {in_features} → {out_features} features on this machine")
-    x = x.contiguous()
+    grad_out, x = grad_out.contiguous(), x.contiguous()
     grad_weight = torch.empty(out_features, in_features)
     grad_bias = torch.empty(out_features) if bias_gradient else None
-    failed = call(library, x.data_ptr(), grad_weight.data_ptr(), None if grad_bias is None else grad_bias.data_ptr(),
-                  x.numel() // in_features, out_features, in_features, torch.get_num_threads())
+    failed = loaded_library().vitlab_weight_gradient(grad_out.data_ptr(), x.data_ptr(), grad_weight.data_ptr(),
+                                                     None if grad_bias is None else grad_bias.data_ptr(),
+                                                     x.numel() // in_features, out_features, in_features, torch.get_num_threads())
     if failed:
         raise MemoryError("the weight-gradient kernel could not allocate its per-thread sums")
     return grad_weight, grad_bias
-
-
-def gelu_weight_gradient(grad_act: torch.Tensor, derivative: torch.Tensor, x: torch.Tensor,
-                         bias_gradient: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """For a linear layer followed by the GELU kernel: (grad_pre = grad_act · derivative (..., out) bf16, the layer's
-    output gradient, rounded as the GELU kernel's backward rounds it; Σ over rows of grad_preᵀ x (out, in) fp32; with
-    `bias_gradient` the column sums of the fp32 products (out,), else None), in one pass. grad_act and derivative
-    (the GELU kernel's) are bf16 CPU tensors of one shape, x (..., in) shares their leading axes."""
-    if derivative.shape != grad_act.shape:
-        raise ValueError(f"grad_act {tuple(grad_act.shape)} and derivative {tuple(derivative.shape)} must have one shape")
-    for name, tensor in (("grad_act", grad_act), ("derivative", derivative)):
-        if tensor.device.type != "cpu" or tensor.dtype != torch.bfloat16:
-            raise ValueError(f"the weight-gradient kernel takes bf16 CPU tensors, got {name} {tensor.dtype} on {tensor.device}")
-    grad_act, derivative = grad_act.contiguous(), derivative.contiguous()
-    grad_pre = torch.empty_like(grad_act)
-    grad_weight, grad_bias = run_kernel(grad_act, x, bias_gradient, lambda library, *pointers: library.vitlab_gelu_weight_gradient(
-        grad_act.data_ptr(), derivative.data_ptr(), grad_pre.data_ptr(), *pointers))
-    return grad_pre, grad_weight, grad_bias

@@ -19,9 +19,8 @@ from torch import nn
 
 from vitlab.kernels import gelu as gelu_kernel
 from vitlab.kernels import recording_graph
-from vitlab.kernels import weight_gradient as weight_gradient_kernel
 from vitlab.models.base import bf16_on_cpu, has_hooks, inactive_dropout, plain_linear
-from vitlab.models.linear import bf16_linear, kernel_applies, linear, refuse_second_derivative, run_linear
+from vitlab.models.linear import linear, run_linear
 
 
 class KernelGELU(torch.autograd.Function):
@@ -39,33 +38,6 @@ class KernelGELU(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         (derivative,) = ctx.saved_tensors
         return gelu_kernel.gelu_backward(grad_out, derivative, bias_gradient=ctx.has_bias and ctx.needs_input_grad[1])
-
-
-class KernelLinearGELU(torch.autograd.Function):
-    """GELU(x @ weightᵀ + bias) for bf16 CPU x and fp32 weight and bias: the matmul as KernelLinear's forward, the bias
-    and GELU by the GELU kernel. Backward makes the layer's output gradient (grad · GELU') and its weight and bias
-    gradients in one pass of the weight-gradient kernel, where KernelGELU's backward and KernelLinear's would each make
-    a pass; the output gradient and the weight gradient are the same bits as theirs."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        weight_bf16 = weight.detach().to(torch.bfloat16)
-        out, derivative = gelu_kernel.gelu_forward(bf16_linear(x, weight_bf16, None), bias.detach())  # (..., hidden) bf16
-        ctx.save_for_backward(x, weight_bf16, derivative)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        refuse_second_derivative()
-        x, weight_bf16, derivative = ctx.saved_tensors
-        grad_out = grad_out.to(torch.bfloat16)
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_pre, grad_weight, grad_bias = weight_gradient_kernel.gelu_weight_gradient(grad_out, derivative, x, ctx.needs_input_grad[2])
-        else:
-            grad_pre, grad_bias = gelu_kernel.gelu_backward(grad_out, derivative, bias_gradient=ctx.needs_input_grad[2])
-        grad_x = grad_pre @ weight_bf16 if ctx.needs_input_grad[0] else None  # (..., in) bf16
-        return grad_x, grad_weight, grad_bias
 
 
 class GELU(nn.GELU):
@@ -102,8 +74,6 @@ class MLP(nn.Sequential):
         """The activations after the first layer, the activation and the dropout (..., hidden)."""
         first, activation, dropout = self[0], self[1], self[2]
         if isinstance(activation, GELU) and activation.takes_bias_of(first, x):
-            if x.numel() and kernel_applies(x, first.weight, first.bias):  # the matmul, bias, GELU and gradients in kernels
-                return dropout(KernelLinearGELU.apply(x, first.weight, first.bias))
             hidden = linear(x, first.weight)  # (..., hidden) bf16, without the bias
             if gelu_kernel.kernel_supports(hidden, first.bias):  # the module's conditions were checked just above
                 return dropout(KernelGELU.apply(hidden, first.bias))

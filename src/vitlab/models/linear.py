@@ -46,7 +46,10 @@ class KernelLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        refuse_second_derivative()
+        if torch.is_grad_enabled():  # backward(create_graph=True): the kernel's gradients have no derivative of their own
+            raise RuntimeError("vitlab's weight-gradient kernel cannot be differentiated twice (a backward with "
+                               "create_graph=True); switch vitlab's C kernels off: --cpu_kernels false, or "
+                               "vitlab.kernels.switch_kernels(False)")
         x, weight_bf16 = ctx.saved_tensors
         grad_out = grad_out.to(torch.bfloat16)
         grad_x = grad_out @ weight_bf16 if ctx.needs_input_grad[0] else None  # (..., in) bf16, as autocast's backward
@@ -57,15 +60,6 @@ class KernelLinear(torch.autograd.Function):
         elif bias_gradient:  # a frozen weight: the bias's sums alone
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=torch.float32)
         return grad_x, grad_weight, grad_bias
-
-
-def refuse_second_derivative() -> None:
-    """In a backward: raise if it records a graph (backward(create_graph=True)), since the kernel's gradients have no
-    derivative of their own."""
-    if torch.is_grad_enabled():
-        raise RuntimeError("vitlab's weight-gradient kernel cannot be differentiated twice (a backward with "
-                           "create_graph=True); switch vitlab's C kernels off: --cpu_kernels false, or "
-                           "vitlab.kernels.switch_kernels(False)")
 
 
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
