@@ -53,6 +53,82 @@ def test_rows_taken_two_at_a_time_give_the_bits_of_a_row_taken_alone(tokens):
     torch.testing.assert_close(grad_qkv[:, -1, 0], grad_qkv[:, 0, 0], rtol=2**-7, atol=1e-6)  # dS K: summed in other chains
 
 
+def kernel_keep_mask(key: int, threshold: int, batch: int, heads: int, tokens: int) -> torch.Tensor:
+    """(B, H, T, T) bool: the weights the kernel's attention dropout keeps, from SplitMix64 written out here (row i of
+    item b·H + h takes words (item · T + i) · PADDED(T) / 4 on, token j quarter j % 4 of word j / 4)."""
+    import numpy as np
+
+    words_per_row = attention_kernel.padded_tokens(tokens) // 4
+    rows = np.arange(batch * heads * tokens, dtype=np.uint64)[:, None]
+    tokens_ = np.arange(tokens, dtype=np.uint64)[None, :]
+    index = rows * np.uint64(words_per_row) + tokens_ // np.uint64(4)
+    with np.errstate(over="ignore"):
+        z = np.uint64(key) + (index + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    numbers = (z >> (np.uint64(16) * (tokens_ % np.uint64(4)))) & np.uint64(0x7FFF)
+    return torch.from_numpy(numbers >= threshold).view(batch, heads, tokens, tokens)
+
+
+@pytest.mark.parametrize("tokens,heads,head_size,mask_self", [(7, 2, 16, False), (65, 2, 32, True), (97, 1, 16, False),
+                                                              (150, 2, 16, True), (1, 1, 16, False)])
+def test_attention_dropout_matches_float64_with_the_same_mask(tokens, heads, head_size, mask_self):
+    torch.manual_seed(tokens)
+    batch, p = 3, 0.3
+    qkv = torch.randn(batch, tokens, 3, heads, head_size).to(torch.bfloat16)
+    scales = torch.full((heads,), head_size**-0.5 * 1.3)
+    threshold = round(p * 32768)
+    dropout = attention_kernel.AttentionDropout(threshold=threshold, scale=32768 / (32768 - threshold), key=0xDEADBEEF12345)
+    keep = kernel_keep_mask(dropout.key, threshold, batch, heads, tokens)
+    if tokens > 8:
+        assert abs(keep.double().mean().item() - (1 - p)) < 0.05
+    exact_inputs = qkv.double().requires_grad_()
+    query, key, value = exact_inputs.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, Dh)
+    scores = (query * scales.double().view(1, -1, 1, 1)) @ key.transpose(-2, -1)
+    if mask_self:
+        scores = scores + self_mask_bias(tokens, torch.float64, scores.device)
+    exact = ((scores.softmax(-1) * keep * dropout.scale) @ value).transpose(1, 2)  # (B, T, H, Dh)
+    out, weights = attention_kernel.attention_forward(qkv, scales, mask_self, True, dropout)
+    torch.testing.assert_close(out.double(), exact.detach(), rtol=2**-6, atol=2**-6)
+    torch.testing.assert_close(weights.double().sum(-1), torch.ones(batch, heads, tokens, dtype=torch.float64), rtol=0, atol=0.02)
+    grad_out = torch.randn(batch, tokens, heads, head_size).to(torch.bfloat16)
+    exact.backward(grad_out.double())
+    grad_qkv, _ = attention_kernel.attention_backward(qkv, out, weights, grad_out, scales, dropout)
+    expected = exact_inputs.grad
+    torch.testing.assert_close(grad_qkv.double(), expected, rtol=0.05, atol=0.03 * (1 + expected.abs().max().item()))
+    for threads in (1, 2):  # the mask depends on the key alone
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            again, _ = attention_kernel.attention_forward(qkv, scales, mask_self, True, dropout)
+            grad_again, _ = attention_kernel.attention_backward(qkv, out, weights, grad_out, scales, dropout)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(again, out) and torch.equal(grad_again, grad_qkv)
+
+
+def test_attention_dropout_in_a_vit_draws_its_key_from_pytorchs_generator():
+    torch.manual_seed(5)
+    qkv = torch.randn(2, 65, 3, 4, 16).to(torch.bfloat16).requires_grad_()
+    outputs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        out, _ = self_attention(qkv, dropout=0.2)
+        outputs.append(out)
+    assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])
+    assert outputs[0].grad_fn.next_functions[0][0].name() == "KernelSelfAttentionBackward"  # the kernel, under its reshape
+    outputs[0].float().sum().backward()
+    assert qkv.grad is not None and torch.isfinite(qkv.grad.float()).all()
+
+
+def test_attention_dropout_refuses_a_threshold_or_key_out_of_range():
+    qkv, scales = torch.zeros(1, 4, 3, 1, 16, dtype=torch.bfloat16), torch.ones(1)
+    for bad in (attention_kernel.AttentionDropout(32768, 1.0, 1), attention_kernel.AttentionDropout(1, 1.0, -1)):
+        with pytest.raises(ValueError, match="threshold in \\[0, 32768\\) and a 64-bit key"):
+            attention_kernel.attention_forward(qkv, scales, False, True, bad)
+
+
 @pytest.mark.parametrize("tokens,heads,head_size,mask_self", SHAPES)
 @pytest.mark.parametrize("per_head_scale", [False, True])
 def test_gradients_match_float64_autograd_at_least_as_well_as_pytorchs_bf16_path(tokens, heads, head_size, mask_self, per_head_scale):
@@ -95,8 +171,10 @@ def test_which_inputs_take_the_kernel_and_the_rest_still_attend(monkeypatch):
     qkv = torch.randn(2, 273, 3, 2, 16).to(torch.bfloat16)  # too long: PyTorch's kernels
     out, _ = self_attention(qkv)
     _, weights = self_attention(qkv[:, :9], return_weights=True)  # weights asked for: PyTorch's kernels
-    dropped, _ = self_attention(qkv[:, :9], dropout=0.5)  # attention dropout: PyTorch's kernels
-    assert out.shape == (2, 273, 32) and weights.shape == (2, 2, 9, 9) and dropped.shape == (2, 9, 32) and not calls
+    assert out.shape == (2, 273, 32) and weights.shape == (2, 2, 9, 9) and not calls
+    monkeypatch.undo()
+    dropped, _ = self_attention(qkv[:, :9], dropout=0.5)  # attention dropout: the kernel's
+    assert dropped.shape == (2, 9, 32)
 
 
 def test_a_vit_gives_the_same_logits_and_trains_through_either_route(monkeypatch):

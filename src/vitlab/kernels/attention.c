@@ -8,6 +8,12 @@
  * layout the output projection reads. Forward also stores the attention weights for backward, each row padded with
  * zeros to a multiple of 16 tokens (B, H, T, PADDED(T)): the layout its P V product reads, so they are written once.
  *
+ * Attention dropout (training only): the weights P' = P · m / (1 − p) go into P V, where m keeps a weight when 15 bits of
+ * a SplitMix64 number (dropout.c's generator, under a key drawn per call) reach the drop threshold; row i of (image,
+ * head) item takes words (item · T + i) · PADDED(T) / 4 onwards, four weights per word (its 16-bit quarters, low first),
+ * so backward regenerates the mask from the key. Forward keeps P, not P', for backward: with D = diag(m / (1 − p)),
+ * dP = (dO Vᵀ) D, dS = P ⊙ (dP − rowsum(dO ⊙ O)) (Σ_j P_ij dP_ij is still dO_i · O_i), dV = P'ᵀ dO.
+ *
  * Numerics: products of bf16 numbers accumulated in fp32 (as PyTorch's bf16 matmuls do), scores kept in fp32, the
  * softmax in fp32; the weights, the output and every gradient are rounded to bf16, as on PyTorch's bf16 path.
  *
@@ -24,8 +30,9 @@
 #define MAX_HEAD 64
 #define PADDED(count) (((count) + 15) / 16 * 16)
 #define PREFETCH_ROWS 4
+#define GOLDEN_GAMMA 0x9E3779B97F4A7C15ull /* SplitMix64's increment, as in dropout.c */
 
-#if defined(VITLAB_AVX512) && defined(__AVX512BF16__)
+#if defined(VITLAB_AVX512) && defined(__AVX512BF16__) && defined(__AVX512DQ__)
 
 int vitlab_attention_supported(void) { return 1; }
 
@@ -40,6 +47,47 @@ static inline uint32_t pair_at(const void *row, int64_t index) {
     uint32_t pair;
     memcpy(&pair, (const char *)row + 4 * index, sizeof pair);
     return pair;
+}
+
+/* Attention dropout for one call: weights whose 15-bit number is below `threshold` are dropped (0: no dropout), the
+ * others multiplied by `scale`; `key` seeds the numbers. */
+typedef struct {
+    uint32_t threshold;
+    float scale;
+    uint64_t key;
+} Dropout;
+
+/* keep[jv] (bit l: token 16 jv + l kept) for row `row` of item `item` (T tokens): word w of the row is SplitMix64's
+ * output for counter key + (first + w + 1) γ, first = (item · T + row) · PADDED(T) / 4, and token j takes its quarter
+ * j % 4 of word j / 4; eight words (32 tokens) at a time. */
+static inline void row_keep_masks(Dropout dropout, int64_t item, int64_t row, int64_t tokens, __mmask16 *keep) {
+    int64_t padded = PADDED(tokens);
+    uint64_t first = (uint64_t)(item * tokens + row) * (uint64_t)(padded / 4);
+    __m512i counter = _mm512_add_epi64(_mm512_set1_epi64((long long)(dropout.key + (first + 1) * GOLDEN_GAMMA)),
+                                       _mm512_mullo_epi64(_mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi64((long long)GOLDEN_GAMMA)));
+    const __m512i step = _mm512_set1_epi64((long long)(8 * GOLDEN_GAMMA)), low15 = _mm512_set1_epi16(0x7FFF);
+    const __m512i threshold = _mm512_set1_epi16((short)dropout.threshold);
+    for (int64_t jv = 0; jv < padded / 16; jv += 2) {
+        __m512i z = counter;
+        z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)), _mm512_set1_epi64((long long)0xBF58476D1CE4E5B9ull));
+        z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)), _mm512_set1_epi64((long long)0x94D049BB133111EBull));
+        z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
+        __mmask32 kept = _mm512_cmpge_epu16_mask(_mm512_and_si512(z, low15), threshold);
+        keep[jv] = (__mmask16)kept;
+        if (jv + 1 < padded / 16)
+            keep[jv + 1] = (__mmask16)(kept >> 16);
+        counter = _mm512_add_epi64(counter, step);
+    }
+}
+
+/* P' of one row of weights (bf16 P, PADDED(T) of them) into `dropped`: P · scale rounded to bf16 where kept, else 0. */
+static inline void drop_row(const uint16_t *weights, uint16_t *dropped, Dropout dropout, int64_t item, int64_t row, int64_t tokens) {
+    __mmask16 keep[MAX_TOKENS / 16];
+    row_keep_masks(dropout, item, row, tokens, keep);
+    __m512 scale = _mm512_set1_ps(dropout.scale);
+    for (int64_t jv = 0; jv < PADDED(tokens) / 16; jv++)
+        _mm256_storeu_si256((__m256i *)(dropped + 16 * jv),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mul_ps(keep[jv], load_bf16(weights + 16 * jv, 0xFFFF), scale)));
 }
 
 /* pairs[e * PADDED(T) + j] = (M[j][2e], M[j][2e+1]): row j read as Dh / 2 pairs, transposed; zero for padded j. */
@@ -351,9 +399,13 @@ __attribute__((noinline)) static void paired_query_rows_to_weights(const uint16_
 
 /* Forward. qkv (B, T, 3, H, Dh) bf16 → out (B, T, H, Dh) bf16 and weights (B, H, T, PADDED(T)) bf16, each row's
  * weights followed by zeros (not written if NULL).  scales[h] multiplies
- * head h's queries (rounded to bf16, as `query * scale` is); mask_diagonal leaves out each token's own score. */
+ * head h's queries (rounded to bf16, as `query * scale` is); mask_diagonal leaves out each token's own score.
+ * drop_threshold > 0: attention dropout (see the top of this file) with drop_scale and drop_key; the weights written
+ * are those before it. */
 void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weights, int64_t batch, int64_t tokens,
-                              int64_t heads, int64_t head_size, const float *scales, int mask_diagonal, int threads) {
+                              int64_t heads, int64_t head_size, const float *scales, int mask_diagonal,
+                              uint32_t drop_threshold, float drop_scale, uint64_t drop_key, int threads) {
+    Dropout dropout = {drop_threshold, drop_scale, drop_key};
     int64_t qkv_row = 3 * heads * head_size, out_row = heads * head_size, padded = PADDED(tokens);
 #pragma omp parallel num_threads(threads)
     {
@@ -386,17 +438,25 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
             for (; i < tokens; i++)
                 query_row_to_weights(scaled_queries + i * MAX_HEAD, key_pairs, tokens, head_size, mask_diagonal ? i : -1,
                                      weight_rows + i * weight_row);
+            const uint16_t *mixing_rows = weight_rows; /* the weights P V uses: P, or P' with dropout (in the buffer) */
+            int64_t mixing_row = weight_row;
+            if (dropout.threshold > 0) {
+                for (int64_t row = 0; row < tokens; row++)
+                    drop_row(weight_rows + row * weight_row, weight_buffer + row * buffer_row, dropout, item, row, tokens);
+                mixing_rows = weight_buffer;
+                mixing_row = buffer_row;
+            }
             i = 0;
             for (; i + ROW_BLOCK <= tokens; i += ROW_BLOCK) {
                 __m512 mixed[ROW_BLOCK][MAX_HEAD / 16];
-                block_times_rows(weight_rows + i * weight_row, weight_row / 2, 1, value_pairs, tokens, head_size, mixed);
+                block_times_rows(mixing_rows + i * mixing_row, mixing_row / 2, 1, value_pairs, tokens, head_size, mixed);
                 for (int r = 0; r < ROW_BLOCK; r++)
                     for (int64_t dv = 0; dv < head_size / 16; dv++)
                         store_bf16_rounded(out + (image * tokens + i + r) * out_row + head * head_size + 16 * dv, mixed[r][dv], 0xFFFF);
             }
             for (; i < tokens; i++) {
                 __m512 mixed[MAX_HEAD / 16];
-                row_times_rows(weight_rows + i * weight_row, 1, value_pairs, tokens, head_size, mixed);
+                row_times_rows(mixing_rows + i * mixing_row, 1, value_pairs, tokens, head_size, mixed);
                 for (int64_t dv = 0; dv < head_size / 16; dv++)
                     store_bf16_rounded(out + (image * tokens + i) * out_row + head * head_size + 16 * dv, mixed[dv], 0xFFFF);
             }
@@ -423,8 +483,15 @@ static inline float row_dot_product(const uint16_t *a, const uint16_t *b, int64_
 #define DEFINE_TWO_GRAD_SCORE_ROWS(NAME, LIMIT, EXACT, TWO_ROWS_TIMES_COLUMNS)                                          \
     static inline void NAME(Rows grad_rows, Rows out_rows, int64_t i, const uint32_t *value_pairs,                       \
                             const uint16_t *weight_rows, int64_t tokens, int64_t head_size, uint16_t *grad_score_rows,   \
-                            int64_t buffer_row, uint32_t *score_pairs, uint32_t *probability_pairs) {                    \
+                            int64_t buffer_row, uint32_t *score_pairs, uint32_t *probability_pairs, Dropout dropout,     \
+                            int64_t item) {                                                                              \
         int64_t padded = PADDED(tokens), vectors = padded / 16;                                                          \
+        __mmask16 keep[2][MAX_TOKENS / 16];                                                                              \
+        __m512 drop_scale = _mm512_set1_ps(dropout.scale);                                                               \
+        if (dropout.threshold > 0) {                                                                                     \
+            row_keep_masks(dropout, item, i, tokens, keep[0]);                                                           \
+            row_keep_masks(dropout, item, i + 1, tokens, keep[1]);                                                       \
+        }                                                                                                                \
         const uint16_t *first = grad_rows.base + i * grad_rows.row_stride, *second = first + grad_rows.row_stride;       \
         __m512 row_dot[2] = {                                                                                            \
             _mm512_set1_ps(row_dot_product(first, out_rows.base + i * out_rows.row_stride, head_size)),                  \
@@ -438,8 +505,13 @@ static inline float row_dot_product(const uint16_t *a, const uint16_t *b, int64_
             _Pragma("GCC unroll 2") for (int r = 0; r < 2; r++) {                                                       \
                 weight_lanes[r] = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(inside, weight_row + r * padded + 16 * jv)); \
                 __m512 weight = _mm512_castsi512_ps(_mm512_slli_epi32(weight_lanes[r], 16));                             \
-                __m256i score_bits = (__m256i)_mm512_cvtneps_pbh(                                                        \
-                    _mm512_mul_ps(weight, _mm512_sub_ps(grad_weights[r][jv], row_dot[r])));                              \
+                __m512 grad_weight = grad_weights[r][jv];                                                                \
+                if (dropout.threshold > 0) { /* dP = dP' · m / (1 − p); dV's weights are P' */                           \
+                    grad_weight = _mm512_maskz_mul_ps(keep[r][jv], grad_weight, drop_scale);                             \
+                    weight_lanes[r] = _mm512_cvtepu16_epi32(                                                             \
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mul_ps(keep[r][jv], weight, drop_scale)));              \
+                }                                                                                                        \
+                __m256i score_bits = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(weight, _mm512_sub_ps(grad_weight, row_dot[r]))); \
                 _mm256_storeu_si256((__m256i *)(grad_score_rows + r * buffer_row + 16 * jv), score_bits);                \
                 score_lanes[r] = _mm512_cvtepu16_epi32(score_bits);                                                      \
             }                                                                                                            \
@@ -457,7 +529,8 @@ DEFINE_TWO_GRAD_SCORE_ROWS(two_grad_score_rows_8, 8, 0, two_rows_times_columns_8
  * loads), the even row read back from grad_scores. */
 static inline void grad_score_row(Rows grad_rows, Rows out_rows, int64_t i, const uint32_t *value_pairs,
                                   const uint16_t *weight_rows, int64_t tokens, int64_t head_size, uint16_t *grad_scores,
-                                  int64_t buffer_row, uint32_t *grad_score_pairs, uint32_t *weight_pairs) {
+                                  int64_t buffer_row, uint32_t *grad_score_pairs, uint32_t *weight_pairs, Dropout dropout,
+                                  int64_t item) {
     int64_t padded = PADDED(tokens);
     const uint16_t *grad_row = grad_rows.base + i * grad_rows.row_stride;
     __m512 row_dot = _mm512_set1_ps(row_dot_product(grad_row, out_rows.base + i * out_rows.row_stride, head_size));
@@ -470,16 +543,30 @@ static inline void grad_score_row(Rows grad_rows, Rows out_rows, int64_t i, cons
             _mm_prefetch((const char *)(weight_row + PREFETCH_ROWS * padded) + byte, _MM_HINT_T0);
     int odd = i % 2 == 1, last = i == tokens - 1;
     uint32_t *score_pairs = grad_score_pairs + i / 2 * padded, *probability_pairs = weight_pairs + i / 2 * padded;
+    __mmask16 keep[MAX_TOKENS / 16], keep_even[MAX_TOKENS / 16];
+    __m512 drop_scale = _mm512_set1_ps(dropout.scale);
+    if (dropout.threshold > 0) {
+        row_keep_masks(dropout, item, i, tokens, keep);
+        if (odd)
+            row_keep_masks(dropout, item, i - 1, tokens, keep_even);
+    }
     for (int64_t jv = 0; jv < padded / 16; jv++) {
         __mmask16 inside = tail_mask(tokens - 16 * jv);
         __m512i weight_lanes = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(inside, weight_row + 16 * jv));
-        __m512 weight = _mm512_castsi512_ps(_mm512_slli_epi32(weight_lanes, 16));
-        __m256i score_bits = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(weight, _mm512_sub_ps(grad_weights[jv], row_dot)));
+        __m512 weight = _mm512_castsi512_ps(_mm512_slli_epi32(weight_lanes, 16)), grad_weight = grad_weights[jv];
+        if (dropout.threshold > 0) { /* dP = dP' · m / (1 − p); dV's weights are P' */
+            grad_weight = _mm512_maskz_mul_ps(keep[jv], grad_weight, drop_scale);
+            weight_lanes = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mul_ps(keep[jv], weight, drop_scale)));
+        }
+        __m256i score_bits = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(weight, _mm512_sub_ps(grad_weight, row_dot)));
         _mm256_storeu_si256((__m256i *)(grad_score_row + 16 * jv), score_bits);
         __m512i score_lanes = _mm512_cvtepu16_epi32(score_bits);
         if (odd) {
             __m512i even_scores = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(grad_score_row - buffer_row + 16 * jv)));
             __m512i even_weights = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(inside, weight_row - padded + 16 * jv));
+            if (dropout.threshold > 0)
+                even_weights = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mul_ps(
+                    keep_even[jv], _mm512_castsi512_ps(_mm512_slli_epi32(even_weights, 16)), drop_scale)));
             _mm512_storeu_si512(score_pairs + 16 * jv, _mm512_or_si512(even_scores, _mm512_slli_epi32(score_lanes, 16)));
             _mm512_storeu_si512(probability_pairs + 16 * jv, _mm512_or_si512(even_weights, _mm512_slli_epi32(weight_lanes, 16)));
         } else if (last) { /* odd T: the last row pairs with zeros */
@@ -494,20 +581,21 @@ static inline void grad_score_row(Rows grad_rows, Rows out_rows, int64_t i, cons
 __attribute__((noinline)) static void paired_grad_score_rows(Rows grad_rows, Rows out_rows, const uint32_t *value_pairs,
                                                              const uint16_t *weight_rows, int64_t tokens, int64_t head_size,
                                                              uint16_t *grad_scores, int64_t buffer_row,
-                                                             uint32_t *grad_score_pairs, uint32_t *weight_pairs) {
+                                                             uint32_t *grad_score_pairs, uint32_t *weight_pairs,
+                                                             Dropout dropout, int64_t item) {
     int64_t padded = PADDED(tokens);
     for (int64_t i = 0; i + 2 <= tokens; i += 2) {
         uint16_t *score_rows = grad_scores + i * buffer_row;
         uint32_t *score_pairs = grad_score_pairs + i / 2 * padded, *probability_pairs = weight_pairs + i / 2 * padded;
         if (padded <= 4 * 16)
             two_grad_score_rows_4(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, score_rows, buffer_row,
-                                  score_pairs, probability_pairs);
+                                  score_pairs, probability_pairs, dropout, item);
         else if (padded == 5 * 16)
             two_grad_score_rows_exactly_5(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, score_rows,
-                                          buffer_row, score_pairs, probability_pairs);
+                                          buffer_row, score_pairs, probability_pairs, dropout, item);
         else
             two_grad_score_rows_8(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, score_rows, buffer_row,
-                                  score_pairs, probability_pairs);
+                                  score_pairs, probability_pairs, dropout, item);
     }
 }
 
@@ -515,10 +603,13 @@ __attribute__((noinline)) static void paired_grad_score_rows(Rows grad_rows, Row
  * grad_scale_sums (B, H): Σ over the item's queries of query · dL/d(scaled query), the gradient of scales[h] from
  * image b. With S = scale · Q Kᵀ, P = softmax(S), O = P V:
  *   dP = dO Vᵀ,  dS = P ⊙ (dP − rowsum(dO ⊙ O)),  d(scaled Q) = dS K,  dQ = scale · d(scaled Q),
- *   dK = dSᵀ (scaled Q),  dV = Pᵀ dO. */
+ *   dK = dSᵀ (scaled Q),  dV = Pᵀ dO;
+ * with dropout (the forward's threshold, scale and key) as at the top of this file. */
 void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const uint16_t *weights, const uint16_t *grad_out,
                                uint16_t *grad_qkv, float *grad_scale_sums, int64_t batch, int64_t tokens, int64_t heads,
-                               int64_t head_size, const float *scales, int threads) {
+                               int64_t head_size, const float *scales, uint32_t drop_threshold, float drop_scale,
+                               uint64_t drop_key, int threads) {
+    Dropout dropout = {drop_threshold, drop_scale, drop_key};
     int64_t qkv_row = 3 * heads * head_size, out_row = heads * head_size, padded = PADDED(tokens);
 #pragma omp parallel num_threads(threads)
     {
@@ -546,14 +637,14 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
             const uint16_t *weight_rows = weights + item * tokens * padded;
             if (two_rows_at_a_time(tokens)) {
                 paired_grad_score_rows(grad_rows, out_rows, value_pairs, weight_rows, tokens, head_size, grad_scores, buffer_row,
-                                       grad_score_pairs, weight_pairs);
+                                       grad_score_pairs, weight_pairs, dropout, item);
                 if (tokens % 2 == 1)
                     grad_score_row(grad_rows, out_rows, tokens - 1, value_pairs, weight_rows, tokens, head_size, grad_scores,
-                                   buffer_row, grad_score_pairs, weight_pairs);
+                                   buffer_row, grad_score_pairs, weight_pairs, dropout, item);
             } else {
                 for (int64_t i = 0; i < tokens; i++)
                     grad_score_row(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, grad_scores, buffer_row,
-                                   grad_score_pairs, weight_pairs);
+                                   grad_score_pairs, weight_pairs, dropout, item);
             }
             /* d(scaled Q) = dS K, ROW_BLOCK rows at a time; dQ = scale · that, and the scale's gradient from it. */
             float scale_sum = 0.0f;
@@ -614,17 +705,19 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
 int vitlab_attention_supported(void) { return 0; }
 
 void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weights, int64_t batch, int64_t tokens,
-                              int64_t heads, int64_t head_size, const float *scales, int mask_diagonal, int threads) {
+                              int64_t heads, int64_t head_size, const float *scales, int mask_diagonal,
+                              uint32_t drop_threshold, float drop_scale, uint64_t drop_key, int threads) {
     (void)qkv, (void)out, (void)weights, (void)batch, (void)tokens, (void)heads, (void)head_size, (void)scales;
-    (void)mask_diagonal, (void)threads;
+    (void)mask_diagonal, (void)drop_threshold, (void)drop_scale, (void)drop_key, (void)threads;
     abort(); /* callers check vitlab_attention_supported() first */
 }
 
 void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const uint16_t *weights, const uint16_t *grad_out,
                                uint16_t *grad_qkv, float *grad_scale_sums, int64_t batch, int64_t tokens, int64_t heads,
-                               int64_t head_size, const float *scales, int threads) {
+                               int64_t head_size, const float *scales, uint32_t drop_threshold, float drop_scale,
+                               uint64_t drop_key, int threads) {
     (void)qkv, (void)out, (void)weights, (void)grad_out, (void)grad_qkv, (void)grad_scale_sums, (void)batch, (void)tokens;
-    (void)heads, (void)head_size, (void)scales, (void)threads;
+    (void)heads, (void)head_size, (void)scales, (void)drop_threshold, (void)drop_scale, (void)drop_key, (void)threads;
     abort();
 }
 

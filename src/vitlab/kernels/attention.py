@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 
@@ -78,13 +79,27 @@ def kernel_supports(qkv: torch.Tensor) -> bool:
     return library is not None and shape_supported(qkv, library)
 
 
-def attention_forward(qkv: torch.Tensor, scales: torch.Tensor, mask_diagonal: bool,
-                      keep_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+@dataclass(frozen=True)
+class AttentionDropout:
+    """Dropout of the attention weights inside the kernel: a weight whose 15-bit SplitMix64 number under `key` is below
+    `threshold` (of 32768) is dropped, the others are multiplied by `scale`. Backward takes the forward's, whose key
+    regenerates the mask."""
+
+    threshold: int
+    scale: float
+    key: int
+
+
+NO_DROPOUT = AttentionDropout(threshold=0, scale=1.0, key=0)
+
+
+def attention_forward(qkv: torch.Tensor, scales: torch.Tensor, mask_diagonal: bool, keep_weights: bool = True,
+                      dropout: AttentionDropout = NO_DROPOUT) -> tuple[torch.Tensor, torch.Tensor | None]:
     """qkv (B, T, 3, H, Dh) bf16 on the CPU, scales (H,) → (out (B, T, H, Dh), weights (B, H, T, T) or None), bf16.
 
-    out = softmax(scale_h · Q Kᵀ [diagonal left out]) V per image and head h, the query rounded to bf16 after
-    scaling; weights are the softmax's output, which backward needs (not written without keep_weights): a view of
-    rows padded to a multiple of 16 tokens (see padded_weights)."""
+    out = dropout(softmax(scale_h · Q Kᵀ [diagonal left out])) V per image and head h, the query rounded to bf16
+    after scaling; weights are the softmax's output before the dropout, which backward needs (not written without
+    keep_weights): a view of rows padded to a multiple of 16 tokens (see padded_weights)."""
     if not shape_supported(qkv, loaded_library()):
         raise ValueError(f"the attention kernel cannot take a {qkv.dtype} tensor of shape {tuple(qkv.shape)} on {qkv.device}")
     cpu = torch.device("cpu")  # explicit: a default device set with torch.set_default_device must not apply here
@@ -95,8 +110,16 @@ def attention_forward(qkv: torch.Tensor, scales: torch.Tensor, mask_diagonal: bo
     out = torch.empty(batch, tokens, heads, head_size, dtype=qkv.dtype, device=cpu)
     padded = weight_buffers.take((batch, heads, tokens, padded_tokens(tokens))) if keep_weights else None
     loaded_library().vitlab_attention_forward(qkv.data_ptr(), out.data_ptr(), 0 if padded is None else padded.data_ptr(), batch,
-                                              tokens, heads, head_size, scales.data_ptr(), int(mask_diagonal), torch.get_num_threads())
+                                              tokens, heads, head_size, scales.data_ptr(), int(mask_diagonal), *dropout_arguments(dropout),
+                                              torch.get_num_threads())
     return out, None if padded is None else padded[..., :tokens]
+
+
+def dropout_arguments(dropout: AttentionDropout) -> tuple[int, float, int]:
+    """The kernel's threshold, scale and key arguments, checked."""
+    if not 0 <= dropout.threshold < 1 << 15 or not 0 <= dropout.key < 1 << 64:
+        raise ValueError(f"attention dropout needs a threshold in [0, 32768) and a 64-bit key, got {dropout}")
+    return dropout.threshold, dropout.scale, dropout.key
 
 
 def padded_tokens(tokens: int) -> int:
@@ -115,9 +138,9 @@ def padded_weights(weights: torch.Tensor) -> torch.Tensor:
 
 
 def attention_backward(qkv: torch.Tensor, out: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor,
-                       scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of `attention_forward`: (grad_qkv (B, T, 3, H, Dh) bf16, grad_scale_sums (B, H) fp32), where
-    grad_scale_sums[b, h] is image b's share of the gradient of scales[h]."""
+                       scales: torch.Tensor, dropout: AttentionDropout = NO_DROPOUT) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of `attention_forward` (given the forward's dropout): (grad_qkv (B, T, 3, H, Dh) bf16,
+    grad_scale_sums (B, H) fp32), where grad_scale_sums[b, h] is image b's share of the gradient of scales[h]."""
     cpu = torch.device("cpu")
     qkv, out = qkv.contiguous(), out.contiguous()
     scales = scales.to(cpu, torch.float32).contiguous()
@@ -133,5 +156,5 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, weights: torch.Tens
     grad_scale_sums = torch.empty(batch, heads, dtype=torch.float32, device=cpu)
     loaded_library().vitlab_attention_backward(qkv.data_ptr(), out.data_ptr(), weights.data_ptr(), grad_out.data_ptr(),
                                                grad_qkv.data_ptr(), grad_scale_sums.data_ptr(), batch, tokens, heads, head_size,
-                                               scales.data_ptr(), torch.get_num_threads())
+                                               scales.data_ptr(), *dropout_arguments(dropout), torch.get_num_threads())
     return grad_qkv, grad_scale_sums

@@ -24,6 +24,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 COMPILE_SECONDS = 120
 DISABLE_VARIABLE = "VITLAB_C_KERNELS"
 
+DROPOUT = [ctypes.c_uint32, ctypes.c_float, ctypes.c_uint64]  # the attention kernel's drop threshold, scale and key
 # name → (argument types, return type) of every function the library exports
 SIGNATURES = {
     "vitlab_splitmix64_word": ([ctypes.c_uint64, ctypes.c_uint64], ctypes.c_uint64),
@@ -48,8 +49,9 @@ SIGNATURES = {
     "vitlab_attention_supported": ([], ctypes.c_int),
     "vitlab_attention_max_tokens": ([], ctypes.c_int64),
     "vitlab_attention_max_head_size": ([], ctypes.c_int64),
-    "vitlab_attention_forward": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int], None),
-    "vitlab_attention_backward": ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int], None),
+    "vitlab_attention_forward": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int] + DROPOUT + [ctypes.c_int],
+                                 None),
+    "vitlab_attention_backward": ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] + DROPOUT + [ctypes.c_int], None),
     "vitlab_weight_gradient_supported": ([], ctypes.c_int),
     "vitlab_weight_gradient_max_bias_features": ([], ctypes.c_int64),
     "vitlab_weight_gradient": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], ctypes.c_int),

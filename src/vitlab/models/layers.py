@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from vitlab.kernels import attention as attention_kernel
 from vitlab.kernels import recording_graph
 from vitlab.kernels import softmax as softmax_kernel
-from vitlab.models.dropout import dropout_matmul
+from vitlab.kernels.dropout import random_key
+from vitlab.models.dropout import drop_threshold, dropout_matmul, keep_scale
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -86,11 +87,15 @@ class KernelSelfAttention(torch.autograd.Function):
     """Self-attention by vitlab's C kernel, straight from the QKV projection's output (see kernels/attention.c)."""
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, scale: torch.Tensor | float, mask_self: bool, keep_weights: bool) -> torch.Tensor:
+    def forward(ctx, qkv: torch.Tensor, scale: torch.Tensor | float, mask_self: bool, keep_weights: bool,
+                dropout: float = 0.0) -> torch.Tensor:
         heads = qkv.shape[3]
         scales = (scale.detach().to("cpu", torch.float32).reshape(-1).expand(heads) if isinstance(scale, torch.Tensor)
                   else torch.full((heads,), float(scale), device="cpu"))  # (H,)
-        out, weights = attention_kernel.attention_forward(qkv, scales, mask_self, keep_weights)  # (B, T, H, Dh), (B, H, T, T)
+        ctx.dropout = attention_kernel.NO_DROPOUT
+        if dropout > 0:  # a key from PyTorch's generator, as vitlab's Dropout draws one
+            ctx.dropout = attention_kernel.AttentionDropout(drop_threshold(dropout), keep_scale(dropout), random_key(qkv.device))
+        out, weights = attention_kernel.attention_forward(qkv, scales, mask_self, keep_weights, ctx.dropout)  # (B, T, H, Dh), (B, H, T, T)
         ctx.save_for_backward(qkv, out, weights, scales)
         ctx.scale_shape = scale.shape if isinstance(scale, torch.Tensor) else None
         ctx.scale_dtype = scale.dtype if isinstance(scale, torch.Tensor) else None
@@ -98,14 +103,14 @@ class KernelSelfAttention(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # no double backward through the kernel (cpu_kernels false has one)
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None, None]:
         qkv, out, weights, scales = ctx.saved_tensors
-        grad_qkv, grad_scale_sums = attention_kernel.attention_backward(qkv, out, weights, grad_out, scales)
+        grad_qkv, grad_scale_sums = attention_kernel.attention_backward(qkv, out, weights, grad_out, scales, ctx.dropout)
         grad_scale = None
         if ctx.scale_shape is not None and ctx.needs_input_grad[1]:
             per_head = grad_scale_sums.sum(0)  # (H,)
             grad_scale = (per_head.sum() if ctx.scale_shape.numel() == 1 else per_head).reshape(ctx.scale_shape).to(ctx.scale_dtype)
-        return grad_qkv, grad_scale, None, None
+        return grad_qkv, grad_scale, None, None, None
 
 
 def self_attention(qkv: torch.Tensor, *, dropout: float = 0.0, scale: torch.Tensor | float | None = None, mask_self: bool = False,
@@ -113,14 +118,14 @@ def self_attention(qkv: torch.Tensor, *, dropout: float = 0.0, scale: torch.Tens
     """`attention` of the QKV projection's output: qkv (B, T, 3, H, Dh) → ((B, T, H·Dh), weights (B, H, T, T) or None).
 
     On the CPU, bf16 sequences the C kernel takes (kernels/attention.c: at most 272 tokens, heads of 16, 32, 48 or 64
-    features, AVX-512 BF16) run there without dropout or returned weights: no copies into head-major layouts, the scores never leave the
-    cache. Everything else goes through `attention`."""
+    features, AVX-512 BF16) run there, attention dropout included, unless the weights are to be returned: no copies into
+    head-major layouts, the scores never leave the cache. Everything else goes through `attention`."""
     batch, tokens, _, heads, head_size = qkv.shape
-    if not recording_graph() and not return_weights and dropout == 0 and attention_kernel.kernel_supports(qkv):
+    if not recording_graph() and not return_weights and attention_kernel.kernel_supports(qkv):
         scale = head_size**-0.5 if scale is None else scale
         # Backward needs the weights; evaluation does not (written only if a gradient can be asked for).
         keep_weights = torch.is_grad_enabled() and (qkv.requires_grad or (isinstance(scale, torch.Tensor) and scale.requires_grad))
-        mixed = KernelSelfAttention.apply(qkv, scale, mask_self, keep_weights)  # (B, T, H, Dh)
+        mixed = KernelSelfAttention.apply(qkv, scale, mask_self, keep_weights, dropout)  # (B, T, H, Dh)
         return mixed.reshape(batch, tokens, heads * head_size), None
     query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, Dh)
     mixed, weights = attention(query, key, value, dropout=dropout, scale=scale, mask_self=mask_self, return_weights=return_weights)
