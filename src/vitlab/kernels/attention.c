@@ -480,7 +480,7 @@ static inline float row_dot_product(const uint16_t *a, const uint16_t *b, int64_
  * both rows of dS are stored as bf16 (grad_score_rows, rows `buffer_row` apart) and, from the registers, as one row of
  * pairs (score_pairs), with P's two rows as pairs (probability_pairs): the layout pack_pairs_by_row writes. The same
  * bits as the one-row loop, which has to read the even row back from memory. */
-#define DEFINE_TWO_GRAD_SCORE_ROWS(NAME, LIMIT, EXACT, TWO_ROWS_TIMES_COLUMNS)                                          \
+#define DEFINE_TWO_GRAD_SCORE_ROWS(NAME, LIMIT, EXACT, TWO_ROWS_TIMES_COLUMNS, DROPPING)                                          \
     static inline void NAME(Rows grad_rows, Rows out_rows, int64_t i, const uint32_t *value_pairs,                       \
                             const uint16_t *weight_rows, int64_t tokens, int64_t head_size, uint16_t *grad_score_rows,   \
                             int64_t buffer_row, uint32_t *score_pairs, uint32_t *probability_pairs, Dropout dropout,     \
@@ -488,7 +488,7 @@ static inline float row_dot_product(const uint16_t *a, const uint16_t *b, int64_
         int64_t padded = PADDED(tokens), vectors = padded / 16;                                                          \
         __mmask16 keep[2][MAX_TOKENS / 16];                                                                              \
         __m512 drop_scale = _mm512_set1_ps(dropout.scale);                                                               \
-        if (dropout.threshold > 0) {                                                                                     \
+        if (DROPPING) {                                                                                                  \
             row_keep_masks(dropout, item, i, tokens, keep[0]);                                                           \
             row_keep_masks(dropout, item, i + 1, tokens, keep[1]);                                                       \
         }                                                                                                                \
@@ -506,7 +506,7 @@ static inline float row_dot_product(const uint16_t *a, const uint16_t *b, int64_
                 weight_lanes[r] = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(inside, weight_row + r * padded + 16 * jv)); \
                 __m512 weight = _mm512_castsi512_ps(_mm512_slli_epi32(weight_lanes[r], 16));                             \
                 __m512 grad_weight = grad_weights[r][jv];                                                                \
-                if (dropout.threshold > 0) { /* dP = dP' · m / (1 − p); dV's weights are P' */                           \
+                if (DROPPING) { /* dP = dP' · m / (1 − p); dV's weights are P' */                                        \
                     grad_weight = _mm512_maskz_mul_ps(keep[r][jv], grad_weight, drop_scale);                             \
                     weight_lanes[r] = _mm512_cvtepu16_epi32(                                                             \
                         (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mul_ps(keep[r][jv], weight, drop_scale)));              \
@@ -520,17 +520,23 @@ static inline float row_dot_product(const uint16_t *a, const uint16_t *b, int64_
                                 _mm512_or_si512(weight_lanes[0], _mm512_slli_epi32(weight_lanes[1], 16)));               \
         }                                                                                                                \
     }
-DEFINE_TWO_GRAD_SCORE_ROWS(two_grad_score_rows_4, 4, 0, two_rows_times_columns_4)
-DEFINE_TWO_GRAD_SCORE_ROWS(two_grad_score_rows_exactly_5, 5, 1, two_rows_times_columns_exactly_5)
-DEFINE_TWO_GRAD_SCORE_ROWS(two_grad_score_rows_8, 8, 0, two_rows_times_columns_8)
+/* Each in two versions, without and with dropout (the test is decided at compile time). */
+DEFINE_TWO_GRAD_SCORE_ROWS(two_grad_score_rows_4, 4, 0, two_rows_times_columns_4, 0)
+DEFINE_TWO_GRAD_SCORE_ROWS(two_grad_score_rows_exactly_5, 5, 1, two_rows_times_columns_exactly_5, 0)
+DEFINE_TWO_GRAD_SCORE_ROWS(two_grad_score_rows_8, 8, 0, two_rows_times_columns_8, 0)
+DEFINE_TWO_GRAD_SCORE_ROWS(dropped_two_grad_score_rows_4, 4, 0, two_rows_times_columns_4, 1)
+DEFINE_TWO_GRAD_SCORE_ROWS(dropped_two_grad_score_rows_exactly_5, 5, 1, two_rows_times_columns_exactly_5, 1)
+DEFINE_TWO_GRAD_SCORE_ROWS(dropped_two_grad_score_rows_8, 8, 0, two_rows_times_columns_8, 1)
 
 /* Backward's dS row i (from dO Vᵀ, P and rowsum(dO ⊙ O)) into grad_scores; at each odd i (or the last row) rows i - 1
  * and i of dS and P as pairs by row for dK and dV (pack_pairs_by_row's layout; the zeros beyond T come from the masked
  * loads), the even row read back from grad_scores. */
-static inline void grad_score_row(Rows grad_rows, Rows out_rows, int64_t i, const uint32_t *value_pairs,
-                                  const uint16_t *weight_rows, int64_t tokens, int64_t head_size, uint16_t *grad_scores,
-                                  int64_t buffer_row, uint32_t *grad_score_pairs, uint32_t *weight_pairs, Dropout dropout,
-                                  int64_t item) {
+static inline __attribute__((always_inline)) void grad_score_row(Rows grad_rows, Rows out_rows, int64_t i,
+                                                                  const uint32_t *value_pairs, const uint16_t *weight_rows,
+                                                                  int64_t tokens, int64_t head_size, uint16_t *grad_scores,
+                                                                  int64_t buffer_row, uint32_t *grad_score_pairs,
+                                                                  uint32_t *weight_pairs, const int dropping, Dropout dropout,
+                                                                  int64_t item) {
     int64_t padded = PADDED(tokens);
     const uint16_t *grad_row = grad_rows.base + i * grad_rows.row_stride;
     __m512 row_dot = _mm512_set1_ps(row_dot_product(grad_row, out_rows.base + i * out_rows.row_stride, head_size));
@@ -545,7 +551,7 @@ static inline void grad_score_row(Rows grad_rows, Rows out_rows, int64_t i, cons
     uint32_t *score_pairs = grad_score_pairs + i / 2 * padded, *probability_pairs = weight_pairs + i / 2 * padded;
     __mmask16 keep[MAX_TOKENS / 16], keep_even[MAX_TOKENS / 16];
     __m512 drop_scale = _mm512_set1_ps(dropout.scale);
-    if (dropout.threshold > 0) {
+    if (dropping) {
         row_keep_masks(dropout, item, i, tokens, keep);
         if (odd)
             row_keep_masks(dropout, item, i - 1, tokens, keep_even);
@@ -554,7 +560,7 @@ static inline void grad_score_row(Rows grad_rows, Rows out_rows, int64_t i, cons
         __mmask16 inside = tail_mask(tokens - 16 * jv);
         __m512i weight_lanes = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(inside, weight_row + 16 * jv));
         __m512 weight = _mm512_castsi512_ps(_mm512_slli_epi32(weight_lanes, 16)), grad_weight = grad_weights[jv];
-        if (dropout.threshold > 0) { /* dP = dP' · m / (1 − p); dV's weights are P' */
+        if (dropping) { /* dP = dP' · m / (1 − p); dV's weights are P' */
             grad_weight = _mm512_maskz_mul_ps(keep[jv], grad_weight, drop_scale);
             weight_lanes = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mul_ps(keep[jv], weight, drop_scale)));
         }
@@ -564,7 +570,7 @@ static inline void grad_score_row(Rows grad_rows, Rows out_rows, int64_t i, cons
         if (odd) {
             __m512i even_scores = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(grad_score_row - buffer_row + 16 * jv)));
             __m512i even_weights = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(inside, weight_row - padded + 16 * jv));
-            if (dropout.threshold > 0)
+            if (dropping)
                 even_weights = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mul_ps(
                     keep_even[jv], _mm512_castsi512_ps(_mm512_slli_epi32(even_weights, 16)), drop_scale)));
             _mm512_storeu_si512(score_pairs + 16 * jv, _mm512_or_si512(even_scores, _mm512_slli_epi32(score_lanes, 16)));
@@ -584,18 +590,20 @@ __attribute__((noinline)) static void paired_grad_score_rows(Rows grad_rows, Row
                                                              uint32_t *grad_score_pairs, uint32_t *weight_pairs,
                                                              Dropout dropout, int64_t item) {
     int64_t padded = PADDED(tokens);
+    int dropping = dropout.threshold > 0;
     for (int64_t i = 0; i + 2 <= tokens; i += 2) {
         uint16_t *score_rows = grad_scores + i * buffer_row;
         uint32_t *score_pairs = grad_score_pairs + i / 2 * padded, *probability_pairs = weight_pairs + i / 2 * padded;
-        if (padded <= 4 * 16)
-            two_grad_score_rows_4(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, score_rows, buffer_row,
-                                  score_pairs, probability_pairs, dropout, item);
-        else if (padded == 5 * 16)
-            two_grad_score_rows_exactly_5(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, score_rows,
-                                          buffer_row, score_pairs, probability_pairs, dropout, item);
-        else
-            two_grad_score_rows_8(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, score_rows, buffer_row,
-                                  score_pairs, probability_pairs, dropout, item);
+#define TWO_ROWS(NAME) NAME(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, score_rows, buffer_row, \
+                            score_pairs, probability_pairs, dropout, item)
+        if (padded <= 4 * 16) {
+            if (dropping) TWO_ROWS(dropped_two_grad_score_rows_4); else TWO_ROWS(two_grad_score_rows_4);
+        } else if (padded == 5 * 16) {
+            if (dropping) TWO_ROWS(dropped_two_grad_score_rows_exactly_5); else TWO_ROWS(two_grad_score_rows_exactly_5);
+        } else {
+            if (dropping) TWO_ROWS(dropped_two_grad_score_rows_8); else TWO_ROWS(two_grad_score_rows_8);
+        }
+#undef TWO_ROWS
     }
 }
 
@@ -640,11 +648,15 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
                                        grad_score_pairs, weight_pairs, dropout, item);
                 if (tokens % 2 == 1)
                     grad_score_row(grad_rows, out_rows, tokens - 1, value_pairs, weight_rows, tokens, head_size, grad_scores,
-                                   buffer_row, grad_score_pairs, weight_pairs, dropout, item);
+                                   buffer_row, grad_score_pairs, weight_pairs, dropout.threshold > 0, dropout, item);
+            } else if (dropout.threshold > 0) { /* two copies of the loop: the test decided at compile time in each */
+                for (int64_t i = 0; i < tokens; i++)
+                    grad_score_row(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, grad_scores, buffer_row,
+                                   grad_score_pairs, weight_pairs, 1, dropout, item);
             } else {
                 for (int64_t i = 0; i < tokens; i++)
                     grad_score_row(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, grad_scores, buffer_row,
-                                   grad_score_pairs, weight_pairs, dropout, item);
+                                   grad_score_pairs, weight_pairs, 0, dropout, item);
             }
             /* d(scaled Q) = dS K, ROW_BLOCK rows at a time; dQ = scale · that, and the scale's gradient from it. */
             float scale_sum = 0.0f;
