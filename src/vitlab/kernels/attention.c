@@ -478,9 +478,9 @@ static inline float row_dot_product(const uint16_t *a, const uint16_t *b, int64_
 
 /* Backward's dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)) for query rows i and i + 1 (i even), up to 8 vectors of 16 tokens:
  * both rows of dS are stored as bf16 (grad_score_rows, rows `buffer_row` apart) and, from the registers, as one row of
- * pairs (score_pairs), with P's two rows as pairs (probability_pairs): the layout pack_pairs_by_row writes. The same
- * bits as the one-row loop, which has to read the even row back from memory. */
-#define DEFINE_TWO_GRAD_SCORE_ROWS(NAME, LIMIT, EXACT, TWO_ROWS_TIMES_COLUMNS, DROPPING)                                          \
+ * pairs (score_pairs), with P's two rows (P' with dropout) as pairs (probability_pairs): the layout pack_pairs_by_row
+ * writes. The same bits as the one-row loop, which has to read the even row back from memory. */
+#define DEFINE_TWO_GRAD_SCORE_ROWS(NAME, LIMIT, EXACT, TWO_ROWS_TIMES_COLUMNS, DROPPING)                                \
     static inline void NAME(Rows grad_rows, Rows out_rows, int64_t i, const uint32_t *value_pairs,                       \
                             const uint16_t *weight_rows, int64_t tokens, int64_t head_size, uint16_t *grad_score_rows,   \
                             int64_t buffer_row, uint32_t *score_pairs, uint32_t *probability_pairs, Dropout dropout,     \
