@@ -71,3 +71,18 @@ def test_numbers_the_browser_sends_become_a_valid_layer_and_head(tmp_path, sent)
     *_, attention, caption = run_view(run)(image, sent, sent)
     assert attention.shape == (192, 192, 3) and caption.startswith("layer ")
     assert whole_number(sent, 0, 9) in range(10)
+
+
+def test_one_listener_serves_both_attention_sliders_so_their_answers_keep_their_order(served_runs):
+    # With a listener per slider, a layer change could finish after a later head change and leave the older pair shown.
+    pytest.importorskip("gradio")
+    images = ImageSet(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([3, 5]), ["a", "b"])
+    app = build_app(load_runs([served_runs["vit"]]), images)
+    config = app.get_config_file()
+    ids = {component["props"].get("elem_id"): component["id"] for component in config["components"]}
+    number = next(name.split("-")[1] for name in ids if name and name.startswith("layer-"))  # the ViT's column
+    sliders = {ids[f"layer-{number}"], ids[f"head-{number}"]}
+    listeners = [dependency for dependency in config["dependencies"]
+                 if any(target[0] in sliders and target[1] == "change" for target in dependency["targets"])]
+    assert len(listeners) == 1
+    assert {target[0] for target in listeners[0]["targets"]} == sliders and ids[f"attention-{number}"] in listeners[0]["outputs"]

@@ -131,8 +131,10 @@ def add_run_column(gr, run: ServedRun, number: int, current) -> tuple[list[Any],
         head = gr.Slider(0, config.num_heads, value=0, step=1, label="head (0: mean of the heads)", elem_id=f"head-{number}")
         attention = gr.Image(label="attention of one layer", interactive=False, format="png", elem_id=f"attention-{number}")
         caption = gr.Markdown(elem_id=f"attention-caption-{number}")
-        for slider in (layer, head):
-            slider.change(attention_view(run), [current, layer, head], [attention, caption], trigger_mode="always_last")
+        # One listener for both sliders: its events run one at a time in the order they came, so a change of the layer
+        # cannot finish after a later change of the head and leave the earlier pair on screen (two listeners did).
+        gr.on([layer.change, head.change], attention_view(run), [current, layer, head], [attention, caption],
+              trigger_mode="always_last", concurrency_limit=1)
         return [*outputs, attention, caption], [layer, head]
 
 
