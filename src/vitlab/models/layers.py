@@ -92,9 +92,9 @@ class KernelSelfAttention(torch.autograd.Function):
         heads = qkv.shape[3]
         scales = (scale.detach().to("cpu", torch.float32).reshape(-1).expand(heads) if isinstance(scale, torch.Tensor)
                   else torch.full((heads,), float(scale), device="cpu"))  # (H,)
-        ctx.dropout = attention_kernel.NO_DROPOUT
-        if dropout > 0:  # a key from PyTorch's generator, as vitlab's Dropout draws one
-            ctx.dropout = attention_kernel.AttentionDropout(drop_threshold(dropout), keep_scale(dropout), random_key(qkv.device))
+        # with dropout, a key from PyTorch's generator, as vitlab's Dropout draws one
+        ctx.dropout = (attention_kernel.AttentionDropout(drop_threshold(dropout), keep_scale(dropout), random_key(qkv.device))
+                       if dropout > 0 else attention_kernel.NO_DROPOUT)
         out, weights = attention_kernel.attention_forward(qkv, scales, mask_self, keep_weights, ctx.dropout)  # (B, T, H, Dh), (B, H, T, T)
         ctx.save_for_backward(qkv, out, weights, scales)
         ctx.scale_shape = scale.shape if isinstance(scale, torch.Tensor) else None
