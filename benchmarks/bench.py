@@ -111,8 +111,9 @@ GATHERS = {"index", "index_select", "gather", "embedding", "take"}
 
 class ByteCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """Bytes of every tensor each operator reads and writes (an upper bound on traffic: caches ignored), views and
-    allocations left out, a gather's source counted as what it picks. vitlab's C kernels are not PyTorch operators:
-    their traffic is not counted."""
+    allocations left out, a gather's source counted as what it picks. vitlab's C kernels registered as PyTorch
+    operators (ReLU + max-pool) are counted the same way; the others are plain function calls, whose traffic is not
+    counted."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -141,10 +142,12 @@ def bytes_per_step(run_step) -> int:
 COMPILED_KERNELS = "## Call CompiledFxGraph"
 
 
-# vitlab's C kernels (vitlab/kernels) appear in the profile under their autograd Functions' names, forward and backward.
+# vitlab's C kernels (vitlab/kernels) appear in the profile under their autograd Functions' names, forward and backward,
+# or, for those registered as PyTorch operators, under the operators' names.
 C_KERNELS = {"KernelSelfAttention": "C attention", "KernelSoftmax": "C softmax", "KernelDropout": "C dropout",
              "KernelLayerNorm": "C layer norm", "KernelResidualNorm": "C residual add + layer norm", "KernelGELU": "C GELU",
-             "KernelLinear": "C weight gradient"}
+             "KernelLinear": "C weight gradient", "vitlab::relu_max_pool2d": "C ReLU + max-pool",
+             "vitlab::relu_max_pool2d_backward": "C ReLU + max-pool"}
 # ... of which these are matrix multiplication (a linear layer's weight-gradient matmul, its forward's weight cast).
 MATMUL_C_KERNELS = {"KernelLinear"}
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch  # (also loads PyTorch's OpenMP runtime before the library, so the library shares it)
 
-SOURCES = ("attention.c", "augment.c", "dropout.c", "gelu.c", "layer_norm.c", "softmax.c", "weight_gradient.c")
+SOURCES = ("attention.c", "augment.c", "dropout.c", "gelu.c", "layer_norm.c", "pool.c", "softmax.c",
+           "weight_gradient.c")
 HEADERS = ("bf16_math.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 COMPILE_SECONDS = 120
@@ -52,6 +53,9 @@ SIGNATURES = {
     "vitlab_attention_forward": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int] + DROPOUT + [ctypes.c_int],
                                  None),
     "vitlab_attention_backward": ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] + DROPOUT + [ctypes.c_int], None),
+    "vitlab_relu_max_pool_supported": ([], ctypes.c_int),
+    "vitlab_relu_max_pool_forward": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int], None),
+    "vitlab_relu_max_pool_backward": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int], None),
     "vitlab_weight_gradient_supported": ([], ctypes.c_int),
     "vitlab_weight_gradient_max_bias_features": ([], ctypes.c_int64),
     "vitlab_weight_gradient": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], ctypes.c_int),
@@ -175,6 +179,7 @@ class Capabilities:
     gelu: bool  # AVX-512 (BF16 not needed)
     weight_gradient: bool  # AVX-512 BF16
     weight_gradient_max_bias_features: int
+    relu_max_pool: bool  # AVX-512 (BF16 not needed)
 
 
 @functools.cache
@@ -183,14 +188,16 @@ def library_capabilities(library: ctypes.CDLL) -> Capabilities:
                         bool(library.vitlab_attention_supported()), library.vitlab_attention_max_tokens(),
                         library.vitlab_attention_max_head_size(), bool(library.vitlab_layer_norm_supported()),
                         library.vitlab_layer_norm_max_features(), bool(library.vitlab_gelu_supported()),
-                        bool(library.vitlab_weight_gradient_supported()), library.vitlab_weight_gradient_max_bias_features())
+                        bool(library.vitlab_weight_gradient_supported()), library.vitlab_weight_gradient_max_bias_features(),
+                        bool(library.vitlab_relu_max_pool_supported()))
 
 
 def available_kernels(library: ctypes.CDLL) -> str:
     capabilities = library_capabilities(library)
     return ", ".join(["dropout", "crop and flip"] + ["softmax"] * capabilities.softmax + ["attention"] * capabilities.attention
                      + ["layer norm"] * capabilities.layer_norm + ["GELU"] * capabilities.gelu
-                     + ["weight gradients"] * capabilities.weight_gradient)
+                     + ["weight gradients"] * capabilities.weight_gradient
+                     + ["ReLU and max-pool"] * capabilities.relu_max_pool)
 
 
 @functools.cache

@@ -10,6 +10,7 @@ from torch import nn
 from vitlab.config import check_finite_numbers
 from vitlab.errors import VitlabError
 from vitlab.models.base import FROM_DATA, VitlabModel
+from vitlab.models.pooling import run_layers
 
 
 @dataclass
@@ -57,7 +58,7 @@ class SmallCNN(VitlabModel):
         return [("stage 1 (conv-relu-pool)", self.features[2]), ("stage 2 (conv-relu-pool)", self.features[5])]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.features(images)  # (B, c2, H/4, W/4)
+        features = run_layers(self.features, images)  # (B, c2, H/4, W/4)
         return self.classifier(features.flatten(1))  # (B, num_classes)
 
 
@@ -119,6 +120,6 @@ class CNN(VitlabModel):
         return [(f"stage {i + 1} ({width} ch)", pool) for i, (width, pool) in enumerate(zip(self.config.widths, pools, strict=True))]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.features(images)  # (B, widths[-1], 32 / 2**stages, same)
+        features = run_layers(self.features, images)  # (B, widths[-1], 32 / 2**stages, same)
         pooled = features.mean(dim=(2, 3))  # (B, widths[-1]): global average pool
         return self.classifier(pooled)  # (B, num_classes)

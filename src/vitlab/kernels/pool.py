@@ -1,0 +1,67 @@
+"""ctypes bindings of pool.c: ReLU and a 2×2 max-pool in one pass over channels-last bf16 activations.
+
+Both directions are registered as PyTorch operators (`torch.ops.vitlab.relu_max_pool2d` and
+`torch.ops.vitlab.relu_max_pool2d_backward`, CPU only), so the profiler names them and dispatch modes see their
+tensors (benchmarks/bench.py counts their bytes as it counts aten's).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vitlab.kernels.build import compiled_library, library_capabilities, loaded_library
+
+# The byte the kernel writes where ReLU stops the gradient (0-3 name the window position that won).
+NO_GRADIENT = 4
+
+_operators = torch.library.Library("vitlab", "FRAGMENT")
+_operators.define("relu_max_pool2d(Tensor x) -> (Tensor, Tensor)")
+_operators.define("relu_max_pool2d_backward(Tensor grad_out, Tensor position, int height, int width) -> Tensor")
+
+
+def kernel_supports(x: torch.Tensor) -> bool:
+    """Whether `relu_max_pool` takes x: a (B, C, H, W) bf16 CPU tensor in channels-last memory, H and W at least 2, on a
+    CPU and compiler with AVX-512."""
+    library = compiled_library()
+    return (library is not None and library_capabilities(library).relu_max_pool and x.device.type == "cpu"
+            and x.dtype == torch.bfloat16 and x.dim() == 4 and x.shape[2] >= 2 and x.shape[3] >= 2 and x.shape[0] > 0
+            and x.shape[1] > 0 and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def channels_last_empty(batch: int, channels: int, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty((batch, channels, height, width), dtype=dtype, memory_format=torch.channels_last)
+
+
+def relu_max_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max-pool 2×2 of ReLU(x), (B, C, H/2, W/2) bf16 channels-last; the winning position per output, uint8 in the same
+    layout: 0-3 in reading order within the window, NO_GRADIENT where ReLU passes no gradient) for x that
+    `kernel_supports`."""
+    if not kernel_supports(x):
+        raise ValueError(f"the ReLU/max-pool kernel takes (B, C, H, W) bf16 CPU channels-last tensors with H, W >= 2, got "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
+    batch, channels, height, width = x.shape
+    out = channels_last_empty(batch, channels, height // 2, width // 2, x.dtype)
+    position = channels_last_empty(batch, channels, height // 2, width // 2, torch.uint8)
+    loaded_library().vitlab_relu_max_pool_forward(x.data_ptr(), out.data_ptr(), position.data_ptr(), batch, height, width,
+                                                  channels, torch.get_num_threads())
+    return out, position
+
+
+def relu_max_pool_backward(grad_out: torch.Tensor, position: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The gradient of x (B, C, height, width) bf16 channels-last from the output's gradient and `relu_max_pool`'s
+    positions."""
+    batch, channels = position.shape[:2]
+    expected = (batch, channels, height // 2, width // 2)
+    if tuple(grad_out.shape) != expected or tuple(position.shape) != expected or position.dtype != torch.uint8:
+        raise ValueError(f"the ReLU/max-pool backward needs a gradient and uint8 positions of shape {expected}, got "
+                         f"{tuple(grad_out.shape)} and {tuple(position.shape)} {position.dtype}")
+    grad_out = grad_out.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    position = position.contiguous(memory_format=torch.channels_last)
+    grad_x = channels_last_empty(batch, channels, height, width, torch.bfloat16)
+    loaded_library().vitlab_relu_max_pool_backward(grad_out.data_ptr(), position.data_ptr(), grad_x.data_ptr(), batch,
+                                                   height, width, channels, torch.get_num_threads())
+    return grad_x
+
+
+_operators.impl("relu_max_pool2d", relu_max_pool, "CPU")
+_operators.impl("relu_max_pool2d_backward", relu_max_pool_backward, "CPU")

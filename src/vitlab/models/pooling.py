@@ -1,0 +1,68 @@
+"""ReLU followed by a 2×2 max-pool in one pass (vitlab's C kernel, kernels/pool.c), for the CNNs' feature stacks.
+
+`run_layers(layers, x)` runs an nn.Sequential as it would run itself, except that a ReLU directly followed by a
+2×2, stride-2 max-pool goes through the kernel where it applies: bf16 channels-last CPU activations (the CNNs'
+under CPU bf16 autocast), plain modules with no hook on either (a hook sees what the modules compute, so Grad-CAM
+and feature figures run them as they are), no graph being recorded. The same values as the two modules; where the
+kernel does not apply, the modules themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vitlab.kernels import pool as pool_kernel
+from vitlab.kernels import recording_graph
+from vitlab.models.base import has_hooks
+
+
+class KernelReLUMaxPool(torch.autograd.Function):
+    """max_pool2d(relu(x), 2) for bf16 channels-last CPU x, the winners' positions saved for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out, position = torch.ops.vitlab.relu_max_pool2d(x)  # (B, C, H/2, W/2) bf16 and uint8, channels-last
+        ctx.save_for_backward(position)
+        ctx.size = x.shape[2:]
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward through the kernel
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+        (position,) = ctx.saved_tensors
+        return torch.ops.vitlab.relu_max_pool2d_backward(grad_out, position, *ctx.size)
+
+
+def fusable_pool(module: nn.Module) -> bool:
+    """Whether `module` is a plain nn.MaxPool2d of a 2×2 window and stride 2, no padding, dilation or ceil mode, that
+    returns no indices, with no hook."""
+    if type(module) is not nn.MaxPool2d or has_hooks(module):
+        return False
+    pair = nn.modules.utils._pair
+    return (pair(module.kernel_size) == (2, 2) and pair(module.stride or module.kernel_size) == (2, 2)
+            and pair(module.padding) == (0, 0) and pair(module.dilation) == (1, 1) and not module.ceil_mode
+            and not module.return_indices)
+
+
+def kernel_applies(relu: nn.Module, pool: nn.Module, x: torch.Tensor) -> bool:
+    """Whether pool(relu(x)) goes through the kernel (see the module doc)."""
+    return (type(relu) is nn.ReLU and not has_hooks(relu) and fusable_pool(pool) and not recording_graph()
+            and pool_kernel.kernel_supports(x))
+
+
+def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """layers(x), with each ReLU that a 2×2 max-pool follows fused with it where the kernel applies."""
+    if has_hooks(layers):
+        return layers(x)
+    modules = list(layers)
+    index = 0
+    while index < len(modules):
+        module = modules[index]
+        if index + 1 < len(modules) and kernel_applies(module, modules[index + 1], x):
+            x = KernelReLUMaxPool.apply(x)
+            index += 2
+        else:
+            x = module(x)
+            index += 1
+    return x

@@ -1,0 +1,99 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from vitlab.kernels import pool as pool_kernel
+from vitlab.models import CNN, CNNConfig, SmallCNN
+from vitlab.models import pooling
+from vitlab.models.pooling import KernelReLUMaxPool, fusable_pool, run_layers
+
+LAST = torch.channels_last
+SUPPORTED = pool_kernel.kernel_supports(torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16).contiguous(memory_format=LAST))
+
+
+def counting_kernel(monkeypatch) -> list[tuple[int, ...]]:
+    """Record the shape of every input the fused path takes."""
+    calls = []
+    apply = KernelReLUMaxPool.apply
+    monkeypatch.setattr(KernelReLUMaxPool, "apply", lambda x: calls.append(tuple(x.shape)) or apply(x))
+    return calls
+
+
+def train_step(model: nn.Module, images: torch.Tensor, fused: bool, monkeypatch) -> list[torch.Tensor]:
+    """Logits and every parameter's gradient of one bf16-autocast channels-last step, fused or by the modules."""
+    with monkeypatch.context() as patch:
+        if not fused:
+            patch.setattr(pooling, "kernel_applies", lambda *args: False)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(images)
+        logits.float().square().sum().backward()
+    return [logits.detach(), *(parameter.grad for parameter in model.parameters())]
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 C kernels on this machine")
+@pytest.mark.parametrize("make", [SmallCNN, lambda: CNN(CNNConfig(widths=(16, 32)))])
+def test_the_cnns_train_bit_for_bit_as_their_modules_with_the_kernel(make, monkeypatch):
+    torch.manual_seed(0)
+    model = make().to(memory_format=LAST)
+    images = torch.randn(8, 3, 32, 32).contiguous(memory_format=LAST)
+    calls = counting_kernel(monkeypatch)
+    fused = train_step(model, images, True, monkeypatch)
+    assert len(calls) == 2  # both stages' ReLU and pool
+    plain = train_step(model, images, False, monkeypatch)
+    assert len(calls) == 2
+    for got, expected in zip(fused, plain, strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_fp32_nchw_a_hook_or_another_pool_runs_the_modules(monkeypatch):
+    calls = counting_kernel(monkeypatch)
+    model = SmallCNN()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images)  # NCHW memory
+    model(images.contiguous(memory_format=LAST))  # fp32
+    hooked = copy.deepcopy(model).to(memory_format=LAST)
+    seen = []
+    hooked.features[2].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hooked(images.contiguous(memory_format=LAST))
+    assert seen == [(2, 16, 16, 16)]  # the hooked stage ran its modules
+    assert len(calls) == (1 if SUPPORTED else 0)  # the other stage was fused
+    layers = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
+    layers.register_forward_hook(lambda module, inputs, output: seen.append("sequential"))
+    run_layers(layers, torch.randn(1, 4, 4, 4).to(torch.bfloat16).contiguous(memory_format=LAST))
+    assert seen[-1] == "sequential" and len(calls) == (1 if SUPPORTED else 0)
+
+
+@pytest.mark.parametrize("pool, fusable", [
+    (nn.MaxPool2d(2), True), (nn.MaxPool2d((2, 2), stride=2), True), (nn.MaxPool2d(3), False),
+    (nn.MaxPool2d(2, stride=1), False), (nn.MaxPool2d(2, padding=1), False), (nn.MaxPool2d(2, ceil_mode=True), False),
+    (nn.MaxPool2d(2, dilation=2), False), (nn.MaxPool2d(2, return_indices=True), False), (nn.AvgPool2d(2), False),
+])
+def test_only_a_plain_two_by_two_max_pool_is_fused(pool, fusable):
+    assert fusable_pool(pool) is fusable
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 C kernels on this machine")
+def test_run_layers_fuses_only_a_relu_directly_before_the_pool(monkeypatch):
+    calls = counting_kernel(monkeypatch)
+    x = torch.randn(2, 16, 8, 8).to(torch.bfloat16).contiguous(memory_format=LAST)
+    run_layers(nn.Sequential(nn.ReLU(), nn.Identity(), nn.MaxPool2d(2)), x)
+    run_layers(nn.Sequential(nn.GELU(), nn.MaxPool2d(2)), x)
+    assert calls == []
+    out = run_layers(nn.Sequential(nn.Identity(), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Flatten()), x)
+    assert calls == [(2, 16, 8, 8)] and out.shape == (2, 16 * 16)
+    assert torch.equal(out, torch.nn.functional.max_pool2d(torch.relu(x), 2).flatten(1))
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 C kernels on this machine")
+def test_the_kernel_cannot_be_differentiated_twice():
+    x = torch.randn(1, 16, 4, 4).to(torch.bfloat16).contiguous(memory_format=LAST).requires_grad_()
+    out = KernelReLUMaxPool.apply(x)
+    weights = torch.ones_like(out, requires_grad=True)
+    (grad,) = torch.autograd.grad(out, x, grad_outputs=weights, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.float().sum().backward()
