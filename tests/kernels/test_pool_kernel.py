@@ -24,17 +24,18 @@ def kernel_pair(x: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous(memory_format=LAST).view(torch.int16)
+    return tensor.contiguous(memory_format=LAST).view(torch.int16 if tensor.dtype == torch.bfloat16 else torch.int32)
 
 
 @pytest.mark.parametrize("shape", [(128, 16, 32, 32), (2, 32, 16, 16), (3, 20, 7, 9), (1, 5, 2, 2), (4, 33, 5, 6), (2, 1, 3, 2)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_bit_for_bit_pytorch_relu_then_max_pool(shape, threads):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bit_for_bit_pytorch_relu_then_max_pool(shape, threads, dtype):
     torch.manual_seed(shape[1] + threads)
-    x = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=LAST)
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=LAST)
     x[..., :2, :2][:, ::3] = x[..., :1, :1][:, ::3]  # ties: a window's four values equal in every third channel
     x[-1, -1] = -x[-1, -1].abs()  # a channel whose windows are all negative
-    grad_out = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2).to(torch.bfloat16)
+    grad_out = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2).to(dtype)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -43,6 +44,7 @@ def test_bit_for_bit_pytorch_relu_then_max_pool(shape, threads):
         torch.set_num_threads(previous)
     expected_out, expected_grad = pytorch_pair(x, grad_out)
     assert out.is_contiguous(memory_format=LAST) and grad_x.is_contiguous(memory_format=LAST)
+    assert out.dtype == grad_x.dtype == dtype
     assert torch.equal(bits(out), bits(expected_out)) and torch.equal(bits(grad_x), bits(expected_grad))
 
 
@@ -58,12 +60,13 @@ def test_the_first_of_tied_maxima_takes_the_gradient_and_relu_stops_it_at_zero()
     assert grad_x[0, 2].flatten().tolist() == [0.0, 0.0, 3.0, 0.0]
 
 
-def test_nan_wins_its_window_and_passes_its_gradient_as_pytorch_does():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nan_wins_its_window_and_passes_its_gradient_as_pytorch_does(dtype):
     torch.manual_seed(0)
-    x = torch.randn(2, 17, 4, 4).to(torch.bfloat16).contiguous(memory_format=LAST)
+    x = torch.randn(2, 17, 4, 4).to(dtype).contiguous(memory_format=LAST)
     x[0, 0, 0, 1] = x[0, 3, 1, 1] = x[1, 16, 2, 2] = x[1, 16, 3, 3] = float("nan")  # the last: two NaNs in one window
     x[0, 5, 0, 0] = float("inf")
-    grad_out = torch.randn(2, 17, 2, 2).to(torch.bfloat16)
+    grad_out = torch.randn(2, 17, 2, 2).to(dtype)
     grad_out[0, 0, 0, 0] = float("nan")
     grad_out[1, 2, 1, 1] = -0.0
     out, grad_x = kernel_pair(x, grad_out)
@@ -101,7 +104,8 @@ def test_the_operators_are_seen_by_dispatch_modes_with_their_tensors():
 
 @pytest.mark.parametrize("x, problem", [
     (torch.zeros(1, 16, 4, 4, dtype=torch.bfloat16), "NCHW memory"),
-    (torch.zeros(1, 16, 4, 4).contiguous(memory_format=LAST), "fp32"),
+    (torch.zeros(1, 16, 4, 4, dtype=torch.float16).contiguous(memory_format=LAST), "fp16"),
+    (torch.zeros(1, 16, 4, 4, dtype=torch.float64).contiguous(memory_format=LAST), "fp64"),
     (torch.zeros(1, 16, 1, 4, dtype=torch.bfloat16).contiguous(memory_format=LAST), "height 1"),
     (torch.zeros(16, 4, 4, dtype=torch.bfloat16), "3-D"),
     (torch.zeros(0, 16, 4, 4, dtype=torch.bfloat16).contiguous(memory_format=LAST), "empty batch"),
@@ -119,6 +123,10 @@ def test_backward_refuses_a_gradient_of_the_wrong_shape():
         pool_kernel.relu_max_pool_backward(out[:1], position, 4, 4)
     with pytest.raises(ValueError, match="uint8"):
         pool_kernel.relu_max_pool_backward(out, position.to(torch.int64), 4, 4)
+    with pytest.raises(ValueError, match="uint8"):
+        pool_kernel.relu_max_pool_backward(out, position[0], 4, 4)
+    with pytest.raises(ValueError, match="fp32 CPU gradient"):
+        pool_kernel.relu_max_pool_backward(out.double(), position, 4, 4)
 
 
 def test_a_gradient_in_nchw_memory_is_taken():

@@ -21,13 +21,13 @@ def counting_kernel(monkeypatch) -> list[tuple[int, ...]]:
     return calls
 
 
-def train_step(model: nn.Module, images: torch.Tensor, fused: bool, monkeypatch) -> list[torch.Tensor]:
-    """Logits and every parameter's gradient of one bf16-autocast channels-last step, fused or by the modules."""
+def train_step(model: nn.Module, images: torch.Tensor, fused: bool, monkeypatch, autocast: bool = True) -> list[torch.Tensor]:
+    """Logits and every parameter's gradient of one channels-last step (bf16 autocast or fp32), fused or by the modules."""
     with monkeypatch.context() as patch:
         if not fused:
             patch.setattr(pooling, "kernel_applies", lambda *args: False)
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             logits = model(images)
         logits.float().square().sum().backward()
     return [logits.detach(), *(parameter.grad for parameter in model.parameters())]
@@ -35,26 +35,28 @@ def train_step(model: nn.Module, images: torch.Tensor, fused: bool, monkeypatch)
 
 @pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 C kernels on this machine")
 @pytest.mark.parametrize("make", [SmallCNN, lambda: CNN(CNNConfig(widths=(16, 32)))])
-def test_the_cnns_train_bit_for_bit_as_their_modules_with_the_kernel(make, monkeypatch):
+@pytest.mark.parametrize("autocast", [True, False])
+def test_the_cnns_train_bit_for_bit_as_their_modules_with_the_kernel(make, autocast, monkeypatch):
     torch.manual_seed(0)
     model = make().to(memory_format=LAST)
     images = torch.randn(8, 3, 32, 32).contiguous(memory_format=LAST)
     calls = counting_kernel(monkeypatch)
-    fused = train_step(model, images, True, monkeypatch)
+    fused = train_step(model, images, True, monkeypatch, autocast)
     assert len(calls) == 2  # both stages' ReLU and pool
-    plain = train_step(model, images, False, monkeypatch)
+    plain = train_step(model, images, False, monkeypatch, autocast)
     assert len(calls) == 2
     for got, expected in zip(fused, plain, strict=True):
         assert torch.equal(got, expected)
 
 
-def test_fp32_nchw_a_hook_or_another_pool_runs_the_modules(monkeypatch):
+def test_nchw_memory_fp64_a_hook_or_another_pool_runs_the_modules(monkeypatch):
     calls = counting_kernel(monkeypatch)
     model = SmallCNN()
     images = torch.randn(2, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(images)  # NCHW memory
-    model(images.contiguous(memory_format=LAST))  # fp32
+    model.double()(images.double().contiguous(memory_format=LAST))
+    model.float()
     hooked = copy.deepcopy(model).to(memory_format=LAST)
     seen = []
     hooked.features[2].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))

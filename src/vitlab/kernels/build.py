@@ -54,8 +54,8 @@ SIGNATURES = {
                                  None),
     "vitlab_attention_backward": ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] + DROPOUT + [ctypes.c_int], None),
     "vitlab_relu_max_pool_supported": ([], ctypes.c_int),
-    "vitlab_relu_max_pool_forward": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int], None),
-    "vitlab_relu_max_pool_backward": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int], None),
+    **{f"vitlab_relu_max_pool_{direction}_{dtype}": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int], None)
+       for direction in ("forward", "backward") for dtype in ("bf16", "f32")},
     "vitlab_weight_gradient_supported": ([], ctypes.c_int),
     "vitlab_weight_gradient_max_bias_features": ([], ctypes.c_int64),
     "vitlab_weight_gradient": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], ctypes.c_int),

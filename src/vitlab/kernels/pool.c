@@ -1,4 +1,4 @@
-/* ReLU followed by a 2×2, stride-2 max-pool, in one pass over channels-last bf16 activations, forward and backward.
+/* ReLU followed by a 2×2, stride-2 max-pool, in one pass over channels-last activations, forward and backward.
  *
  * PyTorch makes four passes for the pair: ReLU writes its output, max-pool reads it and writes the maxima and their
  * int64 positions, and backward fills the input gradient with zeros, scatters the output gradient into it and
@@ -11,8 +11,8 @@
  * and a gradient that ReLU passes where that maximum is not <= 0 (as threshold_backward). Windows do not overlap,
  * so each input receives at most one output's gradient; an odd last row or column is in no window (gradient 0).
  *
- * Layout: x is (batch, height, width, channels) bf16 (a channels-last NCHW tensor's memory), the output and the
- * positions (batch, height / 2, width / 2, channels).
+ * Layout: x is (batch, height, width, channels), bf16 or fp32 (a channels-last NCHW tensor's memory), the output
+ * and the positions (batch, height / 2, width / 2, channels).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -29,22 +29,29 @@ int vitlab_relu_max_pool_supported(void) { return 1; }
 /* max(0, v) as PyTorch's ReLU: v where v is NaN or -0 (the second operand wins an unordered or equal comparison). */
 static inline __m512 relu(__m512 value) { return _mm512_max_ps(_mm512_setzero_ps(), value); }
 
-void vitlab_relu_max_pool_forward(const uint16_t *x, uint16_t *out, uint8_t *position, int64_t batch, int64_t height,
-                                  int64_t width, int64_t channels, int threads) {
-    int64_t out_height = height / 2, out_width = width / 2, rows = batch * out_height;
+/* 16 values (those `mask` selects) of a bf16 (size 2) or fp32 (size 4) array, as fp32. */
+static inline __m512 load_values(const char *source, int size, __mmask16 mask) {
+    return size == 4 ? _mm512_maskz_loadu_ps(mask, source) : load_bf16((const uint16_t *)source, mask);
+}
+
+/* The forward for elements of `size` bytes (inlined twice, so the size is a constant in each copy). */
+static inline __attribute__((always_inline)) void relu_max_pool_forward(const char *x, char *out, uint8_t *position,
+                                                                         int64_t batch, int64_t height, int64_t width,
+                                                                         int64_t channels, int threads, int size) {
+    int64_t out_height = height / 2, out_width = width / 2, rows = batch * out_height, pixel = channels * size;
     const __m512 zero = _mm512_setzero_ps();
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * out_width * channels >= PARALLEL_MIN_ELEMENTS)
     for (int64_t row = 0; row < rows; row++) {
         int64_t item = row / out_height, out_row = row % out_height;
-        const uint16_t *top = x + ((item * height + 2 * out_row) * width) * channels, *bottom = top + width * channels;
-        uint16_t *maxima = out + row * out_width * channels;
+        const char *top = x + (item * height + 2 * out_row) * width * pixel, *bottom = top + width * pixel;
+        char *maxima = out + row * out_width * pixel;
         uint8_t *winners = position + row * out_width * channels;
         for (int64_t column = 0; column < out_width; column++)
             for (int64_t c = 0; c < channels; c += 16) {
                 __mmask16 mask = tail_mask(channels - c);
-                int64_t left = 2 * column * channels + c, right = left + channels;
-                __m512 window[4] = {relu(load_bf16(top + left, mask)), relu(load_bf16(top + right, mask)),
-                                    relu(load_bf16(bottom + left, mask)), relu(load_bf16(bottom + right, mask))};
+                int64_t left = 2 * column * pixel + c * size, right = left + pixel;
+                __m512 window[4] = {relu(load_values(top + left, size, mask)), relu(load_values(top + right, size, mask)),
+                                    relu(load_values(bottom + left, size, mask)), relu(load_values(bottom + right, size, mask))};
                 __m512 best = window[0];
                 __m512i winner = _mm512_setzero_si512();
                 for (int k = 1; k < 4; k++) {
@@ -54,59 +61,93 @@ void vitlab_relu_max_pool_forward(const uint16_t *x, uint16_t *out, uint8_t *pos
                 }
                 __mmask16 stopped = _mm512_cmp_ps_mask(best, zero, _CMP_LE_OQ); /* ReLU's gradient is 0 there */
                 winner = _mm512_mask_blend_epi32(stopped, winner, _mm512_set1_epi32(NO_GRADIENT));
-                store_bf16(maxima + column * channels + c, best, mask); /* exact: every value is a bf16 number */
+                char *target = maxima + column * pixel + c * size;
+                if (size == 4)
+                    _mm512_mask_storeu_ps(target, mask, best);
+                else
+                    store_bf16((uint16_t *)target, best, mask); /* exact: every value is a bf16 number */
                 _mm_mask_storeu_epi8(winners + column * channels + c, mask, _mm512_cvtepi32_epi8(winner));
             }
     }
 }
 
-void vitlab_relu_max_pool_backward(const uint16_t *grad_out, const uint8_t *position, uint16_t *grad_x, int64_t batch,
-                                   int64_t height, int64_t width, int64_t channels, int threads) {
-    int64_t out_height = height / 2, out_width = width / 2, rows = batch * out_height;
+/* The backward for elements of `size` bytes. A gradient of -0 is written as +0: PyTorch adds each gradient to the
+ * zeros it fills the input gradient with. */
+static inline __attribute__((always_inline)) void relu_max_pool_backward(const char *grad_out, const uint8_t *position,
+                                                                          char *grad_x, int64_t batch, int64_t height,
+                                                                          int64_t width, int64_t channels, int threads, int size) {
+    int64_t out_height = height / 2, out_width = width / 2, rows = batch * out_height, pixel = channels * size;
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * out_width * channels >= PARALLEL_MIN_ELEMENTS)
     for (int64_t row = 0; row < rows; row++) {
         int64_t item = row / out_height, out_row = row % out_height;
-        uint16_t *top = grad_x + ((item * height + 2 * out_row) * width) * channels, *bottom = top + width * channels;
-        const uint16_t *gradients = grad_out + row * out_width * channels;
+        char *top = grad_x + (item * height + 2 * out_row) * width * pixel, *bottom = top + width * pixel;
+        const char *gradients = grad_out + row * out_width * pixel;
         const uint8_t *winners = position + row * out_width * channels;
         for (int64_t column = 0; column < out_width; column++)
             for (int64_t c = 0; c < channels; c += 16) {
                 __mmask16 mask = tail_mask(channels - c);
-                __m256i gradient = _mm256_maskz_loadu_epi16(mask, gradients + column * channels + c);
-                /* -0 as +0: PyTorch adds each gradient to the zeros it fills the input gradient with */
-                gradient = _mm256_maskz_mov_epi16(_mm256_cmpneq_epi16_mask(gradient, _mm256_set1_epi16((short)0x8000)), gradient);
                 __m128i winner = _mm_maskz_loadu_epi8(mask, winners + column * channels + c);
-                int64_t left = 2 * column * channels + c, right = left + channels;
-                uint16_t *targets[4] = {top + left, top + right, bottom + left, bottom + right};
-                for (int k = 0; k < 4; k++) {
-                    __mmask16 here = _mm_cmpeq_epi8_mask(winner, _mm_set1_epi8((char)k));
-                    _mm256_mask_storeu_epi16(targets[k], mask, _mm256_maskz_mov_epi16(here, gradient));
+                int64_t left = 2 * column * pixel + c * size, right = left + pixel;
+                char *targets[4] = {top + left, top + right, bottom + left, bottom + right};
+                const char *source = gradients + column * pixel + c * size;
+                if (size == 4) {
+                    __m512i gradient = _mm512_maskz_loadu_epi32(mask, source);
+                    gradient = _mm512_maskz_mov_epi32(_mm512_cmpneq_epi32_mask(gradient, _mm512_set1_epi32((int)0x80000000u)), gradient);
+                    for (int k = 0; k < 4; k++) {
+                        __mmask16 here = _mm_cmpeq_epi8_mask(winner, _mm_set1_epi8((char)k));
+                        _mm512_mask_storeu_epi32(targets[k], mask, _mm512_maskz_mov_epi32(here, gradient));
+                    }
+                } else {
+                    __m256i gradient = _mm256_maskz_loadu_epi16(mask, source);
+                    gradient = _mm256_maskz_mov_epi16(_mm256_cmpneq_epi16_mask(gradient, _mm256_set1_epi16((short)0x8000)), gradient);
+                    for (int k = 0; k < 4; k++) {
+                        __mmask16 here = _mm_cmpeq_epi8_mask(winner, _mm_set1_epi8((char)k));
+                        _mm256_mask_storeu_epi16(targets[k], mask, _mm256_maskz_mov_epi16(here, gradient));
+                    }
                 }
             }
         if (width % 2) { /* the last column is in no window */
-            memset(top + (width - 1) * channels, 0, channels * sizeof(uint16_t));
-            memset(bottom + (width - 1) * channels, 0, channels * sizeof(uint16_t));
+            memset(top + (width - 1) * pixel, 0, pixel);
+            memset(bottom + (width - 1) * pixel, 0, pixel);
         }
     }
     if (height % 2) /* the last row of each image is in no window */
         for (int64_t item = 0; item < batch; item++)
-            memset(grad_x + ((item * height + height - 1) * width) * channels, 0, width * channels * sizeof(uint16_t));
+            memset(grad_x + (item * height + height - 1) * width * pixel, 0, width * pixel);
+}
+
+void vitlab_relu_max_pool_forward_bf16(const void *x, void *out, uint8_t *position, int64_t batch, int64_t height,
+                                       int64_t width, int64_t channels, int threads) {
+    relu_max_pool_forward(x, out, position, batch, height, width, channels, threads, 2);
+}
+
+void vitlab_relu_max_pool_forward_f32(const void *x, void *out, uint8_t *position, int64_t batch, int64_t height,
+                                      int64_t width, int64_t channels, int threads) {
+    relu_max_pool_forward(x, out, position, batch, height, width, channels, threads, 4);
+}
+
+void vitlab_relu_max_pool_backward_bf16(const void *grad_out, const uint8_t *position, void *grad_x, int64_t batch,
+                                        int64_t height, int64_t width, int64_t channels, int threads) {
+    relu_max_pool_backward(grad_out, position, grad_x, batch, height, width, channels, threads, 2);
+}
+
+void vitlab_relu_max_pool_backward_f32(const void *grad_out, const uint8_t *position, void *grad_x, int64_t batch,
+                                       int64_t height, int64_t width, int64_t channels, int threads) {
+    relu_max_pool_backward(grad_out, position, grad_x, batch, height, width, channels, threads, 4);
 }
 
 #else
 
 int vitlab_relu_max_pool_supported(void) { return 0; }
 
-void vitlab_relu_max_pool_forward(const uint16_t *x, uint16_t *out, uint8_t *position, int64_t batch, int64_t height,
-                                  int64_t width, int64_t channels, int threads) {
-    (void)x, (void)out, (void)position, (void)batch, (void)height, (void)width, (void)channels, (void)threads;
-    abort(); /* callers check vitlab_relu_max_pool_supported() first */
-}
-
-void vitlab_relu_max_pool_backward(const uint16_t *grad_out, const uint8_t *position, uint16_t *grad_x, int64_t batch,
-                                   int64_t height, int64_t width, int64_t channels, int threads) {
-    (void)grad_out, (void)position, (void)grad_x, (void)batch, (void)height, (void)width, (void)channels, (void)threads;
-    abort();
-}
+#define UNSUPPORTED(name, first, second, third)                                                                        \
+    void name(first a, second b, third c, int64_t batch, int64_t height, int64_t width, int64_t channels, int threads) { \
+        (void)a, (void)b, (void)c, (void)batch, (void)height, (void)width, (void)channels, (void)threads;               \
+        abort(); /* callers check vitlab_relu_max_pool_supported() first */                                          \
+    }
+UNSUPPORTED(vitlab_relu_max_pool_forward_bf16, const void *, void *, uint8_t *)
+UNSUPPORTED(vitlab_relu_max_pool_forward_f32, const void *, void *, uint8_t *)
+UNSUPPORTED(vitlab_relu_max_pool_backward_bf16, const void *, const uint8_t *, void *)
+UNSUPPORTED(vitlab_relu_max_pool_backward_f32, const void *, const uint8_t *, void *)
 
 #endif

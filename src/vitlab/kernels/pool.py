@@ -1,4 +1,4 @@
-"""ctypes bindings of pool.c: ReLU and a 2×2 max-pool in one pass over channels-last bf16 activations.
+"""ctypes bindings of pool.c: ReLU and a 2×2 max-pool in one pass over channels-last bf16 or fp32 activations.
 
 Both directions are registered as PyTorch operators (`torch.ops.vitlab.relu_max_pool2d` and
 `torch.ops.vitlab.relu_max_pool2d_backward`, CPU only), so the profiler names them and dispatch modes see their
@@ -13,6 +13,8 @@ from vitlab.kernels.build import compiled_library, library_capabilities, loaded_
 
 # The byte the kernel writes where ReLU stops the gradient (0-3 name the window position that won).
 NO_GRADIENT = 4
+# dtype → the suffix of the C functions that take it
+SUFFIXES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 _operators = torch.library.Library("vitlab", "FRAGMENT")
 _operators.define("relu_max_pool2d(Tensor x) -> (Tensor, Tensor)")
@@ -20,11 +22,11 @@ _operators.define("relu_max_pool2d_backward(Tensor grad_out, Tensor position, in
 
 
 def kernel_supports(x: torch.Tensor) -> bool:
-    """Whether `relu_max_pool` takes x: a (B, C, H, W) bf16 CPU tensor in channels-last memory, H and W at least 2, on a
-    CPU and compiler with AVX-512."""
+    """Whether `relu_max_pool` takes x: a (B, C, H, W) bf16 or fp32 CPU tensor in channels-last memory, H and W at
+    least 2, on a CPU and compiler with AVX-512."""
     library = compiled_library()
     return (library is not None and library_capabilities(library).relu_max_pool and x.device.type == "cpu"
-            and x.dtype == torch.bfloat16 and x.dim() == 4 and x.shape[2] >= 2 and x.shape[3] >= 2 and x.shape[0] > 0
+            and x.dtype in SUFFIXES and x.dim() == 4 and x.shape[2] >= 2 and x.shape[3] >= 2 and x.shape[0] > 0
             and x.shape[1] > 0 and x.is_contiguous(memory_format=torch.channels_last))
 
 
@@ -33,33 +35,39 @@ def channels_last_empty(batch: int, channels: int, height: int, width: int, dtyp
 
 
 def relu_max_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max-pool 2×2 of ReLU(x), (B, C, H/2, W/2) bf16 channels-last; the winning position per output, uint8 in the same
-    layout: 0-3 in reading order within the window, NO_GRADIENT where ReLU passes no gradient) for x that
+    """(max-pool 2×2 of ReLU(x), (B, C, H/2, W/2) in x's dtype, channels-last; the winning position per output, uint8
+    in the same layout: 0-3 in reading order within the window, NO_GRADIENT where ReLU passes no gradient) for x that
     `kernel_supports`."""
     if not kernel_supports(x):
-        raise ValueError(f"the ReLU/max-pool kernel takes (B, C, H, W) bf16 CPU channels-last tensors with H, W >= 2, got "
+        raise ValueError(f"the ReLU/max-pool kernel takes (B, C, H, W) bf16 or fp32 CPU channels-last tensors with H, W >= 2, got "
                          f"{tuple(x.shape)} {x.dtype} on {x.device}")
     batch, channels, height, width = x.shape
     out = channels_last_empty(batch, channels, height // 2, width // 2, x.dtype)
     position = channels_last_empty(batch, channels, height // 2, width // 2, torch.uint8)
-    loaded_library().vitlab_relu_max_pool_forward(x.data_ptr(), out.data_ptr(), position.data_ptr(), batch, height, width,
-                                                  channels, torch.get_num_threads())
+    forward = getattr(loaded_library(), f"vitlab_relu_max_pool_forward_{SUFFIXES[x.dtype]}")
+    forward(x.data_ptr(), out.data_ptr(), position.data_ptr(), batch, height, width, channels, torch.get_num_threads())
     return out, position
 
 
 def relu_max_pool_backward(grad_out: torch.Tensor, position: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The gradient of x (B, C, height, width) bf16 channels-last from the output's gradient and `relu_max_pool`'s
-    positions."""
+    """The gradient of x (B, C, height, width), channels-last, in the output gradient's dtype (bf16 or fp32), from that
+    gradient and `relu_max_pool`'s positions."""
+    if position.dim() != 4 or position.dtype != torch.uint8:
+        raise ValueError(f"the ReLU/max-pool backward needs the forward's (B, C, H/2, W/2) uint8 positions, got "
+                         f"{tuple(position.shape)} {position.dtype}")
     batch, channels = position.shape[:2]
     expected = (batch, channels, height // 2, width // 2)
-    if tuple(grad_out.shape) != expected or tuple(position.shape) != expected or position.dtype != torch.uint8:
-        raise ValueError(f"the ReLU/max-pool backward needs a gradient and uint8 positions of shape {expected}, got "
-                         f"{tuple(grad_out.shape)} and {tuple(position.shape)} {position.dtype}")
-    grad_out = grad_out.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    if tuple(grad_out.shape) != expected or tuple(position.shape) != expected:
+        raise ValueError(f"the ReLU/max-pool backward needs a gradient and positions of shape {expected}, got "
+                         f"{tuple(grad_out.shape)} and {tuple(position.shape)}")
+    if grad_out.dtype not in SUFFIXES or grad_out.device.type != "cpu":
+        raise ValueError(f"the ReLU/max-pool backward takes a bf16 or fp32 CPU gradient, got {grad_out.dtype} on {grad_out.device}")
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     position = position.contiguous(memory_format=torch.channels_last)
-    grad_x = channels_last_empty(batch, channels, height, width, torch.bfloat16)
-    loaded_library().vitlab_relu_max_pool_backward(grad_out.data_ptr(), position.data_ptr(), grad_x.data_ptr(), batch,
-                                                   height, width, channels, torch.get_num_threads())
+    grad_x = channels_last_empty(batch, channels, height, width, grad_out.dtype)
+    backward = getattr(loaded_library(), f"vitlab_relu_max_pool_backward_{SUFFIXES[grad_out.dtype]}")
+    backward(grad_out.data_ptr(), position.data_ptr(), grad_x.data_ptr(), batch, height, width, channels,
+             torch.get_num_threads())
     return grad_x
 
 

@@ -1,8 +1,8 @@
 """ReLU followed by a 2×2 max-pool in one pass (vitlab's C kernel, kernels/pool.c), for the CNNs' feature stacks.
 
 `run_layers(layers, x)` runs an nn.Sequential as it would run itself, except that a ReLU directly followed by a
-2×2, stride-2 max-pool goes through the kernel where it applies: bf16 channels-last CPU activations (the CNNs'
-under CPU bf16 autocast), plain modules with no hook on either (a hook sees what the modules compute, so Grad-CAM
+2×2, stride-2 max-pool goes through the kernel where it applies: bf16 or fp32 channels-last CPU activations (the
+CNNs' under CPU bf16 autocast or in fp32), plain modules with no hook on either (a hook sees what the modules compute, so Grad-CAM
 and feature figures run them as they are), no graph being recorded. The same values as the two modules; where the
 kernel does not apply, the modules themselves.
 """
@@ -18,11 +18,11 @@ from vitlab.models.base import has_hooks
 
 
 class KernelReLUMaxPool(torch.autograd.Function):
-    """max_pool2d(relu(x), 2) for bf16 channels-last CPU x, the winners' positions saved for backward."""
+    """max_pool2d(relu(x), 2) for bf16 or fp32 channels-last CPU x, the winners' positions saved for backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        out, position = torch.ops.vitlab.relu_max_pool2d(x)  # (B, C, H/2, W/2) bf16 and uint8, channels-last
+        out, position = torch.ops.vitlab.relu_max_pool2d(x)  # (B, C, H/2, W/2) in x's dtype and uint8, channels-last
         ctx.save_for_backward(position)
         ctx.size = x.shape[2:]
         return out
