@@ -48,13 +48,24 @@ static inline void gelu_and_derivative(__m512 value, __m512 *gelu, __m512 *deriv
  * bias may be NULL; with a bias, columns is a multiple of 16 that divides count. */
 void vitlab_gelu_forward(const uint16_t *x, const float *bias, uint16_t *out, uint16_t *derivative, int64_t count,
                          int64_t columns, int threads) {
-    int64_t vectors = (count + 15) / 16, column_vectors = bias == NULL ? 1 : columns / 16;
+    int64_t vectors = (count + 15) / 16;
+    if (bias != NULL) {
+        int64_t rows = count / columns, column_vectors = columns / 16;
+#pragma omp parallel for num_threads(threads) schedule(static) if (vectors >= PARALLEL_MIN_VECTORS)
+        for (int64_t row = 0; row < rows; row++)
+            for (int64_t c = 0; c < column_vectors; c++) {
+                int64_t at = row * columns + 16 * c;
+                __m512 value = _mm512_add_ps(load_bf16(x + at, 0xFFFF), _mm512_loadu_ps(bias + 16 * c)), gelu, slope;
+                gelu_and_derivative(value, &gelu, &slope);
+                store_bf16_rounded(out + at, gelu, 0xFFFF);
+                store_bf16_rounded(derivative + at, slope, 0xFFFF);
+            }
+        return;
+    }
 #pragma omp parallel for num_threads(threads) schedule(static) if (vectors >= PARALLEL_MIN_VECTORS)
     for (int64_t v = 0; v < vectors; v++) {
         __mmask16 mask = tail_mask(count - 16 * v);
         __m512 value = load_bf16(x + 16 * v, mask), gelu, slope;
-        if (bias != NULL)
-            value = _mm512_add_ps(value, _mm512_loadu_ps(bias + 16 * (v % column_vectors)));
         gelu_and_derivative(value, &gelu, &slope);
         store_bf16_rounded(out + 16 * v, gelu, mask);
         store_bf16_rounded(derivative + 16 * v, slope, mask);
