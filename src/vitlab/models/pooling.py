@@ -39,10 +39,14 @@ def fusable_pool(module: nn.Module) -> bool:
     returns no indices, with no hook."""
     if type(module) is not nn.MaxPool2d or has_hooks(module):
         return False
-    pair = nn.modules.utils._pair
-    return (pair(module.kernel_size) == (2, 2) and pair(module.stride or module.kernel_size) == (2, 2)
-            and pair(module.padding) == (0, 0) and pair(module.dilation) == (1, 1) and not module.ceil_mode
+    return (as_pair(module.kernel_size) == (2, 2) and as_pair(module.stride or module.kernel_size) == (2, 2)
+            and as_pair(module.padding) == (0, 0) and as_pair(module.dilation) == (1, 1) and not module.ceil_mode
             and not module.return_indices)
+
+
+def as_pair(setting: int | tuple[int, ...]) -> tuple[int, ...]:
+    """A pooling setting as (height, width): an int stands for both."""
+    return tuple(setting) if isinstance(setting, (tuple, list)) else (setting, setting)
 
 
 def kernel_applies(relu: nn.Module, pool: nn.Module, x: torch.Tensor) -> bool:
