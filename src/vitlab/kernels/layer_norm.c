@@ -21,64 +21,10 @@
 #include "bf16_math.h"
 
 #define MAX_FEATURES 1024
-#ifndef ROW_GROUP
-#define ROW_GROUP 4
-#endif
 
 #ifdef VITLAB_AVX512
 
 int vitlab_layer_norm_supported(void) { return 1; }
-
-/* Rows `first` to `first + count - 1` of the forward below. Inlined with count ROW_GROUP and 1: a group's rows are
- * independent chains of sums, square roots and divisions that the CPU overlaps, where one row at a time leaves it
- * waiting on each reduction (a row of 64 features is only four vectors). Each row's arithmetic is the same either way. */
-static inline __attribute__((always_inline)) void normalise_rows(
-    const float *x, const uint16_t *addend, const float *addend_bias, float *total, const float *weight,
-    const float *bias, uint16_t *y, float *mean, float *rstd, int64_t first, int count, int64_t features, float eps) {
-    int64_t vectors = features / 16;
-    const float *values[ROW_GROUP];
-    __m512 sum[ROW_GROUP], centre[ROW_GROUP], squares[ROW_GROUP], scale[ROW_GROUP];
-    for (int r = 0; r < count; r++) {
-        int64_t row = first + r;
-        values[r] = x + row * features;
-        sum[r] = _mm512_setzero_ps();
-    }
-    for (int64_t v = 0; v < vectors; v++)
-        for (int r = 0; r < count; r++) {
-            int64_t row = first + r;
-            __m512 value = _mm512_loadu_ps(x + row * features + 16 * v);
-            if (addend != NULL) {
-                value = _mm512_add_ps(value, load_bf16(addend + row * features + 16 * v, 0xFFFF));
-                if (addend_bias != NULL)
-                    value = _mm512_add_ps(value, _mm512_loadu_ps(addend_bias + 16 * v));
-                _mm512_storeu_ps(total + row * features + 16 * v, value);
-            }
-            sum[r] = _mm512_add_ps(sum[r], value);
-        }
-    for (int r = 0; r < count; r++) {
-        if (addend != NULL)
-            values[r] = total + (first + r) * features;
-        mean[first + r] = _mm512_reduce_add_ps(sum[r]) / (float)features;
-        centre[r] = _mm512_set1_ps(mean[first + r]);
-        squares[r] = _mm512_setzero_ps();
-    }
-    for (int64_t v = 0; v < vectors; v++)
-        for (int r = 0; r < count; r++) {
-            __m512 centred = _mm512_sub_ps(_mm512_loadu_ps(values[r] + 16 * v), centre[r]);
-            squares[r] = _mm512_fmadd_ps(centred, centred, squares[r]);
-        }
-    for (int r = 0; r < count; r++) {
-        rstd[first + r] = 1.0f / sqrtf(_mm512_reduce_add_ps(squares[r]) / (float)features + eps);
-        scale[r] = _mm512_set1_ps(rstd[first + r]);
-    }
-    for (int64_t v = 0; v < vectors; v++) {
-        __m512 gain = _mm512_loadu_ps(weight + 16 * v), shift = _mm512_loadu_ps(bias + 16 * v);
-        for (int r = 0; r < count; r++) {
-            __m512 normalised = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(values[r] + 16 * v), centre[r]), scale[r]);
-            store_bf16_rounded(y + (first + r) * features + 16 * v, _mm512_fmadd_ps(normalised, gain, shift), 0xFFFF);
-        }
-    }
-}
 
 /* x (rows, features) fp32 → y (rows, features) bf16, mean and rstd (rows) fp32. features: a multiple of 16.
  * With addend (rows, features) bf16 not NULL: the rows normalised are x + addend + addend_bias (addend_bias
@@ -86,15 +32,40 @@ static inline __attribute__((always_inline)) void normalise_rows(
 void vitlab_layer_norm_forward(const float *x, const uint16_t *addend, const float *addend_bias, float *total,
                                const float *weight, const float *bias, uint16_t *y, float *mean, float *rstd, int64_t rows,
                                int64_t features, float eps, int threads) {
-    int64_t groups = rows / ROW_GROUP;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static) nowait
-        for (int64_t group = 0; group < groups; group++)
-            normalise_rows(x, addend, addend_bias, total, weight, bias, y, mean, rstd, group * ROW_GROUP, ROW_GROUP, features, eps);
-#pragma omp for schedule(static)
-        for (int64_t row = groups * ROW_GROUP; row < rows; row++)
-            normalise_rows(x, addend, addend_bias, total, weight, bias, y, mean, rstd, row, 1, features, eps);
+    int64_t vectors = features / 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t row = 0; row < rows; row++) {
+        const float *values = x + row * features;
+        __m512 sum = _mm512_setzero_ps();
+        if (addend != NULL) {
+            float *sums = total + row * features;
+            for (int64_t v = 0; v < vectors; v++) {
+                __m512 value = _mm512_add_ps(_mm512_loadu_ps(values + 16 * v), load_bf16(addend + row * features + 16 * v, 0xFFFF));
+                if (addend_bias != NULL)
+                    value = _mm512_add_ps(value, _mm512_loadu_ps(addend_bias + 16 * v));
+                _mm512_storeu_ps(sums + 16 * v, value);
+                sum = _mm512_add_ps(sum, value);
+            }
+            values = sums;
+        } else {
+            for (int64_t v = 0; v < vectors; v++)
+                sum = _mm512_add_ps(sum, _mm512_loadu_ps(values + 16 * v));
+        }
+        float row_mean = _mm512_reduce_add_ps(sum) / (float)features;
+        __m512 centre = _mm512_set1_ps(row_mean), squares = _mm512_setzero_ps();
+        for (int64_t v = 0; v < vectors; v++) {
+            __m512 centred = _mm512_sub_ps(_mm512_loadu_ps(values + 16 * v), centre);
+            squares = _mm512_fmadd_ps(centred, centred, squares);
+        }
+        float row_rstd = 1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)features + eps);
+        __m512 scale = _mm512_set1_ps(row_rstd);
+        for (int64_t v = 0; v < vectors; v++) {
+            __m512 normalised = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(values + 16 * v), centre), scale);
+            __m512 out = _mm512_fmadd_ps(normalised, _mm512_loadu_ps(weight + 16 * v), _mm512_loadu_ps(bias + 16 * v));
+            store_bf16_rounded(y + row * features + 16 * v, out, 0xFFFF);
+        }
+        mean[row] = row_mean;
+        rstd[row] = row_rstd;
     }
 }
 
@@ -105,80 +76,50 @@ void vitlab_layer_norm_forward(const float *x, const uint16_t *addend, const flo
  * the total from elsewhere, is added into grad_x (NULL: none); grad_x_bf16 (NULL: not written) gets grad_x rounded to
  * bf16, and grad_column_sums (NULL: not written) its sums over rows. Returns 0, or 1 (nothing written) if the
  * per-thread sums could not be allocated. */
-/* Rows `first` to `first + count - 1` of the backward below (inlined with count ROW_GROUP and 1, as normalise_rows);
- * each row's arithmetic, and the order in which rows are added into the thread's sums, as one row at a time. */
-static inline __attribute__((always_inline)) void normalise_rows_backward(
-    const uint16_t *grad_y, const float *x, const float *weight, const float *mean, const float *rstd,
-    const float *grad_residual, float *grad_x, uint16_t *grad_x_bf16, float *own_weight, float *own_bias,
-    float *own_columns, int64_t first, int count, int64_t features) {
-    int64_t vectors = features / 16;
-    __m512 centre[ROW_GROUP], scale[ROW_GROUP], sum_g[ROW_GROUP], sum_g_xhat[ROW_GROUP], mean_g[ROW_GROUP], mean_g_xhat[ROW_GROUP];
-    for (int r = 0; r < count; r++) {
-        centre[r] = _mm512_set1_ps(mean[first + r]);
-        scale[r] = _mm512_set1_ps(rstd[first + r]);
-        sum_g[r] = sum_g_xhat[r] = _mm512_setzero_ps();
-    }
-    for (int64_t v = 0; v < vectors; v++) {
-        __m512 gain = _mm512_loadu_ps(weight + 16 * v);
-        __m512 weight_sum = _mm512_loadu_ps(own_weight + 16 * v), bias_sum = _mm512_loadu_ps(own_bias + 16 * v);
-        for (int r = 0; r < count; r++) {
-            int64_t at = (first + r) * features + 16 * v;
-            __m512 grad = load_bf16(grad_y + at, 0xFFFF);
-            __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + at), centre[r]), scale[r]);
-            __m512 g = _mm512_mul_ps(grad, gain);
-            sum_g[r] = _mm512_add_ps(sum_g[r], g);
-            sum_g_xhat[r] = _mm512_fmadd_ps(g, xhat, sum_g_xhat[r]);
-            weight_sum = _mm512_fmadd_ps(grad, xhat, weight_sum);
-            bias_sum = _mm512_add_ps(grad, bias_sum);
-        }
-        _mm512_storeu_ps(own_weight + 16 * v, weight_sum);
-        _mm512_storeu_ps(own_bias + 16 * v, bias_sum);
-    }
-    for (int r = 0; r < count; r++) {
-        mean_g[r] = _mm512_set1_ps(_mm512_reduce_add_ps(sum_g[r]) / (float)features);
-        mean_g_xhat[r] = _mm512_set1_ps(_mm512_reduce_add_ps(sum_g_xhat[r]) / (float)features);
-    }
-    for (int64_t v = 0; v < vectors; v++) {
-        __m512 gain = _mm512_loadu_ps(weight + 16 * v);
-        __m512 column_sum = own_columns != NULL ? _mm512_loadu_ps(own_columns + 16 * v) : _mm512_setzero_ps();
-        for (int r = 0; r < count; r++) {
-            int64_t at = (first + r) * features + 16 * v;
-            __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + at), centre[r]), scale[r]);
-            __m512 g = _mm512_mul_ps(load_bf16(grad_y + at, 0xFFFF), gain);
-            __m512 inner = _mm512_sub_ps(_mm512_sub_ps(g, mean_g[r]), _mm512_mul_ps(xhat, mean_g_xhat[r]));
-            __m512 out = _mm512_mul_ps(scale[r], inner);
-            if (grad_residual != NULL)
-                out = _mm512_add_ps(out, _mm512_loadu_ps(grad_residual + at));
-            _mm512_storeu_ps(grad_x + at, out);
-            if (grad_x_bf16 != NULL)
-                store_bf16_rounded(grad_x_bf16 + at, out, 0xFFFF);
-            column_sum = _mm512_add_ps(out, column_sum);
-        }
-        if (own_columns != NULL)
-            _mm512_storeu_ps(own_columns + 16 * v, column_sum);
-    }
-}
-
 int vitlab_layer_norm_backward(const uint16_t *grad_y, const float *x, const float *weight, const float *mean,
                                const float *rstd, const float *grad_residual, float *grad_x, uint16_t *grad_x_bf16,
                                float *grad_weight, float *grad_bias, float *grad_column_sums, int64_t rows,
                                int64_t features, int threads) {
-    int64_t sums_per_thread = 3 * features, groups = rows / ROW_GROUP;
+    int64_t vectors = features / 16, sums_per_thread = 3 * features;
     float *partials = calloc((size_t)threads * sums_per_thread, sizeof(float)); /* per thread: weight, bias, columns */
     if (partials == NULL)
         return 1;
 #pragma omp parallel num_threads(threads)
     {
         float *own_weight = partials + (int64_t)omp_get_thread_num() * sums_per_thread, *own_bias = own_weight + features;
-        float *own_columns = grad_column_sums != NULL ? own_bias + features : NULL;
-#pragma omp for schedule(static) nowait
-        for (int64_t group = 0; group < groups; group++)
-            normalise_rows_backward(grad_y, x, weight, mean, rstd, grad_residual, grad_x, grad_x_bf16, own_weight, own_bias,
-                                    own_columns, group * ROW_GROUP, ROW_GROUP, features);
+        float *own_columns = own_bias + features;
 #pragma omp for schedule(static)
-        for (int64_t row = groups * ROW_GROUP; row < rows; row++)
-            normalise_rows_backward(grad_y, x, weight, mean, rstd, grad_residual, grad_x, grad_x_bf16, own_weight, own_bias,
-                                    own_columns, row, 1, features);
+        for (int64_t row = 0; row < rows; row++) {
+            const float *values = x + row * features;
+            const uint16_t *grads = grad_y + row * features;
+            __m512 centre = _mm512_set1_ps(mean[row]), scale = _mm512_set1_ps(rstd[row]);
+            __m512 sum_g = _mm512_setzero_ps(), sum_g_xhat = _mm512_setzero_ps();
+            for (int64_t v = 0; v < vectors; v++) {
+                __m512 grad = load_bf16(grads + 16 * v, 0xFFFF);
+                __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(values + 16 * v), centre), scale);
+                __m512 g = _mm512_mul_ps(grad, _mm512_loadu_ps(weight + 16 * v));
+                sum_g = _mm512_add_ps(sum_g, g);
+                sum_g_xhat = _mm512_fmadd_ps(g, xhat, sum_g_xhat);
+                _mm512_storeu_ps(own_weight + 16 * v, _mm512_fmadd_ps(grad, xhat, _mm512_loadu_ps(own_weight + 16 * v)));
+                _mm512_storeu_ps(own_bias + 16 * v, _mm512_add_ps(grad, _mm512_loadu_ps(own_bias + 16 * v)));
+            }
+            __m512 mean_g = _mm512_set1_ps(_mm512_reduce_add_ps(sum_g) / (float)features);
+            __m512 mean_g_xhat = _mm512_set1_ps(_mm512_reduce_add_ps(sum_g_xhat) / (float)features);
+            for (int64_t v = 0; v < vectors; v++) {
+                int64_t at = row * features + 16 * v;
+                __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(values + 16 * v), centre), scale);
+                __m512 g = _mm512_mul_ps(load_bf16(grads + 16 * v, 0xFFFF), _mm512_loadu_ps(weight + 16 * v));
+                __m512 inner = _mm512_sub_ps(_mm512_sub_ps(g, mean_g), _mm512_mul_ps(xhat, mean_g_xhat));
+                __m512 out = _mm512_mul_ps(scale, inner);
+                if (grad_residual != NULL)
+                    out = _mm512_add_ps(out, _mm512_loadu_ps(grad_residual + at));
+                _mm512_storeu_ps(grad_x + at, out);
+                if (grad_x_bf16 != NULL)
+                    store_bf16_rounded(grad_x_bf16 + at, out, 0xFFFF);
+                if (grad_column_sums != NULL)
+                    _mm512_storeu_ps(own_columns + 16 * v, _mm512_add_ps(out, _mm512_loadu_ps(own_columns + 16 * v)));
+            }
+        }
     }
     for (int64_t f = 0; f < features; f++) {
         float weight_total = 0.0f, bias_total = 0.0f, column_total = 0.0f;
