@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from vitlab.kernels import build
 
@@ -114,3 +115,25 @@ def test_cc_with_arguments_and_the_compilers_own_error_line(fresh_load, monkeypa
     monkeypatch.setenv("CC", f"{compiler[0]} -include /no/such/header.h")
     library, status = build.load()
     assert library is None and "error" in status and "/no/such/header.h" in status
+
+
+def test_recording_graph_sees_func_transforms_forward_ad_and_fx_tracing():
+    from vitlab.kernels import recording_graph
+
+    seen = []
+
+    def note(x: torch.Tensor) -> torch.Tensor:
+        seen.append(recording_graph())
+        return x.sum()
+
+    torch.func.grad(note)(torch.ones(2))
+    torch.func.vmap(note)(torch.ones(2, 3))
+    with torch.autograd.forward_ad.dual_level():
+        seen.append(recording_graph())
+
+    class Noting(torch.nn.Module):
+        def forward(self, x):
+            return note(x)
+
+    torch.fx.symbolic_trace(Noting())
+    assert seen == [True, True, True, True] and not recording_graph()

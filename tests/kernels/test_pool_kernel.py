@@ -109,6 +109,7 @@ def test_the_operators_are_seen_by_dispatch_modes_with_their_tensors():
     (torch.zeros(1, 16, 1, 4, dtype=torch.bfloat16).contiguous(memory_format=LAST), "height 1"),
     (torch.zeros(16, 4, 4, dtype=torch.bfloat16), "3-D"),
     (torch.zeros(0, 16, 4, 4, dtype=torch.bfloat16).contiguous(memory_format=LAST), "empty batch"),
+    (torch.ones(1, 16, 4, 4, dtype=torch.bfloat16).contiguous(memory_format=LAST)._neg_view(), "a negated view"),
 ])
 def test_inputs_it_does_not_take_are_refused(x, problem):
     assert not pool_kernel.kernel_supports(x), problem

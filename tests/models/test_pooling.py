@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 from vitlab.kernels import pool as pool_kernel
-from vitlab.models import CNN, CNNConfig, SmallCNN
-from vitlab.models import pooling
+from vitlab.models import CNN, CNNConfig, SmallCNN, pooling
 from vitlab.models.pooling import KernelReLUMaxPool, fusable_pool, run_layers
 
 LAST = torch.channels_last
@@ -92,10 +91,48 @@ def test_run_layers_fuses_only_a_relu_directly_before_the_pool(monkeypatch):
 
 
 @pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 C kernels on this machine")
-def test_the_kernel_cannot_be_differentiated_twice():
-    x = torch.randn(1, 16, 4, 4).to(torch.bfloat16).contiguous(memory_format=LAST).requires_grad_()
-    out = KernelReLUMaxPool.apply(x)
-    weights = torch.ones_like(out, requires_grad=True)
-    (grad,) = torch.autograd.grad(out, x, grad_outputs=weights, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        grad.float().sum().backward()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", [(6, 6), (7, 5)])
+def test_a_gradient_penalty_differentiates_through_it_as_through_the_modules(dtype, size):
+    torch.manual_seed(5)
+    x = torch.randn(2, 16, *size).to(dtype).contiguous(memory_format=LAST)
+    weights = torch.randn(2, 16, size[0] // 2, size[1] // 2).to(dtype)
+    probe = torch.randn(2, 16, *size).to(dtype)
+    results = []
+    for pool in (KernelReLUMaxPool.apply, lambda t: torch.nn.functional.max_pool2d(torch.relu(t), 2)):
+        inputs, scale = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        (grad,) = torch.autograd.grad((pool(inputs) * scale).sum(), inputs, create_graph=True)
+        (grad * probe).sum().backward()  # a penalty on the input gradient: its gradient reaches `scale`
+        results.append((grad.detach(), scale.grad))
+    (kernel_grad, kernel_second), (torch_grad, torch_second) = results
+    assert torch.equal(kernel_grad, torch_grad) and torch.equal(kernel_second, torch_second)
+
+
+def test_transforms_and_tracers_that_cannot_see_into_c_run_the_modules(monkeypatch):
+    calls = counting_kernel(monkeypatch)
+    torch.manual_seed(6)
+    model = SmallCNN().to(memory_format=LAST)
+    images = torch.randn(2, 3, 32, 32).contiguous(memory_format=LAST)
+    inputs = images.clone().requires_grad_()
+    model(inputs).sum().backward()
+    calls.clear()
+    # torch.func's grad and vmap, forward-mode AD, FX's symbolic tracing and fake tensors
+    assert torch.allclose(torch.func.grad(lambda i: model(i).sum())(images), inputs.grad)
+    assert torch.func.vmap(lambda i: model(i[None])[0])(images).shape == (2, 10)
+    assert torch.func.jvp(model, (images,), (torch.ones_like(images),))[1].shape == (2, 10)
+    traced = torch.fx.symbolic_trace(SmallCNN())
+    assert traced(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert model(images).shape == (2, 10)
+    assert calls == []
+
+
+def test_the_operators_have_shapes_for_meta_tensors():
+    x = torch.empty(2, 16, 7, 6, device="meta").contiguous(memory_format=LAST)
+    out, position = torch.ops.vitlab.relu_max_pool2d(x)
+    assert out.shape == position.shape == (2, 16, 3, 3) and position.dtype == torch.uint8
+    assert out.is_contiguous(memory_format=LAST)
+    grad_x = torch.ops.vitlab.relu_max_pool2d_backward(out, position, 7, 6)
+    assert grad_x.shape == (2, 16, 7, 6) and grad_x.device.type == "meta"

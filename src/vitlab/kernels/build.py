@@ -249,9 +249,30 @@ def loaded_library() -> ctypes.CDLL:
 
 
 def recording_graph() -> bool:
-    """Whether torch.compile, tracing or ONNX export is recording the graph: the C kernels are plain function calls
-    that none of them can record, so callers use PyTorch operators then."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    """Whether torch.compile, tracing (TorchScript's or FX's), ONNX export, a torch.func transform (grad, vmap, jvp, …)
+    or forward-mode AD is recording or transforming the computation: the C kernels are plain function calls that none
+    of them can see through, so callers use PyTorch operators then."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or fx_tracing()
+            or func_transform_active() or forward_ad_active())
+
+
+def fx_tracing() -> bool:
+    """Whether torch.fx.symbolic_trace is tracing (its tensors are proxies, with no data)."""
+    tracer = torch.fx._symbolic_trace
+    is_tracing = getattr(tracer, "is_fx_symbolic_tracing", None) or getattr(tracer, "is_fx_tracing", None)
+    return bool(is_tracing and is_tracing())
+
+
+def func_transform_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, jacrev, functionalize) is running."""
+    functorch = getattr(torch._C, "_functorch", None)
+    peek = getattr(functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (`torch.autograd.forward_ad.dual_level`)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def kernel_status() -> str:

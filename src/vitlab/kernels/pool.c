@@ -6,8 +6,9 @@
  * one byte per output naming the window position that won (4 where ReLU stops the gradient); backward writes every
  * input gradient once, from that byte.
  *
- * The result is PyTorch's, value for value: the maximum of ReLU(x) over each window, the first position in reading
- * order (top row, then left to right) that is greater than those before it or NaN (as max_pool2d's CPU kernel),
+ * The result is PyTorch's, value for value: the maximum of ReLU(x) over each window, won by the last position in
+ * reading order (top row, then left to right) that is greater than the maximum before it or is NaN (as max_pool2d's
+ * CPU kernel: the first of tied maxima, the last of several NaNs),
  * and a gradient that ReLU passes where that maximum is not <= 0 (as threshold_backward). Windows do not overlap,
  * so each input receives at most one output's gradient; an odd last row or column is in no window (gradient 0).
  *

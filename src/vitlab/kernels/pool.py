@@ -21,13 +21,17 @@ _operators.define("relu_max_pool2d(Tensor x) -> (Tensor, Tensor)")
 _operators.define("relu_max_pool2d_backward(Tensor grad_out, Tensor position, int height, int width) -> Tensor")
 
 
+def shape_supported(x: torch.Tensor, library) -> bool:
+    """Whether the library's kernel takes x: a plain (not a subclass, not a negated view) (B, C, H, W) bf16 or fp32 CPU
+    tensor in channels-last memory, none of its sizes 0, H and W at least 2, on a CPU and compiler with AVX-512."""
+    return (library is not None and library_capabilities(library).relu_max_pool and type(x) is torch.Tensor
+            and x.device.type == "cpu" and x.dtype in SUFFIXES and x.dim() == 4 and x.shape[2] >= 2 and x.shape[3] >= 2
+            and x.shape[0] > 0 and x.shape[1] > 0 and not x.is_neg() and x.is_contiguous(memory_format=torch.channels_last))
+
+
 def kernel_supports(x: torch.Tensor) -> bool:
-    """Whether `relu_max_pool` takes x: a (B, C, H, W) bf16 or fp32 CPU tensor in channels-last memory, H and W at
-    least 2, on a CPU and compiler with AVX-512."""
-    library = compiled_library()
-    return (library is not None and library_capabilities(library).relu_max_pool and x.device.type == "cpu"
-            and x.dtype in SUFFIXES and x.dim() == 4 and x.shape[2] >= 2 and x.shape[3] >= 2 and x.shape[0] > 0
-            and x.shape[1] > 0 and x.is_contiguous(memory_format=torch.channels_last))
+    """Whether `relu_max_pool` will take x (see shape_supported) with the kernels switched on."""
+    return shape_supported(x, compiled_library())
 
 
 def channels_last_empty(batch: int, channels: int, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -38,7 +42,7 @@ def relu_max_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(max-pool 2×2 of ReLU(x), (B, C, H/2, W/2) in x's dtype, channels-last; the winning position per output, uint8
     in the same layout: 0-3 in reading order within the window, NO_GRADIENT where ReLU passes no gradient) for x that
     `kernel_supports`."""
-    if not kernel_supports(x):
+    if not shape_supported(x, loaded_library()):
         raise ValueError(f"the ReLU/max-pool kernel takes (B, C, H, W) bf16 or fp32 CPU channels-last tensors with H, W >= 2, got "
                          f"{tuple(x.shape)} {x.dtype} on {x.device}")
     batch, channels, height, width = x.shape
@@ -71,5 +75,21 @@ def relu_max_pool_backward(grad_out: torch.Tensor, position: torch.Tensor, heigh
     return grad_x
 
 
+def relu_max_pool_meta(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shapes, dtypes and layout of `relu_max_pool`'s outputs, without data (for fake and meta tensors)."""
+    batch, channels, height, width = x.shape
+    size = (batch, channels, height // 2, width // 2)
+    return (torch.empty(size, dtype=x.dtype, device=x.device, memory_format=torch.channels_last),
+            torch.empty(size, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last))
+
+
+def relu_max_pool_backward_meta(grad_out: torch.Tensor, position: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    batch, channels = position.shape[:2]
+    return torch.empty((batch, channels, height, width), dtype=grad_out.dtype, device=grad_out.device,
+                       memory_format=torch.channels_last)
+
+
 _operators.impl("relu_max_pool2d", relu_max_pool, "CPU")
 _operators.impl("relu_max_pool2d_backward", relu_max_pool_backward, "CPU")
+_operators.impl("relu_max_pool2d", relu_max_pool_meta, "Meta")
+_operators.impl("relu_max_pool2d_backward", relu_max_pool_backward_meta, "Meta")

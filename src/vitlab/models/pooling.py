@@ -4,12 +4,14 @@
 2×2, stride-2 max-pool goes through the kernel where it applies: bf16 or fp32 channels-last CPU activations (the
 CNNs' under CPU bf16 autocast or in fp32), plain modules with no hook on either (a hook sees what the modules compute, so Grad-CAM
 and feature figures run them as they are), no graph being recorded. The same values as the two modules; where the
-kernel does not apply, the modules themselves.
+kernel does not apply, the modules themselves. A fused `nn.ReLU(inplace=True)` leaves its input as it was (the CNNs'
+ReLUs follow a convolution or a BatchNorm, whose outputs nothing else reads).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitlab.kernels import pool as pool_kernel
@@ -18,7 +20,10 @@ from vitlab.models.base import has_hooks
 
 
 class KernelReLUMaxPool(torch.autograd.Function):
-    """max_pool2d(relu(x), 2) for bf16 or fp32 channels-last CPU x, the winners' positions saved for backward."""
+    """max_pool2d(relu(x), 2) for bf16 or fp32 channels-last CPU x, the winners' positions saved for backward.
+
+    Backward is the kernel's; under `create_graph=True` (a gradient penalty, say) it is the same routing written in
+    PyTorch operators, so that it can be differentiated again."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -28,10 +33,24 @@ class KernelReLUMaxPool(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # no double backward through the kernel
     def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
         (position,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return routed_gradient(grad_out, position, *ctx.size)
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)  # the flatten after a last pool hands NCHW
         return torch.ops.vitlab.relu_max_pool2d_backward(grad_out, position, *ctx.size)
+
+
+def routed_gradient(grad_out: torch.Tensor, position: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The kernel's backward in differentiable PyTorch operators: each output's gradient to the window position that
+    won (0 where ReLU stopped it), (B, C, height, width) channels-last."""
+    batch, channels, out_height, out_width = grad_out.shape
+    places = position.unsqueeze(-1) == torch.arange(4, dtype=position.dtype)  # (B, C, H/2, W/2, 4): NO_GRADIENT matches none
+    routed = torch.where(places, grad_out.unsqueeze(-1), torch.zeros((), dtype=grad_out.dtype))  # (B, C, H/2, W/2, 4)
+    windows = routed.reshape(batch, channels, out_height, out_width, 2, 2).permute(0, 1, 2, 4, 3, 5)  # (B, C, H/2, 2, W/2, 2)
+    grad_x = windows.reshape(batch, channels, 2 * out_height, 2 * out_width)
+    grad_x = F.pad(grad_x, (0, width - 2 * out_width, 0, height - 2 * out_height))  # an odd last row or column: no window
+    return grad_x.contiguous(memory_format=torch.channels_last)
 
 
 def fusable_pool(module: nn.Module) -> bool:
