@@ -135,3 +135,12 @@ def test_a_gradient_in_nchw_memory_is_taken():
     x = torch.randn(2, 16, 6, 6).to(torch.bfloat16).contiguous(memory_format=LAST)
     grad_out = torch.randn(2, 16, 3, 3).to(torch.bfloat16)  # contiguous NCHW, as after a flatten
     assert torch.equal(bits(kernel_pair(x, grad_out)[1]), bits(pytorch_pair(x, grad_out)[1]))
+
+
+def test_a_negated_gradient_view_is_read_as_its_values():
+    torch.manual_seed(7)
+    x = torch.randn(2, 16, 4, 4).to(torch.bfloat16).contiguous(memory_format=LAST)
+    grad_out = torch.randn(2, 16, 2, 2).to(torch.bfloat16).contiguous(memory_format=LAST)
+    _, position = pool_kernel.relu_max_pool(x)
+    negated = pool_kernel.relu_max_pool_backward(grad_out._neg_view(), position, 4, 4)
+    assert torch.equal(negated, pool_kernel.relu_max_pool_backward(-grad_out, position, 4, 4))

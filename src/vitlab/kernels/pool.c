@@ -8,9 +8,9 @@
  *
  * The result is PyTorch's, value for value: the maximum of ReLU(x) over each window, won by the last position in
  * reading order (top row, then left to right) that is greater than the maximum before it or is NaN (as max_pool2d's
- * CPU kernel: the first of tied maxima, the last of several NaNs),
- * and a gradient that ReLU passes where that maximum is not <= 0 (as threshold_backward). Windows do not overlap,
- * so each input receives at most one output's gradient; an odd last row or column is in no window (gradient 0).
+ * CPU kernel: the first of tied maxima, the last of several NaNs), and a gradient that ReLU passes where that
+ * maximum is not <= 0 (as threshold_backward). Windows do not overlap, so each input receives at most one output's
+ * gradient; an odd last row or column is in no window (gradient 0).
  *
  * Layout: x is (batch, height, width, channels), bf16 or fp32 (a channels-last NCHW tensor's memory), the output
  * and the positions (batch, height / 2, width / 2, channels).

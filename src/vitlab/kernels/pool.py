@@ -66,7 +66,7 @@ def relu_max_pool_backward(grad_out: torch.Tensor, position: torch.Tensor, heigh
                          f"{tuple(grad_out.shape)} and {tuple(position.shape)}")
     if grad_out.dtype not in SUFFIXES or grad_out.device.type != "cpu":
         raise ValueError(f"the ReLU/max-pool backward takes a bf16 or fp32 CPU gradient, got {grad_out.dtype} on {grad_out.device}")
-    grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    grad_out = grad_out.resolve_neg().contiguous(memory_format=torch.channels_last)  # the kernel reads memory as it is
     position = position.contiguous(memory_format=torch.channels_last)
     grad_x = channels_last_empty(batch, channels, height, width, grad_out.dtype)
     backward = getattr(loaded_library(), f"vitlab_relu_max_pool_backward_{SUFFIXES[grad_out.dtype]}")

@@ -2,10 +2,10 @@
 
 `run_layers(layers, x)` runs an nn.Sequential as it would run itself, except that a ReLU directly followed by a
 2×2, stride-2 max-pool goes through the kernel where it applies: bf16 or fp32 channels-last CPU activations (the
-CNNs' under CPU bf16 autocast or in fp32), plain modules with no hook on either (a hook sees what the modules compute, so Grad-CAM
-and feature figures run them as they are), no graph being recorded. The same values as the two modules; where the
-kernel does not apply, the modules themselves. A fused `nn.ReLU(inplace=True)` leaves its input as it was (the CNNs'
-ReLUs follow a convolution or a BatchNorm, whose outputs nothing else reads).
+CNNs' under CPU bf16 autocast or in fp32), plain modules with no hook on either (a hook sees what the modules
+compute, so Grad-CAM and feature figures run them as they are), no graph being recorded or transformed. The same
+values as the two modules; where the kernel does not apply, the modules themselves. A fused `nn.ReLU(inplace=True)`
+leaves its input as it was (the CNNs' ReLUs follow a convolution or a BatchNorm, whose outputs nothing else reads).
 """
 
 from __future__ import annotations
