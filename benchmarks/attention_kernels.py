@@ -14,6 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from vitlab.errors import run_script
 from vitlab.models.layers import CPU_EXPLICIT_MAX_TOKENS
 
 DEFAULT_SHAPES = ["128,4,65,16", "128,4,64,32", "128,8,65,16", "128,4,101,16", "128,4,129,16", "128,4,145,32", "128,4,257,16"]
@@ -59,4 +60,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

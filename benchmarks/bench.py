@@ -36,6 +36,7 @@ from torchvision import transforms
 
 from vitlab.config import TrainConfig
 from vitlab.data import MEAN, STD, DeviceBatches, load_cifar10, locate_cifar10
+from vitlab.errors import run_script
 from vitlab.models import build_model
 from vitlab.models.flops import train_flops_per_image
 from vitlab.presets import PRESETS
@@ -372,4 +373,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -19,7 +19,7 @@ import bench
 import torch
 
 from vitlab.data import load_cifar10, locate_cifar10, normalize
-from vitlab.errors import VitlabError
+from vitlab.errors import VitlabError, run_script
 from vitlab.models import model_from_config
 from vitlab.presets import build_run_config
 from vitlab.train.run import fit_to_data
@@ -82,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

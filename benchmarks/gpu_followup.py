@@ -29,6 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_suite import Job, log, step_images_per_second, stop_all, vitlab_command, write_json  # noqa: E402
 
+from vitlab.errors import run_script
+
 # The two vit-best candidates: a pure ViT (vit-best's architecture without its always-on MixUp/CutMix)
 # and a hybrid with vit-cct's (then vit-fast's) convolutional tokenizer, wider and deeper.
 CANDIDATES = {
@@ -168,4 +170,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

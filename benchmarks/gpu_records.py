@@ -30,6 +30,7 @@ from gpu_suite import Job, gpu_environment, log, stop_all, vitlab_command, write
 
 from vitlab.config import TrainConfig  # noqa: E402
 from vitlab.data import DeviceBatches  # noqa: E402
+from vitlab.errors import run_script
 from vitlab.models import build_model  # noqa: E402
 from vitlab.presets import PRESETS, build_run_config  # noqa: E402
 from vitlab.train.trainer import Runner  # noqa: E402
@@ -188,4 +189,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -37,6 +37,7 @@ import torch
 
 from vitlab.config import TrainConfig
 from vitlab.data import DeviceBatches
+from vitlab.errors import run_script
 from vitlab.models import build_model
 from vitlab.models.flops import train_flops_per_image
 from vitlab.presets import PRESETS, build_run_config
@@ -385,4 +386,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -16,6 +16,7 @@ import time
 import torch
 
 from vitlab.config import TrainConfig
+from vitlab.errors import run_script
 from vitlab.models import build_model
 from vitlab.train.optim import make_optimizer
 from vitlab.train.trainer import Runner
@@ -54,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -15,6 +15,7 @@ from torch.profiler import profile
 
 from vitlab.config import TrainConfig
 from vitlab.data import load_cifar10, locate_cifar10
+from vitlab.errors import run_script
 from vitlab.models import build_model
 
 
@@ -49,4 +50,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -250,3 +250,16 @@ def test_compile_both_times_every_configuration_eager_and_compiled_in_the_same_r
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
     assert [(row["compiled"], row["vitlab_img_s"], row["rounds_img_s"]) for row in rows] == [(False, 100.0, [100.0, 100.0]),
                                                                                            (True, 200.0, [200.0, 200.0])]
+
+
+@pytest.mark.parametrize("script", ["bench.py", "profile_step.py"])
+def test_a_missing_dataset_is_one_line_and_exit_status_2(script, tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.delenv("VITLAB_DATA", raising=False)
+    arguments = ["--data-dir", str(tmp_path / "nowhere")] + (["cnn-small"] if script == "profile_step.py" else [])
+    done = subprocess.run([sys.executable, str(Path(bench.__file__).parent / script), *arguments], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if line.startswith(f"{script}: error: ")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(lines) == 1 and "CIFAR-10 not found" in lines[0] and "--data-dir" in lines[0]
