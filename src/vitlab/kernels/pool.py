@@ -34,8 +34,9 @@ def kernel_supports(x: torch.Tensor) -> bool:
     return shape_supported(x, compiled_library())
 
 
-def channels_last_empty(batch: int, channels: int, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty((batch, channels, height, width), dtype=dtype, memory_format=torch.channels_last)
+def channels_last_empty(batch: int, channels: int, height: int, width: int, dtype: torch.dtype,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.empty((batch, channels, height, width), dtype=dtype, device=device, memory_format=torch.channels_last)
 
 
 def relu_max_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,15 +79,13 @@ def relu_max_pool_backward(grad_out: torch.Tensor, position: torch.Tensor, heigh
 def relu_max_pool_meta(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The shapes, dtypes and layout of `relu_max_pool`'s outputs, without data (for fake and meta tensors)."""
     batch, channels, height, width = x.shape
-    size = (batch, channels, height // 2, width // 2)
-    return (torch.empty(size, dtype=x.dtype, device=x.device, memory_format=torch.channels_last),
-            torch.empty(size, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last))
+    return (channels_last_empty(batch, channels, height // 2, width // 2, x.dtype, x.device),
+            channels_last_empty(batch, channels, height // 2, width // 2, torch.uint8, x.device))
 
 
 def relu_max_pool_backward_meta(grad_out: torch.Tensor, position: torch.Tensor, height: int, width: int) -> torch.Tensor:
     batch, channels = position.shape[:2]
-    return torch.empty((batch, channels, height, width), dtype=grad_out.dtype, device=grad_out.device,
-                       memory_format=torch.channels_last)
+    return channels_last_empty(batch, channels, height, width, grad_out.dtype, grad_out.device)
 
 
 _operators.impl("relu_max_pool2d", relu_max_pool, "CPU")
