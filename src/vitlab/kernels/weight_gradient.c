@@ -19,6 +19,7 @@
 #include "bf16_math.h"
 
 #define CHUNK_PAIRS 64
+#define PREFETCH_PAIRS 8
 #define TILE_ROWS 4
 #define TILE_VECTORS 4
 #define MAX_BIAS_VECTORS 256 /* out_features ≤ 4096 with a bias gradient */
@@ -117,6 +118,14 @@ int vitlab_weight_gradient(const uint16_t *grad_out, const uint16_t *input, floa
             for (int64_t p = 0; p < count; p++) {
                 int64_t row = 2 * (chunk + p);
                 int paired = row + 1 < rows;
+                if (row + 2 * PREFETCH_PAIRS + 1 < rows) { /* rows a few pairs on, fetched while these are interleaved */
+                    const char *ahead_out = (const char *)(grad_out + (row + 2 * PREFETCH_PAIRS) * outs);
+                    const char *ahead_in = (const char *)(input + (row + 2 * PREFETCH_PAIRS) * ins);
+                    for (int64_t byte = 0; byte < 4 * outs; byte += 64) /* two rows of outs bf16 numbers */
+                        _mm_prefetch(ahead_out + byte, _MM_HINT_T0);
+                    for (int64_t byte = 0; byte < 4 * ins; byte += 64)
+                        _mm_prefetch(ahead_in + byte, _MM_HINT_T0);
+                }
                 interleave_rows(grad_out + row * outs, paired ? grad_out + (row + 1) * outs : NULL, out_pairs + p * outs, outs);
                 interleave_rows(input + row * ins, paired ? input + (row + 1) * ins : NULL, in_pairs + p * ins, ins);
                 for (int64_t v = 0; v < bias_vectors; v++) /* each pair times (1, 1): exact in fp32 */
