@@ -147,7 +147,7 @@ COMPILED_KERNELS = "## Call CompiledFxGraph"
 # or, for those registered as PyTorch operators, under the operators' names.
 C_KERNELS = {"KernelSelfAttention": "C attention", "KernelSoftmax": "C softmax", "KernelDropout": "C dropout",
              "KernelLayerNorm": "C layer norm", "KernelResidualNorm": "C residual add + layer norm", "KernelGELU": "C GELU",
-             "KernelLinear": "C weight gradient", "vitlab::relu_max_pool2d": "C ReLU + max-pool",
+             "KernelLinear": "C linear layer", "vitlab::relu_max_pool2d": "C ReLU + max-pool",
              "vitlab::relu_max_pool2d_backward": "C ReLU + max-pool"}
 # ... of which these are matrix multiplication (a linear layer's weight-gradient matmul, its forward's weight cast).
 MATMUL_C_KERNELS = {"KernelLinear"}

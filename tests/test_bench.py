@@ -207,7 +207,7 @@ def test_vitlabs_c_kernels_count_in_the_breakdown_forward_and_backward_together(
     assert not any(name.startswith("Kernel") for name in dict(others))
 
 
-def test_the_weight_gradient_kernel_counts_as_matmul_time():
+def test_the_linear_layer_kernels_count_as_matmul_time():
     from vitlab.kernels.weight_gradient import kernel_supports
     from vitlab.models.linear import linear
 
@@ -228,7 +228,7 @@ def test_the_weight_gradient_kernel_counts_as_matmul_time():
         without_it, others = bench.non_matmul_breakdown(step, steps=2, rows=20)
     finally:
         bench.MATMUL_C_KERNELS.add("KernelLinear")
-    assert "C weight gradient" in dict(others) and without_it < only_kernel
+    assert "C linear layer" in dict(others) and without_it < only_kernel
 
 
 def test_compile_both_times_every_configuration_eager_and_compiled_in_the_same_rounds(tmp_path, monkeypatch):

@@ -175,3 +175,25 @@ def test_a_vit_trains_its_linear_layers_through_the_kernel_and_its_gradients_mat
     for name, grad in gradients[True].items():
         # the same gradients to bf16's precision (the kernels round elsewhere too); not bit for bit
         torch.testing.assert_close(grad, gradients[False][name], rtol=0.05, atol=2e-3 * (1 + gradients[False][name].abs().max().item()))
+
+
+@needs_kernel
+def test_forward_and_input_gradient_run_through_the_matmul_kernel_with_the_same_bits_as_onednn(monkeypatch):
+    from vitlab.kernels import matmul as matmul_kernel
+
+    torch.manual_seed(5)
+    x, weight, bias = torch.randn(6, 65, 64).to(torch.bfloat16), torch.randn(256, 64) * 0.1, torch.randn(256)
+    grad_out = torch.randn(6, 65, 256).to(torch.bfloat16)
+    packs = []
+    pack = matmul_kernel.pack_weight
+    monkeypatch.setattr(matmul_kernel, "pack_weight", lambda weight, backward: packs.append(backward) or pack(weight, backward))
+    results = {}
+    for kernel in (True, False):
+        monkeypatch.setattr(matmul_kernel, "kernel_supports", lambda i, o, kernel=kernel: kernel)
+        x_ = x.clone().requires_grad_()
+        with cpu_bf16():
+            out = linear(x_, weight, bias)
+        out.backward(grad_out)
+        results[kernel] = (out, x_.grad)
+    assert packs == [True]  # once, in the kernel's forward, with the input gradient's layout
+    assert torch.equal(results[True][0], results[False][0]) and torch.equal(results[True][1], results[False][1])

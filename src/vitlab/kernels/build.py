@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch  # (also loads PyTorch's OpenMP runtime before the library, so the library shares it)
 
-SOURCES = ("attention.c", "augment.c", "dropout.c", "gelu.c", "layer_norm.c", "pool.c", "softmax.c",
+SOURCES = ("attention.c", "augment.c", "dropout.c", "gelu.c", "layer_norm.c", "matmul.c", "pool.c", "softmax.c",
            "weight_gradient.c")
 HEADERS = ("bf16_math.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
@@ -56,6 +56,9 @@ SIGNATURES = {
     "vitlab_relu_max_pool_supported": ([], ctypes.c_int),
     **{f"vitlab_relu_max_pool_{direction}_{dtype}": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int], None)
        for direction in ("forward", "backward") for dtype in ("bf16", "f32")},
+    "vitlab_matmul_supported": ([], ctypes.c_int),
+    "vitlab_pack_linear_weight": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2, None),
+    "vitlab_matmul_pairs": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], None),
     "vitlab_weight_gradient_supported": ([], ctypes.c_int),
     "vitlab_weight_gradient_max_bias_features": ([], ctypes.c_int64),
     "vitlab_weight_gradient": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], ctypes.c_int),
@@ -180,6 +183,7 @@ class Capabilities:
     weight_gradient: bool  # AVX-512 BF16
     weight_gradient_max_bias_features: int
     relu_max_pool: bool  # AVX-512 (BF16 not needed)
+    matmul: bool  # AVX-512 BF16
 
 
 @functools.cache
@@ -189,14 +193,14 @@ def library_capabilities(library: ctypes.CDLL) -> Capabilities:
                         library.vitlab_attention_max_head_size(), bool(library.vitlab_layer_norm_supported()),
                         library.vitlab_layer_norm_max_features(), bool(library.vitlab_gelu_supported()),
                         bool(library.vitlab_weight_gradient_supported()), library.vitlab_weight_gradient_max_bias_features(),
-                        bool(library.vitlab_relu_max_pool_supported()))
+                        bool(library.vitlab_relu_max_pool_supported()), bool(library.vitlab_matmul_supported()))
 
 
 def available_kernels(library: ctypes.CDLL) -> str:
     capabilities = library_capabilities(library)
     return ", ".join(["dropout", "crop and flip"] + ["softmax"] * capabilities.softmax + ["attention"] * capabilities.attention
                      + ["layer norm"] * capabilities.layer_norm + ["GELU"] * capabilities.gelu
-                     + ["weight gradients"] * capabilities.weight_gradient
+                     + ["linear products"] * capabilities.matmul + ["weight gradients"] * capabilities.weight_gradient
                      + ["ReLU and max-pool"] * capabilities.relu_max_pool)
 
 

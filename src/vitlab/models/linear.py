@@ -1,11 +1,14 @@
-"""Linear layers under CPU bf16 autocast whose weight and bias gradients come from vitlab's kernel, in fp32.
+"""Linear layers under CPU bf16 autocast that run on vitlab's kernels: the products in bf16, the weight and bias
+gradients in fp32.
 
-Under autocast a linear layer's weight gradient is a bf16 matmul of the output gradient's transpose with the input
-(oneDNN first copies both into its own layouts), rounded to bf16 and cast to the fp32 weight's dtype in another
-pass; the bias gradient is a separate sum. `linear` computes the forward and the input gradient exactly as autocast
-does, and the weight and bias gradients in one pass of `kernels/weight_gradient.c`, in fp32 without the rounding to
-bf16. Everywhere else (no autocast, fp32 or GPU inputs, no gradient, a graph being recorded, widths the kernel does
-not take, no compiler or no AVX-512 BF16) it is F.linear.
+Under autocast a linear layer is oneDNN's bf16 matmul, which ran the ViTs' narrow layers well below the machine's
+peak and pays a fixed cost per call; its weight gradient is a bf16 matmul of the output gradient's transpose with the
+input (oneDNN first copies both into its own layouts), rounded to bf16 and cast to the fp32 weight's dtype in another
+pass; the bias gradient is a separate sum. `linear` computes the forward and the input gradient with
+`kernels/matmul.c` (the weight packed once per forward, for both), bit for bit as autocast does, and the weight and
+bias gradients in one pass of `kernels/weight_gradient.c`, in fp32 without the rounding to bf16. Everywhere else (no
+autocast, fp32 or GPU inputs, no gradient, a graph being recorded, widths the kernels do not take, no compiler or no
+AVX-512 BF16) it is F.linear.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlab.kernels import recording_graph
+from vitlab.kernels import matmul as matmul_kernel
 from vitlab.kernels import weight_gradient as weight_gradient_kernel
 from vitlab.kernels.build import fp32_cpu_vector
 from vitlab.models.base import cpu_autocast_dtype, plain_linear
@@ -34,14 +38,23 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 class KernelLinear(torch.autograd.Function):
-    """x @ weightᵀ (+ bias) in bf16 for bf16 CPU x and fp32 weights; weight and bias gradients by vitlab's kernel."""
+    """x @ weightᵀ (+ bias) in bf16 for bf16 CPU x and fp32 weights, by vitlab's matmul kernel where it takes the widths
+    (else oneDNN's, the same bits); weight and bias gradients by vitlab's weight-gradient kernel."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         weight_bf16 = weight.detach().to(torch.bfloat16)
-        out = bf16_linear(x, weight_bf16, None if bias is None else bias.detach().to(torch.bfloat16))  # (..., out) bf16
-        ctx.save_for_backward(x, weight_bf16)
+        bias_bf16 = None if bias is None else bias.detach().to(torch.bfloat16)
         ctx.has_bias = bias is not None
+        if matmul_kernel.kernel_supports(weight.shape[1], weight.shape[0]):
+            packed = matmul_kernel.pack_weight(weight_bf16, backward=ctx.needs_input_grad[0])
+            out = matmul_kernel.matmul(x, packed.forward, bias_bf16)  # (..., out) bf16, the bits of bf16_linear
+            ctx.save_for_backward(x, packed.backward)
+            ctx.packed = True
+            return out
+        out = bf16_linear(x, weight_bf16, bias_bf16)  # (..., out) bf16
+        ctx.save_for_backward(x, weight_bf16)
+        ctx.packed = False
         return out
 
     @staticmethod
@@ -50,9 +63,11 @@ class KernelLinear(torch.autograd.Function):
             raise RuntimeError("vitlab's weight-gradient kernel cannot be differentiated twice (a backward with "
                                "create_graph=True); switch vitlab's C kernels off: --cpu_kernels false, or "
                                "vitlab.kernels.switch_kernels(False)")
-        x, weight_bf16 = ctx.saved_tensors
+        x, weight_or_pairs = ctx.saved_tensors
         grad_out = grad_out.to(torch.bfloat16)
-        grad_x = grad_out @ weight_bf16 if ctx.needs_input_grad[0] else None  # (..., in) bf16, as autocast's backward
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # (..., in) bf16, as autocast's backward
+            grad_x = matmul_kernel.matmul(grad_out, weight_or_pairs) if ctx.packed else grad_out @ weight_or_pairs
         grad_weight = grad_bias = None
         bias_gradient = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:
