@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitlab.kernels import recording_graph
 from vitlab.kernels import matmul as matmul_kernel
+from vitlab.kernels import recording_graph
 from vitlab.kernels import weight_gradient as weight_gradient_kernel
 from vitlab.kernels.build import fp32_cpu_vector
 from vitlab.models.base import cpu_autocast_dtype, plain_linear
