@@ -84,3 +84,75 @@ def test_the_mlp_without_autocast_with_a_hook_or_relu_is_nn_sequential():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(fused(x), plain(x))
     handle.remove()
+
+
+def mlp_results(mlp, x, grad, deferred_bias: bool):
+    """(output, x's gradient, the parameters' gradients) of the MLP under CPU bf16 autocast."""
+    mlp.zero_grad()
+    inputs = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if deferred_bias:
+            out, bias = mlp.without_last_bias(inputs)
+            assert bias is mlp[3].bias
+        else:
+            out = mlp(inputs)
+    out.backward(grad)
+    return [out, inputs.grad, *(None if parameter.grad is None else parameter.grad.clone() for parameter in mlp.parameters())]
+
+
+def test_the_mlp_in_one_kernel_is_the_separate_kernels_bit_for_bit(monkeypatch):
+    from vitlab.kernels import matmul as matmul_kernel
+    from vitlab.models.activations import MLP
+
+    if not matmul_kernel.kernel_supports(32, 64) or not gelu_kernel.adds_bias(64, torch.zeros(64)):
+        import pytest
+
+        pytest.skip("no AVX-512 BF16 C kernels on this machine")
+    fused, _ = mlps()
+    x, grad = torch.randn(5, 13, 32).to(torch.bfloat16), torch.randn(5, 13, 32).to(torch.bfloat16)
+    for deferred_bias in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fused.runs_in_one_kernel(x)
+        one_kernel = mlp_results(fused, x, grad, deferred_bias)
+        assert one_kernel[0].grad_fn.name().endswith("KernelMLPBackward")
+        monkeypatch.setattr(MLP, "runs_in_one_kernel", lambda self, x: False)
+        separate = mlp_results(fused, x, grad, deferred_bias)
+        monkeypatch.undo()
+        assert "KernelMLP" not in separate[0].grad_fn.name()
+        assert (one_kernel[-1] is None) == deferred_bias  # the last bias is the caller's to add
+        for got, expected in zip(one_kernel, separate, strict=True):
+            assert (got is None and expected is None) or torch.equal(got, expected)
+
+
+def test_the_mlp_leaves_the_one_kernel_path_where_something_would_see_between_the_layers():
+    from vitlab.models.activations import MLP
+    from vitlab.models.dropout import Dropout
+
+    fused, _ = mlps()
+    x = torch.randn(4, 32).to(torch.bfloat16)
+    dropping = MLP(32, 64, GELU(), Dropout(0.1), Dropout(0.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused.runs_in_one_kernel(x.float())  # fp32 activations
+        assert not dropping.train().runs_in_one_kernel(x)  # a dropout between the layers
+        handle = fused[1].register_forward_hook(lambda module, inputs, output: None)
+        assert not fused.runs_in_one_kernel(x)  # a hook on the GELU
+        handle.remove()
+        with torch.no_grad():
+            assert not fused.runs_in_one_kernel(x)
+    assert not fused.runs_in_one_kernel(x)  # no autocast
+
+
+def test_a_second_derivative_through_the_one_kernel_mlp_is_refused():
+    import pytest
+
+    from vitlab.kernels import matmul as matmul_kernel
+
+    if not matmul_kernel.kernel_supports(32, 64):
+        pytest.skip("no AVX-512 BF16 C kernels on this machine")
+    fused, _ = mlps()
+    x = torch.randn(4, 32).to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused(x)
+    assert out.grad_fn.name().endswith("KernelMLPBackward")
+    with pytest.raises(RuntimeError, match="create_graph=True.*cpu_kernels false"):
+        torch.autograd.grad(out, x, torch.ones_like(out), create_graph=True)
