@@ -95,27 +95,3 @@ def test_only_widths_in_sixteens_are_supported():
     assert matmul_kernel.kernel_supports(64, 192) and matmul_kernel.kernel_supports(16, 512)
     assert not matmul_kernel.kernel_supports(64, 10) and not matmul_kernel.kernel_supports(24, 64)
     assert not matmul_kernel.kernel_supports(0, 16)
-
-
-@pytest.mark.parametrize(("leading", "depth", "width"), SHAPES)
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_product_ending_in_gelu_is_the_product_and_then_the_gelu_kernel_bit_for_bit(leading, depth, width, threads):
-    from vitlab.kernels import gelu as gelu_kernel
-
-    torch.manual_seed(depth - width)
-    x, weight = torch.randn(*leading, depth).to(torch.bfloat16), (torch.randn(width, depth) * 0.3).to(torch.bfloat16)
-    bias = torch.randn(width)
-    pairs = matmul_kernel.pack_weight(weight, backward=False).forward
-    out, derivative = with_threads(threads, lambda: matmul_kernel.matmul_gelu(x, pairs, bias))
-    if x.numel() == 0:
-        assert out.shape == derivative.shape == (*leading, width)
-        return
-    expected_out, expected_derivative = gelu_kernel.gelu_forward(matmul_kernel.matmul(x, pairs), bias)
-    assert_same_bits(out, expected_out)
-    assert_same_bits(derivative, expected_derivative)
-
-
-def test_the_gelus_bias_is_checked():
-    pairs = matmul_kernel.pack_weight(torch.randn(16, 32).to(torch.bfloat16), False).forward
-    with pytest.raises(ValueError, match="GELU's bias must be an fp32 CPU vector of 16, got torch.bfloat16"):
-        matmul_kernel.matmul_gelu(torch.randn(4, 32).to(torch.bfloat16), pairs, torch.zeros(16, dtype=torch.bfloat16))

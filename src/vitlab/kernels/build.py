@@ -59,7 +59,6 @@ SIGNATURES = {
     "vitlab_matmul_supported": ([], ctypes.c_int),
     "vitlab_pack_linear_weight": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2, None),
     "vitlab_matmul_pairs": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], None),
-    "vitlab_matmul_gelu": ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int], None),
     "vitlab_weight_gradient_supported": ([], ctypes.c_int),
     "vitlab_weight_gradient_max_bias_features": ([], ctypes.c_int64),
     "vitlab_weight_gradient": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], ctypes.c_int),

@@ -23,6 +23,27 @@
 
 int vitlab_gelu_supported(void) { return 1; }
 
+/* GELU(value) and GELU'(value) of 16 fp32 values. */
+static inline void gelu_and_derivative(__m512 value, __m512 *gelu, __m512 *derivative) {
+    const __m512 p = _mm512_set1_ps(0.3275911f * 0.70710678118654752f); /* p / √2: t from |x| directly */
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 magnitude = _mm512_abs_ps(value);
+    __m512 denominator = _mm512_fmadd_ps(p, magnitude, one);
+    __m512 t = _mm512_rcp14_ps(denominator);
+    t = _mm512_mul_ps(t, _mm512_fnmadd_ps(denominator, t, _mm512_set1_ps(2.0f))); /* one Newton step: ~2^-28 */
+    __m512 poly = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+    poly = _mm512_mul_ps(poly, t);
+    __m512 gauss = exp_nonpositive_vector(_mm512_mul_ps(_mm512_mul_ps(value, value), _mm512_set1_ps(-0.5f))); /* e^{-x²/2} */
+    __m512 tail = _mm512_mul_ps(_mm512_mul_ps(poly, gauss), _mm512_set1_ps(0.5f));                          /* ½ (1 − erf(|x|/√2)) */
+    __mmask16 negative = _mm512_cmp_ps_mask(value, _mm512_setzero_ps(), _CMP_LT_OQ);
+    __m512 cdf = _mm512_mask_blend_ps(negative, _mm512_sub_ps(one, tail), tail); /* Φ(x) */
+    *gelu = _mm512_mul_ps(value, cdf);
+    *derivative = _mm512_fmadd_ps(_mm512_mul_ps(value, gauss), _mm512_set1_ps(0.39894228040143268f), cdf);
+}
+
 /* x (count) bf16 [+ bias (columns) fp32, per column of rows of `columns`] → out = GELU, derivative = GELU', bf16.
  * bias may be NULL; with a bias, columns is a multiple of 16 that divides count. */
 void vitlab_gelu_forward(const uint16_t *x, const float *bias, uint16_t *out, uint16_t *derivative, int64_t count,

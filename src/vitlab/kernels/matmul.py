@@ -48,20 +48,14 @@ def pack_weight(weight: torch.Tensor, backward: bool) -> PackedWeight:
     return PackedWeight(forward, backward_pairs, out_features, in_features)
 
 
-def check_product(a: torch.Tensor, pairs: torch.Tensor) -> tuple[int, int]:
-    """(depth, width) of the product of a and the matrix packed as `pairs`; ValueError if the kernel cannot take them."""
-    if pairs.dtype != torch.int32 or pairs.dim() != 2 or not pairs.is_contiguous():
-        raise ValueError("pairs must be a contiguous int32 matrix from pack_weight")
-    depth, width = 2 * pairs.shape[0], pairs.shape[1]
-    if a.dtype != torch.bfloat16 or a.device.type != "cpu" or a.dim() < 1 or a.shape[-1] != depth:
-        raise ValueError(f"the matmul kernel takes a bf16 CPU tensor (..., {depth}), got {a.dtype} {tuple(a.shape)} on {a.device}")
-    return depth, width
-
-
 def matmul(a: torch.Tensor, pairs: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a (..., depth) bf16 times the matrix packed as `pairs` (depth / 2, width) → (..., width) bf16, plus a bf16 bias
     (width,) if given: each output one fp32 sum rounded once, as PyTorch's bf16 matmul computes it."""
-    depth, width = check_product(a, pairs)
+    depth, width = 2 * pairs.shape[0], pairs.shape[1]
+    if a.dtype != torch.bfloat16 or a.device.type != "cpu" or a.dim() < 1 or a.shape[-1] != depth:
+        raise ValueError(f"the matmul kernel takes a bf16 CPU tensor (..., {depth}), got {a.dtype} {tuple(a.shape)} on {a.device}")
+    if pairs.dtype != torch.int32 or pairs.dim() != 2 or not pairs.is_contiguous():
+        raise ValueError("pairs must be a contiguous int32 matrix from pack_weight")
     if bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != (width,) or bias.device.type != "cpu"):
         raise ValueError(f"the matmul kernel's bias must be a bf16 CPU vector of {width}, got {bias.dtype} {tuple(bias.shape)}")
     a = a.contiguous()
@@ -72,21 +66,3 @@ def matmul(a: torch.Tensor, pairs: torch.Tensor, bias: torch.Tensor | None = Non
         loaded_library().vitlab_matmul_pairs(a.data_ptr(), pairs.data_ptr(), None if bias is None else bias.data_ptr(),
                                              out.data_ptr(), rows, depth, width, torch.get_num_threads())
     return out
-
-
-def matmul_gelu(a: torch.Tensor, pairs: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An MLP's first layer and its GELU in one pass: (GELU(h), GELU'(h)), both bf16 (..., width), where h is `matmul(a,
-    pairs)` (rounded to bf16) plus the fp32 `bias` (width,) — the bits of `matmul` and then kernels/gelu.c's forward,
-    without writing h."""
-    depth, width = check_product(a, pairs)
-    if bias.dtype != torch.float32 or bias.shape != (width,) or bias.device.type != "cpu":
-        raise ValueError(f"the GELU's bias must be an fp32 CPU vector of {width}, got {bias.dtype} {tuple(bias.shape)} on {bias.device}")
-    a, bias = a.contiguous(), bias.detach().contiguous()
-    out = torch.empty(*a.shape[:-1], width, dtype=torch.bfloat16)
-    derivative = torch.empty_like(out)
-    rows = a.numel() // depth
-    if rows:
-        loaded_library().vitlab_matmul_gelu(a.data_ptr(), pairs.data_ptr(), bias.data_ptr(), out.data_ptr(), derivative.data_ptr(),
-                                            rows, depth, width, torch.get_num_threads())
-    return out, derivative
-
