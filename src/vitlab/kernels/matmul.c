@@ -42,15 +42,19 @@ void vitlab_pack_linear_weight(const uint16_t *weight, uint32_t *forward_pairs, 
 }
 
 /* out[r][16v + lane] = Σ_p a[r] pair p · pairs[p][16v + lane] (+ bias), r < ROWS, v < VECTORS; a's rows `depth` long,
- * out's and pairs' rows `width`. ROWS and VECTORS are constants at every call. */
+ * out's and pairs' rows `width`. ROWS and VECTORS are constants at every call. Meanwhile the first `ahead_lines` cache
+ * lines from `ahead` (the next rows of a) are fetched, one per pair: for a deep product a's rows would otherwise
+ * arrive from memory only when the next tile broadcasts them, with the dot-product unit waiting. */
 static inline __attribute__((always_inline)) void product_tile(const int ROWS, const int VECTORS, const uint16_t *a, int64_t depth,
                                                                 const uint32_t *pairs, int64_t width, const uint16_t *bias,
-                                                                uint16_t *out) {
+                                                                uint16_t *out, const char *ahead, int64_t ahead_lines) {
     __m512 sums[TILE_ROWS][TILE_VECTORS];
     for (int r = 0; r < ROWS; r++)
         for (int v = 0; v < VECTORS; v++)
             sums[r][v] = _mm512_setzero_ps();
     for (int64_t p = 0; p < depth / 2; p++) {
+        if (p < ahead_lines)
+            _mm_prefetch(ahead + 64 * p, _MM_HINT_T0);
         __m512bh columns[TILE_VECTORS];
         for (int v = 0; v < VECTORS; v++)
             columns[v] = (__m512bh)_mm512_loadu_si512(pairs + p * width + 16 * v);
@@ -69,16 +73,18 @@ static inline __attribute__((always_inline)) void product_tile(const int ROWS, c
     }
 }
 
-/* ROWS rows of a times all of B, TILE_VECTORS·16 outputs at a time (width a multiple of 16). */
+/* ROWS rows of a times all of B, TILE_VECTORS·16 outputs at a time (width a multiple of 16); the first tile fetches the
+ * `ahead_rows` rows of a after these. */
 static inline __attribute__((always_inline)) void product_rows(const int ROWS, const uint16_t *a, int64_t depth, const uint32_t *pairs,
-                                                                int64_t width, const uint16_t *bias, uint16_t *out) {
-    int64_t w = 0;
-    for (; w + 16 * TILE_VECTORS <= width; w += 16 * TILE_VECTORS)
-        product_tile(ROWS, TILE_VECTORS, a, depth, pairs + w, width, bias == NULL ? NULL : bias + w, out + w);
+                                                                int64_t width, const uint16_t *bias, uint16_t *out, int64_t ahead_rows) {
+    const char *ahead = (const char *)(a + ROWS * depth);
+    int64_t ahead_lines = ahead_rows * depth * (int64_t)sizeof(uint16_t) / 64, w = 0;
+    for (; w + 16 * TILE_VECTORS <= width; w += 16 * TILE_VECTORS, ahead_lines = 0)
+        product_tile(ROWS, TILE_VECTORS, a, depth, pairs + w, width, bias == NULL ? NULL : bias + w, out + w, ahead, ahead_lines);
     switch ((width - w) / 16) {
-    case 3: product_tile(ROWS, 3, a, depth, pairs + w, width, bias == NULL ? NULL : bias + w, out + w); break;
-    case 2: product_tile(ROWS, 2, a, depth, pairs + w, width, bias == NULL ? NULL : bias + w, out + w); break;
-    case 1: product_tile(ROWS, 1, a, depth, pairs + w, width, bias == NULL ? NULL : bias + w, out + w); break;
+    case 3: product_tile(ROWS, 3, a, depth, pairs + w, width, bias == NULL ? NULL : bias + w, out + w, ahead, ahead_lines); break;
+    case 2: product_tile(ROWS, 2, a, depth, pairs + w, width, bias == NULL ? NULL : bias + w, out + w, ahead, ahead_lines); break;
+    case 1: product_tile(ROWS, 1, a, depth, pairs + w, width, bias == NULL ? NULL : bias + w, out + w, ahead, ahead_lines); break;
     default: break;
     }
 }
@@ -93,13 +99,14 @@ void vitlab_matmul_pairs(const uint16_t *a, const uint32_t *pairs, const uint16_
         int64_t first = block * TILE_ROWS, left = rows - first;
         const uint16_t *block_a = a + first * depth;
         uint16_t *block_out = out + first * width;
+        int64_t next_rows = left >= 2 * TILE_ROWS ? TILE_ROWS : left - TILE_ROWS; /* the next block's, fetched meanwhile */
         switch (left >= TILE_ROWS ? TILE_ROWS : left) {
-        case 6: product_rows(6, block_a, depth, pairs, width, bias, block_out); break;
-        case 5: product_rows(5, block_a, depth, pairs, width, bias, block_out); break;
-        case 4: product_rows(4, block_a, depth, pairs, width, bias, block_out); break;
-        case 3: product_rows(3, block_a, depth, pairs, width, bias, block_out); break;
-        case 2: product_rows(2, block_a, depth, pairs, width, bias, block_out); break;
-        default: product_rows(1, block_a, depth, pairs, width, bias, block_out); break;
+        case 6: product_rows(6, block_a, depth, pairs, width, bias, block_out, next_rows); break;
+        case 5: product_rows(5, block_a, depth, pairs, width, bias, block_out, 0); break;
+        case 4: product_rows(4, block_a, depth, pairs, width, bias, block_out, 0); break;
+        case 3: product_rows(3, block_a, depth, pairs, width, bias, block_out, 0); break;
+        case 2: product_rows(2, block_a, depth, pairs, width, bias, block_out, 0); break;
+        default: product_rows(1, block_a, depth, pairs, width, bias, block_out, 0); break;
         }
     }
 }
