@@ -397,6 +397,17 @@ __attribute__((noinline)) static void paired_query_rows_to_weights(const uint16_
     }
 }
 
+/* Fetch rows [first, last) of the next item's matrices into the caches: `count` matrices whose rows are `row_stride`
+ * apart, matrix m starting at starts[m], each row `bytes` long. Called a few rows at a time while this item's products
+ * run, so that packing the next item does not wait on memory. */
+static inline void fetch_rows(const uint16_t *const *starts, int count, int64_t row_stride, int64_t bytes, int64_t first, int64_t last) {
+    for (int m = 0; m < count; m++)
+        if (starts[m] != NULL)
+            for (int64_t row = first; row < last; row++)
+                for (int64_t byte = 0; byte < bytes; byte += 64)
+                    _mm_prefetch((const char *)(starts[m] + row * row_stride) + byte, _MM_HINT_T0);
+}
+
 /* Forward. qkv (B, T, 3, H, Dh) bf16 → out (B, T, H, Dh) bf16 and weights (B, H, T, PADDED(T)) bf16, each row's
  * weights followed by zeros (not written if NULL).  scales[h] multiplies
  * head h's queries (rounded to bf16, as `query * scale` is); mask_diagonal leaves out each token's own score.
@@ -446,14 +457,20 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
                 mixing_rows = weight_buffer;
                 mixing_row = buffer_row;
             }
+            int64_t next = item + 1 < batch * heads ? item + 1 : -1; /* this thread's next item, mostly */
+            const uint16_t *next_first = next < 0 ? NULL : qkv + next / heads * tokens * qkv_row + next % heads * head_size;
+            const uint16_t *next_starts[3] = {next_first, next_first == NULL ? NULL : next_first + out_row,
+                                              next_first == NULL ? NULL : next_first + 2 * out_row};
             i = 0;
             for (; i + ROW_BLOCK <= tokens; i += ROW_BLOCK) {
+                fetch_rows(next_starts, 3, qkv_row, 2 * head_size, i, i + ROW_BLOCK);
                 __m512 mixed[ROW_BLOCK][MAX_HEAD / 16];
                 block_times_rows(mixing_rows + i * mixing_row, mixing_row / 2, 1, value_pairs, tokens, head_size, mixed);
                 for (int r = 0; r < ROW_BLOCK; r++)
                     for (int64_t dv = 0; dv < head_size / 16; dv++)
                         store_bf16_rounded(out + (image * tokens + i + r) * out_row + head * head_size + 16 * dv, mixed[r][dv], 0xFFFF);
             }
+            fetch_rows(next_starts, 3, qkv_row, 2 * head_size, i, tokens);
             for (; i < tokens; i++) {
                 __m512 mixed[MAX_HEAD / 16];
                 row_times_rows(mixing_rows + i * mixing_row, 1, value_pairs, tokens, head_size, mixed);
@@ -679,8 +696,17 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
                 }
             }
             /* dK and dV sum over the queries i: dS and P as pairs of rows (written above), read down their columns j. */
+            int64_t next = item + 1 < batch * heads ? item + 1 : -1; /* this thread's next item, mostly */
+            int64_t next_image = next / heads, next_head = next % heads;
+            const uint16_t *next_first = next < 0 ? NULL : qkv + next_image * tokens * qkv_row + next_head * head_size;
+            const uint16_t *next_qkv[3] = {next_first, next_first == NULL ? NULL : next_first + out_row,
+                                           next_first == NULL ? NULL : next_first + 2 * out_row};
+            const uint16_t *next_outs[2] = {next < 0 ? NULL : grad_out + next_image * tokens * out_row + next_head * head_size,
+                                            next < 0 ? NULL : out + next_image * tokens * out_row + next_head * head_size};
             int64_t j = 0;
             for (; j + ROW_BLOCK <= tokens; j += ROW_BLOCK) {
+                fetch_rows(next_qkv, 3, qkv_row, 2 * head_size, j, j + ROW_BLOCK);
+                fetch_rows(next_outs, 2, out_row, 2 * head_size, j, j + ROW_BLOCK);
                 __m512 results[ROW_BLOCK][MAX_HEAD / 16];
                 block_times_rows(grad_score_pairs + j, 1, padded, query_pairs, tokens, head_size, results);
                 for (int r = 0; r < ROW_BLOCK; r++)
@@ -691,6 +717,8 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
                     for (int64_t dv = 0; dv < head_size / 16; dv++)
                         store_bf16_rounded(grad_first + (j + r) * qkv_row + 2 * out_row + 16 * dv, results[r][dv], 0xFFFF);
             }
+            fetch_rows(next_qkv, 3, qkv_row, 2 * head_size, j, tokens);
+            fetch_rows(next_outs, 2, out_row, 2 * head_size, j, tokens);
             for (; j < tokens; j++) {
                 __m512 result[MAX_HEAD / 16];
                 row_times_rows(grad_score_pairs + j, padded, query_pairs, tokens, head_size, result);
