@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from vitlab.kernels import matmul as matmul_kernel
 
 SUPPORTED = matmul_kernel.kernel_supports(16, 16)
-pytestmark = pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 BF16 C kernels on this machine")
+pytestmark = pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 BF16 C kernels on this machine, or AMX (oneDNN's products)")
 
 
 def with_threads(threads: int, function):

@@ -181,6 +181,8 @@ def test_a_vit_trains_its_linear_layers_through_the_kernel_and_its_gradients_mat
 def test_forward_and_input_gradient_run_through_the_matmul_kernel_with_the_same_bits_as_onednn(monkeypatch):
     from vitlab.kernels import matmul as matmul_kernel
 
+    if not matmul_kernel.kernel_supports(64, 256):
+        pytest.skip("the products stay with oneDNN on this machine (no AVX-512 BF16, or AMX)")
     torch.manual_seed(5)
     x, weight, bias = torch.randn(6, 65, 64).to(torch.bfloat16), torch.randn(256, 64) * 0.1, torch.randn(256)
     grad_out = torch.randn(6, 65, 256).to(torch.bfloat16)
