@@ -91,7 +91,21 @@ def test_bad_arguments_are_refused_with_what_was_given():
         matmul_kernel.pack_weight(torch.randn(16, 32), False)
 
 
-def test_only_widths_in_sixteens_are_supported():
+def test_only_widths_in_sixteens_up_to_the_deepest_sum_are_supported(monkeypatch):
     assert matmul_kernel.kernel_supports(64, 192) and matmul_kernel.kernel_supports(16, 512)
     assert not matmul_kernel.kernel_supports(64, 10) and not matmul_kernel.kernel_supports(24, 64)
     assert not matmul_kernel.kernel_supports(0, 16)
+    # deeper than 512, oneDNN adds separately summed blocks: the kernel's single chain would differ in the last bit
+    assert not matmul_kernel.kernel_supports(576, 64) and not matmul_kernel.kernel_supports(64, 576)
+    monkeypatch.setattr(matmul_kernel, "cpu_has_amx", lambda: True)  # oneDNN's products run on AMX tiles there
+    assert not matmul_kernel.kernel_supports(64, 192)
+
+
+def test_products_it_cannot_take_are_refused_not_left_unwritten():
+    zeros = torch.zeros(8, 24, dtype=torch.int32)  # width 24: not a multiple of 16
+    with pytest.raises(ValueError, match="depth 16 and width 24"):
+        matmul_kernel.matmul(torch.randn(4, 16).to(torch.bfloat16), zeros)
+    with pytest.raises(ValueError, match="depth 0 and width 16"):
+        matmul_kernel.matmul(torch.randn(4, 0).to(torch.bfloat16), torch.zeros(0, 16, dtype=torch.int32))
+    with pytest.raises(ValueError, match="depth 576 and width 16"):
+        matmul_kernel.matmul(torch.randn(4, 576).to(torch.bfloat16), torch.zeros(288, 16, dtype=torch.int32))

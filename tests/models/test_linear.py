@@ -199,3 +199,24 @@ def test_forward_and_input_gradient_run_through_the_matmul_kernel_with_the_same_
         results[kernel] = (out, x_.grad)
     assert packs == [True]  # once, in the kernel's forward, with the input gradient's layout
     assert torch.equal(results[True][0], results[False][0]) and torch.equal(results[True][1], results[False][1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", ["strided x with a bias", "a tiny product", "a deep sum"])
+def test_where_the_matmul_kernel_would_round_otherwise_autocasts_product_runs(case):
+    """PyTorch rounds a strided 3-d x's product before adding the bias, keeps bf16 subnormals in products of at most
+    16³ multiply-adds, and sums depths beyond 512 in blocks: the same bits as autocast's F.linear there too."""
+    torch.manual_seed(7)
+    if case == "strided x with a bias":
+        x, weight = torch.randn(8, 2, 16).to(torch.bfloat16).transpose(0, 1), torch.randn(16, 16)
+    elif case == "a tiny product":
+        x, weight = torch.randn(1, 16).to(torch.bfloat16), torch.randn(16, 16)
+        x[0, 0], weight[:, 0] = float("inf"), 1e-39  # inf times a subnormal: inf in PyTorch, NaN where it counts as 0
+    else:
+        x, weight = torch.randn(64, 576).to(torch.bfloat16), torch.randn(64, 576)
+    bias = torch.randn(16 if case != "a deep sum" else 64)
+    grad_out = torch.randn(*x.shape[:-1], weight.shape[0]).to(torch.bfloat16)
+    (out_a, gx_a, _, _), (out_k, gx_k, _, _) = autocast_and_kernel_gradients(x, weight, bias, grad_out)
+    assert out_k.grad_fn.name().endswith("KernelLinearBackward")
+    torch.testing.assert_close(out_k, out_a, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(gx_k, gx_a, rtol=0, atol=0, equal_nan=True)

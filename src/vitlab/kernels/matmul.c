@@ -2,19 +2,18 @@
  * weight or its transpose) packed once per call.
  *
  * PyTorch's bf16 matmuls go to oneDNN, which ran the ViTs' narrow shapes (64 to 512 features, thousands of token
- * rows) well below the machine's bf16 peak: a layer with 64 outputs and 256 inputs at about 70% of it, and every call
- * pays a fixed cost of tens of microseconds (docs/performance.md). Here `vdpbf16ps` multiplies pairs along the sum:
- * a row of a (row-major, its depth axis contiguous) already holds its pairs side by side, so each is broadcast
- * straight from memory; B is packed as pairs[p][w] = (B[2p][w], B[2p+1][w]). Every tile of TILE_ROWS rows × up to
- * TILE_VECTORS·16 outputs keeps its sums in registers through the whole depth.
+ * rows) below the machine's bf16 peak and pays a fixed cost per call (docs/performance.md). Here `vdpbf16ps`
+ * multiplies pairs along the sum: a row of a (row-major, its depth axis contiguous) already holds its pairs side by
+ * side, so each is broadcast straight from memory; B is packed as pairs[p][w] = (B[2p][w], B[2p+1][w]). Every tile of
+ * TILE_ROWS rows × up to TILE_VECTORS·16 outputs keeps its sums in registers through the whole depth.
  *
  * Numerics: each output is one fp32 sum over the depth, pair by pair in order, then (plus the bias, a bf16 number)
- * rounded to bf16 once — the same bits as oneDNN's product for these shapes (tests/kernels/test_matmul_kernel.py).
+ * rounded to bf16 once — the same bits as oneDNN's product up to a depth of 512, where oneDNN too sums in one chain
+ * (kernels/matmul.py keeps deeper products with oneDNN; tests/kernels/test_matmul_kernel.py). bf16 subnormal inputs
+ * count as 0, as in oneDNN.
  */
 #include <stdlib.h>
 #include <string.h>
-
-#include <omp.h>
 
 #include "bf16_math.h"
 

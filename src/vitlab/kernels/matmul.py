@@ -3,18 +3,31 @@ bf16, with the weight packed once per forward for both."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from vitlab.kernels.build import compiled_library, library_capabilities, loaded_library
+from vitlab.kernels.build import compiled_library, cpu_flags, library_capabilities, loaded_library
+
+# The deepest sum the kernel takes: up to here oneDNN sums a product's whole depth in one fp32 chain, as the kernel does
+# (the same bits); beyond it oneDNN adds separately summed blocks, in an order that depends on the shape.
+MAX_DEPTH = 512
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether the CPU has AMX's bf16 tiles (oneDNN's products run on them, faster than this kernel), whatever the
+    compiler knew when it built the library."""
+    return "amx_bf16" in cpu_flags().split()
 
 
 def shape_supported(in_features: int, out_features: int, library) -> bool:
-    """Whether the library's kernel takes a layer of these widths: multiples of 16, on a CPU and compiler with AVX-512
-    BF16."""
-    return (library is not None and library_capabilities(library).matmul and in_features > 0 and out_features > 0
-            and in_features % 16 == 0 and out_features % 16 == 0)
+    """Whether the library's kernel takes a layer of these widths: multiples of 16 up to MAX_DEPTH (each is the depth
+    of one of the two products), on a CPU with AVX-512 BF16 and without AMX."""
+    return (library is not None and library_capabilities(library).matmul and not cpu_has_amx()
+            and 0 < in_features <= MAX_DEPTH and 0 < out_features <= MAX_DEPTH and in_features % 16 == 0
+            and out_features % 16 == 0)
 
 
 def kernel_supports(in_features: int, out_features: int) -> bool:
@@ -50,18 +63,22 @@ def pack_weight(weight: torch.Tensor, backward: bool) -> PackedWeight:
 
 def matmul(a: torch.Tensor, pairs: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a (..., depth) bf16 times the matrix packed as `pairs` (depth / 2, width) → (..., width) bf16, plus a bf16 bias
-    (width,) if given: each output one fp32 sum rounded once, as PyTorch's bf16 matmul computes it."""
-    depth, width = 2 * pairs.shape[0], pairs.shape[1]
-    if a.dtype != torch.bfloat16 or a.device.type != "cpu" or a.dim() < 1 or a.shape[-1] != depth:
-        raise ValueError(f"the matmul kernel takes a bf16 CPU tensor (..., {depth}), got {a.dtype} {tuple(a.shape)} on {a.device}")
+    (width,) if given: each output one fp32 sum over the depth in order, rounded once, as oneDNN's bf16 product (the
+    same bits; bf16 subnormal inputs count as 0 there too, unlike in PyTorch's own small products)."""
     if pairs.dtype != torch.int32 or pairs.dim() != 2 or not pairs.is_contiguous():
         raise ValueError("pairs must be a contiguous int32 matrix from pack_weight")
+    depth, width = 2 * pairs.shape[0], pairs.shape[1]
+    if not shape_supported(depth, width, loaded_library()):
+        raise ValueError(f"the matmul kernel cannot take a product of depth {depth} and width {width} on this machine "
+                         f"(multiples of 16 up to {MAX_DEPTH}, AVX-512 BF16 without AMX)")
+    if a.dtype != torch.bfloat16 or a.device.type != "cpu" or a.dim() < 1 or a.shape[-1] != depth:
+        raise ValueError(f"the matmul kernel takes a bf16 CPU tensor (..., {depth}), got {a.dtype} {tuple(a.shape)} on {a.device}")
     if bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != (width,) or bias.device.type != "cpu"):
         raise ValueError(f"the matmul kernel's bias must be a bf16 CPU vector of {width}, got {bias.dtype} {tuple(bias.shape)}")
     a = a.contiguous()
     bias = None if bias is None else bias.contiguous()
     out = torch.empty(*a.shape[:-1], width, dtype=torch.bfloat16)
-    rows = a.numel() // depth if depth else 0
+    rows = a.numel() // depth
     if rows:
         loaded_library().vitlab_matmul_pairs(a.data_ptr(), pairs.data_ptr(), None if bias is None else bias.data_ptr(),
                                              out.data_ptr(), rows, depth, width, torch.get_num_threads())

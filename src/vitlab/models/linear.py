@@ -26,27 +26,32 @@ from vitlab.models.base import cpu_autocast_dtype, plain_linear
 # oneDNN's fused linear (PyTorch builds with oneDNN have it; a private op, so looked up, not assumed)
 MKLDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
+# At most this many multiply-adds, PyTorch computes a bf16 product itself instead of calling oneDNN, and keeps bf16
+# subnormal numbers there (oneDNN and the kernel count them as 0); so products this small stay with PyTorch.
+SMALL_PRODUCT = 16 ** 3
+
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias) for bf16 CPU tensors, bit for bit. With a bias and a contiguous x it is oneDNN's
     linear with the bias in its output stage (the op inductor's CPU fusions call): F.linear's addmm first fills the
     output with copies of the bias, a pass over memory of its own. On a strided x oneDNN's rounding differs from
-    F.linear's, so that goes to F.linear."""
-    if bias is not None and x.is_contiguous() and MKLDNN_LINEAR is not None:
+    F.linear's, so that goes to F.linear, as do products of at most SMALL_PRODUCT multiply-adds (PyTorch computes
+    those itself)."""
+    if bias is not None and x.is_contiguous() and MKLDNN_LINEAR is not None and x.numel() * weight.shape[0] > SMALL_PRODUCT:
         return MKLDNN_LINEAR(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
 class KernelLinear(torch.autograd.Function):
-    """x @ weightᵀ (+ bias) in bf16 for bf16 CPU x and fp32 weights, by vitlab's matmul kernel where it takes the widths
-    (else oneDNN's, the same bits); weight and bias gradients by vitlab's weight-gradient kernel."""
+    """x @ weightᵀ (+ bias) in bf16 for bf16 CPU x and fp32 weights, by vitlab's matmul kernel where `products_in_kernel`
+    (else oneDNN's; the same bits either way); weight and bias gradients by vitlab's weight-gradient kernel."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         weight_bf16 = weight.detach().to(torch.bfloat16)
         bias_bf16 = None if bias is None else bias.detach().to(torch.bfloat16)
         ctx.has_bias = bias is not None
-        if matmul_kernel.kernel_supports(weight.shape[1], weight.shape[0]):
+        if products_in_kernel(x, weight):
             packed = matmul_kernel.pack_weight(weight_bf16, backward=ctx.needs_input_grad[0])
             out = matmul_kernel.matmul(x, packed.forward, bias_bf16)  # (..., out) bf16, the bits of bf16_linear
             ctx.save_for_backward(x, packed.backward)
@@ -60,7 +65,7 @@ class KernelLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         if torch.is_grad_enabled():  # backward(create_graph=True): the kernel's gradients have no derivative of their own
-            raise RuntimeError("vitlab's weight-gradient kernel cannot be differentiated twice (a backward with "
+            raise RuntimeError("vitlab's linear-layer kernels cannot be differentiated twice (a backward with "
                                "create_graph=True); switch vitlab's C kernels off: --cpu_kernels false, or "
                                "vitlab.kernels.switch_kernels(False)")
         x, weight_or_pairs = ctx.saved_tensors
@@ -75,6 +80,15 @@ class KernelLinear(torch.autograd.Function):
         elif bias_gradient:  # a frozen weight: the bias's sums alone
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=torch.float32)
         return grad_x, grad_weight, grad_bias
+
+
+def products_in_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether KernelLinear's forward and input-gradient products go to vitlab's matmul kernel (the same bits as
+    bf16_linear): widths it takes, a contiguous x (PyTorch rounds a strided x's product before adding the bias, a second
+    rounding), and more than SMALL_PRODUCT multiply-adds."""
+    out_features, in_features = weight.shape
+    return (x.is_contiguous() and x.numel() * out_features > SMALL_PRODUCT
+            and matmul_kernel.kernel_supports(in_features, out_features))
 
 
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
