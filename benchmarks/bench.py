@@ -149,7 +149,7 @@ C_KERNELS = {"KernelSelfAttention": "C attention", "KernelSoftmax": "C softmax",
              "KernelLayerNorm": "C layer norm", "KernelResidualNorm": "C residual add + layer norm", "KernelGELU": "C GELU",
              "KernelLinear": "C linear layer", "vitlab::relu_max_pool2d": "C ReLU + max-pool",
              "vitlab::relu_max_pool2d_backward": "C ReLU + max-pool"}
-# ... of which these are matrix multiplication (a linear layer's weight-gradient matmul, its forward's weight cast).
+# ... of which these are matrix multiplication (a linear layer's products, its weight gradient and its weight casts).
 MATMUL_C_KERNELS = {"KernelLinear"}
 
 
