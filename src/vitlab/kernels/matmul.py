@@ -42,8 +42,14 @@ class PackedWeight:
 
     forward: torch.Tensor  # (in_features / 2, out_features) int32: (weight[o][2p], weight[o][2p+1]) as one number
     backward: torch.Tensor | None  # (out_features / 2, in_features) int32: (weight[2p][i], weight[2p+1][i])
-    out_features: int
-    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return self.forward.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return 2 * self.forward.shape[0]
 
 
 def pack_weight(weight: torch.Tensor, backward: bool) -> PackedWeight:
@@ -58,7 +64,7 @@ def pack_weight(weight: torch.Tensor, backward: bool) -> PackedWeight:
     backward_pairs = torch.empty(out_features // 2, in_features, dtype=torch.int32) if backward else None
     loaded_library().vitlab_pack_linear_weight(weight.data_ptr(), forward.data_ptr(),
                                                None if backward_pairs is None else backward_pairs.data_ptr(), out_features, in_features)
-    return PackedWeight(forward, backward_pairs, out_features, in_features)
+    return PackedWeight(forward, backward_pairs)
 
 
 def matmul(a: torch.Tensor, pairs: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
