@@ -139,20 +139,37 @@ def test_recording_graph_sees_func_transforms_forward_ad_and_fx_tracing():
     assert seen == [True, True, True, True] and not recording_graph()
 
 
+@pytest.mark.parametrize("source_name", ["matmul", "weight_gradient"])
 @pytest.mark.parametrize(("target", "takes_products"), [("-march=sapphirerapids", False), ("-march=x86-64-v4 -mavx512bf16", True)])
-def test_the_linear_products_stay_with_onednn_where_the_cpu_has_amx(tmp_path, target, takes_products):
-    """Built for an AMX CPU (whose tiles oneDNN's products use) the matmul kernel says it does not run; built for an
-    AVX-512 BF16 CPU without AMX it does. Only the answer is called, never a product."""
+def test_the_linear_products_stay_with_onednn_where_the_cpu_has_amx(tmp_path, source_name, target, takes_products):
+    """Built for an AMX CPU (whose tiles oneDNN's products use) the products and weight-gradient kernels say they do
+    not run; built for an AVX-512 BF16 CPU without AMX they do. Only the answer is called, never a product."""
     import ctypes
     from pathlib import Path
 
     compiler = build.find_compiler()
     if compiler is None:
         pytest.skip("no C compiler on this machine")
-    source = Path(build.__file__).with_name("matmul.c")
-    target_path = tmp_path / "matmul.so"
+    source = Path(build.__file__).with_name(f"{source_name}.c")
+    target_path = tmp_path / f"{source_name}.so"
     flags = [flag for flag in build.FLAGS if not flag.startswith("-march")]
     done = subprocess.run([*compiler, *flags, *target.split(), "-o", str(target_path), str(source)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"this compiler does not take {target}")
-    assert bool(ctypes.CDLL(str(target_path)).vitlab_matmul_supported()) is takes_products
+    assert bool(getattr(ctypes.CDLL(str(target_path)), f"vitlab_{source_name}_supported")()) is takes_products
+
+
+def test_an_amx_cpu_leaves_the_products_and_weight_gradients_to_onednn_whatever_the_compiler_knew(monkeypatch):
+    """A compiler that does not know AMX builds the vdpbf16ps kernels even on an AMX CPU; the run-time check still
+    keeps them off there (and out of the status line), since oneDNN's products on the tiles are faster."""
+    from vitlab.kernels import matmul as matmul_kernel
+    from vitlab.kernels import weight_gradient as weight_gradient_kernel
+
+    library = build.compiled_library()
+    if library is None:
+        pytest.skip("no C kernels on this machine")
+    monkeypatch.setattr(build, "cpu_has_amx", lambda: True)
+    assert not matmul_kernel.kernel_supports(64, 192)
+    assert not weight_gradient_kernel.kernel_supports(64, 192, True)
+    status = build.available_kernels(library)
+    assert status.startswith("dropout") and "linear products" not in status and "weight gradients" not in status

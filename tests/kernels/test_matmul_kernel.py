@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vitlab.kernels import build
 from vitlab.kernels import matmul as matmul_kernel
 
 SUPPORTED = matmul_kernel.kernel_supports(16, 16)
@@ -97,7 +98,7 @@ def test_only_widths_in_sixteens_up_to_the_deepest_sum_are_supported(monkeypatch
     assert not matmul_kernel.kernel_supports(0, 16)
     # deeper than 512, oneDNN adds separately summed blocks: the kernel's single chain would differ in the last bit
     assert not matmul_kernel.kernel_supports(576, 64) and not matmul_kernel.kernel_supports(64, 576)
-    monkeypatch.setattr(matmul_kernel, "cpu_has_amx", lambda: True)  # oneDNN's products run on AMX tiles there
+    monkeypatch.setattr(build, "cpu_has_amx", lambda: True)  # oneDNN's products run on AMX tiles there
     assert not matmul_kernel.kernel_supports(64, 192)
 
 

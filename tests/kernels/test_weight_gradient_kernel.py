@@ -5,7 +5,7 @@ from vitlab.kernels import weight_gradient as weight_gradient_kernel
 from vitlab.kernels.build import compiled_library, library_capabilities
 
 SUPPORTED = weight_gradient_kernel.kernel_supports(16, 16, True)
-pytestmark = pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 BF16 C kernels on this machine")
+pytestmark = pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 BF16 C kernels on this machine, or AMX (oneDNN's products)")
 
 
 def exact_gradients(grad_out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from vitlab.models import build_model
 from vitlab.models.linear import KernelLinear, kernel_applies, linear, run_linear
 
 SUPPORTED = weight_gradient_kernel.kernel_supports(16, 16, True)
-needs_kernel = pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 BF16 C kernels on this machine")
+needs_kernel = pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 BF16 C kernels on this machine, or AMX (oneDNN's products)")
 
 
 def cpu_bf16():

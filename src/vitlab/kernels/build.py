@@ -92,6 +92,14 @@ def cpu_flags() -> str:
         return platform.processor()
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether the CPU has AMX's bf16 tiles, whatever the compiler knew when it built the library. oneDNN's bf16
+    products run on them, several times faster than the `vdpbf16ps` kernels (matmul.c, weight_gradient.c), which
+    therefore leave their products to oneDNN there (docs/performance.md, "The Intel machine's AMX")."""
+    return "amx_bf16" in cpu_flags().split()
+
+
 def library_path(compiler: list[str], source_text: bytes) -> Path:
     digest = hashlib.sha256()
     for part in (source_text, " ".join(FLAGS).encode(), " ".join(compiler).encode(), cpu_flags().encode(), platform.machine().encode()):
@@ -200,7 +208,8 @@ def available_kernels(library: ctypes.CDLL) -> str:
     capabilities = library_capabilities(library)
     return ", ".join(["dropout", "crop and flip"] + ["softmax"] * capabilities.softmax + ["attention"] * capabilities.attention
                      + ["layer norm"] * capabilities.layer_norm + ["GELU"] * capabilities.gelu
-                     + ["linear products"] * capabilities.matmul + ["weight gradients"] * capabilities.weight_gradient
+                     + ["linear products"] * (capabilities.matmul and not cpu_has_amx())
+                     + ["weight gradients"] * (capabilities.weight_gradient and not cpu_has_amx())
                      + ["ReLU and max-pool"] * capabilities.relu_max_pool)
 
 

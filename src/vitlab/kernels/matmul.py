@@ -3,29 +3,22 @@ bf16, with the weight packed once per forward for both."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
-from vitlab.kernels.build import compiled_library, cpu_flags, library_capabilities, loaded_library
+from vitlab.kernels import build
+from vitlab.kernels.build import compiled_library, library_capabilities, loaded_library
 
 # The deepest sum the kernel takes: up to here oneDNN sums a product's whole depth in one fp32 chain, as the kernel does
 # (the same bits); beyond it oneDNN adds separately summed blocks, in an order that depends on the shape.
 MAX_DEPTH = 512
 
 
-@functools.cache
-def cpu_has_amx() -> bool:
-    """Whether the CPU has AMX's bf16 tiles (oneDNN's products run on them, faster than this kernel), whatever the
-    compiler knew when it built the library."""
-    return "amx_bf16" in cpu_flags().split()
-
-
 def shape_supported(in_features: int, out_features: int, library) -> bool:
     """Whether the library's kernel takes a layer of these widths: multiples of 16 up to MAX_DEPTH (each is the depth
     of one of the two products), on a CPU with AVX-512 BF16 and without AMX."""
-    return (library is not None and library_capabilities(library).matmul and not cpu_has_amx()
+    return (library is not None and library_capabilities(library).matmul and not build.cpu_has_amx()
             and 0 < in_features <= MAX_DEPTH and 0 < out_features <= MAX_DEPTH and in_features % 16 == 0
             and out_features % 16 == 0)
 

@@ -8,7 +8,7 @@ pass; the bias gradient is a separate sum. `linear` computes the forward and the
 `kernels/matmul.c` (the weight packed once per forward, for both), bit for bit as autocast does, and the weight and
 bias gradients in one pass of `kernels/weight_gradient.c`, in fp32 without the rounding to bf16. Everywhere else (no
 autocast, fp32 or GPU inputs, no gradient, a graph being recorded, widths the kernels do not take, no compiler or no
-AVX-512 BF16) it is F.linear.
+AVX-512 BF16, or a CPU with AMX, whose tiles run oneDNN's products and weight gradients faster) it is F.linear.
 """
 
 from __future__ import annotations
