@@ -24,8 +24,9 @@
 #define TILE_VECTORS 4
 #define MAX_BIAS_VECTORS 256 /* out_features ≤ 4096 with a bias gradient */
 
-/* Built where the CPU has AVX-512 BF16 but no AMX: on Sapphire Rapids `vdpbf16ps` ran at a quarter of an fp32 FMA's
- * rate, and oneDNN's weight gradient on AMX tiles several times faster than this kernel, so there it stays with oneDNN. */
+/* Built where the CPU has AVX-512 BF16 but no AMX: on Sapphire Rapids `vdpbf16ps` runs well below an FMA's rate and
+ * oneDNN's weight gradient on the AMX tiles ran several times faster than this kernel, so there it stays with oneDNN
+ * (docs/performance.md, "The Intel machine's AMX"). */
 #if defined(VITLAB_AVX512) && defined(__AVX512BF16__) && !defined(__AMX_BF16__)
 
 int vitlab_weight_gradient_supported(void) { return 1; }
