@@ -21,7 +21,13 @@
  * over is packed as pairs of bf16 numbers in one uint32, along the axis the product sums over:
  *   pairs_by_column[e][j] = (M[j][2e], M[j][2e+1])   sums over the head's features (Q Kᵀ, dO Vᵀ),
  *   pairs_by_row[p][d]    = (M[2p][d], M[2p+1][d])   sums over tokens (P V, dS K, dSᵀ Q, Pᵀ dO).
+ *
+ * On CPUs with AMX (Sapphire Rapids), where `vdpbf16ps` is slow, the forward's P V runs on the AMX tiles 16 query rows
+ * at a time: pairs_by_row is the layout their second operand takes as it is (docs/performance.md, "The Intel machine's
+ * AMX"). The tiles add a row's products in another order than the vector code, so on such CPUs an output can differ
+ * from the vector code's in the last bf16 bit.
  */
+#define _DEFAULT_SOURCE /* syscall(), for AMX's permission request */
 #include <stdlib.h>
 
 #include "bf16_math.h"
@@ -408,6 +414,77 @@ static inline void fetch_rows(const uint16_t *const *starts, int count, int64_t 
                     _mm_prefetch((const char *)(starts[m] + row * row_stride) + byte, _MM_HINT_T0);
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define VITLAB_AMX 1
+#define AMX_ROWS 16 /* the rows of a tile */
+
+/* AMX's tile configuration (palette 1), laid out as `ldtilecfg` reads it. */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* Whether Linux gave this process AMX's tile state (asked once: arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA); where it
+ * refuses, the vector code runs. Called outside parallel regions. */
+static int amx_ready(void) {
+    static int state = 0; /* 0: not asked yet, 1: granted, -1: refused */
+    if (state == 0)
+        state = syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : -1;
+    return state == 1;
+}
+
+/* The tiles of weights · V (pairs_by_row): 0–3 sums (16 rows × 16 features, fp32), 4 and 5 weights (16 rows × 32 or 16
+ * tokens), 6 and 7 pairs of value rows (16 or 8 pairs × 16 features). */
+static void configure_mixing_tiles(void) {
+    TileConfig config = {0};
+    config.palette = 1;
+    for (int tile = 0; tile < 4; tile++) {
+        config.rows[tile] = AMX_ROWS;
+        config.bytes_per_row[tile] = 64;
+    }
+    config.rows[4] = AMX_ROWS, config.bytes_per_row[4] = 64;
+    config.rows[5] = AMX_ROWS, config.bytes_per_row[5] = 32;
+    config.rows[6] = 16, config.bytes_per_row[6] = 64;
+    config.rows[7] = 8, config.bytes_per_row[7] = 64;
+    _tile_loadconfig(&config);
+}
+
+/* Tiles: sums[dv] += weight chunk (tile A) · value pairs of that chunk, features 16 dv onwards (tile B). */
+#define MIXING_PRODUCTS(A, B, WEIGHTS, PAIRS)                                                                             \
+    do {                                                                                                                 \
+        _tile_loadd(A, WEIGHTS, weight_bytes);                                                                           \
+        _tile_loadd(B, PAIRS, pair_bytes);                                                                               \
+        _tile_dpbf16ps(0, A, B);                                                                                         \
+        if (vectors > 1) { _tile_loadd(B, (PAIRS) + 16, pair_bytes); _tile_dpbf16ps(1, A, B); }                          \
+        if (vectors > 2) { _tile_loadd(B, (PAIRS) + 32, pair_bytes); _tile_dpbf16ps(2, A, B); }                          \
+        if (vectors > 3) { _tile_loadd(B, (PAIRS) + 48, pair_bytes); _tile_dpbf16ps(3, A, B); }                          \
+    } while (0)
+
+/* sums (AMX_ROWS × head_size fp32, row-major) = 16 rows of weights (bf16, `stride` apart, zero from T to PADDED(T)) ·
+ * V, whose pairs (pairs_by_row, zero beyond T) the tiles read 32 tokens at a time, then 16 for an odd number of 16s. */
+static void mixing_block_on_tiles(const uint16_t *weights, int64_t stride, const uint32_t *value_pairs, int64_t tokens,
+                                  int64_t head_size, float *sums) {
+    int64_t vectors = head_size / 16, weight_bytes = 2 * stride, pair_bytes = 4 * head_size, padded = PADDED(tokens);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    int64_t token = 0;
+    for (; token + 32 <= padded; token += 32)
+        MIXING_PRODUCTS(4, 6, weights + token, value_pairs + token / 2 * head_size);
+    if (token < padded)
+        MIXING_PRODUCTS(5, 7, weights + token, value_pairs + token / 2 * head_size);
+    int64_t sum_bytes = 4 * head_size;
+    _tile_stored(0, sums, sum_bytes);
+    if (vectors > 1) _tile_stored(1, sums + 16, sum_bytes);
+    if (vectors > 2) _tile_stored(2, sums + 32, sum_bytes);
+    if (vectors > 3) _tile_stored(3, sums + 48, sum_bytes);
+}
+#endif
+
 /* Forward. qkv (B, T, 3, H, Dh) bf16 → out (B, T, H, Dh) bf16 and weights (B, H, T, PADDED(T)) bf16, each row's
  * weights followed by zeros (not written if NULL).  scales[h] multiplies
  * head h's queries (rounded to bf16, as `query * scale` is); mask_diagonal leaves out each token's own score.
@@ -418,12 +495,23 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
                               uint32_t drop_threshold, float drop_scale, uint64_t drop_key, int threads) {
     Dropout dropout = {drop_threshold, drop_scale, drop_key};
     int64_t qkv_row = 3 * heads * head_size, out_row = heads * head_size, padded = PADDED(tokens);
+#ifdef VITLAB_AMX
+    int tiles = amx_ready(); /* weights · V on AMX tiles, 16 rows at a time */
+#else
+    int tiles = 0;
+#endif
 #pragma omp parallel num_threads(threads)
     {
         /* Each phase below reads what an earlier phase wrote, never what the previous instruction stored (a load
          * that overlaps a narrower pending store waits for it to reach the cache). */
         uint32_t *key_pairs = malloc(sizeof(uint32_t) * (MAX_HEAD / 2) * MAX_TOKENS);
-        uint32_t *value_pairs = malloc(sizeof(uint32_t) * (MAX_TOKENS / 2) * MAX_HEAD);
+        /* zeroed: the tiles read value pairs up to PADDED(T) / 2, beyond the (T + 1) / 2 that packing writes */
+        uint32_t *value_pairs = calloc((MAX_TOKENS / 2) * MAX_HEAD, sizeof(uint32_t));
+#ifdef VITLAB_AMX
+        float mixed_block[AMX_ROWS * MAX_HEAD];
+        if (tiles)
+            configure_mixing_tiles();
+#endif
         uint16_t *scaled_queries = malloc(sizeof(uint16_t) * MAX_TOKENS * MAX_HEAD);
         uint16_t *weight_buffer = malloc(sizeof(uint16_t) * MAX_TOKENS * (MAX_TOKENS + 16)); /* rows padded with zeros */
         int64_t buffer_row = MAX_TOKENS + 16;
@@ -462,6 +550,16 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
             const uint16_t *next_starts[3] = {next_first, next_first == NULL ? NULL : next_first + out_row,
                                               next_first == NULL ? NULL : next_first + 2 * out_row};
             i = 0;
+#ifdef VITLAB_AMX
+            for (; tiles && i + AMX_ROWS <= tokens; i += AMX_ROWS) {
+                fetch_rows(next_starts, 3, qkv_row, 2 * head_size, i, i + AMX_ROWS);
+                mixing_block_on_tiles(mixing_rows + i * mixing_row, mixing_row, value_pairs, tokens, head_size, mixed_block);
+                for (int r = 0; r < AMX_ROWS; r++)
+                    for (int64_t dv = 0; dv < head_size / 16; dv++)
+                        store_bf16_rounded(out + (image * tokens + i + r) * out_row + head * head_size + 16 * dv,
+                                           _mm512_loadu_ps(mixed_block + r * head_size + 16 * dv), 0xFFFF);
+            }
+#endif
             for (; i + ROW_BLOCK <= tokens; i += ROW_BLOCK) {
                 fetch_rows(next_starts, 3, qkv_row, 2 * head_size, i, i + ROW_BLOCK);
                 __m512 mixed[ROW_BLOCK][MAX_HEAD / 16];
@@ -482,6 +580,10 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
         free(weight_buffer);
         free(key_pairs);
         free(value_pairs);
+#ifdef VITLAB_AMX
+        if (tiles)
+            _tile_release();
+#endif
     }
 }
 
