@@ -22,9 +22,9 @@
  *   pairs_by_column[e][j] = (M[j][2e], M[j][2e+1])   sums over the head's features (Q Kᵀ, dO Vᵀ),
  *   pairs_by_row[p][d]    = (M[2p][d], M[2p+1][d])   sums over tokens (P V, dS K, dSᵀ Q, Pᵀ dO).
  *
- * On CPUs with AMX (Sapphire Rapids), where `vdpbf16ps` is slow, the forward's P V runs on the AMX tiles 16 query rows
- * at a time: pairs_by_row is the layout their second operand takes as it is (docs/performance.md, "The Intel machine's
- * AMX"). The tiles add a row's products in another order than the vector code, so on such CPUs an output can differ
+ * On CPUs with AMX (Sapphire Rapids), where `vdpbf16ps` is slow, the forward's P V and the backward's dS K run on the
+ * AMX tiles 16 query rows at a time: pairs_by_row is the layout their second operand takes as it is (docs/performance.md,
+ * "The Intel machine's AMX"). The tiles add a row's products in another order than the vector code, so on such CPUs an output can differ
  * from the vector code's in the last bf16 bit.
  */
 #define _DEFAULT_SOURCE /* syscall(), for AMX's permission request */
@@ -436,8 +436,8 @@ static int amx_ready(void) {
     return state == 1;
 }
 
-/* The tiles of weights · V (pairs_by_row): 0–3 sums (16 rows × 16 features, fp32), 4 and 5 weights (16 rows × 32 or 16
- * tokens), 6 and 7 pairs of value rows (16 or 8 pairs × 16 features). */
+/* The tiles of weights · V (and of dS K: any bf16 rows times a pairs_by_row matrix): 0–3 sums (16 rows × 16 features,
+ * fp32), 4 and 5 weights (16 rows × 32 or 16 tokens), 6 and 7 pairs of value rows (16 or 8 pairs × 16 features). */
 static void configure_mixing_tiles(void) {
     TileConfig config = {0};
     config.palette = 1;
@@ -726,6 +726,18 @@ __attribute__((noinline)) static void paired_grad_score_rows(Rows grad_rows, Row
     }
 }
 
+/* dQ's row = scale · d(scaled Q)'s row (stored as bf16 at target); returns query · d(scaled Q), the row's share of the
+ * scale's gradient. */
+static inline float finish_grad_query_row(const uint16_t *query_row, const __m512 *grad_query, int64_t head_size, float scale,
+                                          uint16_t *target) {
+    __m512 scale_dot = _mm512_setzero_ps();
+    for (int64_t dv = 0; dv < head_size / 16; dv++) {
+        scale_dot = _mm512_fmadd_ps(load_bf16(query_row + 16 * dv, 0xFFFF), grad_query[dv], scale_dot);
+        store_bf16_rounded(target + 16 * dv, _mm512_mul_ps(grad_query[dv], _mm512_set1_ps(scale)), 0xFFFF);
+    }
+    return _mm512_reduce_add_ps(scale_dot);
+}
+
 /* Backward. From qkv, the forward's out and padded weights, and grad_out (B, T, H, Dh): grad_qkv (B, T, 3, H, Dh) and
  * grad_scale_sums (B, H): Σ over the item's queries of query · dL/d(scaled query), the gradient of scales[h] from
  * image b. With S = scale · Q Kᵀ, P = softmax(S), O = P V:
@@ -738,10 +750,19 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
                                uint64_t drop_key, int threads) {
     Dropout dropout = {drop_threshold, drop_scale, drop_key};
     int64_t qkv_row = 3 * heads * head_size, out_row = heads * head_size, padded = PADDED(tokens);
+#ifdef VITLAB_AMX
+    int tiles = amx_ready(); /* dS K on AMX tiles, 16 rows at a time */
+#endif
 #pragma omp parallel num_threads(threads)
     {
         uint32_t *value_pairs = malloc(sizeof(uint32_t) * (MAX_HEAD / 2) * MAX_TOKENS);      /* by column: dO Vᵀ */
-        uint32_t *key_pairs = malloc(sizeof(uint32_t) * (MAX_TOKENS / 2) * MAX_HEAD);        /* by row: dS K */
+        /* by row: dS K; zeroed, as the tiles read pairs up to PADDED(T) / 2 */
+        uint32_t *key_pairs = calloc((MAX_TOKENS / 2) * MAX_HEAD, sizeof(uint32_t));
+#ifdef VITLAB_AMX
+        float grad_block[AMX_ROWS * MAX_HEAD];
+        if (tiles)
+            configure_mixing_tiles();
+#endif
         uint32_t *query_pairs = malloc(sizeof(uint32_t) * (MAX_TOKENS / 2) * MAX_HEAD);      /* by row: dSᵀ Q */
         uint32_t *grad_out_pairs = malloc(sizeof(uint32_t) * (MAX_TOKENS / 2) * MAX_HEAD);   /* by row: Pᵀ dO */
         uint16_t *grad_scores = malloc(sizeof(uint16_t) * MAX_TOKENS * (MAX_TOKENS + 16));       /* dS, rows i */
@@ -779,7 +800,20 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
             }
             /* d(scaled Q) = dS K, ROW_BLOCK rows at a time; dQ = scale · that, and the scale's gradient from it. */
             float scale_sum = 0.0f;
-            for (int64_t i = 0; i < tokens; i += ROW_BLOCK) {
+            int64_t i = 0;
+#ifdef VITLAB_AMX
+            for (; tiles && i + AMX_ROWS <= tokens; i += AMX_ROWS) {
+                mixing_block_on_tiles(grad_scores + i * buffer_row, buffer_row, key_pairs, tokens, head_size, grad_block);
+                for (int r = 0; r < AMX_ROWS; r++) {
+                    __m512 grad_query[MAX_HEAD / 16];
+                    for (int64_t dv = 0; dv < head_size / 16; dv++)
+                        grad_query[dv] = _mm512_loadu_ps(grad_block + r * head_size + 16 * dv);
+                    scale_sum += finish_grad_query_row(query.base + (i + r) * query.row_stride, grad_query, head_size, scale,
+                                                       grad_first + (i + r) * qkv_row);
+                }
+            }
+#endif
+            for (; i < tokens; i += ROW_BLOCK) {
                 int64_t block = tokens - i < ROW_BLOCK ? tokens - i : ROW_BLOCK;
                 __m512 grad_queries[ROW_BLOCK][MAX_HEAD / 16];
                 if (block == ROW_BLOCK)
@@ -787,15 +821,9 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
                 else
                     for (int64_t r = 0; r < block; r++)
                         row_times_rows(grad_scores + (i + r) * buffer_row, 1, key_pairs, tokens, head_size, grad_queries[r]);
-                for (int64_t r = 0; r < block; r++) {
-                    const uint16_t *query_row = query.base + (i + r) * query.row_stride;
-                    __m512 scale_dot = _mm512_setzero_ps();
-                    for (int64_t dv = 0; dv < head_size / 16; dv++) {
-                        scale_dot = _mm512_fmadd_ps(load_bf16(query_row + 16 * dv, 0xFFFF), grad_queries[r][dv], scale_dot);
-                        store_bf16_rounded(grad_first + (i + r) * qkv_row + 16 * dv, _mm512_mul_ps(grad_queries[r][dv], _mm512_set1_ps(scale)), 0xFFFF);
-                    }
-                    scale_sum += _mm512_reduce_add_ps(scale_dot);
-                }
+                for (int64_t r = 0; r < block; r++)
+                    scale_sum += finish_grad_query_row(query.base + (i + r) * query.row_stride, grad_queries[r], head_size, scale,
+                                                       grad_first + (i + r) * qkv_row);
             }
             /* dK and dV sum over the queries i: dS and P as pairs of rows (written above), read down their columns j. */
             int64_t next = item + 1 < batch * heads ? item + 1 : -1; /* this thread's next item, mostly */
@@ -839,6 +867,10 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
         free(grad_scores);
         free(grad_score_pairs);
         free(weight_pairs);
+#ifdef VITLAB_AMX
+        if (tiles)
+            _tile_release();
+#endif
     }
 }
 
