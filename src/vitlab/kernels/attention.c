@@ -22,9 +22,10 @@
  *   pairs_by_column[e][j] = (M[j][2e], M[j][2e+1])   sums over the head's features (Q Kᵀ, dO Vᵀ),
  *   pairs_by_row[p][d]    = (M[2p][d], M[2p+1][d])   sums over tokens (P V, dS K, dSᵀ Q, Pᵀ dO).
  *
- * On CPUs with AMX (Sapphire Rapids), where `vdpbf16ps` is slow, the forward's P V and the backward's dS K run on the
- * AMX tiles 16 query rows at a time: pairs_by_row is the layout their second operand takes as it is (docs/performance.md,
- * "The Intel machine's AMX"). The tiles add a row's products in another order than the vector code, so on such CPUs an output can differ
+ * On CPUs with AMX (Sapphire Rapids), where `vdpbf16ps` is slow, the products that sum over tokens run on the AMX
+ * tiles 16 output rows at a time: the forward's P V and the backward's dS K, dSᵀ Q and Pᵀ dO. pairs_by_row is the layout
+ * their second operand takes as it is; for the last two, dS's and P's pairs are transposed in 16 × 16 blocks first
+ * (docs/performance.md, "The Intel machine's AMX"). The tiles add a row's products in another order than the vector code, so on such CPUs an output can differ
  * from the vector code's in the last bf16 bit.
  */
 #define _DEFAULT_SOURCE /* syscall(), for AMX's permission request */
@@ -726,6 +727,44 @@ __attribute__((noinline)) static void paired_grad_score_rows(Rows grad_rows, Row
     }
 }
 
+#ifdef VITLAB_AMX
+#define ROUNDED_PAIRS(tokens) (((tokens) + 1) / 2 + 15) / 16 * 16 /* the (T + 1) / 2 pairs of rows, up to a multiple of 16 */
+
+/* transposed[j][p] = pairs[p][j] (uint32) for p < ROUNDED_PAIRS(T) and j < PADDED(T): the dS or P pairs by row
+ * (rows p < (T + 1) / 2 written, PADDED(T) apart) as rows j of pairs along the queries, the layout the tiles' first
+ * operand of dSᵀ Q and Pᵀ dO reads; zero for p >= (T + 1) / 2. In blocks of 16 × 16 in registers. */
+static void transpose_pairs(const uint32_t *pairs, int64_t tokens, uint32_t *transposed) {
+    int64_t padded = PADDED(tokens), written = (tokens + 1) / 2, width = ROUNDED_PAIRS(tokens);
+    for (int64_t p0 = 0; p0 < width; p0 += 16)
+        for (int64_t j0 = 0; j0 < padded; j0 += 16) {
+            __m512i rows[16], lows[16], columns[4][4];
+            for (int r = 0; r < 16; r++)
+                rows[r] = p0 + r < written ? _mm512_loadu_si512(pairs + (p0 + r) * padded + j0) : _mm512_setzero_si512();
+            for (int r = 0; r < 16; r += 2) { /* lane L: (row r, r + 1) of columns 4L, 4L + 1 | 4L + 2, 4L + 3 */
+                lows[r] = _mm512_unpacklo_epi32(rows[r], rows[r + 1]);
+                lows[r + 1] = _mm512_unpackhi_epi32(rows[r], rows[r + 1]);
+            }
+            for (int g = 0; g < 4; g++) { /* columns[g][k], lane L: rows 4g .. 4g + 3 of column 4L + k */
+                columns[g][0] = _mm512_unpacklo_epi64(lows[4 * g], lows[4 * g + 2]);
+                columns[g][1] = _mm512_unpackhi_epi64(lows[4 * g], lows[4 * g + 2]);
+                columns[g][2] = _mm512_unpacklo_epi64(lows[4 * g + 1], lows[4 * g + 3]);
+                columns[g][3] = _mm512_unpackhi_epi64(lows[4 * g + 1], lows[4 * g + 3]);
+            }
+            for (int k = 0; k < 4; k++) {
+                __m512i first_low = _mm512_shuffle_i32x4(columns[0][k], columns[1][k], 0x44);
+                __m512i first_high = _mm512_shuffle_i32x4(columns[0][k], columns[1][k], 0xEE);
+                __m512i second_low = _mm512_shuffle_i32x4(columns[2][k], columns[3][k], 0x44);
+                __m512i second_high = _mm512_shuffle_i32x4(columns[2][k], columns[3][k], 0xEE);
+                uint32_t *target = transposed + (j0 + k) * width + p0;
+                _mm512_storeu_si512(target, _mm512_shuffle_i32x4(first_low, second_low, 0x88));
+                _mm512_storeu_si512(target + 4 * width, _mm512_shuffle_i32x4(first_low, second_low, 0xDD));
+                _mm512_storeu_si512(target + 8 * width, _mm512_shuffle_i32x4(first_high, second_high, 0x88));
+                _mm512_storeu_si512(target + 12 * width, _mm512_shuffle_i32x4(first_high, second_high, 0xDD));
+            }
+        }
+}
+#endif
+
 /* dQ's row = scale · d(scaled Q)'s row (stored as bf16 at target); returns query · d(scaled Q), the row's share of the
  * scale's gradient. */
 static inline float finish_grad_query_row(const uint16_t *query_row, const __m512 *grad_query, int64_t head_size, float scale,
@@ -760,11 +799,15 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
         uint32_t *key_pairs = calloc((MAX_TOKENS / 2) * MAX_HEAD, sizeof(uint32_t));
 #ifdef VITLAB_AMX
         float grad_block[AMX_ROWS * MAX_HEAD];
+        int64_t rounded_pairs = ROUNDED_PAIRS(MAX_TOKENS);
+        uint32_t *score_columns = malloc(sizeof(uint32_t) * MAX_TOKENS * rounded_pairs);       /* dS's pairs, transposed */
+        uint32_t *weight_columns = malloc(sizeof(uint32_t) * MAX_TOKENS * rounded_pairs);      /* P's pairs, transposed */
         if (tiles)
             configure_mixing_tiles();
 #endif
-        uint32_t *query_pairs = malloc(sizeof(uint32_t) * (MAX_TOKENS / 2) * MAX_HEAD);      /* by row: dSᵀ Q */
-        uint32_t *grad_out_pairs = malloc(sizeof(uint32_t) * (MAX_TOKENS / 2) * MAX_HEAD);   /* by row: Pᵀ dO */
+        /* by row: dSᵀ Q and Pᵀ dO; zeroed, as the tiles read pairs up to ROUNDED_PAIRS(T) */
+        uint32_t *query_pairs = calloc((MAX_TOKENS / 2 + 16) * MAX_HEAD, sizeof(uint32_t));
+        uint32_t *grad_out_pairs = calloc((MAX_TOKENS / 2 + 16) * MAX_HEAD, sizeof(uint32_t));
         uint16_t *grad_scores = malloc(sizeof(uint16_t) * MAX_TOKENS * (MAX_TOKENS + 16));       /* dS, rows i */
         uint32_t *grad_score_pairs = malloc(sizeof(uint32_t) * (MAX_TOKENS / 2 + 1) * MAX_TOKENS); /* dS by row */
         uint32_t *weight_pairs = malloc(sizeof(uint32_t) * (MAX_TOKENS / 2 + 1) * MAX_TOKENS);     /* P by row */
@@ -834,6 +877,26 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
             const uint16_t *next_outs[2] = {next < 0 ? NULL : grad_out + next_image * tokens * out_row + next_head * head_size,
                                             next < 0 ? NULL : out + next_image * tokens * out_row + next_head * head_size};
             int64_t j = 0;
+#ifdef VITLAB_AMX
+            if (tiles && tokens >= AMX_ROWS) {
+                int64_t width = ROUNDED_PAIRS(tokens);
+                transpose_pairs(grad_score_pairs, tokens, score_columns);
+                transpose_pairs(weight_pairs, tokens, weight_columns);
+                for (; j + AMX_ROWS <= tokens; j += AMX_ROWS) {
+                    fetch_rows(next_qkv, 3, qkv_row, 2 * head_size, j, j + AMX_ROWS);
+                    fetch_rows(next_outs, 2, out_row, 2 * head_size, j, j + AMX_ROWS);
+                    const uint16_t *sources[2] = {(const uint16_t *)(score_columns + j * width), (const uint16_t *)(weight_columns + j * width)};
+                    const uint32_t *operands[2] = {query_pairs, grad_out_pairs};
+                    for (int m = 0; m < 2; m++) { /* dK = dSᵀ (scaled Q), then dV = P'ᵀ dO */
+                        mixing_block_on_tiles(sources[m], 2 * width, operands[m], 2 * width, head_size, grad_block);
+                        for (int r = 0; r < AMX_ROWS; r++)
+                            for (int64_t dv = 0; dv < head_size / 16; dv++)
+                                store_bf16_rounded(grad_first + (j + r) * qkv_row + (m + 1) * out_row + 16 * dv,
+                                                   _mm512_loadu_ps(grad_block + r * head_size + 16 * dv), 0xFFFF);
+                    }
+                }
+            }
+#endif
             for (; j + ROW_BLOCK <= tokens; j += ROW_BLOCK) {
                 fetch_rows(next_qkv, 3, qkv_row, 2 * head_size, j, j + ROW_BLOCK);
                 fetch_rows(next_outs, 2, out_row, 2 * head_size, j, j + ROW_BLOCK);
@@ -868,6 +931,8 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
         free(grad_score_pairs);
         free(weight_pairs);
 #ifdef VITLAB_AMX
+        free(score_columns);
+        free(weight_columns);
         if (tiles)
             _tile_release();
 #endif
