@@ -173,3 +173,24 @@ def test_an_amx_cpu_leaves_the_products_and_weight_gradients_to_onednn_whatever_
     assert not weight_gradient_kernel.kernel_supports(64, 192, True)
     status = build.available_kernels(library)
     assert status.startswith("dropout") and "linear products" not in status and "weight gradients" not in status
+
+
+def test_the_attention_kernel_builds_with_its_amx_tile_code(tmp_path):
+    """Built for Sapphire Rapids, attention.c compiles its AMX tile products too (code that only an AMX machine runs, so
+    this build is what checks it elsewhere) and reports the kernel. Only the answer is called."""
+    import ctypes
+    from pathlib import Path
+
+    compiler = build.find_compiler()
+    if compiler is None:
+        pytest.skip("no C compiler on this machine")
+    source = Path(build.__file__).with_name("attention.c")
+    target_path = tmp_path / "attention.so"
+    flags = [flag for flag in build.FLAGS if not flag.startswith("-march")]
+    probe = subprocess.run([*compiler, "-march=sapphirerapids", "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True)
+    if probe.returncode != 0 or "__AMX_BF16__" not in probe.stdout:
+        pytest.skip("this compiler does not target AMX")
+    done = subprocess.run([*compiler, *flags, "-march=sapphirerapids", "-Werror=implicit-function-declaration", "-o",
+                           str(target_path), str(source)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert ctypes.CDLL(str(target_path)).vitlab_attention_supported() == 1

@@ -464,8 +464,9 @@ static void configure_mixing_tiles(void) {
         if (vectors > 3) { _tile_loadd(B, (PAIRS) + 48, pair_bytes); _tile_dpbf16ps(3, A, B); }                          \
     } while (0)
 
-/* sums (AMX_ROWS × head_size fp32, row-major) = 16 rows of weights (bf16, `stride` apart, zero from T to PADDED(T)) ·
- * V, whose pairs (pairs_by_row, zero beyond T) the tiles read 32 tokens at a time, then 16 for an odd number of 16s. */
+/* sums (AMX_ROWS × head_size fp32, row-major) = 16 bf16 rows (`stride` apart, zero from T to PADDED(T): the weights, dS,
+ * or transposed pairs) · a T × head_size matrix as pairs_by_row (zero beyond T), which the tiles read 32 tokens at a
+ * time, then 16 for an odd number of 16s. */
 static void mixing_block_on_tiles(const uint16_t *weights, int64_t stride, const uint32_t *value_pairs, int64_t tokens,
                                   int64_t head_size, float *sums) {
     int64_t vectors = head_size / 16, weight_bytes = 2 * stride, pair_bytes = 4 * head_size, padded = PADDED(tokens);
@@ -484,6 +485,13 @@ static void mixing_block_on_tiles(const uint16_t *weights, int64_t stride, const
     if (vectors > 2) _tile_stored(2, sums + 32, sum_bytes);
     if (vectors > 3) _tile_stored(3, sums + 48, sum_bytes);
 }
+
+/* The AMX_ROWS rows of a block of sums (head_size wide, fp32) as bf16 rows `row_stride` apart. */
+static inline void store_block_rows(const float *sums, int64_t head_size, uint16_t *target, int64_t row_stride) {
+    for (int r = 0; r < AMX_ROWS; r++)
+        for (int64_t dv = 0; dv < head_size / 16; dv++)
+            store_bf16_rounded(target + r * row_stride + 16 * dv, _mm512_loadu_ps(sums + r * head_size + 16 * dv), 0xFFFF);
+}
 #endif
 
 /* Forward. qkv (B, T, 3, H, Dh) bf16 → out (B, T, H, Dh) bf16 and weights (B, H, T, PADDED(T)) bf16, each row's
@@ -498,8 +506,6 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
     int64_t qkv_row = 3 * heads * head_size, out_row = heads * head_size, padded = PADDED(tokens);
 #ifdef VITLAB_AMX
     int tiles = amx_ready(); /* weights · V on AMX tiles, 16 rows at a time */
-#else
-    int tiles = 0;
 #endif
 #pragma omp parallel num_threads(threads)
     {
@@ -555,10 +561,7 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
             for (; tiles && i + AMX_ROWS <= tokens; i += AMX_ROWS) {
                 fetch_rows(next_starts, 3, qkv_row, 2 * head_size, i, i + AMX_ROWS);
                 mixing_block_on_tiles(mixing_rows + i * mixing_row, mixing_row, value_pairs, tokens, head_size, mixed_block);
-                for (int r = 0; r < AMX_ROWS; r++)
-                    for (int64_t dv = 0; dv < head_size / 16; dv++)
-                        store_bf16_rounded(out + (image * tokens + i + r) * out_row + head * head_size + 16 * dv,
-                                           _mm512_loadu_ps(mixed_block + r * head_size + 16 * dv), 0xFFFF);
+                store_block_rows(mixed_block, head_size, out + (image * tokens + i) * out_row + head * head_size, out_row);
             }
 #endif
             for (; i + ROW_BLOCK <= tokens; i += ROW_BLOCK) {
@@ -790,7 +793,7 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
     Dropout dropout = {drop_threshold, drop_scale, drop_key};
     int64_t qkv_row = 3 * heads * head_size, out_row = heads * head_size, padded = PADDED(tokens);
 #ifdef VITLAB_AMX
-    int tiles = amx_ready(); /* dS K on AMX tiles, 16 rows at a time */
+    int tiles = amx_ready(); /* dS K, dSᵀ Q and Pᵀ dO on AMX tiles, 16 rows at a time */
 #endif
 #pragma omp parallel num_threads(threads)
     {
@@ -800,8 +803,8 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
 #ifdef VITLAB_AMX
         float grad_block[AMX_ROWS * MAX_HEAD];
         int64_t rounded_pairs = ROUNDED_PAIRS(MAX_TOKENS);
-        uint32_t *score_columns = malloc(sizeof(uint32_t) * MAX_TOKENS * rounded_pairs);       /* dS's pairs, transposed */
-        uint32_t *weight_columns = malloc(sizeof(uint32_t) * MAX_TOKENS * rounded_pairs);      /* P's pairs, transposed */
+        uint32_t *score_columns = tiles ? malloc(sizeof(uint32_t) * MAX_TOKENS * rounded_pairs) : NULL;  /* dS's pairs, transposed */
+        uint32_t *weight_columns = tiles ? malloc(sizeof(uint32_t) * MAX_TOKENS * rounded_pairs) : NULL; /* P's pairs, transposed */
         if (tiles)
             configure_mixing_tiles();
 #endif
@@ -889,10 +892,7 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
                     const uint32_t *operands[2] = {query_pairs, grad_out_pairs};
                     for (int m = 0; m < 2; m++) { /* dK = dSᵀ (scaled Q), then dV = P'ᵀ dO */
                         mixing_block_on_tiles(sources[m], 2 * width, operands[m], 2 * width, head_size, grad_block);
-                        for (int r = 0; r < AMX_ROWS; r++)
-                            for (int64_t dv = 0; dv < head_size / 16; dv++)
-                                store_bf16_rounded(grad_first + (j + r) * qkv_row + (m + 1) * out_row + 16 * dv,
-                                                   _mm512_loadu_ps(grad_block + r * head_size + 16 * dv), 0xFFFF);
+                        store_block_rows(grad_block, head_size, grad_first + j * qkv_row + (m + 1) * out_row, qkv_row);
                     }
                 }
             }
