@@ -194,3 +194,32 @@ def test_the_attention_kernel_builds_with_its_amx_tile_code(tmp_path):
                            str(target_path), str(source)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert ctypes.CDLL(str(target_path)).vitlab_attention_supported() == 1
+
+
+def test_the_attention_tiles_run_when_the_library_is_built_below_o3(tmp_path):
+    """On an AMX CPU, a library built at -O2 (where GCC keeps the tile set-up out of line) runs the tile products: the
+    tile configuration's stores must not be dropped as dead (they were, with GCC 12's own ldtilecfg intrinsic, and the
+    first forward crashed). Run in a child process, which such a crash would kill."""
+    from pathlib import Path
+
+    compiler = build.find_compiler()
+    if compiler is None or not build.cpu_has_amx():
+        pytest.skip("needs a C compiler and a CPU with AMX")
+    sources = [str(Path(build.__file__).with_name(name)) for name in build.SOURCES]
+    target_path = tmp_path / "kernels-O2.so"
+    flags = ["-O2" if flag == "-O3" else flag for flag in build.FLAGS]
+    done = subprocess.run([*compiler, *flags, "-o", str(target_path), *sources], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    script = f"""
+import pathlib, torch
+import vitlab.kernels.build as build, vitlab.kernels.attention as attention
+library = build.open_library(pathlib.Path({str(target_path)!r}))
+build.load = lambda: (library, "-O2")
+torch.manual_seed(0)
+qkv = torch.randn(2, 33, 3, 2, 16).to(torch.bfloat16)
+out, weights = attention.attention_forward(qkv, torch.full((2,), 0.25), False)
+grad_qkv, _ = attention.attention_backward(qkv, out, weights, torch.ones_like(out), torch.full((2,), 0.25))
+print(bool(torch.isfinite(out).all() and torch.isfinite(grad_qkv).all()))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("True"), run.stderr[-2000:]

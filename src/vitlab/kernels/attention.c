@@ -450,7 +450,9 @@ static void configure_mixing_tiles(void) {
     config.rows[5] = AMX_ROWS, config.bytes_per_row[5] = 32;
     config.rows[6] = 16, config.bytes_per_row[6] = 64;
     config.rows[7] = 8, config.bytes_per_row[7] = 64;
-    _tile_loadconfig(&config);
+    /* ldtilecfg written out: GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes of the configuration, so
+     * below -O3 the stores above were dropped as dead and the tiles configured from stack garbage. */
+    __asm__ volatile("ldtilecfg %0" : : "m"(config) : "memory");
 }
 
 /* Tiles: sums[dv] += weight chunk (tile A) · value pairs of that chunk, features 16 dv onwards (tile B). */
@@ -470,6 +472,9 @@ static void configure_mixing_tiles(void) {
 static void mixing_block_on_tiles(const uint16_t *weights, int64_t stride, const uint32_t *value_pairs, int64_t tokens,
                                   int64_t head_size, float *sums) {
     int64_t vectors = head_size / 16, weight_bytes = 2 * stride, pair_bytes = 4 * head_size, padded = PADDED(tokens);
+    /* The tile intrinsics' asm does not tell the compiler which memory it reads or writes: barriers keep the operands'
+     * stores before the tile loads and the reads of `sums` after the tile stores. */
+    __asm__ volatile("" : : : "memory");
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -484,6 +489,7 @@ static void mixing_block_on_tiles(const uint16_t *weights, int64_t stride, const
     if (vectors > 1) _tile_stored(1, sums + 16, sum_bytes);
     if (vectors > 2) _tile_stored(2, sums + 32, sum_bytes);
     if (vectors > 3) _tile_stored(3, sums + 48, sum_bytes);
+    __asm__ volatile("" : : : "memory");
 }
 
 /* The AMX_ROWS rows of a block of sums (head_size wide, fp32) as bf16 rows `row_stride` apart. */
