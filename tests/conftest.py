@@ -19,7 +19,7 @@ import torch
 
 from vitlab import data as data_module
 from vitlab.data import CIFAR10, FOLDER, MD5, batches_folder
-from vitlab.kernels import switch_kernels
+from vitlab.kernels import build, switch_kernels
 
 
 def write_fake_cifar10(root: Path, per_batch: int = 60, seed: int = 0) -> dict[str, str]:
@@ -75,6 +75,17 @@ def writable_cifar_root(cifar_root, tmp_path, monkeypatch) -> Path:
     copy = tmp_path / "cifar-copy"
     shutil.copytree(batches_folder(cifar_root), copy / FOLDER)
     return copy
+
+
+@pytest.fixture
+def amx_cpu(monkeypatch):
+    """This CPU as one with AMX tiles, for vitlab's run-time kernel checks: library capabilities read again under the
+    pretence, and again after it (they are cached per library)."""
+    build.library_capabilities.cache_clear()
+    monkeypatch.setattr(build, "cpu_has_amx", lambda: True)
+    yield
+    monkeypatch.undo()
+    build.library_capabilities.cache_clear()
 
 
 @pytest.fixture(autouse=True)

@@ -159,7 +159,7 @@ def test_the_linear_products_stay_with_onednn_where_the_cpu_has_amx(tmp_path, so
     assert bool(getattr(ctypes.CDLL(str(target_path)), f"vitlab_{source_name}_supported")()) is takes_products
 
 
-def test_an_amx_cpu_leaves_the_products_and_weight_gradients_to_onednn_whatever_the_compiler_knew(monkeypatch):
+def test_an_amx_cpu_leaves_the_products_and_weight_gradients_to_onednn_whatever_the_compiler_knew(amx_cpu):
     """A compiler that does not know AMX builds the vdpbf16ps kernels even on an AMX CPU; the run-time check still
     keeps them off there (and out of the status line), since oneDNN's products on the tiles are faster."""
     from vitlab.kernels import matmul as matmul_kernel
@@ -168,7 +168,6 @@ def test_an_amx_cpu_leaves_the_products_and_weight_gradients_to_onednn_whatever_
     library = build.compiled_library()
     if library is None:
         pytest.skip("no C kernels on this machine")
-    monkeypatch.setattr(build, "cpu_has_amx", lambda: True)
     assert not matmul_kernel.kernel_supports(64, 192)
     assert not weight_gradient_kernel.kernel_supports(64, 192, True)
     status = build.available_kernels(library)

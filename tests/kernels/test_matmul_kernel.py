@@ -2,7 +2,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitlab.kernels import build
 from vitlab.kernels import matmul as matmul_kernel
 
 SUPPORTED = matmul_kernel.kernel_supports(16, 16)
@@ -92,13 +91,15 @@ def test_bad_arguments_are_refused_with_what_was_given():
         matmul_kernel.pack_weight(torch.randn(16, 32), False)
 
 
-def test_only_widths_in_sixteens_up_to_the_deepest_sum_are_supported(monkeypatch):
+def test_only_widths_in_sixteens_up_to_the_deepest_sum_are_supported():
     assert matmul_kernel.kernel_supports(64, 192) and matmul_kernel.kernel_supports(16, 512)
     assert not matmul_kernel.kernel_supports(64, 10) and not matmul_kernel.kernel_supports(24, 64)
     assert not matmul_kernel.kernel_supports(0, 16)
     # deeper than 512, oneDNN adds separately summed blocks: the kernel's single chain would differ in the last bit
     assert not matmul_kernel.kernel_supports(576, 64) and not matmul_kernel.kernel_supports(64, 576)
-    monkeypatch.setattr(build, "cpu_has_amx", lambda: True)  # oneDNN's products run on AMX tiles there
+
+
+def test_not_supported_where_the_cpu_has_amx(amx_cpu):  # oneDNN's products run on AMX tiles there
     assert not matmul_kernel.kernel_supports(64, 192)
 
 

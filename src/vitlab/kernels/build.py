@@ -96,7 +96,8 @@ def cpu_flags() -> str:
 def cpu_has_amx() -> bool:
     """Whether the CPU has AMX's bf16 tiles, whatever the compiler knew when it built the library. oneDNN's bf16
     products run on them, several times faster than the `vdpbf16ps` kernels (matmul.c, weight_gradient.c), which
-    therefore leave their products to oneDNN there (docs/performance.md, "The Intel machine's AMX")."""
+    therefore leave their products to oneDNN there: `library_capabilities` reports them off (docs/performance.md, "The
+    Intel machine's AMX")."""
     return "amx_bf16" in cpu_flags().split()
 
 
@@ -188,10 +189,10 @@ class Capabilities:
     layer_norm: bool  # AVX-512 (BF16 not needed)
     layer_norm_max_features: int
     gelu: bool  # AVX-512 (BF16 not needed)
-    weight_gradient: bool  # AVX-512 BF16
+    weight_gradient: bool  # AVX-512 BF16, and no AMX (cpu_has_amx)
     weight_gradient_max_bias_features: int
     relu_max_pool: bool  # AVX-512 (BF16 not needed)
-    matmul: bool  # AVX-512 BF16
+    matmul: bool  # AVX-512 BF16, and no AMX (cpu_has_amx)
 
 
 @functools.cache
@@ -200,16 +201,16 @@ def library_capabilities(library: ctypes.CDLL) -> Capabilities:
                         bool(library.vitlab_attention_supported()), library.vitlab_attention_max_tokens(),
                         library.vitlab_attention_max_head_size(), bool(library.vitlab_layer_norm_supported()),
                         library.vitlab_layer_norm_max_features(), bool(library.vitlab_gelu_supported()),
-                        bool(library.vitlab_weight_gradient_supported()), library.vitlab_weight_gradient_max_bias_features(),
-                        bool(library.vitlab_relu_max_pool_supported()), bool(library.vitlab_matmul_supported()))
+                        bool(library.vitlab_weight_gradient_supported()) and not cpu_has_amx(),
+                        library.vitlab_weight_gradient_max_bias_features(), bool(library.vitlab_relu_max_pool_supported()),
+                        bool(library.vitlab_matmul_supported()) and not cpu_has_amx())
 
 
 def available_kernels(library: ctypes.CDLL) -> str:
     capabilities = library_capabilities(library)
     return ", ".join(["dropout", "crop and flip"] + ["softmax"] * capabilities.softmax + ["attention"] * capabilities.attention
                      + ["layer norm"] * capabilities.layer_norm + ["GELU"] * capabilities.gelu
-                     + ["linear products"] * (capabilities.matmul and not cpu_has_amx())
-                     + ["weight gradients"] * (capabilities.weight_gradient and not cpu_has_amx())
+                     + ["linear products"] * capabilities.matmul + ["weight gradients"] * capabilities.weight_gradient
                      + ["ReLU and max-pool"] * capabilities.relu_max_pool)
 
 

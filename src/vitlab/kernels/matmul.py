@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from vitlab.kernels import build
 from vitlab.kernels.build import compiled_library, library_capabilities, loaded_library
 
 # The deepest sum the kernel takes: up to here oneDNN sums a product's whole depth in one fp32 chain, as the kernel does
@@ -18,9 +17,8 @@ MAX_DEPTH = 512
 def shape_supported(in_features: int, out_features: int, library) -> bool:
     """Whether the library's kernel takes a layer of these widths: multiples of 16 up to MAX_DEPTH (each is the depth
     of one of the two products), on a CPU with AVX-512 BF16 and without AMX."""
-    return (library is not None and library_capabilities(library).matmul and not build.cpu_has_amx()
-            and 0 < in_features <= MAX_DEPTH and 0 < out_features <= MAX_DEPTH and in_features % 16 == 0
-            and out_features % 16 == 0)
+    return (library is not None and library_capabilities(library).matmul and 0 < in_features <= MAX_DEPTH
+            and 0 < out_features <= MAX_DEPTH and in_features % 16 == 0 and out_features % 16 == 0)
 
 
 def kernel_supports(in_features: int, out_features: int) -> bool:

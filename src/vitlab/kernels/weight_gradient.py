@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from vitlab.kernels import build
 from vitlab.kernels.build import compiled_library, library_capabilities, loaded_library
 
 
@@ -12,7 +11,7 @@ def shape_supported(in_features: int, out_features: int, with_bias: bool, librar
     """Whether the library's kernel takes a layer of these widths: multiples of 16 (out_features at most the kernel's
     bias width when it sums a bias gradient), on a CPU and compiler with AVX-512 BF16 and without AMX (where oneDNN's
     products on AMX tiles are faster)."""
-    if library is None or build.cpu_has_amx():
+    if library is None:
         return False
     capabilities = library_capabilities(library)
     return (capabilities.weight_gradient and in_features > 0 and out_features > 0 and in_features % 16 == 0
