@@ -193,6 +193,7 @@ class Capabilities:
     weight_gradient_max_bias_features: int
     relu_max_pool: bool  # AVX-512 (BF16 not needed)
     matmul: bool  # AVX-512 BF16, and no AMX (cpu_has_amx)
+    conv_weight_gradient_by_matmul: bool  # AMX (cpu_has_amx); PyTorch's matmul, no C code (models/conv.py)
 
 
 @functools.cache
@@ -203,7 +204,7 @@ def library_capabilities(library: ctypes.CDLL) -> Capabilities:
                         library.vitlab_layer_norm_max_features(), bool(library.vitlab_gelu_supported()),
                         bool(library.vitlab_weight_gradient_supported()) and not cpu_has_amx(),
                         library.vitlab_weight_gradient_max_bias_features(), bool(library.vitlab_relu_max_pool_supported()),
-                        bool(library.vitlab_matmul_supported()) and not cpu_has_amx())
+                        bool(library.vitlab_matmul_supported()) and not cpu_has_amx(), cpu_has_amx())
 
 
 def available_kernels(library: ctypes.CDLL) -> str:
@@ -211,7 +212,8 @@ def available_kernels(library: ctypes.CDLL) -> str:
     return ", ".join(["dropout", "crop and flip"] + ["softmax"] * capabilities.softmax + ["attention"] * capabilities.attention
                      + ["layer norm"] * capabilities.layer_norm + ["GELU"] * capabilities.gelu
                      + ["linear products"] * capabilities.matmul + ["weight gradients"] * capabilities.weight_gradient
-                     + ["ReLU and max-pool"] * capabilities.relu_max_pool)
+                     + ["ReLU and max-pool"] * capabilities.relu_max_pool
+                     + ["convolution weight gradients as matmuls"] * capabilities.conv_weight_gradient_by_matmul)
 
 
 @functools.cache

@@ -17,6 +17,7 @@ from torch import nn
 from vitlab.kernels import pool as pool_kernel
 from vitlab.kernels import recording_graph
 from vitlab.models.base import has_hooks
+from vitlab.models.conv import run_conv
 
 
 class KernelReLUMaxPool(torch.autograd.Function):
@@ -75,7 +76,8 @@ def kernel_applies(relu: nn.Module, pool: nn.Module, x: torch.Tensor) -> bool:
 
 
 def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """layers(x), with each ReLU that a 2×2 max-pool follows fused with it where the kernel applies."""
+    """layers(x), with each ReLU that a 2×2 max-pool follows fused with it where the kernel applies, and each
+    convolution through `run_conv` (its weight gradient as one matmul where that pays)."""
     if has_hooks(layers):
         return layers(x)
     modules = list(layers)
@@ -86,6 +88,6 @@ def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
             x = KernelReLUMaxPool.apply(x)
             index += 2
         else:
-            x = module(x)
+            x = run_conv(module, x)
             index += 1
     return x

@@ -1,0 +1,208 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from vitlab.kernels import build, switch_kernels
+from vitlab.models import CNN, AirCNN, AirCNNConfig, CNNConfig, conv
+from vitlab.models.conv import UnfoldedWeightGradientConv2d, run_conv, unfolded_weight_gradient, unfolding_pays
+
+LAST = torch.channels_last
+HAS_LIBRARY = build.compiled_library() is not None
+needs_library = pytest.mark.skipif(not HAS_LIBRARY, reason="no C kernels on this machine (the path is switched with them)")
+
+
+@pytest.fixture
+def cpu_without_amx(monkeypatch):
+    build.library_capabilities.cache_clear()
+    monkeypatch.setattr(build, "cpu_has_amx", lambda: False)
+    yield
+    monkeypatch.undo()
+    build.library_capabilities.cache_clear()
+
+
+def counting_path(monkeypatch) -> list[tuple[int, ...]]:
+    """Record the input shape of every convolution that takes the unfolded weight gradient."""
+    calls = []
+    apply = UnfoldedWeightGradientConv2d.apply
+    monkeypatch.setattr(UnfoldedWeightGradientConv2d, "apply", lambda x, *rest: calls.append(tuple(x.shape)) or apply(x, *rest))
+    return calls
+
+
+def layer_step(layer: nn.Conv2d, x: torch.Tensor, unfolded: bool) -> tuple[torch.Tensor, ...]:
+    """(output, input gradient, weight gradient, bias gradient or None) of one bf16-autocast step of the layer."""
+    x = x.detach().clone().requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run_conv(layer, x) if unfolded else layer(x)
+    out.float().square().sum().backward()
+    return out.detach(), x.grad, layer.weight.grad, None if layer.bias is None else layer.bias.grad
+
+
+def exact_gradients(layer: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias gradients in float64 for an output gradient grad_out."""
+    exact = copy.deepcopy(layer).double()
+    exact(x.double()).backward(grad_out.double())
+    return exact.weight.grad, None if exact.bias is None else exact.bias.grad
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+LAYERS = [  # (in, out, kernel, padding, input side, bias)
+    (256, 64, 3, 1, 4, False),  # the BN CNN's last stage
+    (32, 48, 3, "same", 3, True),  # cnn-fast's last convolution (narrower)
+    (16, 24, 3, 1, 2, True),
+    (8, 16, 5, 2, 4, False),
+    (16, 8, 3, 0, 5, True),  # no padding: 3×3 out
+    (12, 20, (3, 1), (1, 0), 4, True),
+    (8, 8, 1, 0, 4, False),
+]
+
+
+@needs_library
+@pytest.mark.parametrize("in_channels,out_channels,kernel,padding,side,bias", LAYERS)
+@pytest.mark.parametrize("layout", [LAST, torch.contiguous_format])
+def test_only_the_weight_gradient_changes_and_it_is_as_close_to_exact_as_onednns(in_channels, out_channels, kernel, padding,
+                                                                               side, bias, layout, amx_cpu, monkeypatch):
+    """Forward and input gradient: the bits of autocast's convolution. Weight gradient: bf16 sums in another order, as
+    near the float64 gradient as oneDNN's; the bias gradient in fp32, nearer than oneDNN's bf16."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(in_channels, out_channels, kernel, padding=padding, bias=bias).to(memory_format=layout)
+    x = torch.randn(6, in_channels, side, side).contiguous(memory_format=layout)
+    calls = counting_path(monkeypatch)
+    unfolded = layer_step(layer, x, True)
+    assert calls == [tuple(x.shape)]
+    plain = layer_step(layer, x, False)
+    assert len(calls) == 1
+    assert torch.equal(unfolded[0], plain[0]) and torch.equal(unfolded[1], plain[1])
+    assert unfolded[2].dtype == torch.float32 and unfolded[2].shape == layer.weight.shape
+    exact_weight, exact_bias = exact_gradients(layer, x.to(torch.bfloat16).float(), 2 * plain[0].float())
+    assert relative_error(unfolded[2], exact_weight) < 0.01
+    assert relative_error(unfolded[2], exact_weight) <= 1.5 * relative_error(plain[2], exact_weight) + 1e-3
+    if bias:
+        assert unfolded[3].dtype == torch.float32
+        assert relative_error(unfolded[3], exact_bias) <= relative_error(plain[3], exact_bias) + 1e-6
+
+
+@pytest.mark.parametrize("layout", [LAST, torch.contiguous_format])
+def test_the_unfolded_sums_are_the_convolutions_weight_gradient(layout):
+    """In float64 the matmul gives the convolution's weight gradient to rounding, for any layout of either operand."""
+    torch.manual_seed(1)
+    layer = nn.Conv2d(5, 7, 3, padding=1, bias=False).double()
+    x = torch.randn(3, 5, 4, 4, dtype=torch.float64).contiguous(memory_format=layout)
+    grad_out = torch.randn(3, 7, 4, 4, dtype=torch.float64).contiguous(memory_format=layout)
+    layer(x).backward(grad_out)
+    assert torch.allclose(unfolded_weight_gradient(grad_out, x, (3, 3), (1, 1)), layer.weight.grad, atol=1e-12)
+
+
+def plain_layer(**overrides) -> nn.Conv2d:
+    settings = {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "padding": 1, **overrides}
+    return nn.Conv2d(**settings).to(memory_format=LAST)
+
+
+def bf16_input(side: int = 4, channels: int = 4) -> torch.Tensor:
+    return torch.randn(2, channels, side, side).to(torch.bfloat16).contiguous(memory_format=LAST)
+
+
+def takes_path(layer: nn.Module, x: torch.Tensor, autocast: bool = True) -> bool:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return unfolding_pays(layer, x)
+
+
+@needs_library
+def test_the_path_applies_to_small_maps_of_plain_stride_one_layers_only(amx_cpu):
+    assert takes_path(plain_layer(), bf16_input(4))
+    assert takes_path(plain_layer(padding="same"), bf16_input(3))
+    assert takes_path(plain_layer(), bf16_input(4).float())  # fp32 input: autocast casts it
+    assert not takes_path(plain_layer(), bf16_input(5))  # 25 output pixels
+    assert not takes_path(plain_layer(padding=0), bf16_input(7)) and takes_path(plain_layer(padding=0), bf16_input(6))
+    assert not takes_path(plain_layer(stride=2), bf16_input(4))
+    assert not takes_path(plain_layer(dilation=2, padding=2), bf16_input(4))
+    assert not takes_path(plain_layer(groups=2), bf16_input(4))
+    assert not takes_path(plain_layer(padding_mode="reflect"), bf16_input(4))
+    assert not takes_path(plain_layer(kernel_size=2, padding="same"), bf16_input(4))  # uneven "same" padding
+    assert not takes_path(plain_layer(), bf16_input(4), autocast=False)
+    assert not takes_path(plain_layer(), bf16_input(4, channels=3))  # the layer's own error, not ours
+    assert not takes_path(plain_layer(), torch.zeros(0, 4, 4, 4, dtype=torch.bfloat16))
+    frozen = plain_layer()
+    frozen.weight.requires_grad_(False)
+    assert not takes_path(frozen, bf16_input(4))
+    hooked = plain_layer()
+    hooked.register_forward_hook(lambda *args: None)
+    assert not takes_path(hooked, bf16_input(4))
+
+    class OwnConv(nn.Conv2d):
+        pass
+
+    assert not takes_path(OwnConv(4, 6, 3, padding=1), bf16_input(4))
+    assert not takes_path(plain_layer().double(), bf16_input(4))
+    with torch.no_grad():
+        assert not takes_path(plain_layer(), bf16_input(4))
+
+
+@needs_library
+def test_the_path_is_off_without_amx_with_the_kernels_switched_off_and_while_compiling(cpu_without_amx, monkeypatch):
+    assert not takes_path(plain_layer(), bf16_input(4))
+    assert "convolution weight gradients" not in build.available_kernels(build.compiled_library())
+    monkeypatch.setattr(build, "cpu_has_amx", lambda: True)
+    build.library_capabilities.cache_clear()
+    assert takes_path(plain_layer(), bf16_input(4))
+    assert build.available_kernels(build.compiled_library()).endswith("convolution weight gradients as matmuls")
+    switch_kernels(False)
+    try:
+        assert not takes_path(plain_layer(), bf16_input(4))
+    finally:
+        switch_kernels(True)
+    monkeypatch.setattr(conv, "recording_graph", lambda: True)
+    assert not takes_path(plain_layer(), bf16_input(4))
+
+
+@needs_library
+def test_a_gradient_penalty_differentiates_the_path_again(amx_cpu):
+    """backward(create_graph=True) through the path gives the second-order gradient the layer itself gives."""
+    torch.manual_seed(2)
+    layer = plain_layer(bias=True)
+    x = torch.randn(3, 4, 4, 4).contiguous(memory_format=LAST)
+    penalties = []
+    for unfolded in (True, False):
+        layer.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run_conv(layer, inputs) if unfolded else layer(inputs)
+        (grad_x,) = torch.autograd.grad(out.float().square().sum(), inputs, create_graph=True)
+        grad_x.square().sum().backward()
+        penalties.append(layer.weight.grad.clone())
+    assert relative_error(penalties[0], penalties[1]) < 0.02
+
+
+@needs_library
+@pytest.mark.parametrize("make,expected", [
+    (lambda: CNN(CNNConfig(widths=(8, 16, 24, 32))), [(4, 24, 4, 4), (4, 32, 4, 4)]),  # the last stage, at 4×4
+    (lambda: AirCNN(AirCNNConfig(widths=(16, 24, 32))), [(4, 32, 3, 3)]),  # the last group's second convolution
+])
+def test_the_cnns_send_their_small_maps_through_the_path_and_train_as_before(make, expected, amx_cpu, monkeypatch):
+    torch.manual_seed(3)
+    model = make().to(memory_format=LAST)
+    images = torch.randn(4, 3, 32, 32).contiguous(memory_format=LAST)
+    calls = counting_path(monkeypatch)
+    results = []
+    for unfolded in (True, False):
+        with monkeypatch.context() as patch:
+            if not unfolded:
+                patch.setattr(conv, "unfolding_pays", lambda *args: False)
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(images)
+            logits.float().square().sum().backward()
+        results.append([logits.detach(), *(p.grad for p in model.parameters() if p.grad is not None)])
+    assert calls == expected
+    unfolded, plain = results
+    assert torch.equal(unfolded[0], plain[0])
+    assert len(unfolded) == len(plain)
+    changed = [not torch.equal(got, reference) for got, reference in zip(unfolded[1:], plain[1:], strict=True)]
+    assert sum(changed) <= len(expected)  # the small maps' weight gradients; every other gradient keeps its bits
+    for got, reference in zip(unfolded[1:], plain[1:], strict=True):
+        assert relative_error(got, reference) < 0.02
