@@ -193,7 +193,7 @@ class Capabilities:
     weight_gradient_max_bias_features: int
     relu_max_pool: bool  # AVX-512 (BF16 not needed)
     matmul: bool  # AVX-512 BF16, and no AMX (cpu_has_amx)
-    conv_weight_gradient_by_matmul: bool  # AMX (cpu_has_amx); PyTorch's matmul, no C code (models/conv.py)
+    small_convolutions_as_matmuls: bool  # AMX (cpu_has_amx); PyTorch's matmul, no C code (models/conv.py)
 
 
 @functools.cache
@@ -213,7 +213,7 @@ def available_kernels(library: ctypes.CDLL) -> str:
                      + ["layer norm"] * capabilities.layer_norm + ["GELU"] * capabilities.gelu
                      + ["linear products"] * capabilities.matmul + ["weight gradients"] * capabilities.weight_gradient
                      + ["ReLU and max-pool"] * capabilities.relu_max_pool
-                     + ["convolution weight gradients as matmuls"] * capabilities.conv_weight_gradient_by_matmul)
+                     + ["small convolutions as matmuls"] * capabilities.small_convolutions_as_matmuls)
 
 
 @functools.cache
