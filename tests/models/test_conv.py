@@ -59,7 +59,8 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 LAYERS = [  # (in, out, kernel, padding, input side, bias)
-    (256, 64, 3, 1, 4, False),  # the BN CNN's last stage
+    (256, 64, 3, 1, 4, False),  # the BN CNN's last stage (narrower)
+    (64, 512, 3, 1, 2, False),  # wide: the input gradient sums over 9 × 512
     (32, 48, 3, "same", 3, True),  # cnn-fast's last convolution (narrower)
     (16, 24, 3, 1, 2, True),
     (8, 16, 5, 2, 4, False),
@@ -72,10 +73,10 @@ LAYERS = [  # (in, out, kernel, padding, input side, bias)
 @needs_library
 @pytest.mark.parametrize("in_channels,out_channels,kernel,padding,side,bias", LAYERS)
 @pytest.mark.parametrize("layout", [LAST, torch.contiguous_format])
-def test_the_unfolded_layer_is_as_close_to_exact_as_onednns_and_its_input_gradient_is_onednns(
-        in_channels, out_channels, kernel, padding, side, bias, layout, amx_cpu, monkeypatch):
-    """Output and weight gradient: bf16 roundings of fp32 sums added in another order, as near float64 as oneDNN's;
-    input gradient: oneDNN's bits for the same output gradient; bias gradient: fp32 sums, nearer than oneDNN's bf16."""
+def test_the_unfolded_layer_is_as_close_to_exact_as_onednns(in_channels, out_channels, kernel, padding, side, bias, layout,
+                                                            amx_cpu, monkeypatch):
+    """Output, input and weight gradients: bf16 roundings of fp32 sums added in another order, as near float64 as
+    oneDNN's, in the layout oneDNN returns; bias gradient: fp32 sums, nearer than oneDNN's bf16."""
     torch.manual_seed(0)
     layer = nn.Conv2d(in_channels, out_channels, kernel, padding=padding, bias=bias).to(memory_format=layout)
     x = torch.randn(6, in_channels, side, side).contiguous(memory_format=layout)
@@ -89,10 +90,10 @@ def test_the_unfolded_layer_is_as_close_to_exact_as_onednns_and_its_input_gradie
     assert len(calls) == 1
     exact = exact_step(layer, x, grad_out)
     assert unfolded[0].dtype == torch.bfloat16 and unfolded[0].shape == plain[0].shape
-    assert unfolded[0].is_contiguous(memory_format=layout)
-    assert torch.equal(unfolded[1], plain[1])
+    assert unfolded[0].is_contiguous(memory_format=layout) and unfolded[1].is_contiguous(memory_format=layout)
+    assert unfolded[1].dtype == torch.float32 and unfolded[1].shape == x.shape
     assert unfolded[2].dtype == torch.float32 and unfolded[2].shape == layer.weight.shape
-    for index in (0, 2):  # output, weight gradient
+    for index in (0, 1, 2):  # output, input gradient, weight gradient
         assert relative_error(unfolded[index], exact[index]) < 0.01
         assert relative_error(unfolded[index], exact[index]) <= 1.5 * relative_error(plain[index], exact[index]) + 1e-3
     if bias:
@@ -137,6 +138,8 @@ def test_the_path_applies_to_small_maps_of_plain_stride_one_layers_only(amx_cpu)
     assert not takes_path(plain_layer(groups=2), bf16_input(4))
     assert not takes_path(plain_layer(padding_mode="reflect"), bf16_input(4))
     assert not takes_path(plain_layer(kernel_size=2, padding="same"), bf16_input(4))  # uneven "same" padding
+    assert not takes_path(plain_layer(padding=3), bf16_input(1))  # more padding than the kernel covers
+    assert takes_path(plain_layer(padding=2), bf16_input(1))
     assert not takes_path(plain_layer(), bf16_input(4), autocast=False)
     assert not takes_path(plain_layer(), bf16_input(4, channels=3))  # the layer's own error, not ours
     assert not takes_path(plain_layer(), torch.zeros(0, 4, 4, 4, dtype=torch.bfloat16))

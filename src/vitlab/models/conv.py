@@ -4,14 +4,14 @@ Under CPU bf16 autocast a convolution is oneDNN's (`brg_conv_fwd` and `brgconv_b
 maps of 4×4 pixels and fewer, the BN CNN's last stage and cnn-fast's last convolution, its weight gradient ran several
 times slower than the convolution's own forward pass, and the forward itself slower than the same sums written as one
 matmul of the input's patches laid out as rows (im2col) with the filters (docs/performance.md, "Small convolutions as
-matmuls on the AMX machine"). `run_conv(layer, x)` runs such a layer through `UnfoldedConv2d`: the forward and the
-weight gradient are matmuls over the patches (unfolded once, in forward), each output the bf16 rounding of fp32 sums
-as autocast's, added in another order; the input gradient is still oneDNN's convolution, and a bias's gradient is summed
-in fp32.
+matmuls on the AMX machine"); so did the input gradient, as the convolution of the output gradient with the turned
+filters. `run_conv(layer, x)` runs such a layer through `UnfoldedConv2d`: the forward, the input gradient and the weight
+gradient are each one matmul over patches (the input's unfolded once, in forward), each output the bf16 rounding of
+fp32 sums as autocast's, added in another order; a bias's gradient is summed in fp32.
 
-It applies to a plain nn.Conv2d (no replaced forward, no hook) with stride 1, dilation 1, one group and zero padding
-that keeps the kernel centred, on CPU input under bf16 autocast, no graph being recorded, an output of
-at most MAX_OUTPUT_PIXELS pixels, on a CPU with AMX, and with vitlab's CPU kernels switched on (`--cpu_kernels`,
+It applies to a plain nn.Conv2d (no replaced forward, no hook) with stride 1, dilation 1, one group and zero padding of
+at most the kernel's side - 1 (with padding="same", an odd kernel), on CPU input under bf16 autocast, no graph being
+recorded, an output of at most MAX_OUTPUT_PIXELS pixels, on a CPU with AMX, and with vitlab's CPU kernels switched on (`--cpu_kernels`,
 `VITLAB_C_KERNELS`). Everywhere else the layer runs itself. The CPUs without AMX were not measured, so they keep oneDNN's.
 """
 
@@ -25,16 +25,16 @@ from vitlab.kernels import recording_graph
 from vitlab.kernels.build import compiled_library, library_capabilities
 from vitlab.models.base import cpu_autocast_dtype, has_hooks
 
-# Feature maps of at most this many output pixels (4×4) are unfolded; at 8×8 the forward ran slower as a matmul and the
-# weight gradient as often slower as faster.
+# Feature maps of at most this many output pixels (4×4) are unfolded; at 8×8 the forward and the input gradient ran
+# slower as matmuls and the weight gradient as often slower as faster.
 MAX_OUTPUT_PIXELS = 16
 
 
 class UnfoldedConv2d(torch.autograd.Function):
     """conv2d(x, weight, bias, padding) in bf16 for CPU x and fp32 weights, stride 1, as CPU bf16 autocast computes it
-    (every operand rounded to bf16, fp32 sums rounded to bf16), but the forward and the weight gradient as matmuls over
-    x's patches (`unfolded_patches`, kept from forward for backward); the input gradient by oneDNN's convolution, the
-    bias gradient as fp32 sums.
+    (every operand rounded to bf16, fp32 sums rounded to bf16), but as matmuls: the forward and the weight gradient over
+    x's patches (`unfolded_patches`, kept from forward for backward), the input gradient over the output gradient's
+    (`unfolded_input_gradient`); the bias gradient as fp32 sums.
 
     Under backward(create_graph=True) (a gradient penalty) the patches are unfolded again from the saved input, in
     differentiable operators, so the result can be differentiated again."""
@@ -51,7 +51,7 @@ class UnfoldedConv2d(torch.autograd.Function):
             out = patches @ filters.t()  # (B·H'·W', O)
         else:
             out = torch.addmm(bias.to(torch.bfloat16), patches, filters.t())
-        ctx.save_for_backward(x, weight, bias, patches)
+        ctx.save_for_backward(x, weight, bias, patches if ctx.needs_input_grad[1] else None)
         ctx.padding = padding
         out = out.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)  # (B, O, H', W') channels-last
         return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
@@ -59,15 +59,16 @@ class UnfoldedConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, bias, patches = ctx.saved_tensors
-        x_bf16, weight_bf16 = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        weight_bf16 = weight.to(torch.bfloat16)
         grad_out = grad_out.to(torch.bfloat16)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:  # (B, C, H, W) in x's dtype, as autocast's cast passes it back
-            grad_x = torch.ops.aten.convolution_backward(grad_out, x_bf16, weight_bf16, None, [1, 1], list(ctx.padding),
-                                                         [1, 1], False, [0, 0], 1, [True, False, False])[0].to(x.dtype)
+            grad_x = unfolded_input_gradient(grad_out, weight_bf16, ctx.padding).to(x.dtype)
+            if not x.is_contiguous(memory_format=torch.channels_last):
+                grad_x = grad_x.contiguous()
         if ctx.needs_input_grad[1]:  # (O, C, kh, kw) fp32
             if torch.is_grad_enabled():  # create_graph: patches with a history
-                patches = unfolded_patches(x_bf16, tuple(weight.shape[2:]), ctx.padding)
+                patches = unfolded_patches(x.to(torch.bfloat16), tuple(weight.shape[2:]), ctx.padding)
             grad_weight = patch_weight_gradient(grad_out, patches, tuple(weight.shape[2:])).to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(dim=(0, 2, 3), dtype=torch.float32).to(bias.dtype)  # (O,)
@@ -96,6 +97,20 @@ def patch_weight_gradient(grad_out: torch.Tensor, patches: torch.Tensor, kernel_
     grads = grad_out.permute(0, 2, 3, 1).reshape(-1, out_channels)  # (B·H'·W', O)
     sums = grads.t() @ patches  # (O, kh·kw·C)
     return sums.view(out_channels, *kernel_size, -1).permute(0, 3, 1, 2)  # (O, C, kh, kw)
+
+
+def unfolded_input_gradient(grad_out: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+    """The input gradient (B, C, H, W), channels-last, of a stride-1 convolution with weight (O, C, kh, kw) and zero
+    padding p (at most k - 1 on each side), from its output gradient (B, O, H', W'): the convolution of the output
+    gradient with the filters turned by 180° and their channels swapped, padded by k - 1 - p, as one matmul of its
+    patches (B·H·W × kh·kw·O) with those filters (kh·kw·O × C)."""
+    out_channels, in_channels, kernel_height, kernel_width = weight.shape
+    batch, _, out_height, out_width = grad_out.shape
+    turned = weight.flip(2, 3).permute(2, 3, 0, 1).reshape(kernel_height * kernel_width * out_channels, in_channels)
+    full_padding = (kernel_height - 1 - padding[0], kernel_width - 1 - padding[1])
+    height, width = out_height + kernel_height - 1 - 2 * padding[0], out_width + kernel_width - 1 - 2 * padding[1]
+    sums = unfolded_patches(grad_out, (kernel_height, kernel_width), full_padding) @ turned  # (B·H·W, C)
+    return sums.view(batch, height, width, in_channels).permute(0, 3, 1, 2)
 
 
 def unfolded_weight_gradient(grad_out: torch.Tensor, x: torch.Tensor, kernel_size: tuple[int, int],
@@ -132,8 +147,9 @@ def unfolding_pays(layer: nn.Module, x: torch.Tensor) -> bool:
         return False
     weight, bias = layer.weight, layer.bias
     padding = centred_padding(layer)
-    if (padding is None or layer.groups != 1 or tuple(layer.stride) != (1, 1) or tuple(layer.dilation) != (1, 1)
-            or weight.dtype != torch.float32 or weight.device.type != "cpu"
+    if (padding is None or padding[0] >= layer.kernel_size[0] or padding[1] >= layer.kernel_size[1] or layer.groups != 1
+            or tuple(layer.stride) != (1, 1) or tuple(layer.dilation) != (1, 1) or weight.dtype != torch.float32
+            or weight.device.type != "cpu"
             or (bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"))):
         return False
     if (cpu_autocast_dtype() != torch.bfloat16 or type(x) is not torch.Tensor or x.device.type != "cpu" or x.dim() != 4
