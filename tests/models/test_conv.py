@@ -58,6 +58,11 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
+def addressed_strides(tensor: torch.Tensor) -> list[int]:
+    """The strides of the dimensions longer than 1."""
+    return [stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True) if size > 1]
+
+
 LAYERS = [  # (in, out, kernel, padding, input side, bias)
     (256, 64, 3, 1, 4, False),  # the BN CNN's last stage (narrower)
     (64, 512, 3, 1, 2, False),  # wide: the input gradient sums over 9 × 512
@@ -139,6 +144,10 @@ def test_the_path_applies_to_small_maps_of_plain_stride_one_layers_only(amx_cpu)
     assert not takes_path(plain_layer(padding_mode="reflect"), bf16_input(4))
     assert not takes_path(plain_layer(kernel_size=2, padding="same"), bf16_input(4))  # uneven "same" padding
     assert not takes_path(plain_layer(padding=3), bf16_input(1))  # more padding than the kernel covers
+    assert not takes_path(plain_layer(padding=-1), bf16_input(6))  # the layer's own error, not a crop
+    replaced = plain_layer()
+    replaced.forward = lambda x: torch.zeros(())
+    assert not takes_path(replaced, bf16_input(4))
     assert takes_path(plain_layer(padding=2), bf16_input(1))
     assert not takes_path(plain_layer(), bf16_input(4), autocast=False)
     assert not takes_path(plain_layer(), bf16_input(4, channels=3))  # the layer's own error, not ours
@@ -220,3 +229,38 @@ def test_the_cnns_send_their_small_maps_through_the_path_and_train_as_before(mak
     assert len(unfolded) == len(plain)
     for got, reference in zip(unfolded, plain, strict=True):
         assert relative_error(got, reference) < 0.05
+
+
+@needs_library
+@pytest.mark.parametrize("channels,input_layout,weight_layout", [
+    (4, LAST, LAST), (4, torch.contiguous_format, LAST), (4, LAST, torch.contiguous_format),
+    (4, torch.contiguous_format, torch.contiguous_format), (1, torch.contiguous_format, torch.contiguous_format),
+])
+def test_outputs_and_gradients_come_in_the_layouts_onednn_gives(channels, input_layout, weight_layout, amx_cpu):
+    """Channels-last where the input or the weight is (a one-channel NCHW input is not), as oneDNN picks, for the
+    output and both gradients (strides compared where a size is above 1: elsewhere they address nothing)."""
+    torch.manual_seed(4)
+    layer = nn.Conv2d(channels, 6, 3, padding=1).to(memory_format=weight_layout)
+    x = torch.randn(2, channels, 4, 4).contiguous(memory_format=input_layout).requires_grad_()
+    results = []
+    for unfolded in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run_conv(layer, x) if unfolded else layer(x)
+        results.append((out, *torch.autograd.grad(out.float().sum(), (x, layer.weight))))
+    for got, expected in zip(*results, strict=True):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert addressed_strides(got) == addressed_strides(expected)
+
+
+
+@needs_library
+def test_an_input_made_in_inference_mode_trains_through_the_path(amx_cpu, monkeypatch):
+    """What backward keeps is the bf16 cast (as autocast keeps it), not the inference tensor itself."""
+    layer = plain_layer()
+    with torch.inference_mode():
+        x = torch.randn(2, 4, 4, 4).contiguous(memory_format=LAST)
+    calls = counting_path(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run_conv(layer, x)
+    out.float().sum().backward()
+    assert calls == [tuple(x.shape)] and layer.weight.grad is not None

@@ -247,7 +247,13 @@ def inactive_dropout(module: nn.Module) -> bool:
     return isinstance(module, nn.Dropout) and (not module.training or module.p == 0.0) and not has_hooks(module)
 
 
+def forward_replaced(module: nn.Module) -> bool:
+    """Whether the module's own `forward` attribute (set on the instance) replaces its class's."""
+    return "forward" in vars(module)
+
+
 def plain_linear(module: nn.Module) -> bool:
-    """Whether `module` is an nn.Linear whose forward nothing replaced (a fused path may then use its weight and bias
-    itself) and no hook would see it run."""
-    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and not has_hooks(module)
+    """Whether `module` is an nn.Linear whose forward nothing replaced, on its class or on itself (a fused path may then
+    use its weight and bias itself), and no hook would see it run."""
+    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and not forward_replaced(module)
+            and not has_hooks(module))

@@ -9,7 +9,7 @@ filters. `run_conv(layer, x)` runs such a layer through `UnfoldedConv2d`: the fo
 gradient are each one matmul over patches (the input's unfolded once, in forward), each output the bf16 rounding of
 fp32 sums as autocast's, added in another order; a bias's gradient is summed in fp32.
 
-It applies to a plain nn.Conv2d (no replaced forward, no hook) with stride 1, dilation 1, one group and zero padding of
+It applies to a plain nn.Conv2d (no forward replaced, on the class or the instance; no hook) with stride 1, dilation 1, one group and zero padding of
 at most the kernel's side - 1 (with padding="same", an odd kernel), on CPU input under bf16 autocast, no graph being
 recorded, an output of at most MAX_OUTPUT_PIXELS pixels, on a CPU with AMX, and with vitlab's CPU kernels switched on (`--cpu_kernels`,
 `VITLAB_C_KERNELS`). Everywhere else the layer runs itself. The CPUs without AMX were not measured, so they keep oneDNN's.
@@ -23,7 +23,7 @@ from torch import nn
 
 from vitlab.kernels import recording_graph
 from vitlab.kernels.build import compiled_library, library_capabilities
-from vitlab.models.base import cpu_autocast_dtype, has_hooks
+from vitlab.models.base import cpu_autocast_dtype, forward_replaced, has_hooks
 
 # Feature maps of at most this many output pixels (4×4) are unfolded; at 8×8 the forward and the input gradient ran
 # slower as matmuls and the weight gradient as often slower as faster.
@@ -31,8 +31,9 @@ MAX_OUTPUT_PIXELS = 16
 
 
 class UnfoldedConv2d(torch.autograd.Function):
-    """conv2d(x, weight, bias, padding) in bf16 for CPU x and fp32 weights, stride 1, as CPU bf16 autocast computes it
-    (every operand rounded to bf16, fp32 sums rounded to bf16), but as matmuls: the forward and the weight gradient over
+    """conv2d(x, weight, bias, padding) for bf16 CPU x and fp32 weights, stride 1, as CPU bf16 autocast computes it
+    (every operand rounded to bf16, fp32 sums rounded to bf16, the output in the memory layout oneDNN picks), but as
+    matmuls: the forward and the weight gradient over
     x's patches (`unfolded_patches`, kept from forward for backward), the input gradient over the output gradient's
     (`unfolded_input_gradient`); the bias gradient as fp32 sums.
 
@@ -45,7 +46,7 @@ class UnfoldedConv2d(torch.autograd.Function):
         batch, _, height, width = x.shape
         out_channels, in_channels, kernel_height, kernel_width = weight.shape
         out_height, out_width = height + 2 * padding[0] - kernel_height + 1, width + 2 * padding[1] - kernel_width + 1
-        patches = unfolded_patches(x.to(torch.bfloat16), (kernel_height, kernel_width), padding)  # (B·H'·W', kh·kw·C)
+        patches = unfolded_patches(x, (kernel_height, kernel_width), padding)  # (B·H'·W', kh·kw·C)
         filters = weight.to(torch.bfloat16).permute(0, 2, 3, 1).reshape(out_channels, -1)  # (O, kh·kw·C)
         if bias is None:
             out = patches @ filters.t()  # (B·H'·W', O)
@@ -54,7 +55,7 @@ class UnfoldedConv2d(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, patches if ctx.needs_input_grad[1] else None)
         ctx.padding = padding
         out = out.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)  # (B, O, H', W') channels-last
-        return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+        return out.contiguous(memory_format=convolution_layout(x, weight))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -62,17 +63,38 @@ class UnfoldedConv2d(torch.autograd.Function):
         weight_bf16 = weight.to(torch.bfloat16)
         grad_out = grad_out.to(torch.bfloat16)
         grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:  # (B, C, H, W) in x's dtype, as autocast's cast passes it back
-            grad_x = unfolded_input_gradient(grad_out, weight_bf16, ctx.padding).to(x.dtype)
-            if not x.is_contiguous(memory_format=torch.channels_last):
-                grad_x = grad_x.contiguous()
-        if ctx.needs_input_grad[1]:  # (O, C, kh, kw) fp32
+        if ctx.needs_input_grad[0]:  # (B, C, H, W) bf16
+            grad_x = unfolded_input_gradient(grad_out, weight_bf16, ctx.padding)
+            grad_x = grad_x.contiguous(memory_format=convolution_layout(x, weight))
+        if ctx.needs_input_grad[1]:  # (O, C, kh, kw) fp32, in the convolution's layout as oneDNN's
             if torch.is_grad_enabled():  # create_graph: patches with a history
-                patches = unfolded_patches(x.to(torch.bfloat16), tuple(weight.shape[2:]), ctx.padding)
+                patches = unfolded_patches(x, tuple(weight.shape[2:]), ctx.padding)
             grad_weight = patch_weight_gradient(grad_out, patches, tuple(weight.shape[2:])).to(weight.dtype)
+            grad_weight = grad_weight.contiguous(memory_format=convolution_layout(x, weight))
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(dim=(0, 2, 3), dtype=torch.float32).to(bias.dtype)  # (O,)
         return grad_x, grad_weight, grad_bias, None
+
+
+def convolution_layout(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The memory layout of a CPU convolution's output and input gradient, as oneDNN's picks it: channels-last when
+    the input or the weight is laid out so."""
+    return torch.channels_last if channels_last_strides(x) or channels_last_strides(weight) else torch.contiguous_format
+
+
+def channels_last_strides(tensor: torch.Tensor) -> bool:
+    """Whether a 4-D tensor's strides order its dimensions as channels-last memory does (channels fastest, then width,
+    height, batch), as PyTorch's own test for the layout a convolution suggests; a (B, 1, H, W) tensor, whose order is
+    ambiguous, counts as not."""
+    sizes, strides = tensor.shape, tensor.stride()
+    if strides[1] == 0:
+        return False
+    smallest = 0
+    for dim in (1, 3, 2, 0):
+        if sizes[dim] == 0 or strides[dim] < smallest or (dim == 0 and smallest == strides[1]):
+            return False
+        smallest = strides[dim] * (sizes[dim] if sizes[dim] > 1 else 1)
+    return True
 
 
 def unfolded_patches(x: torch.Tensor, kernel_size: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
@@ -143,11 +165,12 @@ def output_pixels(x: torch.Tensor, layer: nn.Conv2d, padding: tuple[int, int]) -
 
 def unfolding_pays(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether `run_conv` sends layer(x) through UnfoldedConv2d (see the module doc)."""
-    if type(layer) is not nn.Conv2d or has_hooks(layer) or recording_graph():
+    if type(layer) is not nn.Conv2d or forward_replaced(layer) or has_hooks(layer) or recording_graph():
         return False
     weight, bias = layer.weight, layer.bias
     padding = centred_padding(layer)
-    if (padding is None or padding[0] >= layer.kernel_size[0] or padding[1] >= layer.kernel_size[1] or layer.groups != 1
+    if (padding is None or not (0 <= padding[0] < layer.kernel_size[0] and 0 <= padding[1] < layer.kernel_size[1])
+            or layer.groups != 1
             or tuple(layer.stride) != (1, 1) or tuple(layer.dilation) != (1, 1) or weight.dtype != torch.float32
             or weight.device.type != "cpu"
             or (bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"))):
@@ -162,7 +185,9 @@ def unfolding_pays(layer: nn.Module, x: torch.Tensor) -> bool:
 
 
 def run_conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x), through UnfoldedConv2d where `unfolding_pays`."""
+    """layer(x), through UnfoldedConv2d where `unfolding_pays`. x is cast to bf16 outside the function, as autocast
+    casts it: the cast is what backward keeps (an input made under inference_mode included), and under
+    create_graph=True its own backward carries the second-order terms to x."""
     if unfolding_pays(layer, x):
-        return UnfoldedConv2d.apply(x, layer.weight, layer.bias, centred_padding(layer))
+        return UnfoldedConv2d.apply(x.to(torch.bfloat16), layer.weight, layer.bias, centred_padding(layer))
     return layer(x)

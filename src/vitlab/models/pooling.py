@@ -16,7 +16,7 @@ from torch import nn
 
 from vitlab.kernels import pool as pool_kernel
 from vitlab.kernels import recording_graph
-from vitlab.models.base import has_hooks
+from vitlab.models.base import forward_replaced, has_hooks
 from vitlab.models.conv import run_conv
 
 
@@ -57,7 +57,7 @@ def routed_gradient(grad_out: torch.Tensor, position: torch.Tensor, height: int,
 def fusable_pool(module: nn.Module) -> bool:
     """Whether `module` is a plain nn.MaxPool2d of a 2×2 window and stride 2, no padding, dilation or ceil mode, that
     returns no indices, with no hook."""
-    if type(module) is not nn.MaxPool2d or has_hooks(module):
+    if type(module) is not nn.MaxPool2d or forward_replaced(module) or has_hooks(module):
         return False
     return (as_pair(module.kernel_size) == (2, 2) and as_pair(module.stride or module.kernel_size) == (2, 2)
             and as_pair(module.padding) == (0, 0) and as_pair(module.dilation) == (1, 1) and not module.ceil_mode
@@ -71,7 +71,7 @@ def as_pair(setting: int | tuple[int, ...]) -> tuple[int, ...]:
 
 def kernel_applies(relu: nn.Module, pool: nn.Module, x: torch.Tensor) -> bool:
     """Whether pool(relu(x)) goes through the kernel (see the module doc)."""
-    return (type(relu) is nn.ReLU and not has_hooks(relu) and fusable_pool(pool) and not recording_graph()
+    return (type(relu) is nn.ReLU and not forward_replaced(relu) and not has_hooks(relu) and fusable_pool(pool) and not recording_graph()
             and pool_kernel.kernel_supports(x))
 
 
