@@ -220,3 +220,15 @@ def test_where_the_matmul_kernel_would_round_otherwise_autocasts_product_runs(ca
     assert out_k.grad_fn.name().endswith("KernelLinearBackward")
     torch.testing.assert_close(out_k, out_a, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(gx_k, gx_a, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_forward_replaced_on_the_layer_itself_runs_instead_of_the_fused_path():
+    """run_linear only takes a layer's weight and bias itself when nothing replaced its forward, on the class or on
+    the instance."""
+    from vitlab.models.base import plain_linear
+
+    layer = nn.Linear(4, 3)
+    assert plain_linear(layer)
+    layer.forward = lambda x: torch.zeros(x.shape[0], 3)
+    assert not plain_linear(layer)
+    assert torch.equal(run_linear(layer, torch.ones(2, 4)), torch.zeros(2, 3))

@@ -136,3 +136,15 @@ def test_the_operators_have_shapes_for_meta_tensors():
     assert out.is_contiguous(memory_format=LAST)
     grad_x = torch.ops.vitlab.relu_max_pool2d_backward(out, position, 7, 6)
     assert grad_x.shape == (2, 16, 7, 6) and grad_x.device.type == "meta"
+
+
+def test_a_relu_or_pool_whose_forward_was_replaced_on_the_instance_is_not_fused():
+    relu, pool = nn.ReLU(), nn.MaxPool2d(2)
+    x = torch.randn(1, 2, 4, 4).to(torch.bfloat16).contiguous(memory_format=LAST)
+    fusable = pooling.kernel_applies(relu, pool, x)
+    relu.forward = lambda t: t
+    assert not pooling.kernel_applies(relu, pool, x)
+    relu, pool = nn.ReLU(), nn.MaxPool2d(2)
+    pool.forward = lambda t: t
+    assert not fusable_pool(pool) and not pooling.kernel_applies(relu, pool, x)
+    assert fusable == SUPPORTED
