@@ -84,3 +84,13 @@ def test_the_mlp_without_autocast_with_a_hook_or_relu_is_nn_sequential():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(fused(x), plain(x))
     handle.remove()
+
+
+def test_a_forward_replaced_on_the_gelu_keeps_the_bias_with_its_linear_layer():
+    """A GELU whose forward was replaced on the instance runs that forward, so it cannot add the linear layer's bias."""
+    gelu, linear = GELU(), nn.Linear(16, 32)
+    x = torch.randn(4, 16).to(torch.bfloat16)
+    takes = gelu.takes_bias_of(linear, x)
+    gelu.forward = lambda t: t
+    assert not gelu.takes_bias_of(linear, x)
+    assert takes == gelu_kernel.adds_bias(32, linear.bias)

@@ -105,3 +105,12 @@ def test_dropout_equals_where_mask_then_scale_bit_for_bit(dtype, operators):
     torch.manual_seed(11)
     expected = torch.where(keep_mask(inputs.shape, 0.1, inputs.device), inputs * keep_scale(0.1), 0.0)
     assert outputs.dtype == dtype and torch.equal(outputs, expected)
+
+
+def test_an_inactive_dropout_whose_forward_was_replaced_is_not_skipped():
+    from vitlab.models.base import inactive_dropout
+
+    layer = Dropout(0.0)
+    assert inactive_dropout(layer)
+    layer.forward = lambda t: t * 2
+    assert not inactive_dropout(layer)

@@ -99,3 +99,14 @@ def test_after_residual_outside_autocast_is_add_then_nn_layernorm(monkeypatch):
     x, addend, addend_bias = torch.randn(2, 3, 64), torch.randn(2, 3, 64), torch.randn(64)
     total, out = kernel_norm.after_residual(x, addend, addend_bias)
     assert torch.equal(total, x + (addend + addend_bias)) and torch.equal(out, plain(total))
+
+
+def test_a_norm_whose_forward_was_replaced_on_the_instance_takes_no_kernel():
+    from vitlab.models.norms import MatmulInputNorm
+
+    norm = MatmulInputNorm(64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        applies = norm.kernel_applies()
+        norm.forward = lambda t: t
+        assert not norm.kernel_applies()
+    assert applies

@@ -19,7 +19,7 @@ from torch import nn
 
 from vitlab.kernels import gelu as gelu_kernel
 from vitlab.kernels import recording_graph
-from vitlab.models.base import bf16_on_cpu, has_hooks, inactive_dropout, plain_linear
+from vitlab.models.base import bf16_on_cpu, forward_replaced, has_hooks, inactive_dropout, plain_linear
 from vitlab.models.linear import linear, run_linear
 
 
@@ -51,7 +51,7 @@ class GELU(nn.GELU):
     def takes_bias_of(self, linear: nn.Linear, x: torch.Tensor) -> bool:
         """Whether the kernel will add the bias of `linear` (whose output from x it activates): exact GELU, bf16 CPU
         output, no hook on either module, no graph being recorded, a width and bias the kernel takes."""
-        return (self.approximate == "none" and type(self).forward is GELU.forward and bf16_on_cpu(x) and not recording_graph()
+        return (self.approximate == "none" and type(self).forward is GELU.forward and not forward_replaced(self) and bf16_on_cpu(x) and not recording_graph()
                 and not has_hooks(self) and plain_linear(linear) and gelu_kernel.adds_bias(linear.out_features, linear.bias))
 
     def kernel_applies(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> bool:

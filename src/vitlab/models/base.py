@@ -243,8 +243,9 @@ def bf16_on_cpu(x: torch.Tensor) -> bool:
 
 def inactive_dropout(module: nn.Module) -> bool:
     """Whether `module` is a dropout (an nn.Dropout, vitlab's included) that passes its input through now: its own
-    `training` off or p = 0, and no hook that would see it run."""
-    return isinstance(module, nn.Dropout) and (not module.training or module.p == 0.0) and not has_hooks(module)
+    `training` off or p = 0, and no hook or forward replaced on it that would see it run."""
+    return (isinstance(module, nn.Dropout) and (not module.training or module.p == 0.0) and not has_hooks(module)
+            and not forward_replaced(module))
 
 
 def forward_replaced(module: nn.Module) -> bool:
