@@ -148,3 +148,55 @@ def test_a_relu_or_pool_whose_forward_was_replaced_on_the_instance_is_not_fused(
     pool.forward = lambda t: t
     assert not fusable_pool(pool) and not pooling.kernel_applies(relu, pool, x)
     assert fusable == SUPPORTED
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 C kernels on this machine")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("side", [2, 3, 7, 8, 15, 31])
+def test_a_lone_max_pool_gives_the_modules_values_and_gradients_bit_for_bit(dtype, side, monkeypatch):
+    """Ties (the first wins), NaN (the last wins), -0 and odd sides (the last row and column get no gradient), as
+    nn.MaxPool2d."""
+    torch.manual_seed(side)
+    x = torch.randn(3, 20, side, side).round().to(dtype)  # rounding makes ties common
+    x[0, 0, 0, 0] = float("nan")
+    x[1, 2, :2, :2] = -0.0
+    x = x.contiguous(memory_format=LAST)
+    calls = []
+    apply = pooling.KernelMaxPool.apply
+    monkeypatch.setattr(pooling.KernelMaxPool, "apply", lambda t: calls.append(t.shape) or apply(t))
+    grad = torch.randn(3, 20, side // 2, side // 2).to(dtype)
+    results = []
+    for fused in (True, False):
+        inputs = x.clone().requires_grad_()
+        out = pooling.run_pool(nn.MaxPool2d(2), inputs) if fused else nn.MaxPool2d(2)(inputs)
+        out.backward(grad)
+        results.append((out.detach(), inputs.grad))
+    assert len(calls) == 1
+    (out, grad_x), (expected_out, expected_grad) = results
+    assert torch.equal(out.isnan(), expected_out.isnan()) and torch.equal(out.nan_to_num(), expected_out.nan_to_num())
+    assert torch.equal(grad_x, expected_grad) and out.is_contiguous(memory_format=LAST)
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 C kernels on this machine")
+def test_aircnn_pools_through_the_kernel_and_trains_bit_for_bit_as_its_modules(monkeypatch):
+    from vitlab.models import AirCNN, AirCNNConfig
+
+    torch.manual_seed(5)
+    model = AirCNN(AirCNNConfig(widths=(16, 24, 32))).to(memory_format=LAST)
+    images = torch.randn(4, 3, 32, 32).contiguous(memory_format=LAST)
+    calls = []
+    apply = pooling.KernelMaxPool.apply
+    monkeypatch.setattr(pooling.KernelMaxPool, "apply", lambda t: calls.append(tuple(t.shape[2:])) or apply(t))
+    results = []
+    for fused in (True, False):
+        with monkeypatch.context() as patch:
+            if not fused:
+                patch.setattr(pool_kernel, "kernel_supports", lambda x: False)
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(images)
+            logits.float().square().sum().backward()
+        results.append([logits.detach(), *(p.grad for p in model.parameters() if p.grad is not None)])
+    assert calls == [(31, 31), (15, 15), (7, 7)]  # one pool per group
+    for got, expected in zip(*results, strict=True):
+        assert torch.equal(got, expected)

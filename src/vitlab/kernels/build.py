@@ -56,6 +56,8 @@ SIGNATURES = {
     "vitlab_relu_max_pool_supported": ([], ctypes.c_int),
     **{f"vitlab_relu_max_pool_{direction}_{dtype}": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int], None)
        for direction in ("forward", "backward") for dtype in ("bf16", "f32")},
+    **{f"vitlab_max_pool_forward_{dtype}": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int], None)
+       for dtype in ("bf16", "f32")},
     "vitlab_matmul_supported": ([], ctypes.c_int),
     "vitlab_pack_linear_weight": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2, None),
     "vitlab_matmul_pairs": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], None),
@@ -212,7 +214,7 @@ def available_kernels(library: ctypes.CDLL) -> str:
     return ", ".join(["dropout", "crop and flip"] + ["softmax"] * capabilities.softmax + ["attention"] * capabilities.attention
                      + ["layer norm"] * capabilities.layer_norm + ["GELU"] * capabilities.gelu
                      + ["linear products"] * capabilities.matmul + ["weight gradients"] * capabilities.weight_gradient
-                     + ["ReLU and max-pool"] * capabilities.relu_max_pool
+                     + ["max-pool (after a ReLU or alone)"] * capabilities.relu_max_pool
                      + ["small convolutions as matmuls"] * capabilities.small_convolutions_as_matmuls)
 
 

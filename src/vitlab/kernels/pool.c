@@ -1,4 +1,5 @@
-/* ReLU followed by a 2×2, stride-2 max-pool, in one pass over channels-last activations, forward and backward.
+/* ReLU followed by a 2×2, stride-2 max-pool, in one pass over channels-last activations, forward and backward; and the
+ * same max-pool without the ReLU (`vitlab_max_pool_forward_*`, whose positions the same backward reads).
  *
  * PyTorch makes four passes for the pair: ReLU writes its output, max-pool reads it and writes the maxima and their
  * int64 positions, and backward fills the input gradient with zeros, scatters the output gradient into it and
@@ -11,6 +12,8 @@
  * CPU kernel: the first of tied maxima, the last of several NaNs), and a gradient that ReLU passes where that
  * maximum is not <= 0 (as threshold_backward). Windows do not overlap, so each input receives at most one output's
  * gradient; an odd last row or column is in no window (gradient 0).
+ *
+ * Without the ReLU the maximum is max_pool2d's over x itself, by the same rule, and every output passes its gradient.
  *
  * Layout: x is (batch, height, width, channels), bf16 or fp32 (a channels-last NCHW tensor's memory), the output
  * and the positions (batch, height / 2, width / 2, channels).
@@ -35,10 +38,12 @@ static inline __m512 load_values(const char *source, int size, __mmask16 mask) {
     return size == 4 ? _mm512_maskz_loadu_ps(mask, source) : load_bf16((const uint16_t *)source, mask);
 }
 
-/* The forward for elements of `size` bytes (inlined twice, so the size is a constant in each copy). */
+/* The forward for elements of `size` bytes, with the ReLU first or not (inlined four times, so both are constants in
+ * each copy). */
 static inline __attribute__((always_inline)) void relu_max_pool_forward(const char *x, char *out, uint8_t *position,
                                                                          int64_t batch, int64_t height, int64_t width,
-                                                                         int64_t channels, int threads, int size) {
+                                                                         int64_t channels, int threads, int size,
+                                                                         int with_relu) {
     int64_t out_height = height / 2, out_width = width / 2, rows = batch * out_height, pixel = channels * size;
     const __m512 zero = _mm512_setzero_ps();
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * out_width * channels >= PARALLEL_MIN_ELEMENTS)
@@ -51,8 +56,11 @@ static inline __attribute__((always_inline)) void relu_max_pool_forward(const ch
             for (int64_t c = 0; c < channels; c += 16) {
                 __mmask16 mask = tail_mask(channels - c);
                 int64_t left = 2 * column * pixel + c * size, right = left + pixel;
-                __m512 window[4] = {relu(load_values(top + left, size, mask)), relu(load_values(top + right, size, mask)),
-                                    relu(load_values(bottom + left, size, mask)), relu(load_values(bottom + right, size, mask))};
+                __m512 window[4] = {load_values(top + left, size, mask), load_values(top + right, size, mask),
+                                    load_values(bottom + left, size, mask), load_values(bottom + right, size, mask)};
+                if (with_relu)
+                    for (int k = 0; k < 4; k++)
+                        window[k] = relu(window[k]);
                 __m512 best = window[0];
                 __m512i winner = _mm512_setzero_si512();
                 for (int k = 1; k < 4; k++) {
@@ -60,8 +68,10 @@ static inline __attribute__((always_inline)) void relu_max_pool_forward(const ch
                     best = _mm512_mask_blend_ps(takes, best, window[k]);
                     winner = _mm512_mask_blend_epi32(takes, winner, _mm512_set1_epi32(k));
                 }
-                __mmask16 stopped = _mm512_cmp_ps_mask(best, zero, _CMP_LE_OQ); /* ReLU's gradient is 0 there */
-                winner = _mm512_mask_blend_epi32(stopped, winner, _mm512_set1_epi32(NO_GRADIENT));
+                if (with_relu) {
+                    __mmask16 stopped = _mm512_cmp_ps_mask(best, zero, _CMP_LE_OQ); /* ReLU's gradient is 0 there */
+                    winner = _mm512_mask_blend_epi32(stopped, winner, _mm512_set1_epi32(NO_GRADIENT));
+                }
                 char *target = maxima + column * pixel + c * size;
                 if (size == 4)
                     _mm512_mask_storeu_ps(target, mask, best);
@@ -119,12 +129,22 @@ static inline __attribute__((always_inline)) void relu_max_pool_backward(const c
 
 void vitlab_relu_max_pool_forward_bf16(const void *x, void *out, uint8_t *position, int64_t batch, int64_t height,
                                        int64_t width, int64_t channels, int threads) {
-    relu_max_pool_forward(x, out, position, batch, height, width, channels, threads, 2);
+    relu_max_pool_forward(x, out, position, batch, height, width, channels, threads, 2, 1);
 }
 
 void vitlab_relu_max_pool_forward_f32(const void *x, void *out, uint8_t *position, int64_t batch, int64_t height,
                                       int64_t width, int64_t channels, int threads) {
-    relu_max_pool_forward(x, out, position, batch, height, width, channels, threads, 4);
+    relu_max_pool_forward(x, out, position, batch, height, width, channels, threads, 4, 1);
+}
+
+void vitlab_max_pool_forward_bf16(const void *x, void *out, uint8_t *position, int64_t batch, int64_t height,
+                                  int64_t width, int64_t channels, int threads) {
+    relu_max_pool_forward(x, out, position, batch, height, width, channels, threads, 2, 0);
+}
+
+void vitlab_max_pool_forward_f32(const void *x, void *out, uint8_t *position, int64_t batch, int64_t height,
+                                 int64_t width, int64_t channels, int threads) {
+    relu_max_pool_forward(x, out, position, batch, height, width, channels, threads, 4, 0);
 }
 
 void vitlab_relu_max_pool_backward_bf16(const void *grad_out, const uint8_t *position, void *grad_x, int64_t batch,
@@ -148,6 +168,8 @@ int vitlab_relu_max_pool_supported(void) { return 0; }
     }
 UNSUPPORTED(vitlab_relu_max_pool_forward_bf16, const void *, void *, uint8_t *)
 UNSUPPORTED(vitlab_relu_max_pool_forward_f32, const void *, void *, uint8_t *)
+UNSUPPORTED(vitlab_max_pool_forward_bf16, const void *, void *, uint8_t *)
+UNSUPPORTED(vitlab_max_pool_forward_f32, const void *, void *, uint8_t *)
 UNSUPPORTED(vitlab_relu_max_pool_backward_bf16, const void *, const uint8_t *, void *)
 UNSUPPORTED(vitlab_relu_max_pool_backward_f32, const void *, const uint8_t *, void *)
 

@@ -1,7 +1,8 @@
-"""ctypes bindings of pool.c: ReLU and a 2×2 max-pool in one pass over channels-last bf16 or fp32 activations.
+"""ctypes bindings of pool.c: ReLU and a 2×2 max-pool in one pass over channels-last bf16 or fp32 activations, or the
+max-pool alone.
 
-Both directions are registered as PyTorch operators (`torch.ops.vitlab.relu_max_pool2d` and
-`torch.ops.vitlab.relu_max_pool2d_backward`, CPU only), so the profiler names them and dispatch modes see their
+Both directions are registered as PyTorch operators (`torch.ops.vitlab.relu_max_pool2d`, `torch.ops.vitlab.max_pool2d`
+and, for both, `torch.ops.vitlab.relu_max_pool2d_backward`; CPU only), so the profiler names them and dispatch modes see their
 tensors (benchmarks/bench.py counts their bytes as it counts aten's).
 """
 
@@ -18,6 +19,7 @@ SUFFIXES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 _operators = torch.library.Library("vitlab", "FRAGMENT")
 _operators.define("relu_max_pool2d(Tensor x) -> (Tensor, Tensor)")
+_operators.define("max_pool2d(Tensor x) -> (Tensor, Tensor)")
 _operators.define("relu_max_pool2d_backward(Tensor grad_out, Tensor position, int height, int width) -> Tensor")
 
 
@@ -43,13 +45,23 @@ def relu_max_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(max-pool 2×2 of ReLU(x), (B, C, H/2, W/2) in x's dtype, channels-last; the winning position per output, uint8
     in the same layout: 0-3 in reading order within the window, NO_GRADIENT where ReLU passes no gradient) for x that
     `kernel_supports`."""
+    return pooled(x, "relu_max_pool")
+
+
+def max_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`relu_max_pool` without the ReLU: max-pool 2×2 of x and the winning positions (never NO_GRADIENT)."""
+    return pooled(x, "max_pool")
+
+
+def pooled(x: torch.Tensor, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of pool.c's `kernel` (relu_max_pool or max_pool) for x that `kernel_supports`."""
     if not shape_supported(x, loaded_library()):
-        raise ValueError(f"the ReLU/max-pool kernel takes (B, C, H, W) bf16 or fp32 CPU channels-last tensors with H, W >= 2, got "
+        raise ValueError(f"the max-pool kernel takes (B, C, H, W) bf16 or fp32 CPU channels-last tensors with H, W >= 2, got "
                          f"{tuple(x.shape)} {x.dtype} on {x.device}")
     batch, channels, height, width = x.shape
     out = channels_last_empty(batch, channels, height // 2, width // 2, x.dtype)
     position = channels_last_empty(batch, channels, height // 2, width // 2, torch.uint8)
-    forward = getattr(loaded_library(), f"vitlab_relu_max_pool_forward_{SUFFIXES[x.dtype]}")
+    forward = getattr(loaded_library(), f"vitlab_{kernel}_forward_{SUFFIXES[x.dtype]}")
     forward(x.data_ptr(), out.data_ptr(), position.data_ptr(), batch, height, width, channels, torch.get_num_threads())
     return out, position
 
@@ -89,6 +101,8 @@ def relu_max_pool_backward_meta(grad_out: torch.Tensor, position: torch.Tensor, 
 
 
 _operators.impl("relu_max_pool2d", relu_max_pool, "CPU")
+_operators.impl("max_pool2d", max_pool, "CPU")
+_operators.impl("max_pool2d", relu_max_pool_meta, "Meta")
 _operators.impl("relu_max_pool2d_backward", relu_max_pool_backward, "CPU")
 _operators.impl("relu_max_pool2d", relu_max_pool_meta, "Meta")
 _operators.impl("relu_max_pool2d_backward", relu_max_pool_backward_meta, "Meta")

@@ -20,6 +20,7 @@ from vitlab.config import check_finite_numbers
 from vitlab.errors import VitlabError
 from vitlab.models.base import FROM_DATA, VitlabModel
 from vitlab.models.conv import run_conv
+from vitlab.models.pooling import run_pool
 
 
 @dataclass
@@ -86,7 +87,7 @@ class ConvGroup(nn.Module):
         dirac_init(self.conv2)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        features = self.activation(self.norm1(self.pool(run_conv(self.conv1, features))))  # (B, C, H/2, W/2)
+        features = self.activation(self.norm1(run_pool(self.pool, run_conv(self.conv1, features))))  # (B, C, H/2, W/2)
         return self.activation(self.norm2(run_conv(self.conv2, features)))
 
 

@@ -1,4 +1,5 @@
-"""ReLU followed by a 2×2 max-pool in one pass (vitlab's C kernel, kernels/pool.c), for the CNNs' feature stacks.
+"""ReLU followed by a 2×2 max-pool in one pass (vitlab's C kernel, kernels/pool.c), for the CNNs' feature stacks; and
+the max-pool alone.
 
 `run_layers(layers, x)` runs an nn.Sequential as it would run itself, except that a ReLU directly followed by a
 2×2, stride-2 max-pool goes through the kernel where it applies: bf16 or fp32 channels-last CPU activations (the
@@ -6,6 +7,8 @@ CNNs' under CPU bf16 autocast or in fp32), plain modules with no hook on either 
 compute, so Grad-CAM and feature figures run them as they are), no graph being recorded or transformed. The same
 values as the two modules; where the kernel does not apply, the modules themselves. A fused `nn.ReLU(inplace=True)`
 leaves its input as it was (the CNNs' ReLUs follow a convolution or a BatchNorm, whose outputs nothing else reads).
+`run_pool(pool, x)` runs a lone 2×2 max-pool (aircnn's, after a convolution) through the same kernel without its ReLU,
+under the same conditions, with the same values and gradients as the module.
 """
 
 from __future__ import annotations
@@ -42,6 +45,18 @@ class KernelReLUMaxPool(torch.autograd.Function):
         return torch.ops.vitlab.relu_max_pool2d_backward(grad_out, position, *ctx.size)
 
 
+class KernelMaxPool(KernelReLUMaxPool):
+    """max_pool2d(x, 2) for bf16 or fp32 channels-last CPU x, by the same kernel without its ReLU; backward as
+    KernelReLUMaxPool's (every position names a winner)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out, position = torch.ops.vitlab.max_pool2d(x)  # (B, C, H/2, W/2) in x's dtype and uint8, channels-last
+        ctx.save_for_backward(position)
+        ctx.size = x.shape[2:]
+        return out
+
+
 def routed_gradient(grad_out: torch.Tensor, position: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The kernel's backward in differentiable PyTorch operators: each output's gradient to the window position that
     won (0 where ReLU stopped it), (B, C, height, width) channels-last."""
@@ -73,6 +88,14 @@ def kernel_applies(relu: nn.Module, pool: nn.Module, x: torch.Tensor) -> bool:
     """Whether pool(relu(x)) goes through the kernel (see the module doc)."""
     return (type(relu) is nn.ReLU and not forward_replaced(relu) and not has_hooks(relu) and fusable_pool(pool) and not recording_graph()
             and pool_kernel.kernel_supports(x))
+
+
+def run_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """pool(x), through the kernel (without a ReLU) where pool is a plain 2×2 max-pool (see `fusable_pool`) and the
+    kernel takes x (channels-last bf16 or fp32 on the CPU, no graph being recorded)."""
+    if fusable_pool(pool) and not recording_graph() and pool_kernel.kernel_supports(x):
+        return KernelMaxPool.apply(x)
+    return pool(x)
 
 
 def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
