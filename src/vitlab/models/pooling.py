@@ -31,10 +31,7 @@ class KernelReLUMaxPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        out, position = torch.ops.vitlab.relu_max_pool2d(x)  # (B, C, H/2, W/2) in x's dtype and uint8, channels-last
-        ctx.save_for_backward(position)
-        ctx.size = x.shape[2:]
-        return out
+        return pool_keeping_positions(ctx, x, torch.ops.vitlab.relu_max_pool2d)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
@@ -51,10 +48,15 @@ class KernelMaxPool(KernelReLUMaxPool):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        out, position = torch.ops.vitlab.max_pool2d(x)  # (B, C, H/2, W/2) in x's dtype and uint8, channels-last
-        ctx.save_for_backward(position)
-        ctx.size = x.shape[2:]
-        return out
+        return pool_keeping_positions(ctx, x, torch.ops.vitlab.max_pool2d)
+
+
+def pool_keeping_positions(ctx, x: torch.Tensor, operator) -> torch.Tensor:
+    """The pooled x from one of the kernel's forward operators, its winning positions and x's size kept in ctx."""
+    out, position = operator(x)  # (B, C, H/2, W/2) in x's dtype and uint8, channels-last
+    ctx.save_for_backward(position)
+    ctx.size = x.shape[2:]
+    return out
 
 
 def routed_gradient(grad_out: torch.Tensor, position: torch.Tensor, height: int, width: int) -> torch.Tensor:
