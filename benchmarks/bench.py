@@ -113,7 +113,7 @@ GATHERS = {"index", "index_select", "gather", "embedding", "take"}
 class ByteCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """Bytes of every tensor each operator reads and writes (an upper bound on traffic: caches ignored), views and
     allocations left out, a gather's source counted as what it picks. vitlab's C kernels registered as PyTorch
-    operators (ReLU + max-pool) are counted the same way; the others are plain function calls, whose traffic is not
+    operators (max-pool, with the ReLU or without) are counted the same way; the others are plain function calls, whose traffic is not
     counted."""
 
     def __init__(self) -> None:
@@ -148,7 +148,7 @@ COMPILED_KERNELS = "## Call CompiledFxGraph"
 C_KERNELS = {"KernelSelfAttention": "C attention", "KernelSoftmax": "C softmax", "KernelDropout": "C dropout",
              "KernelLayerNorm": "C layer norm", "KernelResidualNorm": "C residual add + layer norm", "KernelGELU": "C GELU",
              "KernelLinear": "C linear layer", "vitlab::relu_max_pool2d": "C ReLU + max-pool",
-             "vitlab::relu_max_pool2d_backward": "C ReLU + max-pool"}
+             "vitlab::max_pool2d": "C max-pool", "vitlab::relu_max_pool2d_backward": "C max-pool backward (ReLU's or not)"}
 # ... of which these are matrix multiplication (a linear layer's products, its weight gradient and its weight casts).
 MATMUL_C_KERNELS = {"KernelLinear"}
 
