@@ -200,3 +200,21 @@ def test_aircnn_pools_through_the_kernel_and_trains_bit_for_bit_as_its_modules(m
     assert calls == [(31, 31), (15, 15), (7, 7)]  # one pool per group
     for got, expected in zip(*results, strict=True):
         assert torch.equal(got, expected)
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 C kernels on this machine")
+@pytest.mark.parametrize("fused", ["relu", "alone"])
+def test_a_negative_zero_gradient_lands_as_positive_zero_under_create_graph_too(fused):
+    """PyTorch adds each routed gradient to zeros, so -0 arrives as +0; the differentiable routing does the same."""
+    x = torch.tensor([[[[1.0, 2.0], [0.5, 0.0]]]]).contiguous(memory_format=LAST).requires_grad_()
+    out = KernelReLUMaxPool.apply(x) if fused == "relu" else pooling.KernelMaxPool.apply(x)
+    (grad_x,) = torch.autograd.grad(out, x, torch.tensor([[[[-0.0]]]]), create_graph=True)
+    assert grad_x[0, 0, 0, 1].item() == 0.0 and not torch.signbit(grad_x).any()
+
+
+def test_a_zero_stride_is_left_to_the_module_which_refuses_it():
+    pool = nn.MaxPool2d(2, stride=0)
+    assert not fusable_pool(pool)
+    with pytest.raises(RuntimeError, match="stride"):
+        pooling.run_pool(pool, torch.randn(1, 2, 4, 4).to(torch.bfloat16).contiguous(memory_format=LAST))
+    assert fusable_pool(nn.MaxPool2d(2, stride=[])) and fusable_pool(nn.MaxPool2d(2))

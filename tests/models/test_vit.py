@@ -294,3 +294,25 @@ def test_monte_carlo_dropout_and_replaced_linear_layers_keep_their_own_forward()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(2, 3, 32, 32))
     assert len(calls) == 6 and len(dropped) == 1
+
+
+@pytest.mark.parametrize("part", ["attention", "mlp", "block"])
+def test_a_forward_replaced_on_an_attention_mlp_or_block_instance_runs_under_bf16_autocast(part):
+    """The fused paths (the attention's mix, the MLP's deferred bias, a block's pending output) step aside for a
+    forward set on the instance, as they do for hooks: the ablation changes the logits as it does in fp32."""
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig()).eval()
+    nn.init.normal_(model.head.weight)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(images).float()
+    block = model.blocks[0]
+    if part == "attention":
+        block.attention.forward = lambda tokens, return_attention=False: (torch.zeros_like(tokens), None)
+    elif part == "mlp":
+        block.mlp.forward = lambda tokens: torch.zeros_like(tokens)
+    else:
+        block.forward = lambda tokens, return_attention=False, pending=None, defer_output=False: (tokens, None)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        after = model(images).float()
+    assert not torch.equal(before, after)

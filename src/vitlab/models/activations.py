@@ -89,4 +89,4 @@ class MLP(nn.Sequential):
     def last_bias_deferrable(self) -> bool:
         """Whether the output is just the last layer's matmul plus its bias: the last dropout inactive, no hooks on it,
         on the last layer (a plain nn.Linear) or on the MLP."""
-        return plain_linear(self[3]) and inactive_dropout(self[4]) and not has_hooks(self)
+        return plain_linear(self[3]) and inactive_dropout(self[4]) and not has_hooks(self) and not forward_replaced(self)

@@ -8,7 +8,8 @@ compute, so Grad-CAM and feature figures run them as they are), no graph being r
 values as the two modules; where the kernel does not apply, the modules themselves. A fused `nn.ReLU(inplace=True)`
 leaves its input as it was (the CNNs' ReLUs follow a convolution or a BatchNorm, whose outputs nothing else reads).
 `run_pool(pool, x)` runs a lone 2×2 max-pool (aircnn's, after a convolution) through the same kernel without its ReLU,
-under the same conditions, with the same values and gradients as the module.
+under the same conditions, with the same values and gradients as the module (a NaN maximum in bf16 keeps its input's
+NaN bits, where PyTorch's channels-last bf16 pool writes its own NaN).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def routed_gradient(grad_out: torch.Tensor, position: torch.Tensor, height: int,
     windows = routed.reshape(batch, channels, out_height, out_width, 2, 2).permute(0, 1, 2, 4, 3, 5)  # (B, C, H/2, 2, W/2, 2)
     grad_x = windows.reshape(batch, channels, 2 * out_height, 2 * out_width)
     grad_x = F.pad(grad_x, (0, width - 2 * out_width, 0, height - 2 * out_height))  # an odd last row or column: no window
-    return grad_x.contiguous(memory_format=torch.channels_last)
+    return (grad_x + 0.0).contiguous(memory_format=torch.channels_last)  # + 0: a gradient of -0 lands as +0, as PyTorch's
 
 
 def fusable_pool(module: nn.Module) -> bool:
@@ -76,7 +77,8 @@ def fusable_pool(module: nn.Module) -> bool:
     returns no indices, with no hook."""
     if type(module) is not nn.MaxPool2d or forward_replaced(module) or has_hooks(module):
         return False
-    return (as_pair(module.kernel_size) == (2, 2) and as_pair(module.stride or module.kernel_size) == (2, 2)
+    stride = module.kernel_size if module.stride is None or module.stride in ([], ()) else module.stride  # 0 stays 0
+    return (as_pair(module.kernel_size) == (2, 2) and as_pair(stride) == (2, 2)
             and as_pair(module.padding) == (0, 0) and as_pair(module.dilation) == (1, 1) and not module.ceil_mode
             and not module.return_indices)
 
