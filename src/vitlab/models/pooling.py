@@ -28,7 +28,8 @@ class KernelReLUMaxPool(torch.autograd.Function):
     """max_pool2d(relu(x), 2) for bf16 or fp32 channels-last CPU x, the winners' positions saved for backward.
 
     Backward is the kernel's; under `create_graph=True` (a gradient penalty, say) it is the same routing written in
-    PyTorch operators, so that it can be differentiated again."""
+    PyTorch operators, so that it can be differentiated again with respect to the output gradient (not to x: the
+    routing keeps no link to x, whose second derivative here is 0; asking for it raises where PyTorch gives zeros)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
