@@ -33,9 +33,8 @@ MAX_OUTPUT_PIXELS = 16
 class UnfoldedConv2d(torch.autograd.Function):
     """conv2d(x, weight, bias, padding) for bf16 CPU x and fp32 weights, stride 1, as CPU bf16 autocast computes it
     (every operand rounded to bf16, fp32 sums rounded to bf16, the output in the memory layout oneDNN picks), but as
-    matmuls: the forward and the weight gradient over
-    x's patches (`unfolded_patches`, kept from forward for backward), the input gradient over the output gradient's
-    (`unfolded_input_gradient`); the bias gradient as fp32 sums.
+    matmuls: the forward and the weight gradient over x's patches (`unfolded_patches`, kept from forward for backward),
+    the input gradient over the output gradient's (`unfolded_input_gradient`); the bias gradient as fp32 sums.
 
     Under backward(create_graph=True) (a gradient penalty) the patches are unfolded again from the saved input, in
     differentiable operators, so the result can be differentiated again."""
@@ -142,7 +141,7 @@ def unfolded_weight_gradient(grad_out: torch.Tensor, x: torch.Tensor, kernel_siz
     return patch_weight_gradient(grad_out, unfolded_patches(x, kernel_size, padding), kernel_size)
 
 
-def centred_padding(layer: nn.Conv2d) -> tuple[int, int] | None:
+def zero_padding(layer: nn.Conv2d) -> tuple[int, int] | None:
     """The layer's zero padding as (rows, columns), or None where it is not zero padding or, for padding="same", the
     kernel has an even side (PyTorch then pads one side more)."""
     if layer.padding_mode != "zeros":
@@ -168,7 +167,7 @@ def unfolding_pays(layer: nn.Module, x: torch.Tensor) -> bool:
     if type(layer) is not nn.Conv2d or forward_replaced(layer) or has_hooks(layer) or recording_graph():
         return False
     weight, bias = layer.weight, layer.bias
-    padding = centred_padding(layer)
+    padding = zero_padding(layer)
     if (padding is None or not (0 <= padding[0] < layer.kernel_size[0] and 0 <= padding[1] < layer.kernel_size[1])
             or layer.groups != 1
             or tuple(layer.stride) != (1, 1) or tuple(layer.dilation) != (1, 1) or weight.dtype != torch.float32
@@ -189,5 +188,5 @@ def run_conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     casts it: the cast is what backward keeps (an input made under inference_mode included), and under
     create_graph=True its own backward carries the second-order terms to x."""
     if unfolding_pays(layer, x):
-        return UnfoldedConv2d.apply(x.to(torch.bfloat16), layer.weight, layer.bias, centred_padding(layer))
+        return UnfoldedConv2d.apply(x.to(torch.bfloat16), layer.weight, layer.bias, zero_padding(layer))
     return layer(x)
