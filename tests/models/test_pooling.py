@@ -218,3 +218,10 @@ def test_a_zero_stride_is_left_to_the_module_which_refuses_it():
     with pytest.raises(RuntimeError, match="stride"):
         pooling.run_pool(pool, torch.randn(1, 2, 4, 4).to(torch.bfloat16).contiguous(memory_format=LAST))
     assert fusable_pool(nn.MaxPool2d(2, stride=[])) and fusable_pool(nn.MaxPool2d(2))
+
+
+def test_a_feature_stack_whose_forward_was_replaced_runs_that_forward():
+    layers = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
+    layers.forward = lambda t: t * 0
+    x = torch.randn(1, 2, 4, 4).to(torch.bfloat16).contiguous(memory_format=LAST)
+    assert torch.equal(run_layers(layers, x), x * 0)

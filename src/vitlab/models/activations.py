@@ -19,7 +19,7 @@ from torch import nn
 
 from vitlab.kernels import gelu as gelu_kernel
 from vitlab.kernels import recording_graph
-from vitlab.models.base import bf16_on_cpu, forward_replaced, has_hooks, inactive_dropout, plain_linear
+from vitlab.models.base import bf16_on_cpu, has_hooks, inactive_dropout, intercepted, plain_linear
 from vitlab.models.linear import linear, run_linear
 
 
@@ -51,8 +51,8 @@ class GELU(nn.GELU):
     def takes_bias_of(self, linear: nn.Linear, x: torch.Tensor) -> bool:
         """Whether the kernel will add the bias of `linear` (whose output from x it activates): exact GELU, bf16 CPU
         output, no hook on either module, no graph being recorded, a width and bias the kernel takes."""
-        return (self.approximate == "none" and type(self).forward is GELU.forward and not forward_replaced(self) and bf16_on_cpu(x) and not recording_graph()
-                and not has_hooks(self) and plain_linear(linear) and gelu_kernel.adds_bias(linear.out_features, linear.bias))
+        return (self.approximate == "none" and type(self).forward is GELU.forward and bf16_on_cpu(x) and not recording_graph()
+                and not intercepted(self) and plain_linear(linear) and gelu_kernel.adds_bias(linear.out_features, linear.bias))
 
     def kernel_applies(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
         """Whether x (+ bias) goes through the kernel: exact GELU, no hook, no graph being recorded, a shape it takes."""
@@ -89,4 +89,4 @@ class MLP(nn.Sequential):
     def last_bias_deferrable(self) -> bool:
         """Whether the output is just the last layer's matmul plus its bias: the last dropout inactive, no hooks on it,
         on the last layer (a plain nn.Linear) or on the MLP."""
-        return plain_linear(self[3]) and inactive_dropout(self[4]) and not has_hooks(self) and not forward_replaced(self)
+        return plain_linear(self[3]) and inactive_dropout(self[4]) and not intercepted(self)

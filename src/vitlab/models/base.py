@@ -227,6 +227,13 @@ def has_hooks(module: nn.Module) -> bool:
     return any(own) or any(getattr(nn.modules.module, name, None) for name in global_names)
 
 
+def intercepted(module: nn.Module) -> bool:
+    """Whether calling the module runs more or other code than its class's forward: a hook (`has_hooks`) or a forward
+    set on the instance. The fused paths, which compute a module's work without calling it, step aside for such a
+    module."""
+    return has_hooks(module) or "forward" in vars(module)
+
+
 def cpu_autocast_dtype() -> torch.dtype | None:
     """The dtype CPU autocast casts matmul inputs to right now, or None when it is off."""
     try:
@@ -244,17 +251,10 @@ def bf16_on_cpu(x: torch.Tensor) -> bool:
 def inactive_dropout(module: nn.Module) -> bool:
     """Whether `module` is a dropout (an nn.Dropout, vitlab's included) that passes its input through now: its own
     `training` off or p = 0, and no hook or forward replaced on it that would see it run."""
-    return (isinstance(module, nn.Dropout) and (not module.training or module.p == 0.0) and not has_hooks(module)
-            and not forward_replaced(module))
-
-
-def forward_replaced(module: nn.Module) -> bool:
-    """Whether the module's own `forward` attribute (set on the instance) replaces its class's."""
-    return "forward" in vars(module)
+    return isinstance(module, nn.Dropout) and (not module.training or module.p == 0.0) and not intercepted(module)
 
 
 def plain_linear(module: nn.Module) -> bool:
     """Whether `module` is an nn.Linear whose forward nothing replaced, on its class or on itself (a fused path may then
     use its weight and bias itself), and no hook would see it run."""
-    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and not forward_replaced(module)
-            and not has_hooks(module))
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and not intercepted(module)

@@ -23,7 +23,7 @@ from torch import nn
 
 from vitlab.kernels import recording_graph
 from vitlab.kernels.build import compiled_library, library_capabilities
-from vitlab.models.base import cpu_autocast_dtype, forward_replaced, has_hooks
+from vitlab.models.base import cpu_autocast_dtype, intercepted
 
 # Feature maps of at most this many output pixels (4×4) are unfolded; at 8×8 the forward and the input gradient ran
 # slower as matmuls and the weight gradient as often slower as faster.
@@ -164,7 +164,7 @@ def output_pixels(x: torch.Tensor, layer: nn.Conv2d, padding: tuple[int, int]) -
 
 def unfolding_pays(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether `run_conv` sends layer(x) through UnfoldedConv2d (see the module doc)."""
-    if type(layer) is not nn.Conv2d or forward_replaced(layer) or has_hooks(layer) or recording_graph():
+    if type(layer) is not nn.Conv2d or intercepted(layer) or recording_graph():
         return False
     weight, bias = layer.weight, layer.bias
     padding = zero_padding(layer)

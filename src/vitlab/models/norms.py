@@ -21,7 +21,7 @@ from torch import nn
 
 from vitlab.kernels import layer_norm as layer_norm_kernel
 from vitlab.kernels import recording_graph
-from vitlab.models.base import cpu_autocast_dtype, forward_replaced, has_hooks
+from vitlab.models.base import cpu_autocast_dtype, intercepted
 
 
 class KernelLayerNorm(torch.autograd.Function):
@@ -91,4 +91,4 @@ class MatmulInputNorm(nn.LayerNorm):
         """Whether this norm may run the kernel now: one normalised axis, CPU bf16 autocast on, no graph being
         recorded, no hook on the module, no subclass's forward in place of this one (the kernel checks the tensors)."""
         return (len(self.normalized_shape) == 1 and cpu_autocast_dtype() == torch.bfloat16 and not recording_graph()
-                and not has_hooks(self) and type(self).forward is MatmulInputNorm.forward and not forward_replaced(self))
+                and not intercepted(self) and type(self).forward is MatmulInputNorm.forward)

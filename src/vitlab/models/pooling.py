@@ -20,7 +20,7 @@ from torch import nn
 
 from vitlab.kernels import pool as pool_kernel
 from vitlab.kernels import recording_graph
-from vitlab.models.base import forward_replaced, has_hooks
+from vitlab.models.base import intercepted
 from vitlab.models.conv import run_conv
 
 
@@ -76,7 +76,7 @@ def routed_gradient(grad_out: torch.Tensor, position: torch.Tensor, height: int,
 def fusable_pool(module: nn.Module) -> bool:
     """Whether `module` is a plain nn.MaxPool2d of a 2×2 window and stride 2, no padding, dilation or ceil mode, that
     returns no indices, with no hook."""
-    if type(module) is not nn.MaxPool2d or forward_replaced(module) or has_hooks(module):
+    if type(module) is not nn.MaxPool2d or intercepted(module):
         return False
     stride = module.kernel_size if module.stride is None or module.stride in ([], ()) else module.stride  # 0 stays 0
     return (as_pair(module.kernel_size) == (2, 2) and as_pair(stride) == (2, 2)
@@ -91,7 +91,7 @@ def as_pair(setting: int | tuple[int, ...]) -> tuple[int, ...]:
 
 def kernel_applies(relu: nn.Module, pool: nn.Module, x: torch.Tensor) -> bool:
     """Whether pool(relu(x)) goes through the kernel (see the module doc)."""
-    return (type(relu) is nn.ReLU and not forward_replaced(relu) and not has_hooks(relu) and fusable_pool(pool) and not recording_graph()
+    return (type(relu) is nn.ReLU and not intercepted(relu) and fusable_pool(pool) and not recording_graph()
             and pool_kernel.kernel_supports(x))
 
 
@@ -106,7 +106,7 @@ def run_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """layers(x), with each ReLU that a 2×2 max-pool follows fused with it where the kernel applies, and each
     convolution through `run_conv` (its weight gradient as one matmul where that pays)."""
-    if has_hooks(layers):
+    if intercepted(layers):
         return layers(x)
     modules = list(layers)
     index = 0

@@ -31,10 +31,9 @@ from vitlab.models.base import (
     TokenLayout,
     VitlabModel,
     bf16_on_cpu,
-    forward_replaced,
-    has_hooks,
     inactive_dropout,
     init_linear_weights,
+    intercepted,
     plain_linear,
 )
 from vitlab.models.dropout import Dropout
@@ -303,8 +302,7 @@ class Attention(nn.Module):
     def projection_without_dropout(self) -> bool:
         """Whether the output projection is all there is after `mix`: a plain nn.Linear, its dropout inactive (by the
         dropout's own mode: Monte-Carlo dropout keeps it on in an evaluated model), no hook on either or on this module."""
-        return (plain_linear(self.projection) and inactive_dropout(self.output_dropout) and not has_hooks(self)
-                and not forward_replaced(self))
+        return plain_linear(self.projection) and inactive_dropout(self.output_dropout) and not intercepted(self)
 
 
 class Block(nn.Module):
@@ -353,14 +351,12 @@ class Block(nn.Module):
     def output_deferrable(self, tokens: torch.Tensor) -> bool:
         """Whether this block may leave its MLP's output to the next block (a pre-norm block computing in bf16 on the
         CPU, its MLP's last dropout inactive, no hook on the block or on the MLP's last layers)."""
-        return (self.pre_norm and bf16_on_cpu(tokens) and not has_hooks(self) and not forward_replaced(self)
-                and self.mlp.last_bias_deferrable())
+        return self.pre_norm and bf16_on_cpu(tokens) and not intercepted(self) and self.mlp.last_bias_deferrable()
 
     def takes_pending(self, tokens: torch.Tensor) -> bool:
         """Whether this block adds a deferred MLP output to `tokens` in its first norm's kernel (pre-norm, no hook on the
         block, the kernel available for these tokens)."""
-        return (self.pre_norm and not has_hooks(self) and not forward_replaced(self)
-                and self.attention_norm.residual_kernel_applies(tokens))
+        return self.pre_norm and not intercepted(self) and self.attention_norm.residual_kernel_applies(tokens)
 
 
 def mimetic_factors(target: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
