@@ -16,6 +16,7 @@ def counting_kernel(monkeypatch) -> list[tuple[int, ...]]:
     """Record the shape of every input the fused path takes."""
     calls = []
     apply = KernelReLUMaxPool.apply
+    monkeypatch.setattr(pooling.KernelMaxPool, "apply", pooling.KernelMaxPool.apply)  # a lone pool: not counted
     monkeypatch.setattr(KernelReLUMaxPool, "apply", lambda x: calls.append(tuple(x.shape)) or apply(x))
     return calls
 
@@ -24,7 +25,7 @@ def train_step(model: nn.Module, images: torch.Tensor, fused: bool, monkeypatch,
     """Logits and every parameter's gradient of one channels-last step (bf16 autocast or fp32), fused or by the modules."""
     with monkeypatch.context() as patch:
         if not fused:
-            patch.setattr(pooling, "kernel_applies", lambda *args: False)
+            patch.setattr(pool_kernel, "kernel_supports", lambda *args: False)
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             logits = model(images)
@@ -36,14 +37,19 @@ def train_step(model: nn.Module, images: torch.Tensor, fused: bool, monkeypatch,
 @pytest.mark.parametrize("make", [SmallCNN, lambda: CNN(CNNConfig(widths=(16, 32)))])
 @pytest.mark.parametrize("autocast", [True, False])
 def test_the_cnns_train_bit_for_bit_as_their_modules_with_the_kernel(make, autocast, monkeypatch):
+    """Both stages' ReLU and pool in the kernel; for the BN CNN under autocast, whose ReLUs go with the BatchNorm
+    kernel (in both runs), the pools alone."""
     torch.manual_seed(0)
     model = make().to(memory_format=LAST)
     images = torch.randn(8, 3, 32, 32).contiguous(memory_format=LAST)
     calls = counting_kernel(monkeypatch)
+    lone = []
+    apply_alone = pooling.KernelMaxPool.apply
+    monkeypatch.setattr(pooling.KernelMaxPool, "apply", lambda x: lone.append(tuple(x.shape)) or apply_alone(x))
     fused = train_step(model, images, True, monkeypatch, autocast)
-    assert len(calls) == 2  # both stages' ReLU and pool
+    assert (len(calls), len(lone)) == ((0, 2) if isinstance(model, CNN) and autocast else (2, 0))
     plain = train_step(model, images, False, monkeypatch, autocast)
-    assert len(calls) == 2
+    assert len(calls) + len(lone) == 2
     for got, expected in zip(fused, plain, strict=True):
         assert torch.equal(got, expected)
 

@@ -32,14 +32,18 @@ static inline __m512 load_bf16(const uint16_t *source, __mmask16 mask) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-/* Store the lanes `mask` selects as bf16, rounded as float_to_bf16 does. */
-static inline void store_bf16(uint16_t *target, __m512 values, __mmask16 mask) {
+/* The 16 values rounded to bf16 as float_to_bf16 does, each number's 16 bits in the low half of its 32-bit lane. */
+static inline __m512i bf16_bits(__m512 values) {
     __m512i bits = _mm512_castps_si512(values);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
     __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
     __mmask16 nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
-    rounded = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
-    _mm256_mask_storeu_epi16(target, mask, _mm512_cvtepi32_epi16(rounded));
+    return _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+}
+
+/* Store the lanes `mask` selects as bf16, rounded as float_to_bf16 does. */
+static inline void store_bf16(uint16_t *target, __m512 values, __mmask16 mask) {
+    _mm256_mask_storeu_epi16(target, mask, _mm512_cvtepi32_epi16(bf16_bits(values)));
 }
 
 /* store_bf16 by the CPU's own conversion where it has AVX-512 BF16 (vcvtneps2bf16: the same rounding, except that

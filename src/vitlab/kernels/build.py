@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch  # (also loads PyTorch's OpenMP runtime before the library, so the library shares it)
 
-SOURCES = ("attention.c", "augment.c", "dropout.c", "gelu.c", "layer_norm.c", "matmul.c", "pool.c", "softmax.c",
+SOURCES = ("attention.c", "augment.c", "batch_norm.c", "dropout.c", "gelu.c", "layer_norm.c", "matmul.c", "pool.c", "softmax.c",
            "weight_gradient.c")
 HEADERS = ("bf16_math.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
@@ -58,6 +58,10 @@ SIGNATURES = {
        for direction in ("forward", "backward") for dtype in ("bf16", "f32")},
     **{f"vitlab_max_pool_forward_{dtype}": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int], None)
        for dtype in ("bf16", "f32")},
+    "vitlab_batch_norm_supported": ([], ctypes.c_int),
+    "vitlab_batch_norm_forward_bf16": ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int, ctypes.c_int],
+                                       ctypes.c_int),
+    "vitlab_batch_norm_backward_bf16": ([ctypes.c_void_p] * 9 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 2, ctypes.c_int),
     "vitlab_matmul_supported": ([], ctypes.c_int),
     "vitlab_pack_linear_weight": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2, None),
     "vitlab_matmul_pairs": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], None),
@@ -194,6 +198,7 @@ class Capabilities:
     weight_gradient: bool  # AVX-512 BF16, and no AMX (cpu_has_amx)
     weight_gradient_max_bias_features: int
     relu_max_pool: bool  # AVX-512 (BF16 not needed)
+    batch_norm: bool  # AVX-512 (BF16 not needed)
     matmul: bool  # AVX-512 BF16, and no AMX (cpu_has_amx)
     small_convolutions_as_matmuls: bool  # AMX (cpu_has_amx); PyTorch's matmul, no C code (models/conv.py)
 
@@ -206,6 +211,7 @@ def library_capabilities(library: ctypes.CDLL) -> Capabilities:
                         library.vitlab_layer_norm_max_features(), bool(library.vitlab_gelu_supported()),
                         bool(library.vitlab_weight_gradient_supported()) and not cpu_has_amx(),
                         library.vitlab_weight_gradient_max_bias_features(), bool(library.vitlab_relu_max_pool_supported()),
+                        bool(library.vitlab_batch_norm_supported()),
                         bool(library.vitlab_matmul_supported()) and not cpu_has_amx(), cpu_has_amx())
 
 
@@ -215,6 +221,7 @@ def available_kernels(library: ctypes.CDLL) -> str:
                      + ["layer norm"] * capabilities.layer_norm + ["GELU"] * capabilities.gelu
                      + ["linear products"] * capabilities.matmul + ["weight gradients"] * capabilities.weight_gradient
                      + ["max-pool (after a ReLU or alone)"] * capabilities.relu_max_pool
+                     + ["batch norm (with its ReLU)"] * capabilities.batch_norm
                      + ["small convolutions as matmuls"] * capabilities.small_convolutions_as_matmuls)
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from vitlab.config import check_finite_numbers
 from vitlab.errors import VitlabError
 from vitlab.models.base import FROM_DATA, VitlabModel
+from vitlab.models.batch_norm import run_batch_norm
 from vitlab.models.conv import run_conv
 from vitlab.models.pooling import run_pool
 
@@ -87,8 +88,8 @@ class ConvGroup(nn.Module):
         dirac_init(self.conv2)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        features = self.activation(self.norm1(run_pool(self.pool, run_conv(self.conv1, features))))  # (B, C, H/2, W/2)
-        return self.activation(self.norm2(run_conv(self.conv2, features)))
+        features = self.activation(run_batch_norm(self.norm1, run_pool(self.pool, run_conv(self.conv1, features))))  # (B, C, H/2, W/2)
+        return self.activation(run_batch_norm(self.norm2, run_conv(self.conv2, features)))
 
 
 class AirCNN(VitlabModel):

@@ -21,6 +21,8 @@ from torch import nn
 from vitlab.kernels import pool as pool_kernel
 from vitlab.kernels import recording_graph
 from vitlab.models.base import intercepted
+from vitlab.models.batch_norm import kernel_applies as batch_norm_kernel_applies
+from vitlab.models.batch_norm import plain_relu, run_batch_norm
 from vitlab.models.conv import run_conv
 
 
@@ -104,18 +106,23 @@ def run_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """layers(x), with each ReLU that a 2×2 max-pool follows fused with it where the kernel applies, and each
-    convolution through `run_conv` (its weight gradient as one matmul where that pays)."""
+    """layers(x), with each BatchNorm (and a ReLU right after it) through `run_batch_norm`'s kernel where it applies,
+    each ReLU that a 2×2 max-pool follows fused with it where the pool kernel applies, each other max-pool through
+    `run_pool`, and each convolution through `run_conv` (as matmuls where that pays)."""
     if intercepted(layers):
         return layers(x)
     modules = list(layers)
     index = 0
     while index < len(modules):
-        module = modules[index]
-        if index + 1 < len(modules) and kernel_applies(module, modules[index + 1], x):
+        module, following = modules[index], modules[index + 1] if index + 1 < len(modules) else None
+        if batch_norm_kernel_applies(module, x):
+            relu = following if plain_relu(following) else None
+            x = run_batch_norm(module, x, relu)
+            index += 1 if relu is None else 2
+        elif following is not None and kernel_applies(module, following, x):
             x = KernelReLUMaxPool.apply(x)
             index += 2
         else:
-            x = run_conv(module, x)
+            x = run_pool(module, x) if type(module) is nn.MaxPool2d else run_conv(module, x)
             index += 1
     return x
