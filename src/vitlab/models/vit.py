@@ -40,6 +40,7 @@ from vitlab.models.dropout import Dropout
 from vitlab.models.layers import self_attention
 from vitlab.models.linear import linear, run_linear
 from vitlab.models.norms import MatmulInputNorm
+from vitlab.models.pooling import run_layers
 
 POS_EMBEDS = ("learned", "sincos")
 POOLS = ("cls", "mean", "seq")
@@ -256,7 +257,10 @@ class PatchEmbedding(nn.Module):
             images = F.pad(images, (before, after, before, after))  # (B, 3, G*P, G*P)
         if isinstance(self.projection, ShiftedPatchTokenizer):
             return self.projection(images)  # (B, G*G, D)
-        patches = self.projection(images)  # (B, D, G, G)
+        if isinstance(self.projection, nn.Sequential):  # a conv stem: its BatchNorms and ReLUs through the kernels
+            patches = run_layers(self.projection, images)  # (B, D, G, G)
+        else:
+            patches = self.projection(images)  # (B, D, G, G)
         return patches.flatten(2).transpose(1, 2)  # (B, G*G, D)
 
 
