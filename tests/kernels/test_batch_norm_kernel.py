@@ -16,13 +16,14 @@ def activations(shape: tuple[int, ...], seed: int, offset: float = 1.5, spread: 
     return (torch.randn(shape) * spread + offset).to(torch.bfloat16).contiguous(memory_format=LAST)
 
 
-def reference(x: torch.Tensor, weight, bias, relu: bool, grad_out: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+def reference(x: torch.Tensor, weight, bias, relu: bool, grad_out: torch.Tensor, dtype: torch.dtype,
+              eps: float = 1e-5) -> list[torch.Tensor]:
     """[y, grad_x, grad_weight, grad_bias] by PyTorch's BatchNorm (and ReLU), x in `dtype` (float64: the exact
     reference; bf16: PyTorch's own bf16 path, parameters fp32)."""
     x = x.to(dtype).requires_grad_()
     parameter_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     weight, bias = (None if p is None else p.to(parameter_dtype).requires_grad_() for p in (weight, bias))
-    y = F.batch_norm(x, None, None, weight, bias, True, 0.0, 1e-5)
+    y = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     if relu:
         y = torch.relu(y)
     y.backward(grad_out.to(dtype))
@@ -103,6 +104,32 @@ def test_the_relu_keeps_nan_and_passes_its_gradient_as_pytorchs():
     x[0, 0, 0, 0] = float("nan")
     y, _ = batch_norm_forward(x, None, None, 1e-5, True)
     assert y[:, 0].isnan().all() and not y[:, 1:].isnan().any()  # NaN spreads through its channel's mean, as PyTorch's
+
+
+def test_the_relu_passes_the_gradient_of_a_nan_output_of_either_sign_as_threshold_backward():
+    """An arithmetic NaN (inf − inf, here from an inf input) has its sign bit set on x86; NaN is not <= 0, so
+    PyTorch's ReLU passes its gradient, and so must the kernel."""
+    x = activations((4, 16, 3, 3), seed=7)
+    x[0, 0, 0, 0] = float("inf")
+    grad_out = torch.ones(x.shape, dtype=torch.bfloat16)
+    y, statistics = batch_norm_forward(x, torch.ones(16), torch.zeros(16), 1e-5, True)
+    assert y[:, 0].isnan().all()
+    _, _, grad_bias = batch_norm_backward(grad_out, x, statistics, torch.ones(16), torch.zeros(16), True, input_gradient=True)
+    expected = reference(x, torch.ones(16), torch.zeros(16), True, grad_out, torch.bfloat16)[3]
+    assert grad_bias[0].item() == expected[0].item() == 36.0
+
+
+@pytest.mark.parametrize("eps", [1e-50, 1e40])
+def test_eps_is_taken_as_the_double_it_is(eps):
+    """Rounded to fp32, 1e-50 would be 0 (a constant channel: 0 / 0, NaN) and 1e40 infinite (every output 0)."""
+    x = activations((4, 16, 3, 3), seed=8)
+    x[:, 0] = 2.0
+    bias = torch.full((16,), 0.5)
+    bias[0] = 0.0
+    y, statistics = batch_norm_forward(x, None, bias, eps, False)
+    expected = reference(x, None, bias, False, torch.zeros(x.shape), torch.float64, eps)[0]
+    assert torch.isfinite(statistics.invstd).all() and (statistics.invstd > 0).all()
+    assert relative_error(y, expected) <= 1e-2
 
 
 def test_no_input_gradient_when_not_asked_for():

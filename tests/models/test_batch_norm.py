@@ -105,6 +105,52 @@ def test_what_the_kernel_does_not_take_runs_the_modules(case, monkeypatch):
         assert len(seen) == 1
 
 
+def test_a_non_positive_eps_is_left_to_the_module_which_refuses_it(monkeypatch):
+    calls = counting_kernel(monkeypatch)
+    for eps in (0.0, -0.5):
+        with pytest.raises(ValueError, match="eps"):
+            run_batch_norm(nn.BatchNorm2d(16, eps=eps), bf16_activations((4, 16, 3, 3)), nn.ReLU())
+    assert calls == []
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_without_a_batch_count_it_updates_as_the_module(momentum, monkeypatch):
+    calls = counting_kernel(monkeypatch)
+    norm = nn.BatchNorm2d(16, momentum=momentum)
+    norm.num_batches_tracked = None
+    modules = copy.deepcopy(norm)
+    x = bf16_activations((4, 16, 3, 3))
+    run_batch_norm(norm, x)
+    modules(x)
+    assert len(calls) == 1 and norm.num_batches_tracked is None
+    assert torch.allclose(norm.running_mean, modules.running_mean, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(norm.running_var, modules.running_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("last_in_segment", [True, False])
+def test_a_checkpoints_recompute_updates_the_running_estimates_as_the_modules(last_in_segment, monkeypatch):
+    """A non-reentrant checkpoint recomputes its segment up to the last tensor it saved; the module's estimates move
+    again in that recompute (inside the operation), and so must the kernel's."""
+    from torch.utils.checkpoint import checkpoint
+
+    calls = counting_kernel(monkeypatch)
+    counts = []
+    for fused in (True, False):
+        norm = nn.BatchNorm2d(16)
+        relu = nn.ReLU()
+
+        def segment(t, norm=norm, relu=relu, fused=fused):
+            y = run_batch_norm(norm, t, relu) if fused else relu(norm(t))
+            return y if last_in_segment else y * y
+
+        x = bf16_activations((4, 16, 3, 3)).requires_grad_()
+        checkpoint(segment, x, use_reentrant=False).float().sum().backward()
+        counts.append((norm.num_batches_tracked.item(), norm.running_mean.clone()))
+    assert len(calls) == 2
+    assert counts[0][0] == counts[1][0] == 2
+    assert torch.allclose(counts[0][1], counts[1][1], rtol=1e-3, atol=1e-4)
+
+
 def test_a_gradient_penalty_differentiates_through_it_as_through_the_modules():
     norm = nn.BatchNorm2d(16)
     nn.init.normal_(norm.weight)

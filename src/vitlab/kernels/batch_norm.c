@@ -11,11 +11,12 @@
  * NCHW tensor's memory); channels a multiple of 16. Statistics and parameters are fp32 vectors of `channels`.
  *
  * Numerics (as PyTorch's bf16 path, with sums added in another order):
- * - mean = Σx / rows, variance = Σ(x − mean)² / rows (biased, what normalises), invstd = 1 / √(variance + eps). Sums
- *   run in fp32 over chunks of CHUNK_ROWS rows and in double across chunks and threads.
+ * - mean = Σx / rows, variance = Σ(x − mean)² / rows (biased, what normalises), invstd = 1 / √(variance + eps), eps
+ *   a double as PyTorch's. Sums run in fp32 over chunks of CHUNK_ROWS rows and in double across chunks and threads.
  * - y = x · scale + shift with scale = weight · invstd and shift = bias − mean · scale (weight 1, bias 0 where none), in
  *   fp32, then ReLU'd or not, rounded to bf16.
- * - g = the output gradient where the ReLU passed it (its rounded output not ≤ 0, as threshold_backward decides), else 0;
+ * - g = the output gradient where the ReLU passed it (its rounded output not ≤ 0, as threshold_backward decides: a NaN
+ *   of either sign passes), else 0;
  *   grad_bias = Σg, grad_weight = Σ g·(x − mean) · invstd, and
  *   grad_x = (g − Σg / rows − (x − mean) · k) · invstd · weight with k = Σ g·(x − mean) · invstd² / rows, rounded to bf16.
  */
@@ -44,12 +45,13 @@ static inline void add_to_doubles(double *sums, __m512 values) {
     _mm512_storeu_pd(sums + 8, _mm512_add_pd(_mm512_loadu_pd(sums + 8), high));
 }
 
-/* The output gradient where the ReLU passed it: where y = max(0, x · scale + shift), rounded to bf16, is above 0 or
- * NaN (its bits, read as a signed 16-bit number, above 0). */
+/* The output gradient where the ReLU passed it: where y = max(0, x · scale + shift), rounded to bf16, is not <= 0,
+ * as threshold_backward decides: above 0 (bits 1 … 0x7FFF) or NaN of either sign. */
 static inline __m512 relu_passed(__m512 gradient, __m512 x, __m512 scale, __m512 shift) {
     __m512 y = _mm512_max_ps(_mm512_setzero_ps(), _mm512_fmadd_ps(x, scale, shift)); /* NaN stays NaN, as ReLU's */
     __m512i below = _mm512_sub_epi32(bf16_bits(y), _mm512_set1_epi32(1));
-    __mmask16 passed = _mm512_cmplt_epu32_mask(below, _mm512_set1_epi32(0x7FFF)); /* bits 1 … 0x7FFF */
+    __mmask16 passed = _mm512_cmplt_epu32_mask(below, _mm512_set1_epi32(0x7FFF))
+                       | _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
     return _mm512_maskz_mov_ps(passed, gradient);
 }
 
@@ -159,7 +161,7 @@ static void affine_constants(const float *mean, const float *invstd, const float
 }
 
 int vitlab_batch_norm_forward_bf16(const void *x_bits, void *y_bits, const float *weight, const float *bias, float *mean,
-                                   float *variance, float *invstd, int64_t rows, int64_t channels, float eps,
+                                   float *variance, float *invstd, int64_t rows, int64_t channels, double eps,
                                    int with_relu, int threads) {
     const uint16_t *x = x_bits;
     uint16_t *y = y_bits;
@@ -177,7 +179,7 @@ int vitlab_batch_norm_forward_bf16(const void *x_bits, void *y_bits, const float
         for (int64_t c = 0; c < channels; c++) {
             double biased = sums[c] / (double)rows;
             variance[c] = (float)biased;
-            invstd[c] = (float)(1.0 / sqrt(biased + (double)eps));
+            invstd[c] = (float)(1.0 / sqrt(biased + eps));
         }
         float *scale = constants, *shift = constants + channels;
         affine_constants(mean, invstd, weight, bias, channels, scale, shift);
@@ -248,7 +250,7 @@ int vitlab_batch_norm_backward_bf16(const void *grad_out_bits, const void *x_bit
 int vitlab_batch_norm_supported(void) { return 0; }
 
 int vitlab_batch_norm_forward_bf16(const void *x, void *y, const float *weight, const float *bias, float *mean,
-                                   float *variance, float *invstd, int64_t rows, int64_t channels, float eps,
+                                   float *variance, float *invstd, int64_t rows, int64_t channels, double eps,
                                    int with_relu, int threads) {
     (void)x, (void)y, (void)weight, (void)bias, (void)mean, (void)variance, (void)invstd, (void)rows, (void)channels;
     (void)eps, (void)with_relu, (void)threads;

@@ -59,7 +59,7 @@ SIGNATURES = {
     **{f"vitlab_max_pool_forward_{dtype}": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int], None)
        for dtype in ("bf16", "f32")},
     "vitlab_batch_norm_supported": ([], ctypes.c_int),
-    "vitlab_batch_norm_forward_bf16": ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int, ctypes.c_int],
+    "vitlab_batch_norm_forward_bf16": ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2 + [ctypes.c_double, ctypes.c_int, ctypes.c_int],
                                        ctypes.c_int),
     "vitlab_batch_norm_backward_bf16": ([ctypes.c_void_p] * 9 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 2, ctypes.c_int),
     "vitlab_matmul_supported": ([], ctypes.c_int),

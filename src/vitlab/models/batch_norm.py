@@ -4,7 +4,8 @@ Under CPU bf16 autocast a CNN's BatchNorm runs in bf16 with fp32 statistics, in 
 its input forward and a ReLU's read and write after it, and backward the ReLU's mask and BatchNorm's own two passes
 over the gradient and the input (docs/performance.md, "BatchNorm in one kernel"). `run_batch_norm(norm, x, relu)`
 computes norm(x), and relu of it where `relu` is given, in the kernel's three passes forward and two backward, where
-it applies: a plain nn.BatchNorm2d (no hook, no forward replaced) in training mode, a plain nn.ReLU if any, bf16
+it applies: a plain nn.BatchNorm2d (no hook, no forward replaced) in training mode with eps above 0 (else
+the module refuses it), a plain nn.ReLU if any, bf16
 channels-last CPU input of a multiple of 16 channels and more than one value per channel, fp32 CPU parameters, no
 graph being recorded, vitlab's CPU kernels switched on. The running estimates and `num_batches_tracked` update as the
 module updates them. Everywhere else the modules run themselves.
@@ -27,20 +28,23 @@ from vitlab.models.base import intercepted
 
 
 class KernelBatchNorm(torch.autograd.Function):
-    """(BatchNorm of x over its batch statistics, ReLU'd if with_relu; the batch mean and biased variance, fp32, not
-    differentiable) for bf16 channels-last CPU x, by the kernel."""
+    """norm's BatchNorm of x over its batch statistics (ReLU'd if with_relu) for bf16 channels-last CPU x, by the
+    kernel; weight and bias are norm's parameters, passed on their own so that autograd sees them. norm's running
+    estimates are updated here, inside the operation as the module's own, so that a checkpoint's recompute updates
+    them again as it does the module's."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                with_relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        y, statistics = batch_norm_kernel.batch_norm_forward(x, weight, bias, eps, with_relu)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, norm: nn.BatchNorm2d,
+                with_relu: bool) -> torch.Tensor:
+        y, statistics = batch_norm_kernel.batch_norm_forward(x, weight, bias, norm.eps, with_relu)
+        if norm.track_running_stats and norm.running_mean is not None:
+            update_running_estimates(norm, statistics, rows=x.numel() // x.shape[1])
         ctx.save_for_backward(x, weight, bias, *statistics)
-        ctx.eps, ctx.with_relu = eps, with_relu
-        ctx.mark_non_differentiable(statistics.mean, statistics.variance)
-        return y, statistics.mean, statistics.variance
+        ctx.eps, ctx.with_relu = norm.eps, with_relu
+        return y
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor, *_statistics_gradients) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, bias, *statistics = ctx.saved_tensors
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph: PyTorch's operators, which can be differentiated again
@@ -73,8 +77,8 @@ def plain_relu(module: nn.Module | None) -> bool:
 
 def kernel_applies(norm: nn.Module, x: torch.Tensor) -> bool:
     """Whether `run_batch_norm` computes norm(x) in the kernel (see the module doc)."""
-    return (type(norm) is nn.BatchNorm2d and not intercepted(norm) and norm.training and not recording_graph()
-            and batch_norm_kernel.kernel_supports(x, norm.weight, norm.bias))
+    return (type(norm) is nn.BatchNorm2d and not intercepted(norm) and norm.training and norm.eps > 0
+            and not recording_graph() and batch_norm_kernel.kernel_supports(x, norm.weight, norm.bias))
 
 
 def run_batch_norm(norm: nn.Module, x: torch.Tensor, relu: nn.Module | None = None) -> torch.Tensor:
@@ -82,17 +86,17 @@ def run_batch_norm(norm: nn.Module, x: torch.Tensor, relu: nn.Module | None = No
     if not kernel_applies(norm, x) or not (relu is None or plain_relu(relu)):
         y = norm(x)
         return y if relu is None else relu(y)
-    y, mean, variance = KernelBatchNorm.apply(x, norm.weight, norm.bias, norm.eps, relu is not None)
-    if norm.track_running_stats and norm.running_mean is not None:
-        update_running_estimates(norm, mean, variance, rows=x.numel() // x.shape[1])
-    return y
+    return KernelBatchNorm.apply(x, norm.weight, norm.bias, norm, relu is not None)
 
 
 @torch.no_grad()
-def update_running_estimates(norm: nn.BatchNorm2d, mean: torch.Tensor, variance: torch.Tensor, rows: int) -> None:
-    """What nn.BatchNorm2d's training forward does to its buffers: count the batch, and move the running mean and the
-    running (unbiased) variance towards the batch's by the momentum (None: a cumulative average)."""
-    norm.num_batches_tracked.add_(1)
-    factor = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
-    norm.running_mean.copy_(mean * factor + norm.running_mean * (1.0 - factor))
-    norm.running_var.copy_(variance * (rows / (rows - 1)) * factor + norm.running_var * (1.0 - factor))
+def update_running_estimates(norm: nn.BatchNorm2d, statistics: BatchStatistics, rows: int) -> None:
+    """What nn.BatchNorm2d's training forward does to its buffers: count the batch (where it has a count), and move the
+    running mean and the running (unbiased) variance towards the batch's by the momentum (None: a cumulative average
+    over the counted batches; without a count, not at all)."""
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    if norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        factor = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+    norm.running_mean.copy_(statistics.mean * factor + norm.running_mean * (1.0 - factor))
+    norm.running_var.copy_(statistics.variance * (rows / (rows - 1)) * factor + norm.running_var * (1.0 - factor))
