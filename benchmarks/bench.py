@@ -148,7 +148,8 @@ COMPILED_KERNELS = "## Call CompiledFxGraph"
 C_KERNELS = {"KernelSelfAttention": "C attention", "KernelSoftmax": "C softmax", "KernelDropout": "C dropout",
              "KernelLayerNorm": "C layer norm", "KernelResidualNorm": "C residual add + layer norm", "KernelGELU": "C GELU",
              "KernelLinear": "C linear layer", "vitlab::relu_max_pool2d": "C ReLU + max-pool",
-             "vitlab::max_pool2d": "C max-pool", "vitlab::relu_max_pool2d_backward": "C max-pool backward (ReLU's or not)"}
+             "vitlab::max_pool2d": "C max-pool", "vitlab::relu_max_pool2d_backward": "C max-pool backward (ReLU's or not)",
+             "KernelBatchNorm": "C batch norm (+ ReLU)"}
 # ... of which these are matrix multiplication (a linear layer's products, its weight gradient and its weight casts).
 MATMUL_C_KERNELS = {"KernelLinear"}
 

@@ -207,6 +207,24 @@ def test_vitlabs_c_kernels_count_in_the_breakdown_forward_and_backward_together(
     assert not any(name.startswith("Kernel") for name in dict(others))
 
 
+def test_every_c_kernel_function_has_a_name_in_the_breakdown():
+    """Each autograd Function that runs a C kernel (vitlab's Kernel… classes) is counted under a name of its own: one
+    left out would count as no operator at all, and its time would vanish from the breakdown."""
+    import importlib
+    import pkgutil
+
+    import vitlab.models
+
+    functions = set()
+    for module_info in pkgutil.iter_modules(vitlab.models.__path__):
+        module = importlib.import_module(f"vitlab.models.{module_info.name}")
+        functions |= {name for name, value in vars(module).items() if name.startswith("Kernel") and isinstance(value, type)
+                      and issubclass(value, torch.autograd.Function)}
+    assert {"KernelSelfAttention", "KernelBatchNorm", "KernelReLUMaxPool"} <= functions
+    pool_operators = {"KernelReLUMaxPool", "KernelMaxPool"}  # counted as the PyTorch operators they call
+    assert functions - pool_operators <= set(bench.C_KERNELS)
+
+
 def test_the_linear_layer_kernels_count_as_matmul_time():
     from vitlab.kernels.weight_gradient import kernel_supports
     from vitlab.models.linear import linear
