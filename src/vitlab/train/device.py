@@ -12,6 +12,7 @@ from vitlab.config import TrainConfig
 from vitlab.errors import VitlabError
 from vitlab.kernels import switch_kernels
 from vitlab.train.distributed import SINGLE, DistContext
+from vitlab.train.host_memory import keep_freed_memory
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -91,6 +92,8 @@ def place_model(model: nn.Module, config: TrainConfig, distributed: DistContext 
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
     precision = resolve_precision(config.precision, device)
     switch_kernels(config.cpu_kernels)
+    if device.type == "cpu":
+        keep_freed_memory()  # a step's large activations reused by the next, not faulted in again
     if device.type == "cuda":
         # Fixed shapes every step: let cuDNN pick the fastest convolution once; TF32 for fp32 matmuls.
         torch.backends.cudnn.benchmark = True

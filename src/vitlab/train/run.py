@@ -19,6 +19,7 @@ from vitlab.rundir import RunDir, default_run_path
 from vitlab.train.checkpoint import TrainingInterrupted
 from vitlab.train.distributed import SINGLE, DistContext, barrier, context_from_environment
 from vitlab.train.evaluate import Evaluation, evaluate
+from vitlab.train.host_memory import keep_freed_memory
 from vitlab.train.optim import parameter_groups
 from vitlab.train.trainer import Runner
 
@@ -178,6 +179,7 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir
         "bf16_matmul_peak_tflop_s": peak,
         "precision": runner.precision,
         "cpu_kernels": kernel_status() if runner.device.type == "cpu" else None,
+        "cpu_freed_memory": keep_freed_memory() if runner.device.type == "cpu" else None,
         "processes": distributed.world_size,
         "resumed": resume,
         "versions": versions(),
