@@ -127,6 +127,7 @@ def training_images(run: RunConfig, data: CIFAR10) -> int:
 def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir, resume: bool, distributed: DistContext = SINGLE) -> dict:
     from vitlab.train.monitor import WATCHED_IMAGES, SnapshotRecorder, TensorBoardLogger
 
+    code_commit = git_commit()  # read before training: a commit made while a long run trains is not the code it ran
     runner = Runner(model, run.train, run.data, history_file=folder.metrics_file, distributed=distributed)
     loggers = []
     if distributed.is_main and (run.train.tensorboard or run.train.gif):
@@ -183,7 +184,7 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir
         "processes": distributed.world_size,
         "resumed": resume,
         "versions": versions(),
-        "git_commit": git_commit(),
+        "git_commit": code_commit,
         "data_source": data.source,
     }
     if peak and runner.device.type == "cpu":
