@@ -18,6 +18,24 @@ def train(args, out):
     return main(["train", *args, *QUICK, "--out", str(out)])
 
 
+def test_results_name_the_commit_the_run_started_from_and_what_malloc_keeps(cifar_root, tmp_path, monkeypatch):
+    """A commit made while a run trains is not the code it ran: the commit is read when training starts."""
+    from vitlab.train import run as run_module
+
+    checkout = {"commit": "c0de-at-start"}
+    monkeypatch.setattr(run_module, "git_commit", lambda: checkout["commit"])
+
+    def peak_while_training(device):  # the peak is probed after the commit is read: a commit lands meanwhile
+        checkout["commit"] = "c0de-made-later"
+
+    monkeypatch.setattr(run_module, "measured_matmul_peak", peak_while_training)
+    out = tmp_path / "run"
+    assert train(["--model", "cnn-small", "--data-dir", str(cifar_root)], out) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["git_commit"] == "c0de-at-start"
+    assert results["cpu_freed_memory"] == run_module.keep_freed_memory()
+
+
 @pytest.mark.parametrize("model_args", [
     ["--model", "cnn-small"],
     ["--model", "vit", "--patch_size", "6", "--hidden_size", "32", "--num_heads", "4", "--num_blocks", "2", "--pool", "mean"],
