@@ -9,14 +9,16 @@ SUPPORTED = attention_kernel.kernel_supports(torch.zeros(1, 4, 3, 1, 16, dtype=t
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 BF16 C kernels on this machine")
 
 
-def reference(qkv: torch.Tensor, scales: torch.Tensor, mask_self: bool) -> torch.Tensor:
-    """softmax(scale · Q Kᵀ) V in fp64 from the bf16 inputs, the scaled query rounded to bf16 as the kernel does."""
+def reference(qkv: torch.Tensor, scales: torch.Tensor, mask_self: bool, with_weights: bool = False):
+    """softmax(scale · Q Kᵀ) V in fp64 from the bf16 inputs, the scaled query rounded to bf16 as the kernel does (and the
+    weights, (B, H, T, T), with `with_weights`)."""
     query, key, value = qkv.double().permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, Dh)
     scaled = (query * scales.double().view(1, -1, 1, 1)).to(torch.bfloat16).double()
     scores = scaled @ key.transpose(-2, -1)
     if mask_self:
         scores = scores + self_mask_bias(scores.shape[-1], torch.float64, scores.device)
-    return (scores.softmax(-1) @ value).transpose(1, 2)  # (B, T, H, Dh)
+    out = (scores.softmax(-1) @ value).transpose(1, 2)  # (B, T, H, Dh)
+    return (out, scores.softmax(-1)) if with_weights else out
 
 
 SHAPES = [(65, 4, 16, False), (64, 4, 32, True), (7, 2, 64, False), (128, 3, 48, True), (1, 1, 16, False), (2, 2, 16, True),
@@ -29,9 +31,10 @@ def test_forward_matches_a_float64_reference(tokens, heads, head_size, mask_self
     qkv = torch.randn(3, tokens, 3, heads, head_size).to(torch.bfloat16)
     scales = head_size**-0.5 * (1 + torch.arange(heads, dtype=torch.float32))  # a different temperature per head
     out, weights = attention_kernel.attention_forward(qkv, scales, mask_self)
-    expected = reference(qkv, scales, mask_self)
+    expected, expected_weights = reference(qkv, scales, mask_self, with_weights=True)
     assert out.shape == (3, tokens, heads, head_size) and weights.shape == (3, heads, tokens, tokens)
     torch.testing.assert_close(out.double(), expected, rtol=2**-7, atol=2**-7)
+    torch.testing.assert_close(weights.double(), expected_weights, rtol=2**-7, atol=2**-9)  # each weight, not only sums
     torch.testing.assert_close(weights.double().sum(-1), torch.ones(3, heads, tokens, dtype=torch.float64), rtol=0, atol=0.02)
     if mask_self and tokens > 1:
         assert torch.all(weights.diagonal(dim1=-2, dim2=-1) == 0)

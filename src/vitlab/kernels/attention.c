@@ -492,6 +492,68 @@ static void mixing_block_on_tiles(const uint16_t *weights, int64_t stride, const
     __asm__ volatile("" : : : "memory");
 }
 
+/* Tiles: scores[t] += query chunk (tile A) · key pairs of that chunk, tokens 16 t onwards of the current 64 (tile B). */
+#define SCORE_PRODUCTS(A, B, QUERIES, PAIRS)                                                                              \
+    do {                                                                                                                 \
+        _tile_loadd(A, QUERIES, query_bytes);                                                                            \
+        _tile_loadd(B, PAIRS, pair_bytes);                                                                               \
+        _tile_dpbf16ps(0, A, B);                                                                                         \
+        if (blocks > 1) { _tile_loadd(B, (PAIRS) + 16, pair_bytes); _tile_dpbf16ps(1, A, B); }                           \
+        if (blocks > 2) { _tile_loadd(B, (PAIRS) + 32, pair_bytes); _tile_dpbf16ps(2, A, B); }                           \
+        if (blocks > 3) { _tile_loadd(B, (PAIRS) + 48, pair_bytes); _tile_dpbf16ps(3, A, B); }                           \
+    } while (0)
+
+/* scores (AMX_ROWS × MAX_TOKENS fp32, row-major; columns up to PADDED(T)) = 16 scaled query rows (MAX_HEAD apart) · Kᵀ,
+ * K as pairs_by_column (zero beyond T): 64 tokens of scores at a time in tiles 0–3, the head's features 32 at a time
+ * (tiles 4 and 6), then 16 (tiles 5 and 7) for an odd number of 16s: the tiles of `configure_mixing_tiles`. */
+static void scores_block_on_tiles(const uint16_t *queries, const uint32_t *key_pairs, int64_t tokens, int64_t head_size,
+                                  float *scores) {
+    int64_t padded = PADDED(tokens), query_bytes = 2 * MAX_HEAD, pair_bytes = 4 * padded, score_bytes = 4 * MAX_TOKENS;
+    __asm__ volatile("" : : : "memory"); /* as in mixing_block_on_tiles */
+    for (int64_t column = 0; column < padded; column += 4 * 16) {
+        int64_t blocks = (padded - column) / 16 < 4 ? (padded - column) / 16 : 4;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        int64_t feature = 0;
+        for (; feature + 32 <= head_size; feature += 32)
+            SCORE_PRODUCTS(4, 6, queries + feature, key_pairs + feature / 2 * padded + column);
+        if (feature < head_size)
+            SCORE_PRODUCTS(5, 7, queries + feature, key_pairs + feature / 2 * padded + column);
+        _tile_stored(0, scores + column, score_bytes);
+        if (blocks > 1) _tile_stored(1, scores + column + 16, score_bytes);
+        if (blocks > 2) _tile_stored(2, scores + column + 32, score_bytes);
+        if (blocks > 3) _tile_stored(3, scores + column + 48, score_bytes);
+    }
+    __asm__ volatile("" : : : "memory");
+}
+
+/* One row of scores (fp32, PADDED(T) wide, overwritten) → its attention weights as query_row_to_weights computes them
+ * from its register scores (the same masking, softmax and rounding, in the same order). */
+static inline void scores_to_weights(float *scores, int64_t tokens, int64_t masked, uint16_t *weight_row) {
+    int64_t vectors = PADDED(tokens) / 16;
+    __m512 minus_infinity = _mm512_set1_ps(-INFINITY), maximum = minus_infinity, total = _mm512_setzero_ps();
+    for (int64_t jv = 0; jv < vectors; jv++) {
+        __mmask16 outside = jv == vectors - 1 ? (__mmask16)~tail_mask(tokens - 16 * jv) : 0;
+        if (masked >= 16 * jv && masked < 16 * jv + 16)
+            outside |= (__mmask16)(1u << (masked - 16 * jv));
+        __m512 score = _mm512_mask_mov_ps(_mm512_loadu_ps(scores + 16 * jv), outside, minus_infinity);
+        _mm512_storeu_ps(scores + 16 * jv, score);
+        maximum = _mm512_max_ps(maximum, score);
+    }
+    float row_maximum = _mm512_reduce_max_ps(maximum);
+    __m512 shift = _mm512_set1_ps(row_maximum == -INFINITY ? 0.0f : row_maximum);
+    for (int64_t jv = 0; jv < vectors; jv++) {
+        __m512 weight = exp_nonpositive_vector(_mm512_sub_ps(_mm512_loadu_ps(scores + 16 * jv), shift));
+        _mm512_storeu_ps(scores + 16 * jv, weight);
+        total = _mm512_add_ps(total, weight);
+    }
+    __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+    for (int64_t jv = 0; jv < vectors; jv++)
+        store_bf16_rounded(weight_row + 16 * jv, _mm512_mul_ps(_mm512_loadu_ps(scores + 16 * jv), inverse), 0xFFFF);
+}
+
 /* The AMX_ROWS rows of a block of sums (head_size wide, fp32) as bf16 rows `row_stride` apart. */
 static inline void store_block_rows(const float *sums, int64_t head_size, uint16_t *target, int64_t row_stride) {
     for (int r = 0; r < AMX_ROWS; r++)
@@ -522,6 +584,7 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
         uint32_t *value_pairs = calloc((MAX_TOKENS / 2) * MAX_HEAD, sizeof(uint32_t));
 #ifdef VITLAB_AMX
         float mixed_block[AMX_ROWS * MAX_HEAD];
+        float *score_block = malloc(sizeof(float) * AMX_ROWS * MAX_TOKENS);
         if (tiles)
             configure_mixing_tiles();
 #endif
@@ -543,7 +606,17 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
             uint16_t *weight_rows = weights == NULL ? weight_buffer : weights + item * tokens * padded;
             int64_t weight_row = weights == NULL ? buffer_row : padded;
             int64_t i = 0;
-            if (two_rows_at_a_time(tokens)) {
+#ifdef VITLAB_AMX
+            /* Heads of 32 features and more: at 16 the tiles' half-filled products ran no faster than the vector code. The
+             * last block's rows beyond T are computed and not used. */
+            for (; tiles && head_size >= 32 && i < tokens; i += AMX_ROWS) {
+                scores_block_on_tiles(scaled_queries + i * MAX_HEAD, key_pairs, tokens, head_size, score_block);
+                for (int64_t r = 0; r < AMX_ROWS && i + r < tokens; r++)
+                    scores_to_weights(score_block + r * MAX_TOKENS, tokens, mask_diagonal ? i + r : -1,
+                                      weight_rows + (i + r) * weight_row);
+            }
+#endif
+            if (i == 0 && two_rows_at_a_time(tokens)) {
                 paired_query_rows_to_weights(scaled_queries, key_pairs, tokens, head_size, mask_diagonal, weight_rows, weight_row);
                 i = tokens / 2 * 2;
             }
@@ -591,6 +664,7 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
         free(key_pairs);
         free(value_pairs);
 #ifdef VITLAB_AMX
+        free(score_block);
         if (tiles)
             _tile_release();
 #endif
