@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -65,8 +66,10 @@ def measured_matmul_peak(device: torch.device, size: int = 2048) -> float | None
     return best / 1e12
 
 
+@functools.cache
 def git_commit() -> str | None:
-    """The commit of the vitlab checkout, with '-dirty' if it has uncommitted changes; None if not a checkout."""
+    """The commit of the vitlab checkout, with '-dirty' if it has uncommitted changes; None if not a checkout. Read once
+    per process (by its first run): the code a process runs is what it imported, whatever is committed later."""
     source = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5)

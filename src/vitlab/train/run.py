@@ -19,7 +19,7 @@ from vitlab.rundir import RunDir, default_run_path
 from vitlab.train.checkpoint import TrainingInterrupted
 from vitlab.train.distributed import SINGLE, DistContext, barrier, context_from_environment
 from vitlab.train.evaluate import Evaluation, evaluate
-from vitlab.train.host_memory import keep_freed_memory
+from vitlab.train.host_memory import keep_freed_memory, release_freed_memory
 from vitlab.train.optim import parameter_groups
 from vitlab.train.trainer import Runner
 
@@ -127,7 +127,7 @@ def training_images(run: RunConfig, data: CIFAR10) -> int:
 def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir, resume: bool, distributed: DistContext = SINGLE) -> dict:
     from vitlab.train.monitor import WATCHED_IMAGES, SnapshotRecorder, TensorBoardLogger
 
-    code_commit = git_commit()  # read before training: a commit made while a long run trains is not the code it ran
+    code_commit = git_commit()  # read once per process, before training: a later commit is not the code it runs
     runner = Runner(model, run.train, run.data, history_file=folder.metrics_file, distributed=distributed)
     loggers = []
     if distributed.is_main and (run.train.tensorboard or run.train.gif):
@@ -149,6 +149,7 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir
     finally:
         for logger in loggers:
             logger.close()
+        release_freed_memory()  # the steps' kept memory back to the OS: the next run in this process starts trimmed
     test = runner.evaluate(data.test_images, data.test_labels)
     if not distributed.is_main:  # every rank tested the same weights; rank 0 writes the folder
         barrier(distributed)
