@@ -731,7 +731,7 @@ DEFINE_TWO_GRAD_SCORE_ROWS(dropped_two_grad_score_rows_4, 4, 0, two_rows_times_c
 DEFINE_TWO_GRAD_SCORE_ROWS(dropped_two_grad_score_rows_exactly_5, 5, 1, two_rows_times_columns_exactly_5, 1)
 DEFINE_TWO_GRAD_SCORE_ROWS(dropped_two_grad_score_rows_8, 8, 0, two_rows_times_columns_8, 1)
 
-/* Backward's dS row i (from dO Vᵀ, P and rowsum(dO ⊙ O)) into grad_scores; at each odd i (or the last row) rows i - 1
+/* Backward's dS row i (from dO Vᵀ, or its row in `products` where not NULL, P and rowsum(dO ⊙ O)) into grad_scores; at each odd i (or the last row) rows i - 1
  * and i of dS and P as pairs by row for dK and dV (pack_pairs_by_row's layout; the zeros beyond T come from the masked
  * loads), the even row read back from grad_scores. */
 static inline __attribute__((always_inline)) void grad_score_row(Rows grad_rows, Rows out_rows, int64_t i,
@@ -739,12 +739,16 @@ static inline __attribute__((always_inline)) void grad_score_row(Rows grad_rows,
                                                                   int64_t tokens, int64_t head_size, uint16_t *grad_scores,
                                                                   int64_t buffer_row, uint32_t *grad_score_pairs,
                                                                   uint32_t *weight_pairs, const int dropping, Dropout dropout,
-                                                                  int64_t item) {
+                                                                  int64_t item, const float *products) {
     int64_t padded = PADDED(tokens);
     const uint16_t *grad_row = grad_rows.base + i * grad_rows.row_stride;
     __m512 row_dot = _mm512_set1_ps(row_dot_product(grad_row, out_rows.base + i * out_rows.row_stride, head_size));
     __m512 grad_weights[MAX_TOKENS / 16];
-    row_times_columns(grad_row, value_pairs, tokens, head_size, grad_weights);
+    if (products != NULL) /* dO Vᵀ's row, computed on the tiles */
+        for (int64_t jv = 0; jv < padded / 16; jv++)
+            grad_weights[jv] = _mm512_loadu_ps(products + 16 * jv);
+    else
+        row_times_columns(grad_row, value_pairs, tokens, head_size, grad_weights);
     uint16_t *grad_score_row = grad_scores + i * buffer_row;
     const uint16_t *weight_row = weight_rows + i * padded;
     if (i + PREFETCH_ROWS < tokens) /* the forward wrote these weights long ago: out of the caches by now */
@@ -882,6 +886,8 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
         uint32_t *key_pairs = calloc((MAX_TOKENS / 2) * MAX_HEAD, sizeof(uint32_t));
 #ifdef VITLAB_AMX
         float grad_block[AMX_ROWS * MAX_HEAD];
+        float *product_block = tiles ? malloc(sizeof(float) * AMX_ROWS * MAX_TOKENS) : NULL;   /* dO Vᵀ, 16 rows */
+        uint16_t *grad_out_rows = tiles ? malloc(sizeof(uint16_t) * MAX_TOKENS * MAX_HEAD) : NULL; /* dO, rows MAX_HEAD apart */
         int64_t rounded_pairs = ROUNDED_PAIRS(MAX_TOKENS);
         uint32_t *score_columns = tiles ? malloc(sizeof(uint32_t) * MAX_TOKENS * rounded_pairs) : NULL;  /* dS's pairs, transposed */
         uint32_t *weight_columns = tiles ? malloc(sizeof(uint32_t) * MAX_TOKENS * rounded_pairs) : NULL; /* P's pairs, transposed */
@@ -909,20 +915,33 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
             pack_pairs_by_row(query, tokens, head_size, scale, query_pairs);
             pack_pairs_by_row(grad_rows, tokens, head_size, 1.0f, grad_out_pairs);
             const uint16_t *weight_rows = weights + item * tokens * padded;
+#ifdef VITLAB_AMX
+            if (tiles && head_size >= 32) { /* dO Vᵀ on the tiles, 16 rows at a time, as the forward's scores */
+                for (int64_t i = 0; i < tokens; i++)
+                    memcpy(grad_out_rows + i * MAX_HEAD, grad_rows.base + i * grad_rows.row_stride, 2 * head_size);
+                for (int64_t i = 0; i < tokens; i += AMX_ROWS) {
+                    scores_block_on_tiles(grad_out_rows + i * MAX_HEAD, value_pairs, tokens, head_size, product_block);
+                    for (int64_t r = 0; r < AMX_ROWS && i + r < tokens; r++)
+                        grad_score_row(grad_rows, out_rows, i + r, value_pairs, weight_rows, tokens, head_size, grad_scores,
+                                       buffer_row, grad_score_pairs, weight_pairs, dropout.threshold > 0, dropout, item,
+                                       product_block + r * MAX_TOKENS);
+                }
+            } else
+#endif
             if (two_rows_at_a_time(tokens)) {
                 paired_grad_score_rows(grad_rows, out_rows, value_pairs, weight_rows, tokens, head_size, grad_scores, buffer_row,
                                        grad_score_pairs, weight_pairs, dropout, item);
                 if (tokens % 2 == 1)
                     grad_score_row(grad_rows, out_rows, tokens - 1, value_pairs, weight_rows, tokens, head_size, grad_scores,
-                                   buffer_row, grad_score_pairs, weight_pairs, dropout.threshold > 0, dropout, item);
+                                   buffer_row, grad_score_pairs, weight_pairs, dropout.threshold > 0, dropout, item, NULL);
             } else if (dropout.threshold > 0) { /* two copies of the loop: the test decided at compile time in each */
                 for (int64_t i = 0; i < tokens; i++)
                     grad_score_row(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, grad_scores, buffer_row,
-                                   grad_score_pairs, weight_pairs, 1, dropout, item);
+                                   grad_score_pairs, weight_pairs, 1, dropout, item, NULL);
             } else {
                 for (int64_t i = 0; i < tokens; i++)
                     grad_score_row(grad_rows, out_rows, i, value_pairs, weight_rows, tokens, head_size, grad_scores, buffer_row,
-                                   grad_score_pairs, weight_pairs, 0, dropout, item);
+                                   grad_score_pairs, weight_pairs, 0, dropout, item, NULL);
             }
             /* d(scaled Q) = dS K, ROW_BLOCK rows at a time; dQ = scale · that, and the scale's gradient from it. */
             float scale_sum = 0.0f;
@@ -1013,6 +1032,8 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
 #ifdef VITLAB_AMX
         free(score_columns);
         free(weight_columns);
+        free(product_block);
+        free(grad_out_rows);
         if (tiles)
             _tile_release();
 #endif
