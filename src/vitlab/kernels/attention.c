@@ -23,7 +23,9 @@
  *   pairs_by_row[p][d]    = (M[2p][d], M[2p+1][d])   sums over tokens (P V, dS K, dSᵀ Q, Pᵀ dO).
  *
  * On CPUs with AMX (Sapphire Rapids), where `vdpbf16ps` is slow, the products that sum over tokens run on the AMX
- * tiles 16 output rows at a time: the forward's P V and the backward's dS K, dSᵀ Q and Pᵀ dO. pairs_by_row is the layout
+ * tiles 16 output rows at a time: the forward's P V and the backward's dS K, dSᵀ Q and Pᵀ dO; and for heads of 32
+ * features and more so do the two that sum over features, the forward's Q Kᵀ and the backward's dO Vᵀ (with heads of
+ * 16 the tiles' half-filled products ran no faster than the vector code). pairs_by_row is the layout
  * their second operand takes as it is; for the last two, dS's and P's pairs are transposed in 16 × 16 blocks first
  * (docs/performance.md, "The Intel machine's AMX"). The tiles add a row's products in another order than the vector code, so on such CPUs an output can differ
  * from the vector code's in the last bf16 bit.
@@ -573,7 +575,7 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
     Dropout dropout = {drop_threshold, drop_scale, drop_key};
     int64_t qkv_row = 3 * heads * head_size, out_row = heads * head_size, padded = PADDED(tokens);
 #ifdef VITLAB_AMX
-    int tiles = amx_ready(); /* weights · V on AMX tiles, 16 rows at a time */
+    int tiles = amx_ready(); /* weights · V (and Q Kᵀ for heads of 32 and more) on AMX tiles, 16 rows at a time */
 #endif
 #pragma omp parallel num_threads(threads)
     {
@@ -877,7 +879,7 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
     Dropout dropout = {drop_threshold, drop_scale, drop_key};
     int64_t qkv_row = 3 * heads * head_size, out_row = heads * head_size, padded = PADDED(tokens);
 #ifdef VITLAB_AMX
-    int tiles = amx_ready(); /* dS K, dSᵀ Q and Pᵀ dO on AMX tiles, 16 rows at a time */
+    int tiles = amx_ready(); /* dS K, dSᵀ Q and Pᵀ dO (and dO Vᵀ for heads of 32 and more) on AMX tiles, 16 rows at a time */
 #endif
 #pragma omp parallel num_threads(threads)
     {
