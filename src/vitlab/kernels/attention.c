@@ -23,11 +23,11 @@
  *   pairs_by_row[p][d]    = (M[2p][d], M[2p+1][d])   sums over tokens (P V, dS K, dSᵀ Q, Pᵀ dO).
  *
  * On CPUs with AMX (Sapphire Rapids), where `vdpbf16ps` is slow, the products that sum over tokens run on the AMX
- * tiles 16 output rows at a time: the forward's P V and the backward's dS K, dSᵀ Q and Pᵀ dO; and for heads of 32
- * features and more so do the two that sum over features, the forward's Q Kᵀ and the backward's dO Vᵀ (with heads of
- * 16 the tiles' half-filled products ran no faster than the vector code). pairs_by_row is the layout
+ * tiles 16 output rows at a time: the forward's P V and the backward's dS K, dSᵀ Q and Pᵀ dO. pairs_by_row is the layout
  * their second operand takes as it is; for the last two, dS's and P's pairs are transposed in 16 × 16 blocks first
- * (docs/performance.md, "The Intel machine's AMX"). The tiles add a row's products in another order than the vector code, so on such CPUs an output can differ
+ * (docs/performance.md, "The Intel machine's AMX"). For heads of 32 features and more so do the two that sum over
+ * features, the forward's Q Kᵀ and the backward's dO Vᵀ, whose second operand is pairs_by_column as it is (with heads
+ * of 16 the tiles' half-filled products ran no faster than the vector code). The tiles add a row's products in another order than the vector code, so on such CPUs an output can differ
  * from the vector code's in the last bf16 bit.
  */
 #define _DEFAULT_SOURCE /* syscall(), for AMX's permission request */
