@@ -457,16 +457,20 @@ static void configure_mixing_tiles(void) {
     __asm__ volatile("ldtilecfg %0" : : "m"(config) : "memory");
 }
 
-/* Tiles: sums[dv] += weight chunk (tile A) · value pairs of that chunk, features 16 dv onwards (tile B). */
-#define MIXING_PRODUCTS(A, B, WEIGHTS, PAIRS)                                                                             \
+/* Tiles: sums t (0 to COUNT - 1) += rows (tile A, A_BYTES apart) · pairs (tile B, B_BYTES apart), 16 pair columns
+ * further for each t: the sums' 16 columns t. */
+#define TILE_PRODUCTS(A, B, ROWS, A_BYTES, PAIRS, B_BYTES, COUNT)                                                        \
     do {                                                                                                                 \
-        _tile_loadd(A, WEIGHTS, weight_bytes);                                                                           \
-        _tile_loadd(B, PAIRS, pair_bytes);                                                                               \
+        _tile_loadd(A, ROWS, A_BYTES);                                                                                   \
+        _tile_loadd(B, PAIRS, B_BYTES);                                                                                  \
         _tile_dpbf16ps(0, A, B);                                                                                         \
-        if (vectors > 1) { _tile_loadd(B, (PAIRS) + 16, pair_bytes); _tile_dpbf16ps(1, A, B); }                          \
-        if (vectors > 2) { _tile_loadd(B, (PAIRS) + 32, pair_bytes); _tile_dpbf16ps(2, A, B); }                          \
-        if (vectors > 3) { _tile_loadd(B, (PAIRS) + 48, pair_bytes); _tile_dpbf16ps(3, A, B); }                          \
+        if ((COUNT) > 1) { _tile_loadd(B, (PAIRS) + 16, B_BYTES); _tile_dpbf16ps(1, A, B); }                             \
+        if ((COUNT) > 2) { _tile_loadd(B, (PAIRS) + 32, B_BYTES); _tile_dpbf16ps(2, A, B); }                             \
+        if ((COUNT) > 3) { _tile_loadd(B, (PAIRS) + 48, B_BYTES); _tile_dpbf16ps(3, A, B); }                             \
     } while (0)
+
+/* Tiles: sums[dv] += weight chunk (tile A) · value pairs of that chunk, features 16 dv onwards (tile B). */
+#define MIXING_PRODUCTS(A, B, WEIGHTS, PAIRS) TILE_PRODUCTS(A, B, WEIGHTS, weight_bytes, PAIRS, pair_bytes, vectors)
 
 /* sums (AMX_ROWS × head_size fp32, row-major) = 16 bf16 rows (`stride` apart, zero from T to PADDED(T): the weights, dS,
  * or transposed pairs) · a T × head_size matrix as pairs_by_row (zero beyond T), which the tiles read 32 tokens at a
@@ -495,15 +499,7 @@ static void mixing_block_on_tiles(const uint16_t *weights, int64_t stride, const
 }
 
 /* Tiles: scores[t] += query chunk (tile A) · key pairs of that chunk, tokens 16 t onwards of the current 64 (tile B). */
-#define SCORE_PRODUCTS(A, B, QUERIES, PAIRS)                                                                              \
-    do {                                                                                                                 \
-        _tile_loadd(A, QUERIES, query_bytes);                                                                            \
-        _tile_loadd(B, PAIRS, pair_bytes);                                                                               \
-        _tile_dpbf16ps(0, A, B);                                                                                         \
-        if (blocks > 1) { _tile_loadd(B, (PAIRS) + 16, pair_bytes); _tile_dpbf16ps(1, A, B); }                           \
-        if (blocks > 2) { _tile_loadd(B, (PAIRS) + 32, pair_bytes); _tile_dpbf16ps(2, A, B); }                           \
-        if (blocks > 3) { _tile_loadd(B, (PAIRS) + 48, pair_bytes); _tile_dpbf16ps(3, A, B); }                           \
-    } while (0)
+#define SCORE_PRODUCTS(A, B, QUERIES, PAIRS) TILE_PRODUCTS(A, B, QUERIES, query_bytes, PAIRS, pair_bytes, blocks)
 
 /* scores (AMX_ROWS × MAX_TOKENS fp32, row-major; columns up to PADDED(T)) = 16 scaled query rows (MAX_HEAD apart) · Kᵀ,
  * K as pairs_by_column (zero beyond T): 64 tokens of scores at a time in tiles 0–3, the head's features 32 at a time
