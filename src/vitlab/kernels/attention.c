@@ -469,6 +469,22 @@ static void configure_mixing_tiles(void) {
         if ((COUNT) > 3) { _tile_loadd(B, (PAIRS) + 48, B_BYTES); _tile_dpbf16ps(3, A, B); }                             \
     } while (0)
 
+/* The four sum tiles (0–3) set to zero, and the first COUNT of them stored to TARGET, 16 columns apart, BYTES per row. */
+#define ZERO_SUM_TILES()                                                                                                 \
+    do {                                                                                                                 \
+        _tile_zero(0);                                                                                                   \
+        _tile_zero(1);                                                                                                   \
+        _tile_zero(2);                                                                                                   \
+        _tile_zero(3);                                                                                                   \
+    } while (0)
+#define STORE_SUM_TILES(TARGET, BYTES, COUNT)                                                                            \
+    do {                                                                                                                 \
+        _tile_stored(0, TARGET, BYTES);                                                                                  \
+        if ((COUNT) > 1) _tile_stored(1, (TARGET) + 16, BYTES);                                                          \
+        if ((COUNT) > 2) _tile_stored(2, (TARGET) + 32, BYTES);                                                          \
+        if ((COUNT) > 3) _tile_stored(3, (TARGET) + 48, BYTES);                                                          \
+    } while (0)
+
 /* Tiles: sums[dv] += weight chunk (tile A) · value pairs of that chunk, features 16 dv onwards (tile B). */
 #define MIXING_PRODUCTS(A, B, WEIGHTS, PAIRS) TILE_PRODUCTS(A, B, WEIGHTS, weight_bytes, PAIRS, pair_bytes, vectors)
 
@@ -481,20 +497,13 @@ static void mixing_block_on_tiles(const uint16_t *weights, int64_t stride, const
     /* The tile intrinsics' asm does not tell the compiler which memory it reads or writes: barriers keep the operands'
      * stores before the tile loads and the reads of `sums` after the tile stores. */
     __asm__ volatile("" : : : "memory");
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    ZERO_SUM_TILES();
     int64_t token = 0;
     for (; token + 32 <= padded; token += 32)
         MIXING_PRODUCTS(4, 6, weights + token, value_pairs + token / 2 * head_size);
     if (token < padded)
         MIXING_PRODUCTS(5, 7, weights + token, value_pairs + token / 2 * head_size);
-    int64_t sum_bytes = 4 * head_size;
-    _tile_stored(0, sums, sum_bytes);
-    if (vectors > 1) _tile_stored(1, sums + 16, sum_bytes);
-    if (vectors > 2) _tile_stored(2, sums + 32, sum_bytes);
-    if (vectors > 3) _tile_stored(3, sums + 48, sum_bytes);
+    STORE_SUM_TILES(sums, 4 * head_size, vectors);
     __asm__ volatile("" : : : "memory");
 }
 
@@ -510,19 +519,13 @@ static void scores_block_on_tiles(const uint16_t *queries, const uint32_t *key_p
     __asm__ volatile("" : : : "memory"); /* as in mixing_block_on_tiles */
     for (int64_t column = 0; column < padded; column += 4 * 16) {
         int64_t blocks = (padded - column) / 16 < 4 ? (padded - column) / 16 : 4;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        ZERO_SUM_TILES();
         int64_t feature = 0;
         for (; feature + 32 <= head_size; feature += 32)
             SCORE_PRODUCTS(4, 6, queries + feature, key_pairs + feature / 2 * padded + column);
         if (feature < head_size)
             SCORE_PRODUCTS(5, 7, queries + feature, key_pairs + feature / 2 * padded + column);
-        _tile_stored(0, scores + column, score_bytes);
-        if (blocks > 1) _tile_stored(1, scores + column + 16, score_bytes);
-        if (blocks > 2) _tile_stored(2, scores + column + 32, score_bytes);
-        if (blocks > 3) _tile_stored(3, scores + column + 48, score_bytes);
+        STORE_SUM_TILES(scores + column, score_bytes, blocks);
     }
     __asm__ volatile("" : : : "memory");
 }
