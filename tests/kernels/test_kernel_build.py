@@ -139,29 +139,53 @@ def test_recording_graph_sees_func_transforms_forward_ad_and_fx_tracing():
     assert seen == [True, True, True, True] and not recording_graph()
 
 
-@pytest.mark.parametrize("source_name", ["matmul", "weight_gradient"])
-@pytest.mark.parametrize(("target", "takes_products"), [("-march=sapphirerapids", False), ("-march=x86-64-v4 -mavx512bf16", True)])
-def test_the_linear_products_stay_with_onednn_where_the_cpu_has_amx(tmp_path, source_name, target, takes_products):
-    """Built for an AMX CPU (whose tiles oneDNN's products use) the products and weight-gradient kernels say they do
-    not run; built for an AVX-512 BF16 CPU without AMX they do. Only the answer is called, never a product."""
+def build_one_source(tmp_path, source_name: str, target: str, needed_macro: str | None = None):
+    """ctypes' handle on `source_name`.c built alone for `target` (compiler flags), or a skip where the compiler does
+    not take the target or does not define `needed_macro` for it."""
     import ctypes
     from pathlib import Path
 
     compiler = build.find_compiler()
     if compiler is None:
         pytest.skip("no C compiler on this machine")
+    if needed_macro is not None:
+        probe = subprocess.run([*compiler, *target.split(), "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True)
+        if probe.returncode != 0 or needed_macro not in probe.stdout:
+            pytest.skip(f"this compiler does not define {needed_macro} for {target}")
     source = Path(build.__file__).with_name(f"{source_name}.c")
     target_path = tmp_path / f"{source_name}.so"
     flags = [flag for flag in build.FLAGS if not flag.startswith("-march")]
-    done = subprocess.run([*compiler, *flags, *target.split(), "-o", str(target_path), str(source)], capture_output=True)
-    if done.returncode != 0:
+    done = subprocess.run([*compiler, *flags, *target.split(), "-Werror=implicit-function-declaration", "-o",
+                           str(target_path), str(source)], capture_output=True, text=True)
+    if done.returncode != 0 and ("march" in done.stderr or "unrecognized" in done.stderr):
         pytest.skip(f"this compiler does not take {target}")
-    assert bool(getattr(ctypes.CDLL(str(target_path)), f"vitlab_{source_name}_supported")()) is takes_products
+    assert done.returncode == 0, done.stderr
+    return ctypes.CDLL(str(target_path))
 
 
-def test_an_amx_cpu_leaves_the_products_and_weight_gradients_to_onednn_whatever_the_compiler_knew(amx_cpu):
+@pytest.mark.parametrize(("target", "takes_products"), [("-march=sapphirerapids", False), ("-march=x86-64-v4 -mavx512bf16", True)])
+def test_the_linear_products_stay_with_onednn_where_the_cpu_has_amx(tmp_path, target, takes_products):
+    """Built for an AMX CPU (whose tiles oneDNN's products use) the products kernel says it does not run; built for an
+    AVX-512 BF16 CPU without AMX it does. Only the answer is called, never a product."""
+    assert bool(build_one_source(tmp_path, "matmul", target).vitlab_matmul_supported()) is takes_products
+
+
+def test_the_weight_gradient_builds_on_the_tiles_for_an_amx_cpu(tmp_path):
+    """Built for an AMX CPU, weight_gradient.c compiles its tile version (code that only an AMX machine runs, so this
+    build is what checks it elsewhere), which runs where Linux grants the tiles; built without AMX, the vector version,
+    which says it runs. Only the answers are called, never a product."""
+    tiles = build_one_source(tmp_path, "weight_gradient", "-march=sapphirerapids", "__AMX_BF16__")
+    assert tiles.vitlab_weight_gradient_on_tiles() == 1
+    assert bool(tiles.vitlab_weight_gradient_supported()) is build.cpu_has_amx()
+    (tmp_path / "vector").mkdir()
+    vector = build_one_source(tmp_path / "vector", "weight_gradient", "-march=x86-64-v4 -mavx512bf16")
+    assert vector.vitlab_weight_gradient_on_tiles() == 0 and vector.vitlab_weight_gradient_supported() == 1
+
+
+def test_an_amx_cpu_leaves_the_products_and_vector_weight_gradients_to_onednn_whatever_the_compiler_knew(amx_cpu, monkeypatch):
     """A compiler that does not know AMX builds the vdpbf16ps kernels even on an AMX CPU; the run-time check still
-    keeps them off there (and out of the status line), since oneDNN's products on the tiles are faster."""
+    keeps them off there (and out of the status line), since oneDNN's products on the tiles are faster. The weight
+    gradient's tile version stays on."""
     from vitlab.kernels import matmul as matmul_kernel
     from vitlab.kernels import weight_gradient as weight_gradient_kernel
 
@@ -169,35 +193,29 @@ def test_an_amx_cpu_leaves_the_products_and_weight_gradients_to_onednn_whatever_
     if library is None:
         pytest.skip("no C kernels on this machine")
     assert not matmul_kernel.kernel_supports(64, 192)
+    on_tiles = bool(library.vitlab_weight_gradient_on_tiles())
+    assert weight_gradient_kernel.kernel_supports(64, 192, True) is on_tiles
+    kernels = build.available_kernels(library).split(", ")
+    assert kernels[0] == "dropout" and "linear products" not in kernels and ("weight gradients" in kernels) is on_tiles
+
+    class VectorBuild:  # the library as a compiler without AMX builds it
+        def __getattr__(self, name):
+            return (lambda: 0) if name == "vitlab_weight_gradient_on_tiles" else getattr(library, name)
+
+    vector_build = VectorBuild()
+    monkeypatch.setattr(weight_gradient_kernel, "compiled_library", lambda: vector_build)
     assert not weight_gradient_kernel.kernel_supports(64, 192, True)
-    status = build.available_kernels(library)
-    kernels = status.split(", ")
-    assert kernels[0] == "dropout" and "linear products" not in kernels and "weight gradients" not in kernels
 
 
 def test_the_attention_kernel_builds_with_its_amx_tile_code(tmp_path):
     """Built for Sapphire Rapids, attention.c compiles its AMX tile products too (code that only an AMX machine runs, so
     this build is what checks it elsewhere) and reports the kernel. Only the answer is called."""
-    import ctypes
-    from pathlib import Path
-
-    compiler = build.find_compiler()
-    if compiler is None:
-        pytest.skip("no C compiler on this machine")
-    source = Path(build.__file__).with_name("attention.c")
-    target_path = tmp_path / "attention.so"
-    flags = [flag for flag in build.FLAGS if not flag.startswith("-march")]
-    probe = subprocess.run([*compiler, "-march=sapphirerapids", "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True)
-    if probe.returncode != 0 or "__AMX_BF16__" not in probe.stdout:
-        pytest.skip("this compiler does not target AMX")
-    done = subprocess.run([*compiler, *flags, "-march=sapphirerapids", "-Werror=implicit-function-declaration", "-o",
-                           str(target_path), str(source)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert ctypes.CDLL(str(target_path)).vitlab_attention_supported() == 1
+    assert build_one_source(tmp_path, "attention", "-march=sapphirerapids", "__AMX_BF16__").vitlab_attention_supported() == 1
 
 
-def test_the_attention_tiles_run_when_the_library_is_built_below_o3(tmp_path):
-    """On an AMX CPU, a library built at -O2 (where GCC keeps the tile set-up out of line) runs the tile products: the
+def test_the_tile_kernels_run_when_the_library_is_built_below_o3(tmp_path):
+    """On an AMX CPU, a library built at -O2 (where GCC keeps the tile set-up out of line) runs the tile products of
+    attention and of the weight gradient: the
     tile configuration's stores must not be dropped as dead (they were, with GCC 12's own ldtilecfg intrinsic, and the
     first forward crashed). Run in a child process, which such a crash would kill."""
     from pathlib import Path
@@ -219,7 +237,12 @@ torch.manual_seed(0)
 qkv = torch.randn(2, 33, 3, 2, 16).to(torch.bfloat16)
 out, weights = attention.attention_forward(qkv, torch.full((2,), 0.25), False)
 grad_qkv, _ = attention.attention_backward(qkv, out, weights, torch.ones_like(out), torch.full((2,), 0.25))
-print(bool(torch.isfinite(out).all() and torch.isfinite(grad_qkv).all()))
+import vitlab.kernels.weight_gradient as weight_gradient
+grad_out, x = torch.randn(100, 64).to(torch.bfloat16), torch.randn(100, 32).to(torch.bfloat16)
+grad_weight, grad_bias = weight_gradient.weight_gradient(grad_out, x, True)
+exact = grad_out.double().t() @ x.double()
+print(bool(torch.isfinite(out).all() and torch.isfinite(grad_qkv).all()
+           and torch.allclose(grad_weight.double(), exact, atol=1e-4) and torch.allclose(grad_bias.double(), grad_out.double().sum(0), atol=1e-4)))
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("True"), run.stderr[-2000:]

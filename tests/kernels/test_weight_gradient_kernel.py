@@ -5,7 +5,7 @@ from vitlab.kernels import weight_gradient as weight_gradient_kernel
 from vitlab.kernels.build import compiled_library, library_capabilities
 
 SUPPORTED = weight_gradient_kernel.kernel_supports(16, 16, True)
-pytestmark = pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 BF16 C kernels on this machine, or AMX (oneDNN's products)")
+pytestmark = pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 BF16 C kernels on this machine")
 
 
 def exact_gradients(grad_out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -13,10 +13,12 @@ def exact_gradients(grad_out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tens
     return grad_rows.t() @ x_rows, grad_rows.sum(0)
 
 
-# rows: none, one (an unpaired last row), fewer than a chunk, odd, several chunks per thread; widths 16–256 cover
-# every tail of a tile (1, 2, 3 vectors of 16 after the tiles of 64)
+# rows: none, one (an unpaired last row), fewer than a chunk, odd, several chunks per thread, one past a chunk of the
+# tile version (512 rows); widths 16–256 cover every tail of a tile (1, 2, 3 vectors of 16 after the tiles of 64) and,
+# on the AMX tiles, either operand as the narrower one (the transposed one) with an odd number of tiles on each side
 @pytest.mark.parametrize(("leading", "outs", "ins"), [((0,), 16, 16), ((1,), 16, 16), ((3,), 32, 48), ((127,), 64, 80),
-                                                      ((4, 65), 192, 64), ((128, 65), 64, 256), ((7, 33), 48, 112)])
+                                                      ((4, 65), 192, 64), ((128, 65), 64, 256), ((7, 33), 48, 112),
+                                                      ((1025,), 80, 48), ((513,), 16, 272)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_weight_and_bias_gradients_match_float64_in_fp32(leading, outs, ins, threads):
     torch.manual_seed(outs + ins)

@@ -33,6 +33,7 @@
 #define _DEFAULT_SOURCE /* syscall(), for AMX's permission request */
 #include <stdlib.h>
 
+#include "amx.h"
 #include "bf16_math.h"
 
 #define MAX_TOKENS 272 /* 17 vectors of 16: row_times_columns_17 */
@@ -417,27 +418,7 @@ static inline void fetch_rows(const uint16_t *const *starts, int count, int64_t 
                     _mm_prefetch((const char *)(starts[m] + row * row_stride) + byte, _MM_HINT_T0);
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define VITLAB_AMX 1
-#define AMX_ROWS 16 /* the rows of a tile */
-
-/* AMX's tile configuration (palette 1), laid out as `ldtilecfg` reads it. */
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-} TileConfig;
-
-/* Whether Linux gave this process AMX's tile state (asked once: arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA); where it
- * refuses, the vector code runs. Called outside parallel regions. */
-static int amx_ready(void) {
-    static int state = 0; /* 0: not asked yet, 1: granted, -1: refused */
-    if (state == 0)
-        state = syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : -1;
-    return state == 1;
-}
+#ifdef VITLAB_AMX
 
 /* The tiles of weights · V (and of dS K: any bf16 rows times a pairs_by_row matrix): 0–3 sums (16 rows × 16 features,
  * fp32), 4 and 5 weights (16 rows × 32 or 16 tokens), 6 and 7 pairs of value rows (16 or 8 pairs × 16 features). */
@@ -452,9 +433,7 @@ static void configure_mixing_tiles(void) {
     config.rows[5] = AMX_ROWS, config.bytes_per_row[5] = 32;
     config.rows[6] = 16, config.bytes_per_row[6] = 64;
     config.rows[7] = 8, config.bytes_per_row[7] = 64;
-    /* ldtilecfg written out: GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes of the configuration, so
-     * below -O3 the stores above were dropped as dead and the tiles configured from stack garbage. */
-    __asm__ volatile("ldtilecfg %0" : : "m"(config) : "memory");
+    load_tile_config(&config);
 }
 
 /* Tiles: sums t (0 to COUNT - 1) += rows (tile A, A_BYTES apart) · pairs (tile B, B_BYTES apart), 16 pair columns

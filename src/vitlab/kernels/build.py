@@ -20,7 +20,7 @@ import torch  # (also loads PyTorch's OpenMP runtime before the library, so the 
 
 SOURCES = ("attention.c", "augment.c", "batch_norm.c", "dropout.c", "gelu.c", "layer_norm.c", "matmul.c", "pool.c", "softmax.c",
            "weight_gradient.c")
-HEADERS = ("bf16_math.h",)
+HEADERS = ("amx.h", "bf16_math.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 COMPILE_SECONDS = 120
 DISABLE_VARIABLE = "VITLAB_C_KERNELS"
@@ -67,6 +67,7 @@ SIGNATURES = {
     "vitlab_matmul_pairs": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], None),
     "vitlab_weight_gradient_supported": ([], ctypes.c_int),
     "vitlab_weight_gradient_max_bias_features": ([], ctypes.c_int64),
+    "vitlab_weight_gradient_on_tiles": ([], ctypes.c_int),
     "vitlab_weight_gradient": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], ctypes.c_int),
 }
 
@@ -103,7 +104,7 @@ def cpu_has_amx() -> bool:
     """Whether the CPU has AMX's bf16 tiles, whatever the compiler knew when it built the library. oneDNN's bf16
     products run on them, several times faster than the `vdpbf16ps` kernels (matmul.c, weight_gradient.c), which
     therefore leave their products to oneDNN there: `library_capabilities` reports them off (docs/performance.md, "The
-    Intel machine's AMX")."""
+    Intel machine's AMX"), unless the library has weight_gradient.c's version on the tiles."""
     return "amx_bf16" in cpu_flags().split()
 
 
@@ -195,7 +196,7 @@ class Capabilities:
     layer_norm: bool  # AVX-512 (BF16 not needed)
     layer_norm_max_features: int
     gelu: bool  # AVX-512 (BF16 not needed)
-    weight_gradient: bool  # AVX-512 BF16, and no AMX (cpu_has_amx)
+    weight_gradient: bool  # AVX-512 BF16; where the CPU has AMX, only the library's tile version
     weight_gradient_max_bias_features: int
     relu_max_pool: bool  # AVX-512 (BF16 not needed)
     batch_norm: bool  # AVX-512 (BF16 not needed)
@@ -209,7 +210,8 @@ def library_capabilities(library: ctypes.CDLL) -> Capabilities:
                         bool(library.vitlab_attention_supported()), library.vitlab_attention_max_tokens(),
                         library.vitlab_attention_max_head_size(), bool(library.vitlab_layer_norm_supported()),
                         library.vitlab_layer_norm_max_features(), bool(library.vitlab_gelu_supported()),
-                        bool(library.vitlab_weight_gradient_supported()) and not cpu_has_amx(),
+                        bool(library.vitlab_weight_gradient_supported())
+                        and (not cpu_has_amx() or bool(library.vitlab_weight_gradient_on_tiles())),
                         library.vitlab_weight_gradient_max_bias_features(), bool(library.vitlab_relu_max_pool_supported()),
                         bool(library.vitlab_batch_norm_supported()),
                         bool(library.vitlab_matmul_supported()) and not cpu_has_amx(), cpu_has_amx())

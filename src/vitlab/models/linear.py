@@ -6,9 +6,10 @@ peak and pays a fixed cost per call; its weight gradient is a bf16 matmul of the
 input (oneDNN first copies both into its own layouts), rounded to bf16 and cast to the fp32 weight's dtype in another
 pass; the bias gradient is a separate sum. `linear` computes the forward and the input gradient with
 `kernels/matmul.c` (the weight packed once per forward, for both), bit for bit as autocast does, and the weight and
-bias gradients in one pass of `kernels/weight_gradient.c`, in fp32 without the rounding to bf16. Everywhere else (no
-autocast, fp32 or GPU inputs, no gradient, a graph being recorded, widths the kernels do not take, no compiler or no
-AVX-512 BF16, or a CPU with AMX, whose tiles run oneDNN's products and weight gradients faster) it is F.linear.
+bias gradients in one pass of `kernels/weight_gradient.c`, in fp32 without the rounding to bf16. On a CPU with AMX
+the forward and input-gradient products stay with oneDNN (on the tiles, faster than the vector kernel), and the weight
+and bias gradients run on the tiles in weight_gradient.c. Everywhere else (no autocast, fp32 or GPU inputs, no
+gradient, a graph being recorded, widths the kernels do not take, no compiler or no AVX-512 BF16) it is F.linear.
 """
 
 from __future__ import annotations
