@@ -83,6 +83,11 @@ def test_refuses_what_it_cannot_take():
         weight_gradient_kernel.weight_gradient(bf16.float(), bf16, bias_gradient=False)
     with pytest.raises(ValueError, match="cannot take 8 → 16 features"):
         weight_gradient_kernel.weight_gradient(bf16, bf16[:, :8], bias_gradient=False)
-    widest = library_capabilities(compiled_library()).weight_gradient_max_bias_features
-    assert weight_gradient_kernel.kernel_supports(64, widest, True) and not weight_gradient_kernel.kernel_supports(64, widest + 16, True)
-    assert weight_gradient_kernel.kernel_supports(64, widest + 16, False)
+    capabilities = library_capabilities(compiled_library())
+    if capabilities.weight_gradient_on_tiles:  # layers of at most TILES_MAX_WEIGHTS weights, any bias
+        assert weight_gradient_kernel.kernel_supports(512, 512, True) and not weight_gradient_kernel.kernel_supports(512, 528, False)
+        assert weight_gradient_kernel.kernel_supports(16, weight_gradient_kernel.TILES_MAX_WEIGHTS // 16, True)
+    else:
+        widest = capabilities.weight_gradient_max_bias_features
+        assert weight_gradient_kernel.kernel_supports(64, widest, True) and not weight_gradient_kernel.kernel_supports(64, widest + 16, True)
+        assert weight_gradient_kernel.kernel_supports(64, widest + 16, False)

@@ -198,6 +198,7 @@ class Capabilities:
     gelu: bool  # AVX-512 (BF16 not needed)
     weight_gradient: bool  # AVX-512 BF16; where the CPU has AMX, only the library's tile version
     weight_gradient_max_bias_features: int
+    weight_gradient_on_tiles: bool  # AMX
     relu_max_pool: bool  # AVX-512 (BF16 not needed)
     batch_norm: bool  # AVX-512 (BF16 not needed)
     matmul: bool  # AVX-512 BF16, and no AMX (cpu_has_amx)
@@ -212,7 +213,8 @@ def library_capabilities(library: ctypes.CDLL) -> Capabilities:
                         library.vitlab_layer_norm_max_features(), bool(library.vitlab_gelu_supported()),
                         bool(library.vitlab_weight_gradient_supported())
                         and (not cpu_has_amx() or bool(library.vitlab_weight_gradient_on_tiles())),
-                        library.vitlab_weight_gradient_max_bias_features(), bool(library.vitlab_relu_max_pool_supported()),
+                        library.vitlab_weight_gradient_max_bias_features(), bool(library.vitlab_weight_gradient_on_tiles()),
+                        bool(library.vitlab_relu_max_pool_supported()),
                         bool(library.vitlab_batch_norm_supported()),
                         bool(library.vitlab_matmul_supported()) and not cpu_has_amx(), cpu_has_amx())
 

@@ -7,15 +7,21 @@ import torch
 from vitlab.kernels.build import compiled_library, library_capabilities, loaded_library
 
 
+# On the AMX tiles the kernel keeps its fp32 sums (out × in) in memory between chunks of rows; for layers of more than
+# this many weights oneDNN's product ran as fast or faster (docs/performance.md), so they stay with it.
+TILES_MAX_WEIGHTS = 512 * 512
+
+
 def shape_supported(in_features: int, out_features: int, with_bias: bool, library) -> bool:
     """Whether the library's kernel takes a layer of these widths: multiples of 16 (out_features at most the kernel's
-    bias width when it sums a bias gradient), on a CPU and compiler with AVX-512 BF16 and without AMX (where oneDNN's
-    products on AMX tiles are faster)."""
+    bias width when it sums a bias gradient), on a CPU and compiler with AVX-512 BF16; on a CPU with AMX, the kernel's
+    tile version and at most TILES_MAX_WEIGHTS weights."""
     if library is None:
         return False
     capabilities = library_capabilities(library)
     return (capabilities.weight_gradient and in_features > 0 and out_features > 0 and in_features % 16 == 0
-            and out_features % 16 == 0 and (not with_bias or out_features <= capabilities.weight_gradient_max_bias_features))
+            and out_features % 16 == 0 and (not with_bias or out_features <= capabilities.weight_gradient_max_bias_features)
+            and (not capabilities.weight_gradient_on_tiles or in_features * out_features <= TILES_MAX_WEIGHTS))
 
 
 def kernel_supports(in_features: int, out_features: int, with_bias: bool) -> bool:
