@@ -6,7 +6,6 @@ import torch
 
 from vitlab.kernels.build import compiled_library, library_capabilities, loaded_library
 
-
 # On the AMX tiles the kernel keeps its fp32 sums (out × in) in memory between chunks of rows; for layers of more than
 # this many weights oneDNN's product ran as fast or faster (docs/performance.md), so they stay with it.
 TILES_MAX_WEIGHTS = 512 * 512
