@@ -34,6 +34,52 @@ static inline int amx_ready(void) {
 static inline void load_tile_config(const TileConfig *config) {
     __asm__ volatile("ldtilecfg %0" : : "m"(*config) : "memory");
 }
+
+/* The tiles of TILE_PRODUCTS: 0–3 sums (16 rows × 16 columns, fp32), 4 and 5 the first operand's rows (16 rows × 32
+ * or 16 bf16 numbers of the depth), 6 and 7 the second's pairs (16 or 8 pairs × 16 columns): a product's depth 32 at a
+ * time in tiles 4 and 6, then 16 in tiles 5 and 7 for an odd number of 16s: attention's weights · V (and dS K, and
+ * Q Kᵀ for heads of 32 and more). */
+static inline void configure_product_tiles(void) {
+    TileConfig config = {0};
+    config.palette = 1;
+    for (int tile = 0; tile < 4; tile++) {
+        config.rows[tile] = AMX_ROWS;
+        config.bytes_per_row[tile] = 64;
+    }
+    config.rows[4] = AMX_ROWS, config.bytes_per_row[4] = 64;
+    config.rows[5] = AMX_ROWS, config.bytes_per_row[5] = 32;
+    config.rows[6] = 16, config.bytes_per_row[6] = 64;
+    config.rows[7] = 8, config.bytes_per_row[7] = 64;
+    load_tile_config(&config);
+}
+
+/* Tiles: sums t (0 to COUNT - 1) += rows (tile A, A_BYTES apart) · pairs (tile B, B_BYTES apart), 16 pair columns
+ * further for each t: the sums' 16 columns t. */
+#define TILE_PRODUCTS(A, B, ROWS, A_BYTES, PAIRS, B_BYTES, COUNT)                                                        \
+    do {                                                                                                                 \
+        _tile_loadd(A, ROWS, A_BYTES);                                                                                   \
+        _tile_loadd(B, PAIRS, B_BYTES);                                                                                  \
+        _tile_dpbf16ps(0, A, B);                                                                                         \
+        if ((COUNT) > 1) { _tile_loadd(B, (PAIRS) + 16, B_BYTES); _tile_dpbf16ps(1, A, B); }                             \
+        if ((COUNT) > 2) { _tile_loadd(B, (PAIRS) + 32, B_BYTES); _tile_dpbf16ps(2, A, B); }                             \
+        if ((COUNT) > 3) { _tile_loadd(B, (PAIRS) + 48, B_BYTES); _tile_dpbf16ps(3, A, B); }                             \
+    } while (0)
+
+/* The four sum tiles (0–3) set to zero, and the first COUNT of them stored to TARGET, 16 columns apart, BYTES per row. */
+#define ZERO_SUM_TILES()                                                                                                 \
+    do {                                                                                                                 \
+        _tile_zero(0);                                                                                                   \
+        _tile_zero(1);                                                                                                   \
+        _tile_zero(2);                                                                                                   \
+        _tile_zero(3);                                                                                                   \
+    } while (0)
+#define STORE_SUM_TILES(TARGET, BYTES, COUNT)                                                                            \
+    do {                                                                                                                 \
+        _tile_stored(0, TARGET, BYTES);                                                                                  \
+        if ((COUNT) > 1) _tile_stored(1, (TARGET) + 16, BYTES);                                                          \
+        if ((COUNT) > 2) _tile_stored(2, (TARGET) + 32, BYTES);                                                          \
+        if ((COUNT) > 3) _tile_stored(3, (TARGET) + 48, BYTES);                                                          \
+    } while (0)
 #endif
 
 #endif

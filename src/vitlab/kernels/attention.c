@@ -420,50 +420,6 @@ static inline void fetch_rows(const uint16_t *const *starts, int count, int64_t 
 
 #ifdef VITLAB_AMX
 
-/* The tiles of weights · V (and of dS K: any bf16 rows times a pairs_by_row matrix): 0–3 sums (16 rows × 16 features,
- * fp32), 4 and 5 weights (16 rows × 32 or 16 tokens), 6 and 7 pairs of value rows (16 or 8 pairs × 16 features). */
-static void configure_mixing_tiles(void) {
-    TileConfig config = {0};
-    config.palette = 1;
-    for (int tile = 0; tile < 4; tile++) {
-        config.rows[tile] = AMX_ROWS;
-        config.bytes_per_row[tile] = 64;
-    }
-    config.rows[4] = AMX_ROWS, config.bytes_per_row[4] = 64;
-    config.rows[5] = AMX_ROWS, config.bytes_per_row[5] = 32;
-    config.rows[6] = 16, config.bytes_per_row[6] = 64;
-    config.rows[7] = 8, config.bytes_per_row[7] = 64;
-    load_tile_config(&config);
-}
-
-/* Tiles: sums t (0 to COUNT - 1) += rows (tile A, A_BYTES apart) · pairs (tile B, B_BYTES apart), 16 pair columns
- * further for each t: the sums' 16 columns t. */
-#define TILE_PRODUCTS(A, B, ROWS, A_BYTES, PAIRS, B_BYTES, COUNT)                                                        \
-    do {                                                                                                                 \
-        _tile_loadd(A, ROWS, A_BYTES);                                                                                   \
-        _tile_loadd(B, PAIRS, B_BYTES);                                                                                  \
-        _tile_dpbf16ps(0, A, B);                                                                                         \
-        if ((COUNT) > 1) { _tile_loadd(B, (PAIRS) + 16, B_BYTES); _tile_dpbf16ps(1, A, B); }                             \
-        if ((COUNT) > 2) { _tile_loadd(B, (PAIRS) + 32, B_BYTES); _tile_dpbf16ps(2, A, B); }                             \
-        if ((COUNT) > 3) { _tile_loadd(B, (PAIRS) + 48, B_BYTES); _tile_dpbf16ps(3, A, B); }                             \
-    } while (0)
-
-/* The four sum tiles (0–3) set to zero, and the first COUNT of them stored to TARGET, 16 columns apart, BYTES per row. */
-#define ZERO_SUM_TILES()                                                                                                 \
-    do {                                                                                                                 \
-        _tile_zero(0);                                                                                                   \
-        _tile_zero(1);                                                                                                   \
-        _tile_zero(2);                                                                                                   \
-        _tile_zero(3);                                                                                                   \
-    } while (0)
-#define STORE_SUM_TILES(TARGET, BYTES, COUNT)                                                                            \
-    do {                                                                                                                 \
-        _tile_stored(0, TARGET, BYTES);                                                                                  \
-        if ((COUNT) > 1) _tile_stored(1, (TARGET) + 16, BYTES);                                                          \
-        if ((COUNT) > 2) _tile_stored(2, (TARGET) + 32, BYTES);                                                          \
-        if ((COUNT) > 3) _tile_stored(3, (TARGET) + 48, BYTES);                                                          \
-    } while (0)
-
 /* Tiles: sums[dv] += weight chunk (tile A) · value pairs of that chunk, features 16 dv onwards (tile B). */
 #define MIXING_PRODUCTS(A, B, WEIGHTS, PAIRS) TILE_PRODUCTS(A, B, WEIGHTS, weight_bytes, PAIRS, pair_bytes, vectors)
 
@@ -491,7 +447,7 @@ static void mixing_block_on_tiles(const uint16_t *weights, int64_t stride, const
 
 /* scores (AMX_ROWS × MAX_TOKENS fp32, row-major; columns up to PADDED(T)) = 16 scaled query rows (MAX_HEAD apart) · Kᵀ,
  * K as pairs_by_column (zero beyond T): 64 tokens of scores at a time in tiles 0–3, the head's features 32 at a time
- * (tiles 4 and 6), then 16 (tiles 5 and 7) for an odd number of 16s: the tiles of `configure_mixing_tiles`. */
+ * (tiles 4 and 6), then 16 (tiles 5 and 7) for an odd number of 16s: the tiles of `configure_product_tiles`. */
 static void scores_block_on_tiles(const uint16_t *queries, const uint32_t *key_pairs, int64_t tokens, int64_t head_size,
                                   float *scores) {
     int64_t padded = PADDED(tokens), query_bytes = 2 * MAX_HEAD, pair_bytes = 4 * padded, score_bytes = 4 * MAX_TOKENS;
@@ -566,7 +522,7 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
         float mixed_block[AMX_ROWS * MAX_HEAD];
         float *score_block = malloc(sizeof(float) * AMX_ROWS * MAX_TOKENS);
         if (tiles)
-            configure_mixing_tiles();
+            configure_product_tiles();
 #endif
         uint16_t *scaled_queries = malloc(sizeof(uint16_t) * MAX_TOKENS * MAX_HEAD);
         uint16_t *weight_buffer = malloc(sizeof(uint16_t) * MAX_TOKENS * (MAX_TOKENS + 16)); /* rows padded with zeros */
@@ -872,7 +828,7 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
         uint32_t *score_columns = tiles ? malloc(sizeof(uint32_t) * MAX_TOKENS * rounded_pairs) : NULL;  /* dS's pairs, transposed */
         uint32_t *weight_columns = tiles ? malloc(sizeof(uint32_t) * MAX_TOKENS * rounded_pairs) : NULL; /* P's pairs, transposed */
         if (tiles)
-            configure_mixing_tiles();
+            configure_product_tiles();
 #endif
         /* by row: dSᵀ Q and Pᵀ dO; zeroed, as the tiles read pairs up to ROUNDED_PAIRS(T) */
         uint32_t *query_pairs = calloc((MAX_TOKENS / 2 + 16) * MAX_HEAD, sizeof(uint32_t));

@@ -17,6 +17,9 @@
  * grad_out and input is transposed, chunk by chunk, into rows that run along the batch (16 × 16 blocks of pairs
  * transposed in registers), and the wider one interleaved pair by pair as above; the sums (narrower × wider, fp32) stay
  * in memory between chunks and are transposed into grad_weight at the end where input was the narrower.
+ *
+ * Both versions sum with the dot-product instructions, which count bf16 subnormal inputs (and products below fp32's
+ * normal range) as 0; so does the bias gradient, summed as each pair times (1, 1). PyTorch's sums keep them.
  */
 #define _DEFAULT_SOURCE /* syscall(), for AMX's permission request (amx.h) */
 #include <stdint.h>
@@ -146,7 +149,7 @@ int vitlab_weight_gradient(const uint16_t *grad_out, const uint16_t *input, floa
                 }
                 interleave_rows(grad_out + row * outs, paired ? grad_out + (row + 1) * outs : NULL, out_pairs + p * outs, outs);
                 interleave_rows(input + row * ins, paired ? input + (row + 1) * ins : NULL, in_pairs + p * ins, ins);
-                for (int64_t v = 0; v < bias_vectors; v++) /* each pair times (1, 1): exact in fp32 */
+                for (int64_t v = 0; v < bias_vectors; v++) /* each pair times (1, 1) */
                     bias_acc[v] = _mm512_dpbf16_ps(bias_acc[v], (__m512bh)_mm512_loadu_si512(out_pairs + p * outs + 16 * v), ones);
             }
             int64_t o = 0;
@@ -223,7 +226,7 @@ static void pack_transposed(const uint16_t *source, int64_t width, int64_t count
                 __m256i second = row + 1 < count ? _mm256_loadu_si256((const __m256i *)(source + (row + 1) * width + c))
                                                  : _mm256_setzero_si256();
                 pairs[p] = _mm512_or_si512(_mm512_cvtepu16_epi32(first), _mm512_slli_epi32(_mm512_cvtepu16_epi32(second), 16));
-                if (column_sums != NULL) /* each pair times (1, 1): exact in fp32 */
+                if (column_sums != NULL) /* each pair times (1, 1) */
                     sums = _mm512_dpbf16_ps(sums, (__m512bh)pairs[p], ones);
             }
             transpose_16x16(pairs); /* pairs[j]: column c + j's 32 numbers */
