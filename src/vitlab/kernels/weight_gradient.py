@@ -7,7 +7,8 @@ import torch
 from vitlab.kernels.build import compiled_library, library_capabilities, loaded_library
 
 # On the AMX tiles the kernel keeps its fp32 sums (out × in) in memory between chunks of rows; for layers of more than
-# this many weights oneDNN's product ran as fast or faster (docs/performance.md), so they stay with it.
+# this many weights it was slower than oneDNN's product for some shapes and faster for others (docs/performance.md, "The
+# weight gradient on the AMX tiles"), so they stay with oneDNN. Every ViT preset's layers are within it.
 TILES_MAX_WEIGHTS = 512 * 512
 
 
