@@ -35,21 +35,21 @@ static inline void load_tile_config(const TileConfig *config) {
     __asm__ volatile("ldtilecfg %0" : : "m"(*config) : "memory");
 }
 
-/* The tiles of TILE_PRODUCTS: 0–3 sums (16 rows × 16 columns, fp32), 4 and 5 the first operand's rows (16 rows × 32
- * or 16 bf16 numbers of the depth), 6 and 7 the second's pairs (16 or 8 pairs × 16 columns): a product's depth 32 at a
- * time in tiles 4 and 6, then 16 in tiles 5 and 7 for an odd number of 16s: attention's weights · V (and dS K, and
- * Q Kᵀ for heads of 32 and more). */
-static inline void configure_product_tiles(void) {
+/* All eight tiles 16 rows of 64 bytes (palette 1); with `half_depth_tail`, tile 5 rows of 32 bytes and tile 7 eight
+ * rows instead, for a product's last 16 of an odd number of 16s of depth. TILE_PRODUCTS' tiles: 0–3 sums (16 rows × 16
+ * columns, fp32), 4 and 5 the first operand's rows (16 × 32 bf16 numbers of the depth, or 16 in tile 5 with the tail),
+ * 6 and 7 the second's pairs (16 pairs × 16 columns, or 8 in tile 7 with the tail). */
+static inline void configure_tiles(int half_depth_tail) {
     TileConfig config = {0};
     config.palette = 1;
-    for (int tile = 0; tile < 4; tile++) {
+    for (int tile = 0; tile < 8; tile++) {
         config.rows[tile] = AMX_ROWS;
         config.bytes_per_row[tile] = 64;
     }
-    config.rows[4] = AMX_ROWS, config.bytes_per_row[4] = 64;
-    config.rows[5] = AMX_ROWS, config.bytes_per_row[5] = 32;
-    config.rows[6] = 16, config.bytes_per_row[6] = 64;
-    config.rows[7] = 8, config.bytes_per_row[7] = 64;
+    if (half_depth_tail) {
+        config.bytes_per_row[5] = 32;
+        config.rows[7] = AMX_ROWS / 2;
+    }
     load_tile_config(&config);
 }
 

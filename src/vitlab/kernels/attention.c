@@ -447,7 +447,7 @@ static void mixing_block_on_tiles(const uint16_t *weights, int64_t stride, const
 
 /* scores (AMX_ROWS × MAX_TOKENS fp32, row-major; columns up to PADDED(T)) = 16 scaled query rows (MAX_HEAD apart) · Kᵀ,
  * K as pairs_by_column (zero beyond T): 64 tokens of scores at a time in tiles 0–3, the head's features 32 at a time
- * (tiles 4 and 6), then 16 (tiles 5 and 7) for an odd number of 16s: the tiles of `configure_product_tiles`. */
+ * (tiles 4 and 6), then 16 (tiles 5 and 7) for an odd number of 16s: the tiles of `configure_tiles(1)`. */
 static void scores_block_on_tiles(const uint16_t *queries, const uint32_t *key_pairs, int64_t tokens, int64_t head_size,
                                   float *scores) {
     int64_t padded = PADDED(tokens), query_bytes = 2 * MAX_HEAD, pair_bytes = 4 * padded, score_bytes = 4 * MAX_TOKENS;
@@ -522,7 +522,7 @@ void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weig
         float mixed_block[AMX_ROWS * MAX_HEAD];
         float *score_block = malloc(sizeof(float) * AMX_ROWS * MAX_TOKENS);
         if (tiles)
-            configure_product_tiles();
+            configure_tiles(1); /* depth 32 at a time in tiles 4 and 6, a last 16 in 5 and 7 */
 #endif
         uint16_t *scaled_queries = malloc(sizeof(uint16_t) * MAX_TOKENS * MAX_HEAD);
         uint16_t *weight_buffer = malloc(sizeof(uint16_t) * MAX_TOKENS * (MAX_TOKENS + 16)); /* rows padded with zeros */
@@ -828,7 +828,7 @@ void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const u
         uint32_t *score_columns = tiles ? malloc(sizeof(uint32_t) * MAX_TOKENS * rounded_pairs) : NULL;  /* dS's pairs, transposed */
         uint32_t *weight_columns = tiles ? malloc(sizeof(uint32_t) * MAX_TOKENS * rounded_pairs) : NULL; /* P's pairs, transposed */
         if (tiles)
-            configure_product_tiles();
+            configure_tiles(1); /* depth 32 at a time in tiles 4 and 6, a last 16 in 5 and 7 */
 #endif
         /* by row: dSᵀ Q and Pᵀ dO; zeroed, as the tiles read pairs up to ROUNDED_PAIRS(T) */
         uint32_t *query_pairs = calloc((MAX_TOKENS / 2 + 16) * MAX_HEAD, sizeof(uint32_t));

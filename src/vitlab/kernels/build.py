@@ -207,13 +207,13 @@ class Capabilities:
 
 @functools.cache
 def library_capabilities(library: ctypes.CDLL) -> Capabilities:
+    weight_gradient_on_tiles = bool(library.vitlab_weight_gradient_on_tiles())
     return Capabilities(bool(library.vitlab_softmax_supported()), library.vitlab_softmax_max_columns(),
                         bool(library.vitlab_attention_supported()), library.vitlab_attention_max_tokens(),
                         library.vitlab_attention_max_head_size(), bool(library.vitlab_layer_norm_supported()),
                         library.vitlab_layer_norm_max_features(), bool(library.vitlab_gelu_supported()),
-                        bool(library.vitlab_weight_gradient_supported())
-                        and (not cpu_has_amx() or bool(library.vitlab_weight_gradient_on_tiles())),
-                        library.vitlab_weight_gradient_max_bias_features(), bool(library.vitlab_weight_gradient_on_tiles()),
+                        bool(library.vitlab_weight_gradient_supported()) and (not cpu_has_amx() or weight_gradient_on_tiles),
+                        library.vitlab_weight_gradient_max_bias_features(), weight_gradient_on_tiles,
                         bool(library.vitlab_relu_max_pool_supported()),
                         bool(library.vitlab_batch_norm_supported()),
                         bool(library.vitlab_matmul_supported()) and not cpu_has_amx(), cpu_has_amx())

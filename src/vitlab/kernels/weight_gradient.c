@@ -22,7 +22,6 @@
  * normal range) as 0; so does the bias gradient, summed as each pair times (1, 1). PyTorch's sums keep them.
  */
 #define _DEFAULT_SOURCE /* syscall(), for AMX's permission request (amx.h) */
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -260,20 +259,10 @@ static void pack_pairs(const uint16_t *source, int64_t width, int64_t count, uin
     }
 }
 
-/* Tiles 0–3: the sums of a block of up to 2 × 2 tiles (rows 16·r, columns 16·c of it: tile 2r + c); 4 and 5 rows of
- * the transposed operand (16 × 32 numbers), 6 and 7 pairs of the other (16 pairs × 16 columns). */
-static void configure_tiles(void) {
-    TileConfig config = {0};
-    config.palette = 1;
-    for (int tile = 0; tile < 8; tile++) {
-        config.rows[tile] = AMX_ROWS;
-        config.bytes_per_row[tile] = 64;
-    }
-    load_tile_config(&config);
-}
-
 /* sums (narrow × wide fp32, row-major) += transposed (narrow rows of CHUNK_ROWS bf16) · pairs (wide pairs a row) over
- * `depth` rows of the chunk (a multiple of 32), 2 × 2 tiles of sums at a time. */
+ * `depth` rows of the chunk (a multiple of 32), 2 × 2 tiles of sums at a time. The tiles (configure_tiles(0)): 0–3 the
+ * sums of a block (rows 16·r, columns 16·c of it: tile 2r + c); 4 and 5 rows of the transposed operand (16 × 32
+ * numbers), 6 and 7 pairs of the other (16 pairs × 16 columns). */
 static void add_chunk_on_tiles(float *sums, const uint16_t *transposed, const uint32_t *pairs, int64_t narrow,
                                int64_t wide, int64_t depth) {
     const int64_t sum_bytes = 4 * wide, row_bytes = 2 * CHUNK_ROWS, pair_bytes = 4 * wide;
@@ -332,7 +321,7 @@ int vitlab_weight_gradient(const uint16_t *grad_out, const uint16_t *input, floa
         uint16_t *transposed = (uint16_t *)(buffers + thread * buffer_bytes);
         uint32_t *pairs = (uint32_t *)(transposed + narrow * CHUNK_ROWS);
         memset(sums, 0, sizeof(float) * (size_t)per_thread);
-        configure_tiles();
+        configure_tiles(0);
         for (int64_t chunk = chunks * thread / team; chunk < chunks * (thread + 1) / team; chunk++) {
             int64_t first = chunk * CHUNK_ROWS, count = rows - first < CHUNK_ROWS ? rows - first : CHUNK_ROWS;
             pack_transposed(narrow_source + first * narrow, narrow, count, transposed,
