@@ -39,6 +39,34 @@ def test_gradients_match_float64_autograd(shape):
         torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
 
 
+def test_without_the_input_gradient_it_gives_the_same_weight_and_bias_gradients_and_no_input_gradient():
+    torch.manual_seed(2)
+    x, (weight, bias) = torch.randn(300, 240) * 2 + 1, affine(240)
+    grad_out = torch.randn(300, 240).to(torch.bfloat16)
+    _, mean, rstd = layer_norm_kernel.layer_norm_forward(x, weight, bias, 1e-5)
+    _, full_weight, full_bias = layer_norm_kernel.layer_norm_backward(grad_out, x, weight, mean, rstd)
+    grad_x, grad_weight, grad_bias = layer_norm_kernel.layer_norm_backward(grad_out, x, weight, mean, rstd, input_gradient=False)
+    assert grad_x is None and torch.equal(grad_weight, full_weight) and torch.equal(grad_bias, full_bias)
+
+
+def test_a_norm_of_an_input_without_a_gradient_trains_its_weight_and_bias_as_with_one():
+    from vitlab.models.norms import MatmulInputNorm
+
+    norm = MatmulInputNorm(64)
+    x = torch.randn(4, 9, 64)
+    gradients = []
+    for wants_gradient in (True, False):
+        norm.zero_grad()
+        x_ = x.clone().requires_grad_(wants_gradient)
+        with torch.autocast("cpu", torch.bfloat16):
+            out = norm(x_)
+        assert out.dtype == torch.bfloat16  # the kernel's output
+        out.float().square().sum().backward()
+        assert (x_.grad is not None) == wants_gradient
+        gradients.append((norm.weight.grad.clone(), norm.bias.grad.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*gradients, strict=True))
+
+
 def test_which_inputs_the_kernel_takes():
     weight, bias = torch.ones(64), torch.zeros(64)
     assert layer_norm_kernel.kernel_supports(torch.zeros(4, 64), weight, bias)

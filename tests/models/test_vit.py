@@ -34,6 +34,32 @@ def test_patch_size_that_does_not_divide_the_image_pads_symmetrically():
     assert model.patch_embedding.padding == (2, 2)
 
 
+@pytest.mark.parametrize("patch_size", [2, 4, 6])
+def test_the_patch_embedding_on_the_cpu_is_the_convolution_as_a_matmul_of_flattened_patches(patch_size):
+    torch.manual_seed(2)
+    embedding = tiny_vit(patch_size=patch_size).patch_embedding
+    images = torch.randn(3, 3, 32, 32)
+    assert embedding.linear_on_patches(images)
+    padded = nn.functional.pad(images, (*embedding.padding, *embedding.padding))
+    expected = embedding.projection(padded).flatten(2).transpose(1, 2)  # (B, G*G, D) by the convolution
+    tokens = embedding(images)
+    torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-5)
+    tokens.square().sum().backward()
+    weight_grad = embedding.projection.weight.grad.clone()
+    embedding.zero_grad()
+    expected.square().sum().backward()
+    torch.testing.assert_close(weight_grad, embedding.projection.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_a_hooked_patch_convolution_runs_itself_so_the_hook_sees_it():
+    embedding = tiny_vit().patch_embedding
+    seen = []
+    embedding.projection.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    images = torch.randn(2, 3, 32, 32)
+    assert not embedding.linear_on_patches(images)
+    assert embedding(images).shape == (2, 64, 32) and seen == [(2, 32, 8, 8)]
+
+
 @pytest.mark.parametrize("pos_embed,pool", [("learned", "cls"), ("sincos", "mean"), ("sincos", "cls")])
 def test_fast_path_and_attention_path_give_the_same_logits(pos_embed, pool):
     model = tiny_vit(pos_embed=pos_embed, pool=pool, patch_size=6).eval()

@@ -74,8 +74,9 @@ void vitlab_layer_norm_forward(const float *x, const uint16_t *addend, const flo
  * With x̂ = (x − mean) · rstd and g = grad_y · weight: grad_x = rstd · (g − mean(g) − x̂ · mean(g · x̂)).
  * For a norm with an addend (x is then the saved total): grad_residual (rows, features) fp32, the gradient reaching
  * the total from elsewhere, is added into grad_x (NULL: none); grad_x_bf16 (NULL: not written) gets grad_x rounded to
- * bf16, and grad_column_sums (NULL: not written) its sums over rows. Returns 0, or 1 (nothing written) if the
- * per-thread sums could not be allocated. */
+ * bf16, and grad_column_sums (NULL: not written) its sums over rows. With all three of grad_x, grad_x_bf16 and
+ * grad_column_sums NULL (an input that needs no gradient) only grad_weight and grad_bias are computed. Returns 0, or 1
+ * (nothing written) if the per-thread sums could not be allocated. */
 int vitlab_layer_norm_backward(const uint16_t *grad_y, const float *x, const float *weight, const float *mean,
                                const float *rstd, const float *grad_residual, float *grad_x, uint16_t *grad_x_bf16,
                                float *grad_weight, float *grad_bias, float *grad_column_sums, int64_t rows,
@@ -84,6 +85,7 @@ int vitlab_layer_norm_backward(const uint16_t *grad_y, const float *x, const flo
     float *partials = calloc((size_t)threads * sums_per_thread, sizeof(float)); /* per thread: weight, bias, columns */
     if (partials == NULL)
         return 1;
+    int input_gradient = grad_x != NULL || grad_x_bf16 != NULL || grad_column_sums != NULL;
 #pragma omp parallel num_threads(threads)
     {
         float *own_weight = partials + (int64_t)omp_get_thread_num() * sums_per_thread, *own_bias = own_weight + features;
@@ -103,6 +105,8 @@ int vitlab_layer_norm_backward(const uint16_t *grad_y, const float *x, const flo
                 _mm512_storeu_ps(own_weight + 16 * v, _mm512_fmadd_ps(grad, xhat, _mm512_loadu_ps(own_weight + 16 * v)));
                 _mm512_storeu_ps(own_bias + 16 * v, _mm512_add_ps(grad, _mm512_loadu_ps(own_bias + 16 * v)));
             }
+            if (!input_gradient)
+                continue;
             __m512 mean_g = _mm512_set1_ps(_mm512_reduce_add_ps(sum_g) / (float)features);
             __m512 mean_g_xhat = _mm512_set1_ps(_mm512_reduce_add_ps(sum_g_xhat) / (float)features);
             for (int64_t v = 0; v < vectors; v++) {
@@ -113,7 +117,8 @@ int vitlab_layer_norm_backward(const uint16_t *grad_y, const float *x, const flo
                 __m512 out = _mm512_mul_ps(scale, inner);
                 if (grad_residual != NULL)
                     out = _mm512_add_ps(out, _mm512_loadu_ps(grad_residual + at));
-                _mm512_storeu_ps(grad_x + at, out);
+                if (grad_x != NULL)
+                    _mm512_storeu_ps(grad_x + at, out);
                 if (grad_x_bf16 != NULL)
                     store_bf16_rounded(grad_x_bf16 + at, out, 0xFFFF);
                 if (grad_column_sums != NULL)

@@ -77,9 +77,10 @@ def run_forward(x: torch.Tensor, addend: torch.Tensor | None, addend_bias: torch
 
 
 def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                        rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of `layer_norm_forward`: (grad_x (..., D) fp32, grad_weight (D,), grad_bias (D,) fp32)."""
-    grad_x, _, grad_weight, grad_bias, _ = run_backward(grad_y, x, weight, mean, rstd, None, False)
+                        rstd: torch.Tensor, input_gradient: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The gradients of `layer_norm_forward`: (grad_x (..., D) fp32, or None without `input_gradient` (then not
+    computed), grad_weight (D,), grad_bias (D,) fp32)."""
+    grad_x, _, grad_weight, grad_bias, _ = run_backward(grad_y, x, weight, mean, rstd, None, False, input_gradient=input_gradient)
     return grad_x, grad_weight, grad_bias
 
 
@@ -92,8 +93,12 @@ def residual_layer_norm_backward(grad_y: torch.Tensor, total: torch.Tensor, weig
 
 
 def run_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                 grad_residual: torch.Tensor | None, column_sums: bool, bf16_copy: bool = False) -> tuple[torch.Tensor | None, ...]:
-    """The kernel's backward: (grad_x, grad_x in bf16 or None, grad_weight, grad_bias, grad_x's column sums or None)."""
+                 grad_residual: torch.Tensor | None, column_sums: bool, bf16_copy: bool = False,
+                 input_gradient: bool = True) -> tuple[torch.Tensor | None, ...]:
+    """The kernel's backward: (grad_x, grad_x in bf16 or None, grad_weight, grad_bias, grad_x's column sums or None);
+    without `input_gradient` (no residual, copy or column sums then) grad_x is None and not computed."""
+    if not input_gradient and (grad_residual is not None or column_sums or bf16_copy):
+        raise ValueError("the residual, the bf16 copy and the column sums all need the input gradient")
     grad_y = grad_y.to(CPU, torch.bfloat16).contiguous()
     x, weight = x.contiguous(), weight.detach().contiguous()
     if grad_y.shape != x.shape:
@@ -103,12 +108,12 @@ def run_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, me
         if grad_residual.shape != x.shape:
             raise ValueError(f"the residual gradient must have x's shape {tuple(x.shape)}, got {tuple(grad_residual.shape)}")
     features = x.shape[-1]
-    grad_x = torch.empty_like(x)
+    grad_x = torch.empty_like(x) if input_gradient else None
     grad_x_bf16 = torch.empty(x.shape, dtype=torch.bfloat16, device=CPU) if bf16_copy else None
     grad_weight, grad_bias = torch.empty(features, device=CPU), torch.empty(features, device=CPU)
     grad_columns = torch.empty(features, device=CPU) if column_sums else None
     failed = loaded_library().vitlab_layer_norm_backward(grad_y.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(),
-                                                         rstd.data_ptr(), pointer(grad_residual), grad_x.data_ptr(), pointer(grad_x_bf16),
+                                                         rstd.data_ptr(), pointer(grad_residual), pointer(grad_x), pointer(grad_x_bf16),
                                                          grad_weight.data_ptr(), grad_bias.data_ptr(), pointer(grad_columns),
                                                          x.numel() // features, features, torch.get_num_threads())
     if failed:

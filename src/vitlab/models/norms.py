@@ -37,8 +37,9 @@ class KernelLayerNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # no double backward through the kernel (nn.LayerNorm has one)
     def backward(ctx, grad_normalised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         x, weight, mean, rstd = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = layer_norm_kernel.layer_norm_backward(grad_normalised, x, weight, mean, rstd)
-        return grad_x, grad_weight, grad_bias, None  # fp32, as the weight (shape_supported)
+        grad_x, grad_weight, grad_bias = layer_norm_kernel.layer_norm_backward(grad_normalised, x, weight, mean, rstd,
+                                                                               input_gradient=ctx.needs_input_grad[0])
+        return grad_x, grad_weight, grad_bias, None  # fp32, as the weight (shape_supported); grad_x None for x without one
 
 
 class KernelResidualNorm(torch.autograd.Function):

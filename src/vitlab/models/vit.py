@@ -24,6 +24,7 @@ from torch import nn
 
 from vitlab.config import check_finite_numbers
 from vitlab.errors import VitlabError
+from vitlab.kernels import patches as patches_kernel
 from vitlab.models.activations import GELU, MLP
 from vitlab.models.aircnn import AirCNNConfig, ConvGroup
 from vitlab.models.base import (
@@ -215,20 +216,25 @@ class ShiftedPatchTokenizer(nn.Module):
         self.patch_size = config.patch_size
         self.shift = max(1, config.patch_size // 2)
         patch_values = 5 * 3 * config.patch_size**2
-        self.norm = nn.LayerNorm(patch_values)
+        self.norm = MatmulInputNorm(patch_values)  # bf16 straight from a C kernel under CPU autocast
         self.projection = nn.Linear(patch_values, config.hidden_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return run_linear(self.projection, self.norm(self.patches(images)))  # (B, G·G, D)
+
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, G·G, 15·P²): each patch of the image and its four shifted views; by vitlab's C kernel on the CPU."""
         _, _, height, width = images.shape  # (B, 3, H, W), H and W multiples of the patch size
         s, p = self.shift, self.patch_size
+        if patches_kernel.kernel_supports(images, p):
+            return patches_kernel.shifted_patches(images, p, s)
         padded = F.pad(images, (s, s, s, s))  # (B, 3, H+2s, W+2s), zeros = the mean colour
         # view (dy, dx) shows the image moved by (-dy, -dx): pixel (y, x) of it is pixel (y + dy, x + dx) of the image
         shifted = [padded[..., s + dy:s + dy + height, s + dx:s + dx + width] for dy, dx in ((0, 0), (-s, -s), (-s, s), (s, -s), (s, s))]
         cut = [view.unflatten(2, (height // p, p)).unflatten(4, (width // p, p)).permute(0, 2, 4, 1, 3, 5)
                for view in shifted]  # 5 × (B, G, G, 3, P, P)
         # One copy into the final layout: faster on the CPU than cat + unfold + transpose (docs/performance.md).
-        patches = torch.stack(cut, dim=3).flatten(3).flatten(1, 2)  # (B, G·G, 15·P²)
-        return self.projection(self.norm(patches))  # (B, G·G, D)
+        return torch.stack(cut, dim=3).flatten(3).flatten(1, 2)  # (B, G·G, 15·P²)
 
 
 class PatchEmbedding(nn.Module):
@@ -259,9 +265,32 @@ class PatchEmbedding(nn.Module):
             return self.projection(images)  # (B, G*G, D)
         if isinstance(self.projection, nn.Sequential):  # a conv stem: its BatchNorms and ReLUs through the kernels
             patches = run_layers(self.projection, images)  # (B, D, G, G)
+        elif self.linear_on_patches(images):
+            return self.project_patches(images)  # (B, G*G, D)
         else:
             patches = self.projection(images)  # (B, D, G, G)
         return patches.flatten(2).transpose(1, 2)  # (B, G*G, D)
+
+    def linear_on_patches(self, images: torch.Tensor) -> bool:
+        """Whether the patch convolution runs as a linear map of the flattened patches (`project_patches`): on the CPU,
+        for a plain nn.Conv2d (no hook, no forward replaced). There oneDNN's stride-P convolution, and above all its
+        weight gradient, ran slower than the same sums as a matmul (docs/performance.md, "The patch embedding as a
+        matmul")."""
+        conv = self.projection
+        return (images.device.type == "cpu" and type(conv) is nn.Conv2d and not intercepted(conv)
+                and conv.padding == (0, 0) and conv.groups == 1 and conv.dilation == (1, 1))
+
+    def project_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """The patch convolution as x @ Wᵀ + b over each flattened patch, in `unfold`'s order (channel, row, column),
+        the order of the conv weight's last three axes: the same sums as the conv, added in another order."""
+        batch, channels, height, width = images.shape  # (B, 3, G*P, G*P)
+        p = self.patch_size
+        if bf16_on_cpu(images):  # autocast would cast the patches anyway: cut them in bf16, half the bytes
+            images = images.to(torch.bfloat16)
+        patches = (images.reshape(batch, channels, height // p, p, width // p, p)
+                   .permute(0, 2, 4, 1, 3, 5).reshape(batch, (height // p) * (width // p), channels * p * p))  # (B, G*G, 3·P²)
+        weight = self.projection.weight.reshape(self.projection.out_channels, -1)  # (D, 3·P²)
+        return linear(patches, weight, self.projection.bias)  # (B, G*G, D)
 
 
 def sincos_position_embedding(grid_size: int, hidden_size: int) -> torch.Tensor:
