@@ -51,6 +51,30 @@ def test_the_patch_embedding_on_the_cpu_is_the_convolution_as_a_matmul_of_flatte
     torch.testing.assert_close(weight_grad, embedding.projection.weight.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_with_cls_pooling_only_the_cls_token_is_normalised_with_the_same_logits_and_gradients(autocast):
+    torch.manual_seed(4)
+    model = tiny_vit(pool="cls")
+    nn.init.normal_(model.head.weight)  # a zero head (the initial one) would pass no gradient to the blocks
+    images = torch.randn(4, 3, 32, 32)
+    results = []
+    for hooked in (False, True):  # a hook on the final norm makes it see every token, as before
+        model.zero_grad()
+        seen = []
+        hook = model.norm.register_forward_hook(lambda module, inputs, output: seen.append(output.shape)) if hooked else None
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            logits = model(images)
+        logits.float().square().sum().backward()
+        if hook is not None:
+            hook.remove()
+            assert seen == [(4, 65, 32)]
+        results.append((logits, [p.grad.clone() for p in model.parameters()]))
+    (fast, fast_grads), (full, full_grads) = results
+    assert torch.equal(fast, full)
+    for got, expected in zip(fast_grads, full_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_a_hooked_patch_convolution_runs_itself_so_the_hook_sees_it():
     embedding = tiny_vit().patch_embedding
     seen = []

@@ -504,8 +504,12 @@ class VisionTransformer(VitlabModel):
             tokens, weights, *rest = block(tokens, return_attention, pending=pending, defer_output=defer)
             pending = rest[0] if defer else None
             attention_maps.append(weights)
-        tokens = self.norm(tokens)  # (B, T, D)
-        logits = self.head(self.pool(tokens))  # (B, num_classes)
+        if self.cls_token is not None and not intercepted(self.norm):
+            # The final LayerNorm acts on each token alone and CLS pooling reads one: normalise only that one.
+            pooled = self.norm(tokens[:, 0])  # (B, D)
+        else:
+            pooled = self.pool(self.norm(tokens))  # (B, D)
+        logits = self.head(pooled)  # (B, num_classes)
         return (logits, attention_maps) if return_attention else logits
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
