@@ -52,15 +52,15 @@ def test_the_patch_embedding_on_the_cpu_is_the_convolution_as_a_matmul_of_flatte
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_with_cls_pooling_only_the_cls_token_is_normalised_with_the_same_logits_and_gradients(autocast):
+def test_with_cls_pooling_only_the_cls_token_is_normalised_with_the_same_logits_and_gradients(monkeypatch, autocast):
+    monkeypatch.setattr(VisionTransformer, "reads_only_the_cls_token", lambda self: False)  # every block as before
     torch.manual_seed(4)
     model = tiny_vit(pool="cls")
     nn.init.normal_(model.head.weight)  # a zero head (the initial one) would pass no gradient to the blocks
     images = torch.randn(4, 3, 32, 32)
-    results = []
+    results, seen = [], []
     for hooked in (False, True):  # a hook on the final norm makes it see every token, as before
         model.zero_grad()
-        seen = []
         hook = model.norm.register_forward_hook(lambda module, inputs, output: seen.append(output.shape)) if hooked else None
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             logits = model(images)
@@ -73,6 +73,41 @@ def test_with_cls_pooling_only_the_cls_token_is_normalised_with_the_same_logits_
     assert torch.equal(fast, full)
     for got, expected in zip(fast_grads, full_grads, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"lsa": True}, {"norm": "post"}, {"registers": 2}, {"attention_dropout": 0.3}])
+def test_under_cls_pooling_the_last_block_computes_the_cls_token_alone_with_the_same_logits_and_gradients(monkeypatch, overrides):
+    torch.manual_seed(5)
+    model = tiny_vit(pool="cls", num_blocks=3, **overrides)
+    nn.init.normal_(model.head.weight)
+    assert model.reads_only_the_cls_token()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    results = []
+    for cls_only in (True, False):
+        monkeypatch.setattr(VisionTransformer, "reads_only_the_cls_token", lambda self, cls_only=cls_only: cls_only)
+        model.zero_grad()
+        torch.manual_seed(6)  # the same dropout draws for the tokens both ways read (the CLS row's are drawn apart)
+        logits = model.eval()(images) if overrides.get("attention_dropout") else model(images)
+        nn.functional.cross_entropy(logits, labels).backward()
+        results.append((logits, {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (fast, fast_grads), (full, full_grads) = results
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(grad.abs().sum() > 0 for name, grad in fast_grads.items() if name.startswith("blocks.0."))
+
+
+def test_attention_maps_and_hooks_in_the_last_block_see_every_token():
+    model = tiny_vit(pool="cls").eval()
+    images = torch.randn(2, 3, 32, 32)
+    _, maps = model(images, return_attention=True)
+    assert maps[-1].shape == (2, 4, 65, 65)
+    seen = []
+    model.blocks[-1].mlp_norm.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    assert not model.reads_only_the_cls_token()
+    model(images)
+    assert seen == [(2, 65, 32)]
+    assert not tiny_vit(pool="mean").reads_only_the_cls_token() and not tiny_vit(pool="cls", num_blocks=0).reads_only_the_cls_token()
 
 
 def test_a_hooked_patch_convolution_runs_itself_so_the_hook_sees_it():
@@ -284,7 +319,8 @@ def test_the_fused_residual_norms_biases_and_deferred_mlp_output_match_the_plain
     (fused_logits, fused_grads, residual_norms), (plain_logits, plain_grads, plain_residual_norms) = fused_and_plain_gradients(
         monkeypatch, model, torch.randn(8, 3, 32, 32))
     if layer_norm_kernel.kernel_supports(torch.zeros(1, 64), torch.ones(64), torch.zeros(64)):
-        assert (residual_norms, plain_residual_norms) == (3 + 2, 0)  # every MLP norm, and the 2nd and 3rd blocks' first norms
+        # the first two blocks' MLP norms (the last block computes the CLS token alone), the 2nd and 3rd blocks' first norms
+        assert (residual_norms, plain_residual_norms) == (2 + 2, 0)
     torch.testing.assert_close(fused_logits, plain_logits, rtol=0.02, atol=0.02)
     for name, expected in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], expected, rtol=0.02, atol=0.02 * expected.abs().max().item(), msg=name)

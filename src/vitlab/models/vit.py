@@ -38,7 +38,7 @@ from vitlab.models.base import (
     plain_linear,
 )
 from vitlab.models.dropout import Dropout
-from vitlab.models.layers import self_attention
+from vitlab.models.layers import self_attention, self_mask_bias
 from vitlab.models.linear import linear, run_linear
 from vitlab.models.norms import MatmulInputNorm
 from vitlab.models.pooling import run_layers
@@ -332,6 +332,22 @@ class Attention(nn.Module):
         return self_attention(qkv, dropout=self.attention_dropout if self.training else 0.0, scale=scale,
                               mask_self=self.lsa, return_weights=return_attention)  # (B, T, D)
 
+    def first_token(self, tokens: torch.Tensor) -> torch.Tensor:
+        """This layer's output (B, 1, D) for the first token alone: its query against every token's key and value, then
+        the output projection. What `forward` gives for that token (in other roundings), for a last block whose other
+        tokens nothing reads (CLS pooling)."""
+        batch, num_tokens, _ = tokens.shape  # (B, T, D)
+        qkv = run_linear(self.qkv, tokens).reshape(batch, num_tokens, 3, self.num_heads, self.head_size)  # (B, T, 3, H, Dh)
+        query = qkv[:, :1, 0].transpose(1, 2)  # (B, H, 1, Dh)
+        key, value = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, H, T, Dh)
+        scale = torch.exp(-self.log_temperature) if self.lsa else self.head_size**-0.5
+        scores = (query * scale) @ key.transpose(-2, -1)  # (B, H, 1, T)
+        if self.lsa:  # the token leaves itself out
+            scores = scores + self_mask_bias(num_tokens, scores.dtype, scores.device)[:1]
+        weights = F.dropout(scores.softmax(dim=-1), self.attention_dropout, self.training and self.attention_dropout > 0)
+        mixed = (weights @ value).transpose(1, 2).reshape(batch, 1, -1)  # (B, 1, D)
+        return self.output_dropout(run_linear(self.projection, mixed))
+
     def projection_without_dropout(self) -> bool:
         """Whether the output projection is all there is after `mix`: a plain nn.Linear, its dropout inactive (by the
         dropout's own mode: Monte-Carlo dropout keeps it on in an evaluated model), no hook on either or on this module."""
@@ -355,11 +371,16 @@ class Block(nn.Module):
                        Dropout(config.dropout), Dropout(config.dropout))
 
     def forward(self, tokens: torch.Tensor, return_attention: bool = False, pending: tuple[torch.Tensor, torch.Tensor] | None = None,
-                defer_output: bool = False):
+                defer_output: bool = False, first_token_only: bool = False):
         """(tokens, attention weights or None). Pre-norm blocks can hand their MLP's output to the next block instead of
         adding it (`defer_output`, see `output_deferrable`): they then return (tokens, weights, pending), and the next
         block takes `pending` — the MLP's last layer without its bias, and that bias — and adds both in its first
-        norm's kernel (norms.MatmulInputNorm.after_residual). The same sums either way, in other roundings."""
+        norm's kernel (norms.MatmulInputNorm.after_residual). The same sums either way, in other roundings.
+
+        With `first_token_only` the block computes only the first token's output (B, 1, D), which still attends to every
+        token (no weights are returned): for the last block under CLS pooling, whose other outputs nothing reads."""
+        if first_token_only:
+            return self.first_token(tokens, pending), None
         if not self.pre_norm:
             mixed, weights = self.attention(tokens, return_attention)
             tokens = self.attention_norm(tokens + mixed)  # (B, T, D)
@@ -380,6 +401,18 @@ class Block(nn.Module):
         if defer_output:
             return tokens, weights, self.mlp.without_last_bias(normalised)
         return tokens + self.mlp(normalised), weights
+
+    def first_token(self, tokens: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The block's output for the first token alone (B, 1, D); `pending` as in `forward`."""
+        if not self.pre_norm:
+            first = self.attention_norm(tokens[:, :1] + self.attention.first_token(tokens))  # (B, 1, D)
+            return self.mlp_norm(first + self.mlp(first))
+        if pending is not None:
+            tokens, normalised = self.attention_norm.after_residual(tokens, *pending)
+        else:
+            normalised = self.attention_norm(tokens)
+        first = tokens[:, :1] + self.attention.first_token(normalised)  # (B, 1, D)
+        return first + self.mlp(self.mlp_norm(first))
 
     def output_deferrable(self, tokens: torch.Tensor) -> bool:
         """Whether this block may leave its MLP's output to the next block (a pre-norm block computing in bf16 on the
@@ -498,19 +531,31 @@ class VisionTransformer(VitlabModel):
         tokens = self.embedding_dropout(tokens)
         attention_maps = []
         pending = None  # the previous block's MLP output, left for this block's first norm to add (Block.forward)
+        cls_only = not return_attention and self.reads_only_the_cls_token()
         for index, block in enumerate(self.blocks):
             following = self.blocks[index + 1] if index + 1 < len(self.blocks) else None
             defer = following is not None and following.takes_pending(tokens) and block.output_deferrable(tokens)
-            tokens, weights, *rest = block(tokens, return_attention, pending=pending, defer_output=defer)
+            if cls_only and following is None:  # (a block whose forward was replaced never gets here: intercepted)
+                tokens, weights, *rest = block(tokens, pending=pending, first_token_only=True)  # (B, 1, D)
+            else:
+                tokens, weights, *rest = block(tokens, return_attention, pending=pending, defer_output=defer)
             pending = rest[0] if defer else None
             attention_maps.append(weights)
         if self.cls_token is not None and not intercepted(self.norm):
-            # The final LayerNorm acts on each token alone and CLS pooling reads one: normalise only that one.
+            # The final LayerNorm acts on each token alone and CLS pooling reads one: normalise only that one (the last
+            # block may have computed only that one).
             pooled = self.norm(tokens[:, 0])  # (B, D)
         else:
             pooled = self.pool(self.norm(tokens))  # (B, D)
         logits = self.head(pooled)  # (B, num_classes)
         return (logits, attention_maps) if return_attention else logits
+
+    def reads_only_the_cls_token(self) -> bool:
+        """Whether nothing reads the last block's outputs but the CLS token's, so that the block may compute only that
+        one: CLS pooling, and no hook on the last block, on anything in it or on the final norm (a hook would see the
+        other tokens)."""
+        return (self.cls_token is not None and len(self.blocks) > 0 and not intercepted(self.norm)
+                and not any(intercepted(module) for module in self.blocks[-1].modules()))
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, D) → (B, D): the CLS token, the mean of the patch tokens, or their learned weighting."""
