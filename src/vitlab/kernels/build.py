@@ -19,7 +19,7 @@ from pathlib import Path
 import torch  # (also loads PyTorch's OpenMP runtime before the library, so the library shares it)
 
 SOURCES = ("attention.c", "augment.c", "batch_norm.c", "dropout.c", "gelu.c", "layer_norm.c", "matmul.c", "patches.c", "pool.c",
-           "softmax.c", "weight_gradient.c")
+           "single_query.c", "softmax.c", "weight_gradient.c")
 HEADERS = ("amx.h", "bf16_math.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 COMPILE_SECONDS = 120
@@ -48,6 +48,10 @@ SIGNATURES = {
     "vitlab_crop_flip_normalize": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4 + [ctypes.c_int], None),
     "vitlab_crop_flip_max_width": ([], ctypes.c_int64),
     "vitlab_shifted_patches": ([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_int], None),
+    "vitlab_single_query_forward": ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_int],
+                                    ctypes.c_int),
+    "vitlab_single_query_backward": ([ctypes.c_void_p] * 8 + [ctypes.c_int64] * 4 + [ctypes.c_int], ctypes.c_int),
+    "vitlab_single_query_max_head_size": ([], ctypes.c_int64),
     "vitlab_attention_supported": ([], ctypes.c_int),
     "vitlab_attention_max_tokens": ([], ctypes.c_int64),
     "vitlab_attention_max_head_size": ([], ctypes.c_int64),
@@ -222,7 +226,8 @@ def library_capabilities(library: ctypes.CDLL) -> Capabilities:
 
 def available_kernels(library: ctypes.CDLL) -> str:
     capabilities = library_capabilities(library)
-    return ", ".join(["dropout", "crop and flip", "shifted patches"] + ["softmax"] * capabilities.softmax + ["attention"] * capabilities.attention
+    return ", ".join(["dropout", "crop and flip", "shifted patches", "single-query attention"]
+                     + ["softmax"] * capabilities.softmax + ["attention"] * capabilities.attention
                      + ["layer norm"] * capabilities.layer_norm + ["GELU"] * capabilities.gelu
                      + ["linear products"] * capabilities.matmul + ["weight gradients"] * capabilities.weight_gradient
                      + ["max-pool (after a ReLU or alone)"] * capabilities.relu_max_pool

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from vitlab.kernels import attention as attention_kernel
 from vitlab.kernels import recording_graph
+from vitlab.kernels import single_query as single_query_kernel
 from vitlab.kernels import softmax as softmax_kernel
 from vitlab.kernels.dropout import random_key
 from vitlab.models.dropout import drop_threshold, dropout_matmul, keep_scale
@@ -89,9 +90,7 @@ class KernelSelfAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, scale: torch.Tensor | float, mask_self: bool, keep_weights: bool,
                 dropout: float = 0.0) -> torch.Tensor:
-        heads = qkv.shape[3]
-        scales = (scale.detach().to("cpu", torch.float32).reshape(-1).expand(heads) if isinstance(scale, torch.Tensor)
-                  else torch.full((heads,), float(scale), device="cpu"))  # (H,)
+        scales = per_head_scales(scale, qkv.shape[3])  # (H,)
         # with dropout, a key from PyTorch's generator, as vitlab's Dropout draws one
         ctx.dropout = (attention_kernel.AttentionDropout(drop_threshold(dropout), keep_scale(dropout), random_key(qkv.device))
                        if dropout > 0 else attention_kernel.NO_DROPOUT)
@@ -108,9 +107,64 @@ class KernelSelfAttention(torch.autograd.Function):
         grad_qkv, grad_scale_sums = attention_kernel.attention_backward(qkv, out, weights, grad_out, scales, ctx.dropout)
         grad_scale = None
         if ctx.scale_shape is not None and ctx.needs_input_grad[1]:
-            per_head = grad_scale_sums.sum(0)  # (H,)
-            grad_scale = (per_head.sum() if ctx.scale_shape.numel() == 1 else per_head).reshape(ctx.scale_shape).to(ctx.scale_dtype)
+            grad_scale = scale_gradient(grad_scale_sums, ctx.scale_shape, ctx.scale_dtype)
         return grad_qkv, grad_scale, None, None, None
+
+
+def per_head_scales(scale: torch.Tensor | float, heads: int) -> torch.Tensor:
+    """(H,) fp32 CPU: a float, or a one-number or per-head tensor (a learned temperature), for every head."""
+    if isinstance(scale, torch.Tensor):
+        return scale.detach().to("cpu", torch.float32).reshape(-1).expand(heads)
+    return torch.full((heads,), float(scale), device="cpu")
+
+
+def scale_gradient(grad_scale_sums: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """The gradient of a tensor scale of `shape` (one number, or one per head) from the kernels' (B, H) sums."""
+    per_head = grad_scale_sums.sum(0)  # (H,)
+    return (per_head.sum() if shape.numel() == 1 else per_head).reshape(shape).to(dtype)
+
+
+class KernelSingleQueryAttention(torch.autograd.Function):
+    """Attention of one query per (image, head) against every token by vitlab's C kernel (kernels/single_query.c)."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, key_value: torch.Tensor, scale: torch.Tensor | float, heads: int,
+                mask_first: bool) -> torch.Tensor:
+        scales = per_head_scales(scale, heads)
+        out, weights = single_query_kernel.single_query_forward(query, key_value, scales, heads, mask_first,
+                                                                keep_weights=any(ctx.needs_input_grad))  # (B, D), (B, H, T)
+        ctx.save_for_backward(query, key_value, scales, weights)
+        ctx.heads = heads
+        ctx.scale_shape = scale.shape if isinstance(scale, torch.Tensor) else None
+        ctx.scale_dtype = scale.dtype if isinstance(scale, torch.Tensor) else None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, None, None]:
+        query, key_value, scales, weights = ctx.saved_tensors
+        grad_query, grad_key_value, grad_scale_sums = single_query_kernel.single_query_backward(
+            query, key_value, scales, weights, grad_out, ctx.heads)
+        grad_scale = None
+        if ctx.scale_shape is not None and ctx.needs_input_grad[2]:
+            grad_scale = scale_gradient(grad_scale_sums, ctx.scale_shape, ctx.scale_dtype)
+        return grad_query, grad_key_value, grad_scale, None, None
+
+
+def single_query_attention(query: torch.Tensor, key_value: torch.Tensor, heads: int, *, scale: torch.Tensor | float,
+                           mask_first: bool = False, dropout: float = 0.0) -> torch.Tensor:
+    """One query per image against every token: query (B, D), key_value (B, T, 2D) as (B, T, 2, H, Dh) → (B, D), per
+    head softmax(scale · q Kᵀ [token 0 left out if mask_first]) V. On the CPU in bf16 without attention dropout by
+    vitlab's C kernel; elsewhere as two einsums (batched matmuls of one row, no copies into head-major layouts)."""
+    if dropout == 0.0 and single_query_kernel.kernel_supports(query, key_value, heads):
+        return KernelSingleQueryAttention.apply(query, key_value, scale, heads, mask_first)
+    batch, tokens, _ = key_value.shape
+    key, value = key_value.view(batch, tokens, 2, heads, -1).unbind(2)  # (B, T, H, Dh) each
+    scores = torch.einsum("bhd,bthd->bth", query.view(batch, heads, -1) * scale, key)  # (B, T, H)
+    if mask_first:  # LSA: the query's own token left out
+        scores = scores.index_fill(1, torch.zeros(1, dtype=torch.long, device=scores.device), float("-inf"))
+    weights = F.dropout(scores.softmax(dim=1), dropout, dropout > 0)
+    return torch.einsum("bth,bthd->bhd", weights.to(value.dtype), value).reshape(batch, -1)  # (B, D)
 
 
 def self_attention(qkv: torch.Tensor, *, dropout: float = 0.0, scale: torch.Tensor | float | None = None, mask_self: bool = False,

@@ -38,7 +38,7 @@ from vitlab.models.base import (
     plain_linear,
 )
 from vitlab.models.dropout import Dropout
-from vitlab.models.layers import self_attention, self_mask_bias
+from vitlab.models.layers import self_attention, single_query_attention
 from vitlab.models.linear import linear, run_linear
 from vitlab.models.norms import MatmulInputNorm
 from vitlab.models.pooling import run_layers
@@ -335,18 +335,15 @@ class Attention(nn.Module):
     def first_token(self, tokens: torch.Tensor) -> torch.Tensor:
         """This layer's output (B, 1, D) for the first token alone: its query against every token's key and value, then
         the output projection. What `forward` gives for that token (in other roundings), for a last block whose other
-        tokens nothing reads (CLS pooling)."""
-        batch, num_tokens, _ = tokens.shape  # (B, T, D)
-        qkv = run_linear(self.qkv, tokens).reshape(batch, num_tokens, 3, self.num_heads, self.head_size)  # (B, T, 3, H, Dh)
-        query = qkv[:, :1, 0].transpose(1, 2)  # (B, H, 1, Dh)
-        key, value = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, H, T, Dh)
+        tokens nothing reads (CLS pooling). Only the first token's query is projected (`single_query_attention`)."""
+        batch, num_tokens, hidden = tokens.shape  # (B, T, D)
+        weight, bias = self.qkv.weight, self.qkv.bias  # (3D, D), (3D,): rows [query; key; value]
+        query = linear(tokens[:, 0], weight[:hidden], None if bias is None else bias[:hidden])  # (B, D)
+        key_value = linear(tokens, weight[hidden:], None if bias is None else bias[hidden:])  # (B, T, 2D): keys, values
         scale = torch.exp(-self.log_temperature) if self.lsa else self.head_size**-0.5
-        scores = (query * scale) @ key.transpose(-2, -1)  # (B, H, 1, T)
-        if self.lsa:  # the token leaves itself out
-            scores = scores + self_mask_bias(num_tokens, scores.dtype, scores.device)[:1]
-        weights = F.dropout(scores.softmax(dim=-1), self.attention_dropout, self.training and self.attention_dropout > 0)
-        mixed = (weights @ value).transpose(1, 2).reshape(batch, 1, -1)  # (B, 1, D)
-        return self.output_dropout(run_linear(self.projection, mixed))
+        mixed = single_query_attention(query, key_value, self.num_heads, scale=scale, mask_first=self.lsa,
+                                       dropout=self.attention_dropout if self.training else 0.0)  # (B, D)
+        return self.output_dropout(run_linear(self.projection, mixed.view(batch, 1, hidden)))  # (B, 1, D)
 
     def projection_without_dropout(self) -> bool:
         """Whether the output projection is all there is after `mix`: a plain nn.Linear, its dropout inactive (by the
