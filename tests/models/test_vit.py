@@ -127,6 +127,15 @@ def test_under_bf16_autocast_the_cls_tokens_attention_runs_through_the_single_qu
         torch.testing.assert_close(got, expected, rtol=0.05, atol=0.02 * (1 + expected.abs().max().item()))
 
 
+def test_sequence_pooling_is_the_softmax_weighted_sum_of_the_normalised_patch_tokens():
+    torch.manual_seed(8)
+    model = tiny_vit(pool="seq", registers=1)
+    tokens = torch.randn(3, 65, 32)
+    normalised = nn.functional.layer_norm(tokens, (32,), model.norm.weight, model.norm.bias, model.norm.eps)[:, :64]
+    weights = torch.softmax(normalised @ model.pool_weights.weight.T + model.pool_weights.bias, dim=1)  # (B, N, 1)
+    torch.testing.assert_close(model.pool(model.norm(tokens)), (weights * normalised).sum(dim=1), rtol=1e-5, atol=1e-5)
+
+
 def test_attention_maps_and_hooks_in_the_last_block_see_every_token():
     model = tiny_vit(pool="cls").eval()
     images = torch.randn(2, 3, 32, 32)

@@ -475,8 +475,11 @@ class VisionTransformer(VitlabModel):
             self.register_buffer("position_embedding", sincos_position_embedding(cfg.grid_size, cfg.hidden_size)[None], persistent=False)
         self.embedding_dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
-        # Post-norm blocks end in a LayerNorm already (as nn.TransformerEncoder without a final norm).
-        self.norm = nn.LayerNorm(cfg.hidden_size) if cfg.norm == "pre" else nn.Identity()
+        # Post-norm blocks end in a LayerNorm already (as nn.TransformerEncoder without a final norm). Under sequence
+        # pooling the norm's output only feeds products (the pooling weights' linear layer and the weighted sum), so it
+        # comes in bf16 from the C kernel under CPU autocast, as a block's norms do.
+        final_norm = MatmulInputNorm if cfg.pool == "seq" else nn.LayerNorm
+        self.norm = final_norm(cfg.hidden_size) if cfg.norm == "pre" else nn.Identity()
         self.pool_weights = nn.Linear(cfg.hidden_size, 1) if cfg.pool == "seq" else None
         self.head = nn.Linear(cfg.hidden_size, cfg.num_classes)
         self.reset_parameters()
@@ -562,4 +565,4 @@ class VisionTransformer(VitlabModel):
         if self.pool_weights is None:
             return patches.mean(dim=1)
         weights = self.pool_weights(patches).softmax(dim=1)  # (B, N, 1)
-        return (weights * patches).sum(dim=1)
+        return (weights.transpose(1, 2) @ patches).squeeze(1)  # one product (B, 1, N) @ (B, N, D), not a broadcast and a sum
