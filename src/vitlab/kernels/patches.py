@@ -29,6 +29,7 @@ def shifted_patches(images: torch.Tensor, patch: int, shift: int) -> torch.Tenso
     images = images.detach().contiguous()
     count, channels, height, width = images.shape
     patches = torch.empty(count, (height // patch) * (width // patch), 5 * channels * patch * patch)
-    loaded_library().vitlab_shifted_patches(images.data_ptr(), patches.data_ptr(), count, channels, height, width, patch, shift,
-                                            torch.get_num_threads())
+    with torch.profiler.record_function("vitlab::shifted_patches"):  # an operator of its own in a profile (benchmarks)
+        loaded_library().vitlab_shifted_patches(images.data_ptr(), patches.data_ptr(), count, channels, height, width, patch,
+                                                shift, torch.get_num_threads())
     return patches

@@ -220,11 +220,16 @@ def init_linear_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def has_own_hooks(module: nn.Module) -> bool:
+    """Whether a hook registered on this module itself would see its inputs or outputs."""
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, getattr(module, "_backward_pre_hooks", None))
+    return any(own)
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether a hook (the module's own or a global one) would see this module's inputs or outputs."""
-    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, getattr(module, "_backward_pre_hooks", None))
     global_names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
-    return any(own) or any(getattr(nn.modules.module, name, None) for name in global_names)
+    return has_own_hooks(module) or any(getattr(nn.modules.module, name, None) for name in global_names)
 
 
 def intercepted(module: nn.Module) -> bool:

@@ -1,7 +1,8 @@
 """FLOPs per image, counted by `torch.utils.flop_counter` (a multiply-add counts as 2 FLOPs).
 
 A ViT (vitlab's or timm's) is counted through its explicit attention path, so the attention matmuls are counted the same
-whether or not the fused kernel would run.
+whether or not the fused kernel would run. vitlab's ViT is counted along the path it trains on: under CLS pooling its
+last block computes the CLS token alone (models/vit.py), so the work it skips is not counted as done.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitlab.models.base import eval_mode
+from vitlab.models.layers import written_out_attention
 
 
 def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    if hasattr(model, "reads_only_the_cls_token"):  # vitlab's ViT: the path it runs, every attention written out
+        with written_out_attention():
+            return model(images)
     if getattr(model, "returns_attention", False):
         return model(images, return_attention=True)[0]
     return model(images)

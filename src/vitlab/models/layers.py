@@ -27,6 +27,9 @@ else goes through `attention`, which has two kernels with one result (tests chec
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -48,6 +51,25 @@ CUDA_SDPA_BACKENDS = (None if SDPBackend is None else
 # Up to this many tokens the CPU computes bf16 attention explicitly: written out won at every length measured up to 129
 # tokens and lost from 145 tokens with 16-wide heads (docs/performance.md).
 CPU_EXPLICIT_MAX_TOKENS = 128
+
+
+_written_out = threading.local()
+
+
+@contextlib.contextmanager
+def written_out_attention():
+    """Within it, every attention on this thread is written out as matmuls and a softmax (no C kernel, no fused
+    kernel), as with return_attention=True but without keeping the weights: what a FLOP counter can see."""
+    previous = getattr(_written_out, "on", False)
+    _written_out.on = True
+    try:
+        yield
+    finally:
+        _written_out.on = previous
+
+
+def attention_written_out() -> bool:
+    return getattr(_written_out, "on", False)
 
 
 def self_mask_bias(tokens: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -155,16 +177,17 @@ def single_query_attention(query: torch.Tensor, key_value: torch.Tensor, heads: 
                            mask_first: bool = False, dropout: float = 0.0) -> torch.Tensor:
     """One query per image against every token: query (B, D), key_value (B, T, 2D) as (B, T, 2, H, Dh) → (B, D), per
     head softmax(scale · q Kᵀ [token 0 left out if mask_first]) V. On the CPU in bf16 without attention dropout by
-    vitlab's C kernel; elsewhere as two einsums (batched matmuls of one row, no copies into head-major layouts)."""
-    if dropout == 0.0 and single_query_kernel.kernel_supports(query, key_value, heads):
+    vitlab's C kernel; elsewhere as two batched matmuls of one row per (image, head)."""
+    if dropout == 0.0 and not attention_written_out() and single_query_kernel.kernel_supports(query, key_value, heads):
         return KernelSingleQueryAttention.apply(query, key_value, scale, heads, mask_first)
     batch, tokens, _ = key_value.shape
-    key, value = key_value.view(batch, tokens, 2, heads, -1).unbind(2)  # (B, T, H, Dh) each
-    scores = torch.einsum("bhd,bthd->bth", query.view(batch, heads, -1) * scale, key)  # (B, T, H)
+    key, value = key_value.view(batch, tokens, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, Dh) each
+    scaled = query.view(batch, heads, 1, -1) * (scale.reshape(-1, 1, 1) if isinstance(scale, torch.Tensor) else scale)
+    scores = scaled @ key.transpose(-2, -1)  # (B, H, 1, T)
     if mask_first:  # LSA: the query's own token left out
-        scores = scores.index_fill(1, torch.zeros(1, dtype=torch.long, device=scores.device), float("-inf"))
-    weights = F.dropout(scores.softmax(dim=1), dropout, dropout > 0)
-    return torch.einsum("bth,bthd->bhd", weights.to(value.dtype), value).reshape(batch, -1)  # (B, D)
+        scores = scores.index_fill(-1, torch.zeros(1, dtype=torch.long, device=scores.device), float("-inf"))
+    weights = F.dropout(scores.softmax(dim=-1), dropout, dropout > 0)
+    return (weights.to(value.dtype) @ value).reshape(batch, -1)  # (B, D)
 
 
 def self_attention(qkv: torch.Tensor, *, dropout: float = 0.0, scale: torch.Tensor | float | None = None, mask_self: bool = False,
@@ -175,7 +198,7 @@ def self_attention(qkv: torch.Tensor, *, dropout: float = 0.0, scale: torch.Tens
     features, AVX-512 BF16) run there, attention dropout included, unless the weights are to be returned: no copies into
     head-major layouts, the scores never leave the cache. Everything else goes through `attention`."""
     batch, tokens, _, heads, head_size = qkv.shape
-    if not recording_graph() and not return_weights and attention_kernel.kernel_supports(qkv):
+    if not recording_graph() and not return_weights and not attention_written_out() and attention_kernel.kernel_supports(qkv):
         scale = head_size**-0.5 if scale is None else scale
         # Backward needs the weights; evaluation does not (written only if a gradient can be asked for).
         keep_weights = torch.is_grad_enabled() and (qkv.requires_grad or (isinstance(scale, torch.Tensor) and scale.requires_grad))
@@ -203,7 +226,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, dr
     cpu_dropout = dropout > 0 and query.device.type == "cpu"
     learned_scale = isinstance(scale, torch.Tensor)
     short_on_cpu = query.device.type == "cpu" and query.dtype == torch.bfloat16 and query.shape[-2] <= CPU_EXPLICIT_MAX_TOKENS
-    if return_weights or cpu_dropout or mask_self or learned_scale or short_on_cpu:
+    if return_weights or cpu_dropout or mask_self or learned_scale or short_on_cpu or attention_written_out():
         # Scaling Q (T × Dh) instead of the scores (T × T) saves a pass over the largest tensor.
         scores = (query * scale) @ key.transpose(-2, -1)  # (B, H, T, T)
         weights = attention_softmax(scores, mask_self)

@@ -32,6 +32,7 @@ from vitlab.models.base import (
     TokenLayout,
     VitlabModel,
     bf16_on_cpu,
+    has_own_hooks,
     inactive_dropout,
     init_linear_weights,
     intercepted,
@@ -541,7 +542,7 @@ class VisionTransformer(VitlabModel):
                 tokens, weights, *rest = block(tokens, return_attention, pending=pending, defer_output=defer)
             pending = rest[0] if defer else None
             attention_maps.append(weights)
-        if self.cls_token is not None and not intercepted(self.norm):
+        if self.cls_token is not None and not has_own_hooks(self.norm) and "forward" not in vars(self.norm):
             # The final LayerNorm acts on each token alone and CLS pooling reads one: normalise only that one (the last
             # block may have computed only that one).
             pooled = self.norm(tokens[:, 0])  # (B, D)
@@ -552,10 +553,14 @@ class VisionTransformer(VitlabModel):
 
     def reads_only_the_cls_token(self) -> bool:
         """Whether nothing reads the last block's outputs but the CLS token's, so that the block may compute only that
-        one: CLS pooling, and no hook on the last block, on anything in it or on the final norm (a hook would see the
-        other tokens)."""
-        return (self.cls_token is not None and len(self.blocks) > 0 and not intercepted(self.norm)
-                and not any(intercepted(module) for module in self.blocks[-1].modules()))
+        one: CLS pooling, and no hook or replaced forward on the last block, on anything in it or on the final norm (a
+        hook there would expect the other tokens). A global hook (a FLOP counter's module tracker) sees the modules the
+        path runs, so it does not stop it: FLOPs are counted for the path that trains (models/flops.py)."""
+        def own_code_only(module: nn.Module) -> bool:
+            return not has_own_hooks(module) and "forward" not in vars(module)
+
+        return (self.cls_token is not None and len(self.blocks) > 0 and own_code_only(self.norm)
+                and all(own_code_only(module) for module in self.blocks[-1].modules()))
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, D) → (B, D): the CLS token, the mean of the patch tokens, or their learned weighting."""
