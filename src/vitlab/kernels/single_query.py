@@ -13,8 +13,10 @@ CPU = torch.device("cpu")
 def kernel_supports(query: torch.Tensor, key_value: torch.Tensor, heads: int) -> bool:
     """Whether `single_query_forward` takes these with the kernels switched on: bf16 CPU query (B, D) and key_value
     (B, T, 2D), D = heads · a head size the kernel takes, at least one image and token, no graph being recorded."""
+    if recording_graph():  # first: a graph recorder must not trace into the library's loading
+        return False
     library = compiled_library()
-    if library is None or recording_graph():
+    if library is None:
         return False
     if query.device.type != "cpu" or key_value.device.type != "cpu" or query.dtype != torch.bfloat16 or key_value.dtype != torch.bfloat16:
         return False

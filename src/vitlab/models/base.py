@@ -232,6 +232,12 @@ def has_hooks(module: nn.Module) -> bool:
     return has_own_hooks(module) or any(getattr(nn.modules.module, name, None) for name in global_names)
 
 
+def intercepted_itself(module: nn.Module) -> bool:
+    """Whether a hook registered on the module itself or a forward set on the instance changes what calling it runs
+    (global hooks aside: they see whichever modules a path calls)."""
+    return has_own_hooks(module) or "forward" in vars(module)
+
+
 def intercepted(module: nn.Module) -> bool:
     """Whether calling the module runs more or other code than its class's forward: a hook (`has_hooks`) or a forward
     set on the instance. The fused paths, which compute a module's work without calling it, step aside for such a

@@ -23,6 +23,11 @@ else goes through `attention`, which has two kernels with one result (tests chec
   (pytorch/pytorch#196678, NVIDIA/cudnn-frontend#160). On an H200 this cost nothing measurable at
   vitlab's sizes; whether cuDNN caused the first GPU session's NaN in vit-fast (now vit-cct) was tested and not
   established (docs/gpu/README.md).
+
+`single_query_attention` is the attention of one query per image against every token (the CLS token's in a ViT's last
+block under CLS pooling, models/vit.py): vitlab's C kernel on the CPU in bf16 (kernels/single_query.c), else two batched
+matmuls. Within `written_out_attention()` every attention takes the explicit path without keeping its weights, so that
+a FLOP counter sees its products (models/flops.py).
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ def written_out_attention():
 
 
 def attention_written_out() -> bool:
+    """Whether `written_out_attention` is on for this thread."""
     return getattr(_written_out, "on", False)
 
 

@@ -32,10 +32,10 @@ from vitlab.models.base import (
     TokenLayout,
     VitlabModel,
     bf16_on_cpu,
-    has_own_hooks,
     inactive_dropout,
     init_linear_weights,
     intercepted,
+    intercepted_itself,
     plain_linear,
 )
 from vitlab.models.dropout import Dropout
@@ -275,8 +275,8 @@ class PatchEmbedding(nn.Module):
     def linear_on_patches(self, images: torch.Tensor) -> bool:
         """Whether the patch convolution runs as a linear map of the flattened patches (`project_patches`): on the CPU,
         for a plain nn.Conv2d (no hook, no forward replaced). There oneDNN's stride-P convolution, and above all its
-        weight gradient, ran slower than the same sums as a matmul (docs/performance.md, "The patch embedding as a
-        matmul")."""
+        weight gradient, ran slower than the same sums as a matmul (docs/performance.md, "Work that nothing reads,
+        skipped; the tokenizers as matmuls")."""
         conv = self.projection
         return (images.device.type == "cpu" and type(conv) is nn.Conv2d and not intercepted(conv)
                 and conv.padding == (0, 0) and conv.groups == 1 and conv.dilation == (1, 1))
@@ -542,7 +542,7 @@ class VisionTransformer(VitlabModel):
                 tokens, weights, *rest = block(tokens, return_attention, pending=pending, defer_output=defer)
             pending = rest[0] if defer else None
             attention_maps.append(weights)
-        if self.cls_token is not None and not has_own_hooks(self.norm) and "forward" not in vars(self.norm):
+        if self.cls_token is not None and not intercepted_itself(self.norm):
             # The final LayerNorm acts on each token alone and CLS pooling reads one: normalise only that one (the last
             # block may have computed only that one).
             pooled = self.norm(tokens[:, 0])  # (B, D)
@@ -556,11 +556,8 @@ class VisionTransformer(VitlabModel):
         one: CLS pooling, and no hook or replaced forward on the last block, on anything in it or on the final norm (a
         hook there would expect the other tokens). A global hook (a FLOP counter's module tracker) sees the modules the
         path runs, so it does not stop it: FLOPs are counted for the path that trains (models/flops.py)."""
-        def own_code_only(module: nn.Module) -> bool:
-            return not has_own_hooks(module) and "forward" not in vars(module)
-
-        return (self.cls_token is not None and len(self.blocks) > 0 and own_code_only(self.norm)
-                and all(own_code_only(module) for module in self.blocks[-1].modules()))
+        return (self.cls_token is not None and len(self.blocks) > 0 and not intercepted_itself(self.norm)
+                and not any(intercepted_itself(module) for module in self.blocks[-1].modules()))
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, D) → (B, D): the CLS token, the mean of the patch tokens, or their learned weighting."""
