@@ -103,8 +103,8 @@ static void softmax_of(float *scores, int64_t tokens) {
 
 /* query (B, H·Dh) bf16; key_value (B, T, 2, H, Dh) bf16 (keys, then values); scales (H) fp32; mask_first leaves out
  * token 0 (LSA: the query's own token). out (B, H·Dh) bf16 = softmax(scaled query · Kᵀ) V per head; weights (B, H, T)
- * fp32 (the bf16-rounded weights, for backward; not written if NULL). Returns 0, or 1 if a buffer could not be
- * allocated (nothing written then). */
+ * fp32 (the bf16-rounded weights, for backward; not written if NULL). Returns 0, or 1 if a thread's buffer could not
+ * be allocated (its items then not written: the caller discards the outputs). */
 int vitlab_single_query_forward(const uint16_t *query, const uint16_t *key_value, const float *scales, int mask_first,
                                 uint16_t *out, float *weights, int64_t batch, int64_t tokens, int64_t heads,
                                 int64_t head_size, int threads) {
