@@ -63,11 +63,16 @@ static inline void store_scaled(uint16_t *target, float factor, const float *val
 
 static inline float rounded_to_bf16(float value) { return bf16_to_float(float_to_bf16(value)); }
 
-/* One (image, head)'s scaled query (rounded to bf16, as fp32) and its scores against the T keys. */
-static void scores_of(const uint16_t *query, const uint16_t *keys, int64_t key_stride, int64_t tokens, int64_t head_size,
-                      float scale, int mask_first, float *scaled, float *scores) {
+/* scaled[d] = query[d] · scale rounded to bf16 (as `query * scale` is), as fp32. */
+static inline void scale_query(const uint16_t *query, float scale, int64_t head_size, float *scaled) {
     for (int64_t d = 0; d < head_size; d++)
         scaled[d] = rounded_to_bf16(bf16_to_float(query[d]) * scale);
+}
+
+/* One (image, head)'s scaled query and its scores against the T keys. */
+static void scores_of(const uint16_t *query, const uint16_t *keys, int64_t key_stride, int64_t tokens, int64_t head_size,
+                      float scale, int mask_first, float *scaled, float *scores) {
+    scale_query(query, scale, head_size, scaled);
     for (int64_t t = 0; t < tokens; t++)
         scores[t] = dot_bf16(scaled, keys + t * key_stride, head_size);
     if (mask_first)
@@ -160,8 +165,8 @@ int vitlab_single_query_backward(const uint16_t *query, const uint16_t *key_valu
             uint16_t *grad_keys = grad_key_value + image * tokens * row + head * head_size, *grad_values = grad_keys + hidden;
             const float *weight = weights + item * tokens;
             float scale = scales[head], weighted = 0.0f;
+            scale_query(query + at, scale, head_size, scaled);
             for (int64_t d = 0; d < head_size; d++) {
-                scaled[d] = rounded_to_bf16(bf16_to_float(query[at + d]) * scale);
                 grad[d] = bf16_to_float(grad_out[at + d]);
                 grad_scaled[d] = 0.0f;
             }

@@ -242,7 +242,7 @@ def intercepted(module: nn.Module) -> bool:
     """Whether calling the module runs more or other code than its class's forward: a hook (`has_hooks`) or a forward
     set on the instance. The fused paths, which compute a module's work without calling it, step aside for such a
     module."""
-    return has_hooks(module) or "forward" in vars(module)
+    return intercepted_itself(module) or has_hooks(module)
 
 
 def cpu_autocast_dtype() -> torch.dtype | None:
