@@ -150,7 +150,7 @@ C_KERNELS = {"KernelSelfAttention": "C attention", "KernelSoftmax": "C softmax",
              "KernelLinear": "C linear layer", "vitlab::relu_max_pool2d": "C ReLU + max-pool",
              "vitlab::max_pool2d": "C max-pool", "vitlab::relu_max_pool2d_backward": "C max-pool backward (ReLU's or not)",
              "KernelBatchNorm": "C batch norm (+ ReLU)", "KernelSingleQueryAttention": "C single-query attention",
-             "vitlab::shifted_patches": "C shifted patches"}
+             "vitlab::shifted_patches": "C shifted patches", "vitlab::patches": "C patches"}
 # ... of which these are matrix multiplication (a linear layer's products, its weight gradient and its weight casts).
 MATMUL_C_KERNELS = {"KernelLinear"}
 

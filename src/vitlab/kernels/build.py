@@ -48,6 +48,7 @@ SIGNATURES = {
     "vitlab_crop_flip_normalize": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4 + [ctypes.c_int], None),
     "vitlab_crop_flip_max_width": ([], ctypes.c_int64),
     "vitlab_shifted_patches": ([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_int], None),
+    "vitlab_patches_bf16": ([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_int], ctypes.c_int),
     "vitlab_single_query_forward": ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_int],
                                     ctypes.c_int),
     "vitlab_single_query_backward": ([ctypes.c_void_p] * 8 + [ctypes.c_int64] * 4 + [ctypes.c_int], ctypes.c_int),
@@ -226,7 +227,7 @@ def library_capabilities(library: ctypes.CDLL) -> Capabilities:
 
 def available_kernels(library: ctypes.CDLL) -> str:
     capabilities = library_capabilities(library)
-    return ", ".join(["dropout", "crop and flip", "shifted patches", "single-query attention"]
+    return ", ".join(["dropout", "crop and flip", "patches (plain and shifted)", "single-query attention"]
                      + ["softmax"] * capabilities.softmax + ["attention"] * capabilities.attention
                      + ["layer norm"] * capabilities.layer_norm + ["GELU"] * capabilities.gelu
                      + ["linear products"] * capabilities.matmul + ["weight gradients"] * capabilities.weight_gradient

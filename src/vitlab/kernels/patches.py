@@ -1,10 +1,14 @@
-"""ctypes binding of patches.c: shifted patch tokenization's patches cut in one pass."""
+"""ctypes bindings of patches.c: images cut into patches in one pass (the plain patch embedding's, in bf16, and shifted
+patch tokenization's)."""
 
 from __future__ import annotations
 
 import torch
 
 from vitlab.kernels.build import compiled_library, loaded_library, recording_graph
+
+# The widest image row `patches_bf16` takes (patches.c rounds a row into a buffer of this many numbers).
+MAX_WIDTH = 4096
 
 
 def kernel_supports(images: torch.Tensor, patch: int) -> bool:
@@ -32,4 +36,23 @@ def shifted_patches(images: torch.Tensor, patch: int, shift: int) -> torch.Tenso
     with torch.profiler.record_function("vitlab::shifted_patches"):  # an operator of its own in a profile (benchmarks)
         loaded_library().vitlab_shifted_patches(images.data_ptr(), patches.data_ptr(), count, channels, height, width, patch,
                                                 shift, torch.get_num_threads())
+    return patches
+
+
+def patches_bf16(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, (H/P)·(W/P), C·P·P) bf16: each patch as (channel, row, column), rounded as `.to(torch.bfloat16)` rounds.
+    What `images.to(torch.bfloat16)` cut by reshape and permute gives, bit for bit (a NaN stays a NaN)."""
+    if not kernel_supports(images, patch):
+        raise ValueError(f"the patch kernel cannot take {images.dtype} images of shape {tuple(images.shape)} on "
+                         f"{images.device} with patch {patch}")
+    count, channels, height, width = images.shape
+    if width > MAX_WIDTH:
+        raise ValueError(f"the patch kernel takes images at most {MAX_WIDTH} pixels wide, got {width}")
+    images = images.detach().contiguous()
+    patches = torch.empty(count, (height // patch) * (width // patch), channels * patch * patch, dtype=torch.bfloat16)
+    with torch.profiler.record_function("vitlab::patches"):  # an operator of its own in a profile (benchmarks)
+        failed = loaded_library().vitlab_patches_bf16(images.data_ptr(), patches.data_ptr(), count, channels, height,
+                                                      width, patch, torch.get_num_threads())
+    if failed:  # the width was checked above; the library's own limit disagrees with MAX_WIDTH
+        raise RuntimeError(f"patches.c refused rows of {width} pixels")
     return patches

@@ -281,15 +281,24 @@ class PatchEmbedding(nn.Module):
         return (images.device.type == "cpu" and type(conv) is nn.Conv2d and not intercepted(conv)
                 and conv.padding == (0, 0) and conv.groups == 1 and conv.dilation == (1, 1))
 
+    def cuts_in_kernel(self, images: torch.Tensor) -> bool:
+        """Whether `project_patches` cuts the patches with vitlab's C kernel straight into bf16: fp32 CPU images under
+        CPU bf16 autocast that want no gradient, no graph being recorded, rows the kernel takes."""
+        return (bf16_on_cpu(images) and patches_kernel.kernel_supports(images, self.patch_size)
+                and images.shape[3] <= patches_kernel.MAX_WIDTH)
+
     def project_patches(self, images: torch.Tensor) -> torch.Tensor:
         """The patch convolution as x @ Wᵀ + b over each flattened patch, in `unfold`'s order (channel, row, column),
         the order of the conv weight's last three axes: the same sums as the conv, added in another order."""
         batch, channels, height, width = images.shape  # (B, 3, G*P, G*P)
         p = self.patch_size
-        if bf16_on_cpu(images):  # autocast would cast the patches anyway: cut them in bf16, half the bytes
-            images = images.to(torch.bfloat16)
-        patches = (images.reshape(batch, channels, height // p, p, width // p, p)
-                   .permute(0, 2, 4, 1, 3, 5).reshape(batch, (height // p) * (width // p), channels * p * p))  # (B, G*G, 3·P²)
+        if self.cuts_in_kernel(images):
+            patches = patches_kernel.patches_bf16(images, p)  # (B, G*G, 3·P²) bf16, in one pass
+        else:
+            if bf16_on_cpu(images):  # autocast would cast the patches anyway: cut them in bf16, half the bytes
+                images = images.to(torch.bfloat16)
+            patches = (images.reshape(batch, channels, height // p, p, width // p, p)
+                       .permute(0, 2, 4, 1, 3, 5).reshape(batch, (height // p) * (width // p), channels * p * p))  # (B, G*G, 3·P²)
         weight = self.projection.weight.reshape(self.projection.out_channels, -1)  # (D, 3·P²)
         return linear(patches, weight, self.projection.bias)  # (B, G*G, D)
 
