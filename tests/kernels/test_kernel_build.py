@@ -117,8 +117,9 @@ def test_cc_with_arguments_and_the_compilers_own_error_line(fresh_load, monkeypa
     assert library is None and "error" in status and "/no/such/header.h" in status
 
 
-def test_recording_graph_sees_func_transforms_forward_ad_and_fx_tracing():
+def test_recording_graph_sees_func_transforms_forward_ad_fx_tracing_and_onnx_export(tmp_path):
     from vitlab.kernels import recording_graph
+    from vitlab.kernels.build import graph_recording_checks
 
     seen = []
 
@@ -137,6 +138,15 @@ def test_recording_graph_sees_func_transforms_forward_ad_and_fx_tracing():
 
     torch.fx.symbolic_trace(Noting())
     assert seen == [True, True, True, True] and not recording_graph()
+    pytest.importorskip("onnx")
+
+    class NotingExport(torch.nn.Module):  # the ONNX flag itself, whatever else the exporter sets
+        def forward(self, x):
+            seen.append(graph_recording_checks()[2]())
+            return note(x)
+
+    torch.onnx.export(NotingExport(), (torch.ones(2),), tmp_path / "noting.onnx", dynamo=False)
+    assert seen[4:] == [True, True] and not recording_graph()
 
 
 def build_one_source(tmp_path, source_name: str, target: str, needed_macro: str | None = None):

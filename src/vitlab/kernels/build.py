@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch  # (also loads PyTorch's OpenMP runtime before the library, so the library shares it)
@@ -287,23 +288,34 @@ def loaded_library() -> ctypes.CDLL:
 def recording_graph() -> bool:
     """Whether torch.compile, tracing (TorchScript's or FX's), ONNX export, a torch.func transform (grad, vmap, jvp, …)
     or forward-mode AD is recording or transforming the computation: the C kernels are plain function calls that none
-    of them can see through, so callers use PyTorch operators then."""
-    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or fx_tracing()
-            or func_transform_active() or forward_ad_active())
+    of them can see through, so callers use PyTorch operators then. (Asked dozens of times a training step: the
+    checks are looked up once, `graph_recording_checks`.)"""
+    compiling, tracing, onnx_exporting, fx_tracing_now, interpreter_stack = graph_recording_checks()
+    return (compiling() or tracing() or onnx_exporting() or fx_tracing_now() or interpreter_stack() is not None
+            or forward_ad_active())
 
 
-def fx_tracing() -> bool:
-    """Whether torch.fx.symbolic_trace is tracing (its tensors are proxies, with no data)."""
+@functools.cache
+def graph_recording_checks() -> tuple[Callable[[], object], ...]:
+    """recording_graph's checks as functions found once: torch.compile, TorchScript tracing, ONNX export (the two flags
+    `torch.onnx.is_in_onnx_export` reads, read directly: that function imports its modules on every call; where this
+    PyTorch keeps them elsewhere, the function itself), FX tracing, and the torch.func interpreter stack (None when
+    no transform runs)."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+        if not (hasattr(GLOBALS, "in_onnx_export") and hasattr(_flags, "_is_onnx_exporting")):
+            raise ImportError("this PyTorch keeps its ONNX export flags elsewhere")
+
+        def onnx_exporting() -> bool:
+            return GLOBALS.in_onnx_export or _flags._is_onnx_exporting
+    except ImportError:
+        onnx_exporting = torch.onnx.is_in_onnx_export
     tracer = torch.fx._symbolic_trace
-    is_tracing = getattr(tracer, "is_fx_symbolic_tracing", None) or getattr(tracer, "is_fx_tracing", None)
-    return bool(is_tracing and is_tracing())
-
-
-def func_transform_active() -> bool:
-    """Whether a torch.func transform (grad, vmap, jvp, jacrev, functionalize) is running."""
-    functorch = getattr(torch._C, "_functorch", None)
-    peek = getattr(functorch, "peek_interpreter_stack", None)
-    return peek is not None and peek() is not None
+    fx_is_tracing = getattr(tracer, "is_fx_symbolic_tracing", None) or getattr(tracer, "is_fx_tracing", None) or (lambda: False)
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None) or (lambda: None)
+    return torch.compiler.is_compiling, torch.jit.is_tracing, onnx_exporting, fx_is_tracing, peek
 
 
 def forward_ad_active() -> bool:
