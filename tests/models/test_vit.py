@@ -441,3 +441,17 @@ def test_a_forward_replaced_on_an_attention_mlp_or_block_instance_runs_under_bf1
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         after = model(images).float()
     assert not torch.equal(before, after)
+
+
+def test_under_bf16_autocast_the_cls_only_last_block_gives_the_full_blocks_logits_to_the_bit(monkeypatch):
+    # With gradients on (the path that trains), where the CLS token's query goes through the linear layers' kernels.
+    torch.manual_seed(8)
+    model = tiny_vit(pool="cls", num_blocks=2, hidden_size=64, num_heads=4)
+    nn.init.normal_(model.head.weight)
+    images = torch.randn(16, 3, 32, 32)
+    logits = []
+    for cls_only in (True, False):
+        monkeypatch.setattr(VisionTransformer, "reads_only_the_cls_token", lambda self, cls_only=cls_only: cls_only)
+        with torch.autocast("cpu", torch.bfloat16):  # with gradients: the path that trains
+            logits.append(model(images).detach())
+    assert torch.equal(logits[0], logits[1])

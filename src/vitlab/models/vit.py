@@ -348,7 +348,9 @@ class Attention(nn.Module):
         tokens nothing reads (CLS pooling). Only the first token's query is projected (`single_query_attention`)."""
         batch, num_tokens, hidden = tokens.shape  # (B, T, D)
         weight, bias = self.qkv.weight, self.qkv.bias  # (3D, D), (3D,): rows [query; key; value]
-        query = linear(tokens[:, 0], weight[:hidden], None if bias is None else bias[:hidden])  # (B, D)
+        # (B, D), contiguous: under CPU autocast a strided row would leave vitlab's product kernel (and oneDNN's fused
+        # linear) for F.linear's addmm, slower for this small product
+        query = linear(tokens[:, 0].contiguous(), weight[:hidden], None if bias is None else bias[:hidden])
         key_value = linear(tokens, weight[hidden:], None if bias is None else bias[hidden:])  # (B, T, 2D): keys, values
         scale = torch.exp(-self.log_temperature) if self.lsa else self.head_size**-0.5
         mixed = single_query_attention(query, key_value, self.num_heads, scale=scale, mask_first=self.lsa,
