@@ -111,7 +111,8 @@ def test_the_patch_embedding_under_autocast_gives_the_same_bits_with_and_without
 
 
 def test_rows_wider_than_the_kernel_takes_are_refused_with_a_message():
-    images = torch.zeros(1, 1, 4, patches_kernel.MAX_WIDTH + 4)
+    images = torch.zeros(1, 1, 4, 4096 + 4)  # patches.c's buffer holds 4096 numbers
+    assert patches_kernel.kernel_supports(images, 4) and not patches_kernel.plain_cut_supports(images, 4)
     with pytest.raises(ValueError, match="at most 4096 pixels wide"):
         patches_kernel.patches_bf16(images, 4)
     with torch.autocast("cpu", torch.bfloat16):

@@ -50,6 +50,7 @@ SIGNATURES = {
     "vitlab_crop_flip_max_width": ([], ctypes.c_int64),
     "vitlab_shifted_patches": ([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_int], None),
     "vitlab_patches_bf16": ([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_int], ctypes.c_int),
+    "vitlab_patches_max_width": ([], ctypes.c_int64),
     "vitlab_single_query_forward": ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_int],
                                     ctypes.c_int),
     "vitlab_single_query_backward": ([ctypes.c_void_p] * 8 + [ctypes.c_int64] * 4 + [ctypes.c_int], ctypes.c_int),

@@ -101,3 +101,5 @@ int vitlab_patches_bf16(const float *images, uint16_t *patches, int64_t count, i
         }
     return 0;
 }
+
+int64_t vitlab_patches_max_width(void) { return MAX_ROW; }

@@ -7,14 +7,11 @@ import torch
 
 from vitlab.kernels.build import compiled_library, loaded_library, recording_graph
 
-# The widest image row `patches_bf16` takes (patches.c rounds a row into a buffer of this many numbers).
-MAX_WIDTH = 4096
-
 
 def kernel_supports(images: torch.Tensor, patch: int) -> bool:
     """Whether `shifted_patches` takes these with the kernels switched on: (B, C, H, W) fp32 CPU images, H and W
     multiples of the patch size, no gradient wanted for them (the cut has no backward of its own) and no graph
-    being recorded."""
+    being recorded. `patches_bf16` takes them too if its rows fit (`plain_cut_supports`)."""
     return (not recording_graph() and compiled_library() is not None and images.device.type == "cpu"
             and images.dtype == torch.float32 and images.dim() == 4 and patch > 0
             and images.shape[2] % patch == 0 and images.shape[3] % patch == 0
@@ -39,6 +36,12 @@ def shifted_patches(images: torch.Tensor, patch: int, shift: int) -> torch.Tenso
     return patches
 
 
+def plain_cut_supports(images: torch.Tensor, patch: int) -> bool:
+    """Whether `patches_bf16` takes these with the kernels switched on: as `kernel_supports`, and rows no wider than
+    the kernel's buffer (patches.c rounds an image row at a time into it)."""
+    return kernel_supports(images, patch) and images.shape[3] <= loaded_library().vitlab_patches_max_width()
+
+
 def patches_bf16(images: torch.Tensor, patch: int) -> torch.Tensor:
     """(B, (H/P)·(W/P), C·P·P) bf16: each patch as (channel, row, column), rounded as `.to(torch.bfloat16)` rounds.
     What `images.to(torch.bfloat16)` cut by reshape and permute gives, bit for bit (a NaN stays a NaN)."""
@@ -46,13 +49,14 @@ def patches_bf16(images: torch.Tensor, patch: int) -> torch.Tensor:
         raise ValueError(f"the patch kernel cannot take {images.dtype} images of shape {tuple(images.shape)} on "
                          f"{images.device} with patch {patch}")
     count, channels, height, width = images.shape
-    if width > MAX_WIDTH:
-        raise ValueError(f"the patch kernel takes images at most {MAX_WIDTH} pixels wide, got {width}")
+    if not plain_cut_supports(images, patch):
+        raise ValueError(f"the patch kernel takes images at most {loaded_library().vitlab_patches_max_width()} pixels "
+                         f"wide, got {width}")
     images = images.detach().contiguous()
     patches = torch.empty(count, (height // patch) * (width // patch), channels * patch * patch, dtype=torch.bfloat16)
     with torch.profiler.record_function("vitlab::patches"):  # an operator of its own in a profile (benchmarks)
         failed = loaded_library().vitlab_patches_bf16(images.data_ptr(), patches.data_ptr(), count, channels, height,
                                                       width, patch, torch.get_num_threads())
-    if failed:  # the width was checked above; the library's own limit disagrees with MAX_WIDTH
+    if failed:  # the width was checked above
         raise RuntimeError(f"patches.c refused rows of {width} pixels")
     return patches

@@ -284,8 +284,7 @@ class PatchEmbedding(nn.Module):
     def cuts_in_kernel(self, images: torch.Tensor) -> bool:
         """Whether `project_patches` cuts the patches with vitlab's C kernel straight into bf16: fp32 CPU images under
         CPU bf16 autocast that want no gradient, no graph being recorded, rows the kernel takes."""
-        return (bf16_on_cpu(images) and patches_kernel.kernel_supports(images, self.patch_size)
-                and images.shape[3] <= patches_kernel.MAX_WIDTH)
+        return bf16_on_cpu(images) and patches_kernel.plain_cut_supports(images, self.patch_size)
 
     def project_patches(self, images: torch.Tensor) -> torch.Tensor:
         """The patch convolution as x @ Wᵀ + b over each flattened patch, in `unfold`'s order (channel, row, column),
