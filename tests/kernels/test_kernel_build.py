@@ -118,7 +118,7 @@ def test_cc_with_arguments_and_the_compilers_own_error_line(fresh_load, monkeypa
     assert library is None and "error" in status and "/no/such/header.h" in status
 
 
-def test_recording_graph_sees_func_transforms_forward_ad_fx_tracing_and_onnx_export(tmp_path):
+def test_recording_graph_sees_func_transforms_forward_ad_fx_tracing_onnx_export_and_compile(tmp_path):
     from vitlab.kernels import recording_graph
     from vitlab.kernels.build import graph_recording_checks
 
@@ -143,13 +143,15 @@ def test_recording_graph_sees_func_transforms_forward_ad_fx_tracing_and_onnx_exp
 
     class NotingExport(torch.nn.Module):  # the ONNX flag itself, whatever else the exporter sets
         def forward(self, x):
-            seen.append(graph_recording_checks()[2]())
+            seen.append(graph_recording_checks()[1]())
             return note(x)
 
     with warnings.catch_warnings():  # the TorchScript-based exporter, deprecated, sets the flag for its whole run
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(NotingExport(), (torch.ones(2),), tmp_path / "noting.onnx", dynamo=False)
     assert seen[4:] == [True, True] and not recording_graph()
+    torch.compile(note, backend="eager")(torch.ones(2))  # Dynamo answers it while tracing, inside the graph
+    assert seen[6:] == [True] and not recording_graph()
 
 
 def build_one_source(tmp_path, source_name: str, target: str, needed_macro: str | None = None):

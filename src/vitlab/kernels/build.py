@@ -290,15 +290,17 @@ def recording_graph() -> bool:
     """Whether torch.compile, tracing (TorchScript's or FX's), ONNX export, a torch.func transform (grad, vmap, jvp, …)
     or forward-mode AD is recording or transforming the computation: the C kernels are plain function calls that none
     of them can see through, so callers use PyTorch operators then. (Asked dozens of times a training step: the
-    checks are looked up once, `graph_recording_checks`.)"""
-    compiling, tracing, onnx_exporting, fx_tracing_now, interpreter_stack = graph_recording_checks()
-    return (compiling() or tracing() or onnx_exporting() or fx_tracing_now() or interpreter_stack() is not None
-            or forward_ad_active())
+    checks are looked up once, `graph_recording_checks`; torch.compile's first and called by name, which Dynamo
+    answers while tracing without stepping into the cached lookup, whose call it would run outside the graph.)"""
+    if torch.compiler.is_compiling():
+        return True
+    tracing, onnx_exporting, fx_tracing_now, interpreter_stack = graph_recording_checks()
+    return tracing() or onnx_exporting() or fx_tracing_now() or interpreter_stack() is not None or forward_ad_active()
 
 
 @functools.cache
 def graph_recording_checks() -> tuple[Callable[[], object], ...]:
-    """recording_graph's checks as functions found once: torch.compile, TorchScript tracing, ONNX export (the two flags
+    """recording_graph's checks after torch.compile's, as functions found once: TorchScript tracing, ONNX export (the two flags
     `torch.onnx.is_in_onnx_export` reads, read directly: that function imports its modules on every call; where this
     PyTorch keeps them elsewhere, the function itself), FX tracing, and the torch.func interpreter stack (None when
     no transform runs)."""
@@ -316,7 +318,7 @@ def graph_recording_checks() -> tuple[Callable[[], object], ...]:
     tracer = torch.fx._symbolic_trace
     fx_is_tracing = getattr(tracer, "is_fx_symbolic_tracing", None) or getattr(tracer, "is_fx_tracing", None) or (lambda: False)
     peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None) or (lambda: None)
-    return torch.compiler.is_compiling, torch.jit.is_tracing, onnx_exporting, fx_is_tracing, peek
+    return torch.jit.is_tracing, onnx_exporting, fx_is_tracing, peek
 
 
 def forward_ad_active() -> bool:
