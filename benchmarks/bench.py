@@ -5,9 +5,12 @@ and reports images/s, achieved model TFLOP/s (FLOPs counted with torch.utils.flo
 the bf16 matmul peak measured in the same run (the definition of ../shared/tools/matmul_peak.py:
 2048³, best of 5 rounds of 5) — once at the start and again just before and after each measurement, since a shared
 machine's peak moved by up to 2.9× within minutes (docs/performance.md) — the speed-up over the seeds' way, and where the step's time goes that is
-not matrix multiplication (torch.profiler, self time by operator). For memory-bound configurations
-(cnn-small) it also reports the bytes the step's operators read and write per second against a copy
-bandwidth measured in the same run.
+not matrix multiplication (torch.profiler, self time by operator). It splits each step's wall time into vitlab's C
+kernels (every call timed), PyTorch's own operators (profiler self time) and the rest, outside any operator (Python
+and autograd's bookkeeping between them), and it reports the bytes the step's operators read and write per second
+against a copy bandwidth measured in the same run; where every kernel's bytes are counted (the CNNs), it also gives
+the step's arithmetic intensity (FLOPs per byte) against the ridge point peak / copy bandwidth, which says whether the
+compute peak or the memory bounds the step.
 
 - reference: what the seeds do. The models as seed 002's code writes them (reference_models.py:
   explicit-softmax attention, nn.Dropout), eager fp32, torchvision DataLoader with per-image PIL
@@ -170,15 +173,22 @@ def counted_event(key: str) -> bool:
     return key.startswith(("aten::", COMPILED_KERNELS)) or key.removesuffix("Backward") in C_KERNELS
 
 
-def non_matmul_breakdown(run_step, steps: int = 5, rows: int = 6) -> tuple[float, list[tuple[str, float]]]:
-    """Share of the step's operator self time that is matrix multiplication, and the largest other operators
-    as (name, share of the step). A compiled model's fused kernels count as one other operator, and so does each of
-    vitlab's C kernels (the attention kernel's matmuls included)."""
+def c_kernel_event(key: str) -> bool:
+    return key.removesuffix("Backward") in C_KERNELS
+
+
+def non_matmul_breakdown(run_step, steps: int = 5, rows: int = 6) -> tuple[float, list[tuple[str, float]], float]:
+    """Share of the step's operator self time that is matrix multiplication, the largest other operators as (name,
+    share of the step), and the share of the profiled steps' wall time that PyTorch's own operators took (their self
+    time: aten operators and compiled graphs, vitlab's C kernels not included). A compiled model's fused kernels count
+    as one other operator, and so does each of vitlab's C kernels (the attention kernel's matmuls included)."""
     from torch.profiler import profile
 
     with profile() as profiler:
+        start = time.perf_counter()
         for _ in range(steps):
             run_step()
+        wall = time.perf_counter() - start
     events = [event for event in profiler.key_averages() if counted_event(event.key)]
     total = sum(event.self_cpu_time_total for event in events) or 1.0
     matmul = sum(event.self_cpu_time_total for event in events if matmul_event(event.key))
@@ -187,7 +197,36 @@ def non_matmul_breakdown(run_step, steps: int = 5, rows: int = 6) -> tuple[float
         if not matmul_event(event.key):
             name = operator_name(event.key)
             others[name] = others.get(name, 0.0) + event.self_cpu_time_total / total
-    return matmul / total, sorted(others.items(), key=lambda item: -item[1])[:rows]
+    pytorch_operators = sum(event.self_cpu_time_total for event in events if not c_kernel_event(event.key)) / 1e6
+    return matmul / total, sorted(others.items(), key=lambda item: -item[1])[:rows], min(1.0, pytorch_operators / wall)
+
+
+def c_kernel_time(run_step, steps: int) -> tuple[float, frozenset[str]]:
+    """(the share of `steps` steps' wall time spent inside vitlab's C kernels, every call timed; the kernels called),
+    or (0, none) where the kernels are not loaded or switched off."""
+    from vitlab.kernels import compiled_library
+    from vitlab.kernels.timing import KernelClock
+
+    if compiled_library() is None:
+        return 0.0, frozenset()
+    with KernelClock() as clock:
+        start = time.perf_counter()
+        for _ in range(steps):
+            run_step()
+        wall = time.perf_counter() - start
+    return min(1.0, clock.seconds / wall), frozenset(clock.calls)
+
+
+# C kernels whose bytes ByteCounter counts (registered as PyTorch operators), and the batch's augmentation, which moves a
+# few bytes per image: a step that calls no other C kernel has its traffic counted, so its arithmetic intensity is known.
+BYTES_COUNTED_C_FUNCTIONS = frozenset({"vitlab_crop_flip_normalize", *(f"vitlab_{kind}_{direction}_{dtype}" for kind in
+                                       ("relu_max_pool", "max_pool") for direction in ("forward", "backward") for dtype in ("bf16", "f32"))})
+
+
+def bound(flop_per_byte: float, ridge: float) -> str:
+    """Which limit a step with this arithmetic intensity (FLOPs per byte moved) meets first on a machine whose matmul
+    peak over its copy bandwidth is `ridge` FLOPs per byte: the compute peak above the ridge, the memory below."""
+    return "compute" if flop_per_byte >= ridge else "memory"
 
 
 def reference_loader(root: str, batch_size: int) -> DataLoader:
@@ -265,9 +304,14 @@ def time_vitlab(model: nn.Module, data, config: TrainConfig, steps: int, warmup:
 
 
 def step_details(run_step, profile_steps: int) -> dict:
-    """Bytes per step and the non-matmul breakdown of `run_step` (profiled over `profile_steps` steps)."""
+    """Bytes per step, the non-matmul breakdown of `run_step` (profiled over `profile_steps` steps) and where its wall
+    time goes: C kernels (timed over `profile_steps` more), PyTorch's operators, and outside any operator."""
     details = {"bytes_per_step": bytes_per_step(run_step)}
-    details["matmul_share"], details["non_matmul"] = non_matmul_breakdown(run_step, profile_steps)
+    details["matmul_share"], details["non_matmul"], pytorch_share = non_matmul_breakdown(run_step, profile_steps)
+    c_share, c_functions = c_kernel_time(run_step, profile_steps)
+    details["step_shares"] = {"c_kernels": c_share, "pytorch_operators": pytorch_share,
+                              "outside_operators": max(0.0, 1.0 - c_share - pytorch_share)}
+    details["bytes_complete"] = c_functions <= BYTES_COUNTED_C_FUNCTIONS
     return details
 
 
@@ -351,23 +395,31 @@ def main() -> None:
                 row["share_of_copy_bandwidth"] = row["bandwidth_gb_s"] / bandwidth
                 row["matmul_share_of_op_time"] = details["matmul_share"]
                 row["largest_non_matmul_ops"] = details["non_matmul"]
+                # of the step's wall time: in vitlab's C kernels, in PyTorch's operators, and the rest (Python, autograd)
+                row["step_shares"] = details["step_shares"]
+                if details["bytes_complete"]:  # every kernel's traffic counted: the roofline's verdict
+                    row["flop_per_byte"] = flops * args.batch_size / details["bytes_per_step"]
+                    row["bound"] = bound(row["flop_per_byte"], peak_bf16 * 1e3 / bandwidth)
             rows.append(row)
             print(json.dumps(row), flush=True)
 
     print(f"\n| config | params | train MFLOP/img | reference img/s | vitlab img/s | speed-up | vitlab TFLOP/s | % of bf16 peak ({peak_bf16:.2f}) "
-          f"| % of the peak probed around it (before / after) | GB/s (% of copy {bandwidth:.0f}) | matmul share | largest other operators (share of op time) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+          f"| % of the peak probed around it (before / after) | GB/s (% of copy {bandwidth:.0f}) | FLOP/byte (ridge {peak_bf16 * 1e3 / bandwidth:.0f}): bound "
+          f"| step: C kernels / PyTorch operators / outside operators | matmul share | largest other operators (share of op time) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for row in rows:
         reference = f"{row['reference_img_s']:,.0f}" if row["reference_img_s"] else "-"
         speedup = f"{row['speedup']:.1f}×" if row["speedup"] else "-"
         label = row["config"] + (f" (dropout {row['dropout']:g})" if row["dropout"] else "") + (", compiled" if row["compiled"] else "")
         traffic = f"{row['bandwidth_gb_s']:.1f} ({100 * row['share_of_copy_bandwidth']:.0f}%)" if "bandwidth_gb_s" in row else "-"
         matmul = f"{100 * row['matmul_share_of_op_time']:.0f}%" if "matmul_share_of_op_time" in row else "-"
+        roofline = f"{row['flop_per_byte']:.0f}: {row['bound']}" if "bound" in row else "-"
+        shares = " / ".join(f"{100 * share:.0f}%" for share in row["step_shares"].values()) if "step_shares" in row else "-"
         others = ", ".join(f"{op} {100 * share:.0f}%" for op, share in row.get("largest_non_matmul_ops", [])[:4]) or "-"
         print(f"| {label} | {row['params']:,} | {row['train_mflop_per_image']:,.1f} | {reference} | "
               f"{row['vitlab_img_s']:,.0f} ({row['vitlab_precision']}) | {speedup} | {row['vitlab_tflop_s']:.3f} | "
               f"{100 * row['share_of_bf16_peak']:.1f}% | {100 * row['share_of_local_bf16_peak']:.1f}% "
-              f"({row['local_bf16_peaks'][0]:.2f} / {row['local_bf16_peaks'][1]:.2f}) | {traffic} | {matmul} | {others} |")
+              f"({row['local_bf16_peaks'][0]:.2f} / {row['local_bf16_peaks'][1]:.2f}) | {traffic} | {roofline} | {shares} | {matmul} | {others} |")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"machine": machine, "cpu_kernels": kernels, "peak_bf16_tflop_s": peak_bf16, "peak_fp32_tflop_s": peak_fp32, "copy_gb_s": bandwidth,

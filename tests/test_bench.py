@@ -29,6 +29,29 @@ def test_vitlab_side_times_a_few_steps_and_breaks_them_down():
                                                          profile_steps=2, probe_peak=lambda: next(probes))
     assert speed > 0 and precision in ("fp32", "bf16") and peaks == (1.5, 2.5)  # probed once before and once after
     assert 0 < details["matmul_share"] < 1 and details["non_matmul"] and details["bytes_per_step"] > 32 * 3 * 32 * 32
+    shares = details["step_shares"]
+    assert set(shares) == {"c_kernels", "pytorch_operators", "outside_operators"} and all(0 <= v <= 1 for v in shares.values())
+    assert shares["pytorch_operators"] > 0
+    assert shares["outside_operators"] == pytest.approx(max(0.0, 1 - shares["c_kernels"] - shares["pytorch_operators"]))
+    assert details["bytes_complete"]  # cnn-small's kernels are PyTorch operators (or the batch's augmentation)
+
+
+def test_the_c_kernel_share_counts_the_kernels_calls_and_nothing_else():
+    from vitlab.kernels import gelu
+
+    x = torch.randn(4096, 64).to(torch.bfloat16)
+    if not gelu.kernel_supports(x):
+        pytest.skip("no AVX-512 C kernels on this machine")
+    share, called = bench.c_kernel_time(lambda: gelu.gelu_forward(x), steps=3)
+    assert 0 < share <= 1 and called == {"vitlab_gelu_forward"}
+    share, called = bench.c_kernel_time(lambda: torch.nn.functional.gelu(x.float()), steps=3)
+    assert share == 0 and not called
+
+
+def test_the_roofline_verdict_follows_the_ridge_point():
+    assert bench.bound(28.0, 12.0) == "compute" and bench.bound(3.0, 12.0) == "memory"
+    assert "vitlab_attention_forward" not in bench.BYTES_COUNTED_C_FUNCTIONS  # a plain call: its bytes are not counted
+    assert "vitlab_relu_max_pool_backward_bf16" in bench.BYTES_COUNTED_C_FUNCTIONS
 
 
 def test_byte_counter_counts_what_an_operator_reads_and_writes():
@@ -167,7 +190,7 @@ def test_main_reports_the_share_of_the_peak_probed_around_each_measurement(tmp_p
     assert row["share_of_bf16_peak"] == pytest.approx(row["vitlab_tflop_s"] / 1.0)
     assert 0 < row["matmul_share_of_op_time"] < 1
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cnn-small")]
-    assert len(table) == 1 and table[0].count("|") == 13
+    assert len(table) == 1 and table[0].count("|") == 15
 
 
 def test_a_compiled_steps_fused_kernels_count_as_one_non_matmul_operator():
@@ -176,7 +199,7 @@ def test_a_compiled_steps_fused_kernels_count_as_one_non_matmul_operator():
     step = torch.compile(lambda x: torch.nn.functional.gelu(x @ weight).mul(2.0).add(1.0).sum())
     inputs = torch.randn(256, 64)
     step(inputs)  # compiled here, outside the profile
-    matmul_share, others = bench.non_matmul_breakdown(lambda: step(inputs), steps=2)
+    matmul_share, others, _ = bench.non_matmul_breakdown(lambda: step(inputs), steps=2)
     assert 0 < matmul_share < 1
     assert "compiled fused kernels" in dict(others)
 
@@ -202,7 +225,7 @@ def test_vitlabs_c_kernels_count_in_the_breakdown_forward_and_backward_together(
             total, normalised = norm.after_residual(tokens, out.detach(), torch.zeros(64))
             (total.sum() + normalised.float().sum()).backward()
 
-    matmul_share, others = bench.non_matmul_breakdown(step, steps=2, rows=20)
+    matmul_share, others, _ = bench.non_matmul_breakdown(step, steps=2, rows=20)
     assert matmul_share == 0 and {"C attention", "C layer norm", "C residual add + layer norm", "C GELU"} <= set(dict(others))
     assert not any(name.startswith("Kernel") for name in dict(others))
 
@@ -240,10 +263,10 @@ def test_the_linear_layer_kernels_count_as_matmul_time():
         out.float().sum().backward()
 
     step()
-    only_kernel, _ = bench.non_matmul_breakdown(step, steps=2)
+    only_kernel, _, _ = bench.non_matmul_breakdown(step, steps=2)
     bench.MATMUL_C_KERNELS.discard("KernelLinear")
     try:
-        without_it, others = bench.non_matmul_breakdown(step, steps=2, rows=20)
+        without_it, others, _ = bench.non_matmul_breakdown(step, steps=2, rows=20)
     finally:
         bench.MATMUL_C_KERNELS.add("KernelLinear")
     assert "C linear layer" in dict(others) and without_it < only_kernel
