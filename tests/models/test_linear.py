@@ -8,6 +8,7 @@ from torch import nn
 from vitlab.kernels import switch_kernels
 from vitlab.kernels import weight_gradient as weight_gradient_kernel
 from vitlab.models import build_model
+from vitlab.models.fused_block import blocks_as_separate_nodes
 from vitlab.models.linear import KernelLinear, kernel_applies, linear, run_linear
 
 SUPPORTED = weight_gradient_kernel.kernel_supports(16, 16, True)
@@ -164,7 +165,7 @@ def test_a_vit_trains_its_linear_layers_through_the_kernel_and_its_gradients_mat
         switch_kernels(kernels)
         try:
             model.zero_grad()
-            with cpu_bf16():
+            with cpu_bf16(), blocks_as_separate_nodes():  # each linear layer a node of its own (a fused block is one)
                 loss = F.cross_entropy(model(images), labels)
             kernel_nodes[kernels] = count_nodes(loss.grad_fn, "KernelLinearBackward")
             loss.backward()

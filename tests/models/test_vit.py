@@ -1,3 +1,5 @@
+from contextlib import nullcontext
+
 import pytest
 import torch
 from torch import nn
@@ -5,6 +7,7 @@ from torch import nn
 from vitlab.errors import VitlabError
 from vitlab.models import VisionTransformer, ViTConfig, build_model, layers
 from vitlab.models.base import VitlabModel
+from vitlab.models.fused_block import blocks_as_separate_nodes
 from vitlab.models.vit import Attention, Block, sincos_position_embedding
 
 
@@ -338,7 +341,8 @@ def fused_and_plain_gradients(monkeypatch, model, images):
             monkeypatch.setattr(activations.MLP, "forward", nn.Sequential.forward)
             monkeypatch.setattr(vit.Block, "output_deferrable", lambda self, tokens: False)
         copied = copy.deepcopy(model)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        # plain: no block as one node either (that would run the fused paths' kernels whatever the patches above say)
+        with torch.autocast("cpu", dtype=torch.bfloat16), nullcontext() if fused else blocks_as_separate_nodes():
             logits = copied(images)
         logits.float().square().sum().backward()
         results.append((logits.float(), {name: p.grad for name, p in copied.named_parameters()}, len(calls)))

@@ -68,6 +68,11 @@ def shape_supported(qkv: torch.Tensor, library) -> bool:
     if qkv.device.type != "cpu" or qkv.dtype != torch.bfloat16 or qkv.dim() != 5 or qkv.shape[2] != 3:
         return False
     batch, tokens, _, heads, head_size = qkv.shape
+    return sizes_supported(batch, tokens, heads, head_size, library)
+
+
+def sizes_supported(batch: int, tokens: int, heads: int, head_size: int, library) -> bool:
+    """Whether the library's attention kernel takes a bf16 CPU qkv of (batch, tokens, 3, heads, head_size)."""
     capabilities = library_capabilities(library)
     return (capabilities.attention and batch > 0 and heads > 0 and 0 < tokens <= capabilities.attention_max_tokens
             and head_size % 16 == 0 and 0 < head_size <= capabilities.attention_max_head_size)
@@ -77,6 +82,12 @@ def kernel_supports(qkv: torch.Tensor) -> bool:
     """Whether `attention_forward` will take `qkv` (see shape_supported) with the kernels switched on."""
     library = compiled_library()
     return library is not None and shape_supported(qkv, library)
+
+
+def kernel_supports_sizes(batch: int, tokens: int, heads: int, head_size: int) -> bool:
+    """`kernel_supports` for a bf16 CPU qkv of these sizes, before it exists."""
+    library = compiled_library()
+    return library is not None and sizes_supported(batch, tokens, heads, head_size, library)
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,11 @@ def fp32_cpu_vector(tensor: torch.Tensor | None, length: int) -> bool:
     return tensor is not None and tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.shape == (length,)
 
 
+def fp32_cpu_matrix(tensor: torch.Tensor | None) -> bool:
+    """Whether `tensor` is an fp32 CPU matrix (a linear layer's weight a kernel reads)."""
+    return tensor is not None and tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.dim() == 2
+
+
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
     """What a loaded library's kernels can run on this CPU, read from it once (the checks run in every training step)."""

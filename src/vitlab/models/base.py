@@ -228,8 +228,13 @@ def has_own_hooks(module: nn.Module) -> bool:
 
 def has_hooks(module: nn.Module) -> bool:
     """Whether a hook (the module's own or a global one) would see this module's inputs or outputs."""
+    return has_own_hooks(module) or global_hooks()
+
+
+def global_hooks() -> bool:
+    """Whether a global module hook is registered (nn.modules.module.register_module_forward_hook and the like)."""
     global_names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
-    return has_own_hooks(module) or any(getattr(nn.modules.module, name, None) for name in global_names)
+    return any(getattr(nn.modules.module, name, None) for name in global_names)
 
 
 def intercepted_itself(module: nn.Module) -> bool:

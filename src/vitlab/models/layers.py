@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -112,30 +113,61 @@ def attention_softmax(scores: torch.Tensor, mask_self: bool) -> torch.Tensor:
     return scores.softmax(dim=-1)
 
 
+@dataclass(frozen=True)
+class SavedAttention:
+    """What `kernel_attention_backward` needs of a `kernel_attention_forward`."""
+
+    qkv: torch.Tensor  # (B, T, 3, H, Dh) bf16
+    out: torch.Tensor  # (B, T, H, Dh) bf16
+    weights: torch.Tensor | None  # (B, H, T, T) bf16, a view of padded rows; None where none was kept
+    scales: torch.Tensor  # (H,) fp32
+    dropout: attention_kernel.AttentionDropout
+    scale_shape: torch.Size | None  # a tensor scale's shape and dtype, for its gradient; None for a float
+    scale_dtype: torch.dtype | None
+
+
+def kernel_attention_forward(qkv: torch.Tensor, scale: torch.Tensor | float, mask_self: bool, keep_weights: bool,
+                             dropout: float = 0.0) -> tuple[torch.Tensor, SavedAttention]:
+    """(self-attention of qkv (B, T, 3, H, Dh) by vitlab's C kernel → (B, T, H, Dh), what backward needs). No
+    autograd: KernelSelfAttention's forward, and a fused block's (models/fused_block.py)."""
+    scales = per_head_scales(scale, qkv.shape[3])  # (H,)
+    # with dropout, a key from PyTorch's generator, as vitlab's Dropout draws one
+    drop = (attention_kernel.AttentionDropout(drop_threshold(dropout), keep_scale(dropout), random_key(qkv.device))
+            if dropout > 0 else attention_kernel.NO_DROPOUT)
+    out, weights = attention_kernel.attention_forward(qkv, scales, mask_self, keep_weights, drop)  # (B, T, H, Dh), (B, H, T, T)
+    tensor_scale = isinstance(scale, torch.Tensor)
+    return out, SavedAttention(qkv, out, weights, scales, drop, scale.shape if tensor_scale else None,
+                               scale.dtype if tensor_scale else None)
+
+
+def kernel_attention_backward(saved: SavedAttention, grad_out: torch.Tensor,
+                              scale_gradient_wanted: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(grad_qkv, the gradient of a tensor scale or None) of `kernel_attention_forward`."""
+    grad_qkv, grad_scale_sums = attention_kernel.attention_backward(saved.qkv, saved.out, saved.weights, grad_out, saved.scales,
+                                                                    saved.dropout)
+    grad_scale = None
+    if saved.scale_shape is not None and scale_gradient_wanted:
+        grad_scale = scale_gradient(grad_scale_sums, saved.scale_shape, saved.scale_dtype)
+    return grad_qkv, grad_scale
+
+
 class KernelSelfAttention(torch.autograd.Function):
     """Self-attention by vitlab's C kernel, straight from the QKV projection's output (see kernels/attention.c)."""
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, scale: torch.Tensor | float, mask_self: bool, keep_weights: bool,
                 dropout: float = 0.0) -> torch.Tensor:
-        scales = per_head_scales(scale, qkv.shape[3])  # (H,)
-        # with dropout, a key from PyTorch's generator, as vitlab's Dropout draws one
-        ctx.dropout = (attention_kernel.AttentionDropout(drop_threshold(dropout), keep_scale(dropout), random_key(qkv.device))
-                       if dropout > 0 else attention_kernel.NO_DROPOUT)
-        out, weights = attention_kernel.attention_forward(qkv, scales, mask_self, keep_weights, ctx.dropout)  # (B, T, H, Dh), (B, H, T, T)
-        ctx.save_for_backward(qkv, out, weights, scales)
-        ctx.scale_shape = scale.shape if isinstance(scale, torch.Tensor) else None
-        ctx.scale_dtype = scale.dtype if isinstance(scale, torch.Tensor) else None
+        out, saved = kernel_attention_forward(qkv, scale, mask_self, keep_weights, dropout)
+        ctx.save_for_backward(saved.qkv, saved.out, saved.weights, saved.scales)
+        ctx.dropout, ctx.scale_shape, ctx.scale_dtype = saved.dropout, saved.scale_shape, saved.scale_dtype
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # no double backward through the kernel (cpu_kernels false has one)
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None, None]:
         qkv, out, weights, scales = ctx.saved_tensors
-        grad_qkv, grad_scale_sums = attention_kernel.attention_backward(qkv, out, weights, grad_out, scales, ctx.dropout)
-        grad_scale = None
-        if ctx.scale_shape is not None and ctx.needs_input_grad[1]:
-            grad_scale = scale_gradient(grad_scale_sums, ctx.scale_shape, ctx.scale_dtype)
+        saved = SavedAttention(qkv, out, weights, scales, ctx.dropout, ctx.scale_shape, ctx.scale_dtype)
+        grad_qkv, grad_scale = kernel_attention_backward(saved, grad_out, ctx.needs_input_grad[1])
         return grad_qkv, grad_scale, None, None, None
 
 

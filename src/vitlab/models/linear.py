@@ -14,6 +14,8 @@ gradient, a graph being recorded, widths the kernels do not take, no compiler or
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,44 +45,73 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return F.linear(x, weight, bias)
 
 
+@dataclass(frozen=True)
+class SavedLinear:
+    """What `linear_backward` needs of a `linear_forward`: its input and, for the input gradient, the weight as the
+    matmul kernel's pairs (`packed`) or as a bf16 matrix for oneDNN."""
+
+    x: torch.Tensor  # (..., in) bf16
+    weight: torch.Tensor | None  # packed pairs (out / 2, in) int32, a bf16 matrix (out, in), or None: no input gradient
+    packed: bool
+    has_bias: bool
+
+
+def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   input_gradient: bool) -> tuple[torch.Tensor, SavedLinear]:
+    """(x @ weightᵀ (+ bias) in bf16 for bf16 CPU x and fp32 weights, by vitlab's matmul kernel where
+    `products_in_kernel` (else oneDNN's; the same bits either way), what backward needs). No autograd: KernelLinear's
+    forward, and a fused block's (models/fused_block.py)."""
+    weight_bf16 = weight.detach().to(torch.bfloat16)
+    bias_bf16 = None if bias is None else bias.detach().to(torch.bfloat16)
+    if products_in_kernel(x, weight):
+        packed = matmul_kernel.pack_weight(weight_bf16, backward=input_gradient)
+        out = matmul_kernel.matmul(x, packed.forward, bias_bf16)  # (..., out) bf16, the bits of bf16_linear
+        return out, SavedLinear(x, packed.backward, True, bias is not None)
+    out = bf16_linear(x, weight_bf16, bias_bf16)  # (..., out) bf16
+    return out, SavedLinear(x, weight_bf16, False, bias is not None)
+
+
+def linear_backward(saved: SavedLinear, grad_out: torch.Tensor, input_gradient: bool, weight_gradient: bool,
+                    bias_gradient: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(grad_x bf16, grad_weight fp32, grad_bias fp32) of `linear_forward`, each None where not asked for (or where
+    the layer has no bias); the weight and bias gradients by vitlab's weight-gradient kernel."""
+    grad_out = grad_out.to(torch.bfloat16)
+    grad_x = None
+    if input_gradient:  # (..., in) bf16, as autocast's backward
+        grad_x = matmul_kernel.matmul(grad_out, saved.weight) if saved.packed else grad_out @ saved.weight
+    grad_weight = grad_bias = None
+    bias_gradient = saved.has_bias and bias_gradient
+    if weight_gradient:
+        grad_weight, grad_bias = weight_gradient_kernel.weight_gradient(grad_out, saved.x, bias_gradient)
+    elif bias_gradient:  # a frozen weight: the bias's sums alone
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=torch.float32)
+    return grad_x, grad_weight, grad_bias
+
+
+def refuse_double_backward() -> None:
+    """The kernels' gradients have no derivative of their own: a backward with create_graph=True stops here."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("vitlab's linear-layer kernels cannot be differentiated twice (a backward with "
+                           "create_graph=True); switch vitlab's C kernels off: --cpu_kernels false, or "
+                           "vitlab.kernels.switch_kernels(False)")
+
+
 class KernelLinear(torch.autograd.Function):
-    """x @ weightᵀ (+ bias) in bf16 for bf16 CPU x and fp32 weights, by vitlab's matmul kernel where `products_in_kernel`
-    (else oneDNN's; the same bits either way); weight and bias gradients by vitlab's weight-gradient kernel."""
+    """x @ weightᵀ (+ bias) in bf16 for bf16 CPU x and fp32 weights (`linear_forward`); weight and bias gradients by
+    vitlab's weight-gradient kernel (`linear_backward`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        weight_bf16 = weight.detach().to(torch.bfloat16)
-        bias_bf16 = None if bias is None else bias.detach().to(torch.bfloat16)
-        ctx.has_bias = bias is not None
-        if products_in_kernel(x, weight):
-            packed = matmul_kernel.pack_weight(weight_bf16, backward=ctx.needs_input_grad[0])
-            out = matmul_kernel.matmul(x, packed.forward, bias_bf16)  # (..., out) bf16, the bits of bf16_linear
-            ctx.save_for_backward(x, packed.backward)
-            ctx.packed = True
-            return out
-        out = bf16_linear(x, weight_bf16, bias_bf16)  # (..., out) bf16
-        ctx.save_for_backward(x, weight_bf16)
-        ctx.packed = False
+        out, saved = linear_forward(x, weight, bias, input_gradient=ctx.needs_input_grad[0])
+        ctx.save_for_backward(saved.x, saved.weight)
+        ctx.packed, ctx.has_bias = saved.packed, saved.has_bias
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        if torch.is_grad_enabled():  # backward(create_graph=True): the kernel's gradients have no derivative of their own
-            raise RuntimeError("vitlab's linear-layer kernels cannot be differentiated twice (a backward with "
-                               "create_graph=True); switch vitlab's C kernels off: --cpu_kernels false, or "
-                               "vitlab.kernels.switch_kernels(False)")
-        x, weight_or_pairs = ctx.saved_tensors
-        grad_out = grad_out.to(torch.bfloat16)
-        grad_x = None
-        if ctx.needs_input_grad[0]:  # (..., in) bf16, as autocast's backward
-            grad_x = matmul_kernel.matmul(grad_out, weight_or_pairs) if ctx.packed else grad_out @ weight_or_pairs
-        grad_weight = grad_bias = None
-        bias_gradient = ctx.has_bias and ctx.needs_input_grad[2]
-        if ctx.needs_input_grad[1]:
-            grad_weight, grad_bias = weight_gradient_kernel.weight_gradient(grad_out, x, bias_gradient)
-        elif bias_gradient:  # a frozen weight: the bias's sums alone
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=torch.float32)
-        return grad_x, grad_weight, grad_bias
+        refuse_double_backward()
+        x, weight = ctx.saved_tensors
+        return linear_backward(SavedLinear(x, weight, ctx.packed, ctx.has_bias), grad_out, *ctx.needs_input_grad)
 
 
 def products_in_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -96,10 +127,15 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """Whether `linear` runs x through KernelLinear: bf16 CPU x under CPU bf16 autocast with gradients on, fp32
     weight (and bias) on the CPU, no graph being recorded, widths the kernel takes."""
     # the graph test first: a tracer would warn about the shape tests
-    return (not recording_graph() and torch.is_grad_enabled() and cpu_autocast_dtype() == torch.bfloat16
-            and x.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.dtype == torch.float32
-            and weight.device.type == "cpu" and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
-            and (bias is None or fp32_cpu_vector(bias, weight.shape[0]))
+    return (not recording_graph() and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() >= 1
+            and weights_take_kernel(weight, bias) and x.shape[-1] == weight.shape[1])
+
+
+def weights_take_kernel(weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """kernel_applies but for x, which a fused path knows to be bf16 on the CPU: gradients on, CPU bf16 autocast, an fp32
+    CPU weight (and bias), widths the kernel takes. (The graph test is the caller's.)"""
+    return (torch.is_grad_enabled() and cpu_autocast_dtype() == torch.bfloat16 and weight.dtype == torch.float32
+            and weight.device.type == "cpu" and weight.dim() == 2 and (bias is None or fp32_cpu_vector(bias, weight.shape[0]))
             and weight_gradient_kernel.kernel_supports(weight.shape[1], weight.shape[0], bias is not None))
 
 

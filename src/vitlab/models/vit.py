@@ -24,7 +24,13 @@ from torch import nn
 
 from vitlab.config import check_finite_numbers
 from vitlab.errors import VitlabError
+from vitlab.kernels import attention as attention_kernel
+from vitlab.kernels import gelu as gelu_kernel
+from vitlab.kernels import layer_norm as layer_norm_kernel
 from vitlab.kernels import patches as patches_kernel
+from vitlab.kernels import recording_graph
+from vitlab.kernels import weight_gradient as weight_gradient_kernel
+from vitlab.kernels.build import compiled_library, fp32_cpu_matrix, fp32_cpu_vector
 from vitlab.models.activations import GELU, MLP
 from vitlab.models.aircnn import AirCNNConfig, ConvGroup
 from vitlab.models.base import (
@@ -32,6 +38,8 @@ from vitlab.models.base import (
     TokenLayout,
     VitlabModel,
     bf16_on_cpu,
+    cpu_autocast_dtype,
+    global_hooks,
     inactive_dropout,
     init_linear_weights,
     intercepted,
@@ -39,7 +47,8 @@ from vitlab.models.base import (
     plain_linear,
 )
 from vitlab.models.dropout import Dropout
-from vitlab.models.layers import self_attention, single_query_attention
+from vitlab.models.fused_block import BlockLayout, BlockOnKernels, blocks_may_fuse
+from vitlab.models.layers import attention_written_out, self_attention, single_query_attention
 from vitlab.models.linear import linear, run_linear
 from vitlab.models.norms import MatmulInputNorm
 from vitlab.models.pooling import run_layers
@@ -389,6 +398,8 @@ class Block(nn.Module):
         token (no weights are returned): for the last block under CLS pooling, whose other outputs nothing reads."""
         if first_token_only:
             return self.first_token(tokens, pending), None
+        if not return_attention and self.runs_as_one_node(tokens, pending, defer_output):
+            return self.as_one_node(tokens, pending, defer_output)
         if not self.pre_norm:
             mixed, weights = self.attention(tokens, return_attention)
             tokens = self.attention_norm(tokens + mixed)  # (B, T, D)
@@ -409,6 +420,63 @@ class Block(nn.Module):
         if defer_output:
             return tokens, weights, self.mlp.without_last_bias(normalised)
         return tokens + self.mlp(normalised), weights
+
+    def runs_as_one_node(self, tokens: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None, defer_output: bool) -> bool:
+        """Whether `forward` may run the block as one autograd node on the C kernels (models/fused_block.py): a pre-norm
+        block of vitlab's own parts (no subclass, no hook and no replaced forward on the block or any part), every part
+        on its kernel as `forward` would run it: CPU bf16 autocast, gradients on, no graph being recorded, exact GELU
+        adding the first layer's bias, inactive dropouts but the attention weights' (inside the kernel). Asked once per
+        block and step, so written for speed: each condition once, the parts' attributes read once."""
+        if not (self.pre_norm and type(self) is Block and blocks_may_fuse()):
+            return False
+        attention, mlp, attention_norm, mlp_norm = self.attention, self.mlp, self.attention_norm, self.mlp_norm
+        if not (type(attention) is Attention and type(mlp) is MLP and type(attention_norm) is MatmulInputNorm
+                and type(mlp_norm) is MatmulInputNorm):
+            return False
+        first, activation, hidden_dropout, last, output_dropout = mlp
+        qkv, projection, projection_dropout = attention.qkv, attention.projection, attention.output_dropout
+        parts = (self, attention_norm, attention, qkv, projection, projection_dropout, mlp_norm, mlp, first, activation,
+                 hidden_dropout, last, output_dropout)
+        if any(intercepted_itself(part) for part in parts) or global_hooks():
+            return False
+        if not (type(activation) is GELU and activation.approximate == "none" and type(qkv) is nn.Linear
+                and type(projection) is nn.Linear and type(first) is nn.Linear and type(last) is nn.Linear
+                and all(isinstance(dropout, nn.Dropout) and (not dropout.training or dropout.p == 0.0)
+                        for dropout in (projection_dropout, hidden_dropout, output_dropout))):
+            return False
+        library = compiled_library()
+        if (library is None or not torch.is_grad_enabled() or cpu_autocast_dtype() != torch.bfloat16 or recording_graph()
+                or attention_written_out() or tokens.dim() != 3):
+            return False
+        batch, count, width = tokens.shape
+        last_bias = None if defer_output else last.bias
+        return (layer_norm_kernel.shape_supported(tokens, attention_norm.weight, attention_norm.bias, library)
+                and len(attention_norm.normalized_shape) == 1 and len(mlp_norm.normalized_shape) == 1
+                and fp32_cpu_vector(mlp_norm.weight, width) and fp32_cpu_vector(mlp_norm.bias, width)
+                and (pending is None or layer_norm_kernel.residual_shape_supported(tokens, *pending, attention_norm.weight,
+                                                                                   attention_norm.bias, library))
+                and (projection.bias is None or fp32_cpu_vector(projection.bias, width))
+                and all(fp32_cpu_matrix(weight) and (bias is None or fp32_cpu_vector(bias, weight.shape[0]))
+                        and weight_gradient_kernel.shape_supported(weight.shape[1], weight.shape[0], bias is not None, library)
+                        for weight, bias in ((qkv.weight, qkv.bias), (projection.weight, None), (first.weight, None),
+                                             (last.weight, last_bias)))
+                and gelu_kernel.adds_bias(first.out_features, first.bias)
+                and attention_kernel.sizes_supported(batch, count, attention.num_heads, attention.head_size, library))
+
+    def as_one_node(self, tokens: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None, defer_output: bool):
+        """`forward`'s result, the same bits, from one BlockOnKernels (where `runs_as_one_node`)."""
+        attention, last = self.attention, self.mlp[3]
+        scale = torch.exp(-attention.log_temperature) if attention.lsa else attention.head_size**-0.5
+        layout = BlockLayout(attention.num_heads, self.attention_norm.eps, self.mlp_norm.eps, attention.lsa,
+                             attention.attention_dropout if attention.training else 0.0)
+        addend, addend_bias = pending if pending is not None else (None, None)
+        after_attention, out = BlockOnKernels.apply(
+            tokens, addend, addend_bias, scale, self.attention_norm.weight, self.attention_norm.bias, attention.qkv.weight,
+            attention.qkv.bias, attention.projection.weight, attention.projection.bias, self.mlp_norm.weight, self.mlp_norm.bias,
+            self.mlp[0].weight, self.mlp[0].bias, last.weight, None if defer_output else last.bias, layout)
+        if defer_output:
+            return after_attention, None, (out, last.bias)
+        return after_attention + out, None
 
     def first_token(self, tokens: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """The block's output for the first token alone (B, 1, D); `pending` as in `forward`."""

@@ -1,0 +1,128 @@
+"""A pre-norm transformer block on vitlab's C kernels as one autograd node.
+
+On the kernel path (CPU bf16 autocast) a pre-norm block is eight autograd Functions: the first norm (with the previous
+block's deferred MLP output added, models/norms.py), the QKV projection, attention, the output projection, the residual
+add with the second norm, the MLP's first layer, GELU with that layer's bias, and its last layer. At the seeds' sizes
+each Function's Python and autograd bookkeeping took about as long as its kernel (docs/performance.md, "A block as one
+autograd node"). `BlockOnKernels` runs the same kernels, in the same order, on the same inputs — the same bits — as
+one Function, its parts' checks made once per block (`Block.runs_as_one_node` in models/vit.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from vitlab.kernels import gelu as gelu_kernel
+from vitlab.kernels import layer_norm as layer_norm_kernel
+from vitlab.models.layers import SavedAttention, kernel_attention_backward, kernel_attention_forward
+from vitlab.models.linear import SavedLinear, linear_backward, linear_forward, refuse_double_backward
+
+_switch = threading.local()
+
+
+@contextlib.contextmanager
+def blocks_as_separate_nodes():
+    """Within it, blocks on this thread run as their parts' own autograd Functions (for comparisons and tests)."""
+    previous = getattr(_switch, "separate", False)
+    _switch.separate = True
+    try:
+        yield
+    finally:
+        _switch.separate = previous
+
+
+def blocks_may_fuse() -> bool:
+    """Whether `blocks_as_separate_nodes` is off on this thread."""
+    return not getattr(_switch, "separate", False)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """What the block's Function needs besides tensors."""
+
+    heads: int
+    attention_eps: float  # the first norm's epsilon
+    mlp_eps: float  # the second norm's
+    mask_self: bool  # LSA's diagonal mask
+    attention_dropout: float  # on the attention weights, inside the kernel (0 when not training)
+
+
+class BlockOnKernels(torch.autograd.Function):
+    """A pre-norm block on the kernels: (stream after attention (B, T, D) fp32, the MLP's output (B, T, D) bf16, with
+    its last bias unless that is None). The first norm adds `addend` (+ `addend_bias`) to `tokens` first when given (a
+    previous block's deferred MLP output); without it the attention's residual is `tokens` itself."""
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, addend: torch.Tensor | None, addend_bias: torch.Tensor | None, scale: torch.Tensor | float,
+                attention_norm_weight: torch.Tensor, attention_norm_bias: torch.Tensor, qkv_weight: torch.Tensor,
+                qkv_bias: torch.Tensor | None, projection_weight: torch.Tensor, projection_bias: torch.Tensor,
+                mlp_norm_weight: torch.Tensor, mlp_norm_bias: torch.Tensor, first_weight: torch.Tensor, first_bias: torch.Tensor,
+                last_weight: torch.Tensor, last_bias: torch.Tensor | None, layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, count, width = tokens.shape  # (B, T, D) fp32
+        if addend is None:
+            stream = tokens
+            normalised, attention_mean, attention_rstd = layer_norm_kernel.layer_norm_forward(
+                tokens, attention_norm_weight, attention_norm_bias, layout.attention_eps)  # (B, T, D) bf16
+        else:
+            stream, normalised, attention_mean, attention_rstd = layer_norm_kernel.residual_layer_norm_forward(
+                tokens, addend, addend_bias, attention_norm_weight, attention_norm_bias, layout.attention_eps)
+        qkv, qkv_saved = linear_forward(normalised, qkv_weight, qkv_bias, input_gradient=True)  # (B, T, 3D) bf16
+        mixed, attention_saved = kernel_attention_forward(qkv.view(batch, count, 3, layout.heads, -1), scale, layout.mask_self,
+                                                          keep_weights=True, dropout=layout.attention_dropout)  # (B, T, H, Dh)
+        projected, projection_saved = linear_forward(mixed.view(batch, count, width), projection_weight, None, input_gradient=True)
+        after_attention, mlp_input, mlp_mean, mlp_rstd = layer_norm_kernel.residual_layer_norm_forward(
+            stream, projected, projection_bias, mlp_norm_weight, mlp_norm_bias, layout.mlp_eps)  # (B, T, D) fp32, bf16
+        hidden, first_saved = linear_forward(mlp_input, first_weight, None, input_gradient=True)  # (B, T, M) bf16
+        activated, slope = gelu_kernel.gelu_forward(hidden, first_bias)  # GELU(hidden + bias), GELU'
+        out, last_saved = linear_forward(activated, last_weight, last_bias, input_gradient=True)  # (B, T, D) bf16
+        ctx.save_for_backward(tokens, stream, attention_norm_weight, attention_mean, attention_rstd, qkv_saved.x, qkv_saved.weight,
+                              attention_saved.qkv, attention_saved.out, attention_saved.weights, attention_saved.scales,
+                              projection_saved.x, projection_saved.weight, after_attention, mlp_norm_weight, mlp_mean, mlp_rstd,
+                              first_saved.x, first_saved.weight, slope, last_saved.x, last_saved.weight)
+        ctx.packed = (qkv_saved.packed, projection_saved.packed, first_saved.packed, last_saved.packed)
+        ctx.attention = (attention_saved.dropout, attention_saved.scale_shape, attention_saved.scale_dtype)
+        ctx.has_addend, ctx.has_qkv_bias, ctx.has_last_bias = addend is not None, qkv_bias is not None, last_bias is not None
+        return after_attention, out
+
+    @staticmethod
+    def backward(ctx, grad_after_attention: torch.Tensor | None, grad_out: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        refuse_double_backward()
+        (tokens, stream, attention_norm_weight, attention_mean, attention_rstd, normalised, qkv_pairs, qkv, mixed, weights, scales,
+         projection_input, projection_pairs, after_attention, mlp_norm_weight, mlp_mean, mlp_rstd, mlp_input, first_pairs, slope,
+         activated, last_pairs) = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        qkv_packed, projection_packed, first_packed, last_packed = ctx.packed
+        batch, count, width = after_attention.shape
+        if grad_out is None:  # the MLP's output reached no loss
+            grad_out = torch.zeros(batch, count, width, dtype=torch.bfloat16)
+        grad_activated, grad_last_weight, grad_last_bias = linear_backward(
+            SavedLinear(activated, last_pairs, last_packed, ctx.has_last_bias), grad_out, True, needs[14], needs[15])
+        grad_hidden, grad_first_bias = gelu_kernel.gelu_backward(grad_activated, slope, bias_gradient=needs[13])
+        grad_mlp_input, grad_first_weight, _ = linear_backward(SavedLinear(mlp_input, first_pairs, first_packed, False), grad_hidden,
+                                                               True, needs[12], False)
+        grad_stream, grad_projected, grad_mlp_norm_weight, grad_mlp_norm_bias, grad_projection_bias = (
+            layer_norm_kernel.residual_layer_norm_backward(grad_mlp_input, after_attention, mlp_norm_weight, mlp_mean, mlp_rstd,
+                                                           grad_after_attention, needs[9]))
+        grad_mixed, grad_projection_weight, _ = linear_backward(
+            SavedLinear(projection_input, projection_pairs, projection_packed, False), grad_projected, True, needs[8], False)
+        attention_saved = SavedAttention(qkv, mixed, weights, scales, *ctx.attention)
+        grad_qkv, grad_scale = kernel_attention_backward(attention_saved, grad_mixed.view(mixed.shape), needs[3])
+        grad_normalised, grad_qkv_weight, grad_qkv_bias = linear_backward(
+            SavedLinear(normalised, qkv_pairs, qkv_packed, ctx.has_qkv_bias), grad_qkv.view(batch, count, -1), True, needs[6], needs[7])
+        grad_addend = grad_addend_bias = None
+        if ctx.has_addend:
+            (grad_tokens, grad_addend, grad_attention_norm_weight, grad_attention_norm_bias,
+             grad_addend_bias) = layer_norm_kernel.residual_layer_norm_backward(grad_normalised, stream, attention_norm_weight,
+                                                                                attention_mean, attention_rstd, grad_stream, needs[2])
+        else:
+            grad_tokens, grad_attention_norm_weight, grad_attention_norm_bias = layer_norm_kernel.layer_norm_backward(
+                grad_normalised, tokens, attention_norm_weight, attention_mean, attention_rstd, input_gradient=needs[0])
+            if grad_tokens is not None:  # tokens reach both the norm and the residual add (autograd would add these two)
+                grad_tokens = grad_tokens + grad_stream
+        return (grad_tokens, grad_addend, grad_addend_bias, grad_scale, grad_attention_norm_weight, grad_attention_norm_bias,
+                grad_qkv_weight, grad_qkv_bias, grad_projection_weight, grad_projection_bias, grad_mlp_norm_weight, grad_mlp_norm_bias,
+                grad_first_weight, grad_first_bias, grad_last_weight, grad_last_bias, None)

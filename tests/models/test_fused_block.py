@@ -1,0 +1,125 @@
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+import vitlab.models.vit as vit_module
+from vitlab.kernels import attention as attention_kernel
+from vitlab.models import build_model
+from vitlab.models.fused_block import BlockOnKernels, blocks_as_separate_nodes
+
+SUPPORTED = attention_kernel.kernel_supports(torch.zeros(2, 65, 3, 4, 16, dtype=torch.bfloat16))
+pytestmark = pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 BF16 C kernels on this machine")
+
+SMALL = {"patch_size": 4, "hidden_size": 64, "num_heads": 4}
+CONFIGS = {
+    "CLS pooling, outputs deferred to the next block": {**SMALL, "num_blocks": 3},
+    "LSA, shifted patches, sequence pooling": {**SMALL, "num_blocks": 2, "mlp_ratio": 2.0, "stem": "spt", "lsa": True, "pool": "seq"},
+    "attention dropout, mean pooling": {**SMALL, "num_blocks": 2, "attention_dropout": 0.1, "pool": "mean"},
+}
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """How many blocks ran as one node since the test began."""
+    calls = []
+    apply = BlockOnKernels.apply
+    monkeypatch.setattr(vit_module.BlockOnKernels, "apply", lambda *arguments: calls.append(1) or apply(*arguments))
+    return calls
+
+
+def logits_and_gradients(model, images, labels, separate: bool = False, autocast: bool = True):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)  # the same attention-dropout keys for both paths
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), blocks_as_separate_nodes() if separate else nullcontext():
+        logits = model(images)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+    loss.backward()
+    return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def batch(size: int = 6):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(size, 3, 32, 32, generator=generator), torch.randint(0, 10, (size,), generator=generator)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_a_block_as_one_node_gives_the_bits_of_its_parts(name, fused_calls):
+    torch.manual_seed(0)
+    model = build_model("vit", **CONFIGS[name]).train()
+    images, labels = batch()
+    fused_logits, fused_gradients = logits_and_gradients(model, images, labels)
+    blocks = CONFIGS[name]["num_blocks"]
+    assert len(fused_calls) == (blocks - 1 if CONFIGS[name].get("pool", "cls") == "cls" else blocks)  # CLS: the last is CLS-only
+    fused_calls.clear()
+    logits, gradients = logits_and_gradients(model, images, labels, separate=True)
+    assert not fused_calls
+    assert torch.equal(fused_logits, logits)
+    assert fused_gradients.keys() == gradients.keys() == {name for name, p in model.named_parameters() if p.requires_grad}
+    for parameter, gradient in gradients.items():
+        assert torch.equal(fused_gradients[parameter], gradient), parameter
+
+
+def steps_aside_for_hook(model):
+    model.blocks[0].mlp[3].register_forward_hook(lambda module, inputs, output: None)
+    return model
+
+
+def steps_aside_for_output_dropout(model):
+    model.blocks[0].attention.output_dropout.p = 0.1
+    return model
+
+
+def steps_aside_for_replaced_forward(model):
+    norm = model.blocks[0].mlp_norm
+    norm.forward = lambda x: torch.nn.LayerNorm.forward(norm, x)
+    return model
+
+
+@pytest.mark.parametrize("change", [steps_aside_for_hook, steps_aside_for_output_dropout, steps_aside_for_replaced_forward])
+def test_a_block_with_a_hook_an_active_dropout_or_a_replaced_part_runs_its_parts(change, fused_calls):
+    torch.manual_seed(0)
+    model = change(build_model("vit", **SMALL, num_blocks=2, pool="mean")).train()
+    logits_and_gradients(model, *batch())
+    assert len(fused_calls) == 1  # block 1 still fuses; block 0 does not
+
+
+def test_blocks_run_their_parts_without_autocast_without_gradients_for_attention_maps_and_post_norm(fused_calls):
+    torch.manual_seed(0)
+    model = build_model("vit", **SMALL, num_blocks=2, pool="mean").train()
+    images, labels = batch()
+    logits_and_gradients(model, images, labels, autocast=False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images, return_attention=True)
+    post_norm = build_model("vit", **SMALL, num_blocks=2, pool="mean", norm="post").train()
+    logits_and_gradients(post_norm, images, labels)
+    assert not fused_calls
+
+
+def test_a_global_module_hook_stops_the_fusion(fused_calls):
+    torch.manual_seed(0)
+    model = build_model("vit", **SMALL, num_blocks=2, pool="mean").train()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, inputs, output: None)
+    try:
+        logits_and_gradients(model, *batch())
+    finally:
+        handle.remove()
+    assert not fused_calls
+
+
+def test_a_retained_graph_gives_the_same_gradients_twice_and_a_second_derivative_is_refused(fused_calls):
+    torch.manual_seed(0)
+    model = build_model("vit", **SMALL, num_blocks=2, pool="mean").train()
+    images, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
+    assert fused_calls
+    first = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+        torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
