@@ -230,6 +230,28 @@ def test_vitlabs_c_kernels_count_in_the_breakdown_forward_and_backward_together(
     assert not any(name.startswith("Kernel") for name in dict(others))
 
 
+def test_a_block_run_as_one_node_shows_its_parts_in_the_breakdown_as_they_show_unfused():
+    from vitlab.kernels.attention import kernel_supports
+    from vitlab.models.fused_block import blocks_as_separate_nodes
+
+    if not kernel_supports(torch.zeros(2, 65, 3, 4, 16, dtype=torch.bfloat16)):
+        pytest.skip("no AVX-512 BF16 C kernels on this machine")
+    torch.manual_seed(0)
+    model = build_model("vit", patch_size=4, hidden_size=64, num_heads=4, num_blocks=2, pool="mean").train()
+    images = torch.randn(4, 3, 32, 32)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(images).float().sum().backward()
+
+    fused_share, fused_others, _ = bench.non_matmul_breakdown(step, steps=2, rows=20)
+    with blocks_as_separate_nodes():
+        separate_share, separate_others, _ = bench.non_matmul_breakdown(step, steps=2, rows=20)
+    parts = {"C attention", "C layer norm", "C residual add + layer norm", "C GELU"}
+    assert parts <= set(dict(fused_others)) and parts <= set(dict(separate_others))
+    assert 0 < fused_share < 1 and 0 < separate_share < 1
+
+
 def test_every_c_kernel_function_has_a_name_in_the_breakdown():
     """Each autograd Function that runs a C kernel (vitlab's Kernel… classes) is counted under a name of its own: one
     left out would count as no operator at all, and its time would vanish from the breakdown."""

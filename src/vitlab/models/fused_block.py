@@ -40,6 +40,12 @@ def blocks_may_fuse() -> bool:
     return not getattr(_switch, "separate", False)
 
 
+def part(name: str, profiling: bool):
+    """While a profiler runs, a range named as the part's own autograd Function (and its backward) is named, so that a
+    profile (benchmarks/bench.py's breakdown) shows the block's parts as it shows them unfused."""
+    return torch.profiler.record_function(name) if profiling else contextlib.nullcontext()
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """What the block's Function needs besides tensors."""
@@ -63,22 +69,32 @@ class BlockOnKernels(torch.autograd.Function):
                 mlp_norm_weight: torch.Tensor, mlp_norm_bias: torch.Tensor, first_weight: torch.Tensor, first_bias: torch.Tensor,
                 last_weight: torch.Tensor, last_bias: torch.Tensor | None, layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
         batch, count, width = tokens.shape  # (B, T, D) fp32
+        profiling = torch.autograd._profiler_enabled()
         if addend is None:
             stream = tokens
-            normalised, attention_mean, attention_rstd = layer_norm_kernel.layer_norm_forward(
-                tokens, attention_norm_weight, attention_norm_bias, layout.attention_eps)  # (B, T, D) bf16
+            with part("KernelLayerNorm", profiling):
+                normalised, attention_mean, attention_rstd = layer_norm_kernel.layer_norm_forward(
+                    tokens, attention_norm_weight, attention_norm_bias, layout.attention_eps)  # (B, T, D) bf16
         else:
-            stream, normalised, attention_mean, attention_rstd = layer_norm_kernel.residual_layer_norm_forward(
-                tokens, addend, addend_bias, attention_norm_weight, attention_norm_bias, layout.attention_eps)
-        qkv, qkv_saved = linear_forward(normalised, qkv_weight, qkv_bias, input_gradient=True)  # (B, T, 3D) bf16
-        mixed, attention_saved = kernel_attention_forward(qkv.view(batch, count, 3, layout.heads, -1), scale, layout.mask_self,
-                                                          keep_weights=True, dropout=layout.attention_dropout)  # (B, T, H, Dh)
-        projected, projection_saved = linear_forward(mixed.view(batch, count, width), projection_weight, None, input_gradient=True)
-        after_attention, mlp_input, mlp_mean, mlp_rstd = layer_norm_kernel.residual_layer_norm_forward(
-            stream, projected, projection_bias, mlp_norm_weight, mlp_norm_bias, layout.mlp_eps)  # (B, T, D) fp32, bf16
-        hidden, first_saved = linear_forward(mlp_input, first_weight, None, input_gradient=True)  # (B, T, M) bf16
-        activated, slope = gelu_kernel.gelu_forward(hidden, first_bias)  # GELU(hidden + bias), GELU'
-        out, last_saved = linear_forward(activated, last_weight, last_bias, input_gradient=True)  # (B, T, D) bf16
+            with part("KernelResidualNorm", profiling):
+                stream, normalised, attention_mean, attention_rstd = layer_norm_kernel.residual_layer_norm_forward(
+                    tokens, addend, addend_bias, attention_norm_weight, attention_norm_bias, layout.attention_eps)
+        with part("KernelLinear", profiling):
+            qkv, qkv_saved = linear_forward(normalised, qkv_weight, qkv_bias, input_gradient=True)  # (B, T, 3D) bf16
+        with part("KernelSelfAttention", profiling):
+            mixed, attention_saved = kernel_attention_forward(qkv.view(batch, count, 3, layout.heads, -1), scale, layout.mask_self,
+                                                              keep_weights=True, dropout=layout.attention_dropout)  # (B, T, H, Dh)
+        with part("KernelLinear", profiling):
+            projected, projection_saved = linear_forward(mixed.view(batch, count, width), projection_weight, None, input_gradient=True)
+        with part("KernelResidualNorm", profiling):
+            after_attention, mlp_input, mlp_mean, mlp_rstd = layer_norm_kernel.residual_layer_norm_forward(
+                stream, projected, projection_bias, mlp_norm_weight, mlp_norm_bias, layout.mlp_eps)  # (B, T, D) fp32, bf16
+        with part("KernelLinear", profiling):
+            hidden, first_saved = linear_forward(mlp_input, first_weight, None, input_gradient=True)  # (B, T, M) bf16
+        with part("KernelGELU", profiling):
+            activated, slope = gelu_kernel.gelu_forward(hidden, first_bias)  # GELU(hidden + bias), GELU'
+        with part("KernelLinear", profiling):
+            out, last_saved = linear_forward(activated, last_weight, last_bias, input_gradient=True)  # (B, T, D) bf16
         ctx.save_for_backward(tokens, stream, attention_norm_weight, attention_mean, attention_rstd, qkv_saved.x, qkv_saved.weight,
                               attention_saved.qkv, attention_saved.out, attention_saved.weights, attention_saved.scales,
                               projection_saved.x, projection_saved.weight, after_attention, mlp_norm_weight, mlp_mean, mlp_rstd,
@@ -99,28 +115,39 @@ class BlockOnKernels(torch.autograd.Function):
         batch, count, width = after_attention.shape
         if grad_out is None:  # the MLP's output reached no loss
             grad_out = torch.zeros(batch, count, width, dtype=torch.bfloat16)
-        grad_activated, grad_last_weight, grad_last_bias = linear_backward(
-            SavedLinear(activated, last_pairs, last_packed, ctx.has_last_bias), grad_out, True, needs[14], needs[15])
-        grad_hidden, grad_first_bias = gelu_kernel.gelu_backward(grad_activated, slope, bias_gradient=needs[13])
-        grad_mlp_input, grad_first_weight, _ = linear_backward(SavedLinear(mlp_input, first_pairs, first_packed, False), grad_hidden,
-                                                               True, needs[12], False)
-        grad_stream, grad_projected, grad_mlp_norm_weight, grad_mlp_norm_bias, grad_projection_bias = (
-            layer_norm_kernel.residual_layer_norm_backward(grad_mlp_input, after_attention, mlp_norm_weight, mlp_mean, mlp_rstd,
-                                                           grad_after_attention, needs[9]))
-        grad_mixed, grad_projection_weight, _ = linear_backward(
-            SavedLinear(projection_input, projection_pairs, projection_packed, False), grad_projected, True, needs[8], False)
-        attention_saved = SavedAttention(qkv, mixed, weights, scales, *ctx.attention)
-        grad_qkv, grad_scale = kernel_attention_backward(attention_saved, grad_mixed.view(mixed.shape), needs[3])
-        grad_normalised, grad_qkv_weight, grad_qkv_bias = linear_backward(
-            SavedLinear(normalised, qkv_pairs, qkv_packed, ctx.has_qkv_bias), grad_qkv.view(batch, count, -1), True, needs[6], needs[7])
+        profiling = torch.autograd._profiler_enabled()
+        with part("KernelLinearBackward", profiling):
+            grad_activated, grad_last_weight, grad_last_bias = linear_backward(
+                SavedLinear(activated, last_pairs, last_packed, ctx.has_last_bias), grad_out, True, needs[14], needs[15])
+        with part("KernelGELUBackward", profiling):
+            grad_hidden, grad_first_bias = gelu_kernel.gelu_backward(grad_activated, slope, bias_gradient=needs[13])
+        with part("KernelLinearBackward", profiling):
+            grad_mlp_input, grad_first_weight, _ = linear_backward(SavedLinear(mlp_input, first_pairs, first_packed, False),
+                                                                   grad_hidden, True, needs[12], False)
+        with part("KernelResidualNormBackward", profiling):
+            grad_stream, grad_projected, grad_mlp_norm_weight, grad_mlp_norm_bias, grad_projection_bias = (
+                layer_norm_kernel.residual_layer_norm_backward(grad_mlp_input, after_attention, mlp_norm_weight, mlp_mean, mlp_rstd,
+                                                               grad_after_attention, needs[9]))
+        with part("KernelLinearBackward", profiling):
+            grad_mixed, grad_projection_weight, _ = linear_backward(
+                SavedLinear(projection_input, projection_pairs, projection_packed, False), grad_projected, True, needs[8], False)
+        with part("KernelSelfAttentionBackward", profiling):
+            attention_saved = SavedAttention(qkv, mixed, weights, scales, *ctx.attention)
+            grad_qkv, grad_scale = kernel_attention_backward(attention_saved, grad_mixed.view(mixed.shape), needs[3])
+        with part("KernelLinearBackward", profiling):
+            grad_normalised, grad_qkv_weight, grad_qkv_bias = linear_backward(
+                SavedLinear(normalised, qkv_pairs, qkv_packed, ctx.has_qkv_bias), grad_qkv.view(batch, count, -1), True, needs[6],
+                needs[7])
         grad_addend = grad_addend_bias = None
         if ctx.has_addend:
-            (grad_tokens, grad_addend, grad_attention_norm_weight, grad_attention_norm_bias,
-             grad_addend_bias) = layer_norm_kernel.residual_layer_norm_backward(grad_normalised, stream, attention_norm_weight,
-                                                                                attention_mean, attention_rstd, grad_stream, needs[2])
+            with part("KernelResidualNormBackward", profiling):
+                (grad_tokens, grad_addend, grad_attention_norm_weight, grad_attention_norm_bias,
+                 grad_addend_bias) = layer_norm_kernel.residual_layer_norm_backward(grad_normalised, stream, attention_norm_weight,
+                                                                                    attention_mean, attention_rstd, grad_stream, needs[2])
         else:
-            grad_tokens, grad_attention_norm_weight, grad_attention_norm_bias = layer_norm_kernel.layer_norm_backward(
-                grad_normalised, tokens, attention_norm_weight, attention_mean, attention_rstd, input_gradient=needs[0])
+            with part("KernelLayerNormBackward", profiling):
+                grad_tokens, grad_attention_norm_weight, grad_attention_norm_bias = layer_norm_kernel.layer_norm_backward(
+                    grad_normalised, tokens, attention_norm_weight, attention_mean, attention_rstd, input_gradient=needs[0])
             if grad_tokens is not None:  # tokens reach both the norm and the residual add (autograd would add these two)
                 grad_tokens = grad_tokens + grad_stream
         return (grad_tokens, grad_addend, grad_addend_bias, grad_scale, grad_attention_norm_weight, grad_attention_norm_bias,
