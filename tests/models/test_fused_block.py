@@ -6,7 +6,7 @@ import torch
 import vitlab.models.vit as vit_module
 from vitlab.kernels import attention as attention_kernel
 from vitlab.models import build_model
-from vitlab.models.fused_block import BlockOnKernels, blocks_as_separate_nodes
+from vitlab.models.fused_block import BlockOnKernels, FirstTokenBlockOnKernels, blocks_as_separate_nodes
 
 SUPPORTED = attention_kernel.kernel_supports(torch.zeros(2, 65, 3, 4, 16, dtype=torch.bfloat16))
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 BF16 C kernels on this machine")
@@ -14,6 +14,7 @@ pytestmark = pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 BF16 C kernels
 SMALL = {"patch_size": 4, "hidden_size": 64, "num_heads": 4}
 CONFIGS = {
     "CLS pooling, outputs deferred to the next block": {**SMALL, "num_blocks": 3},
+    "CLS pooling, LSA, one block": {**SMALL, "num_blocks": 1, "lsa": True},
     "LSA, shifted patches, sequence pooling": {**SMALL, "num_blocks": 2, "mlp_ratio": 2.0, "stem": "spt", "lsa": True, "pool": "seq"},
     "attention dropout, mean pooling": {**SMALL, "num_blocks": 2, "attention_dropout": 0.1, "pool": "mean"},
 }
@@ -21,10 +22,11 @@ CONFIGS = {
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """How many blocks ran as one node since the test began."""
+    """The blocks that ran as one node since the test began: "block" or "first token" (the CLS-only last block)."""
     calls = []
-    apply = BlockOnKernels.apply
-    monkeypatch.setattr(vit_module.BlockOnKernels, "apply", lambda *arguments: calls.append(1) or apply(*arguments))
+    for kind, function in (("block", BlockOnKernels), ("first token", FirstTokenBlockOnKernels)):
+        monkeypatch.setattr(getattr(vit_module, function.__name__), "apply",
+                            lambda *arguments, kind=kind, apply=function.apply: calls.append(kind) or apply(*arguments))
     return calls
 
 
@@ -50,7 +52,10 @@ def test_a_block_as_one_node_gives_the_bits_of_its_parts(name, fused_calls):
     images, labels = batch()
     fused_logits, fused_gradients = logits_and_gradients(model, images, labels)
     blocks = CONFIGS[name]["num_blocks"]
-    assert len(fused_calls) == (blocks - 1 if CONFIGS[name].get("pool", "cls") == "cls" else blocks)  # CLS: the last is CLS-only
+    if CONFIGS[name].get("pool", "cls") == "cls":  # the last block computes the CLS token alone
+        assert fused_calls == ["block"] * (blocks - 1) + ["first token"]
+    else:
+        assert fused_calls == ["block"] * blocks
     fused_calls.clear()
     logits, gradients = logits_and_gradients(model, images, labels, separate=True)
     assert not fused_calls
@@ -81,7 +86,17 @@ def test_a_block_with_a_hook_an_active_dropout_or_a_replaced_part_runs_its_parts
     torch.manual_seed(0)
     model = change(build_model("vit", **SMALL, num_blocks=2, pool="mean")).train()
     logits_and_gradients(model, *batch())
-    assert len(fused_calls) == 1  # block 1 still fuses; block 0 does not
+    assert fused_calls == ["block"]  # block 1 still fuses; block 0 does not
+
+
+def test_the_cls_only_block_with_attention_dropout_runs_its_parts_with_the_same_bits(fused_calls):
+    torch.manual_seed(0)
+    model = build_model("vit", **SMALL, num_blocks=2, attention_dropout=0.1).train()
+    images, labels = batch()
+    fused_logits, fused_gradients = logits_and_gradients(model, images, labels)
+    assert fused_calls == ["block"]  # the single-query kernel has no dropout: the CLS block's parts run themselves
+    logits, gradients = logits_and_gradients(model, images, labels, separate=True)
+    assert torch.equal(fused_logits, logits) and all(torch.equal(fused_gradients[name], g) for name, g in gradients.items())
 
 
 def test_blocks_run_their_parts_without_autocast_without_gradients_for_attention_maps_and_post_norm(fused_calls):

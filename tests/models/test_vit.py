@@ -113,7 +113,7 @@ def test_under_bf16_autocast_the_cls_tokens_attention_runs_through_the_single_qu
     for cls_only in (True, False):
         monkeypatch.setattr(VisionTransformer, "reads_only_the_cls_token", lambda self, cls_only=cls_only: cls_only)
         model.zero_grad()
-        with torch.autocast("cpu", torch.bfloat16):
+        with torch.autocast("cpu", torch.bfloat16), blocks_as_separate_nodes():  # (a fused block's node hides its parts')
             logits = model(images)
         nodes, stack = set(), [logits.grad_fn]
         while stack:

@@ -23,7 +23,14 @@ def kernel_supports(query: torch.Tensor, key_value: torch.Tensor, heads: int) ->
     if query.dim() != 2 or key_value.dim() != 3 or heads <= 0 or query.shape[1] % heads:
         return False
     batch, hidden = query.shape
-    return (batch > 0 and key_value.shape[0] == batch and key_value.shape[1] > 0 and key_value.shape[2] == 2 * hidden
+    return key_value.shape[0] == batch and key_value.shape[2] == 2 * hidden and sizes_supported(batch, key_value.shape[1], hidden,
+                                                                                                heads, library)
+
+
+def sizes_supported(batch: int, tokens: int, hidden: int, heads: int, library) -> bool:
+    """Whether the library's kernel takes a bf16 CPU query (batch, hidden) and key_value (batch, tokens, 2 hidden) of
+    `heads` heads."""
+    return (batch > 0 and tokens > 0 and heads > 0 and hidden % heads == 0
             and 0 < hidden // heads <= library.vitlab_single_query_max_head_size())
 
 

@@ -18,7 +18,14 @@ import torch
 
 from vitlab.kernels import gelu as gelu_kernel
 from vitlab.kernels import layer_norm as layer_norm_kernel
-from vitlab.models.layers import SavedAttention, kernel_attention_backward, kernel_attention_forward
+from vitlab.kernels import single_query as single_query_kernel
+from vitlab.models.layers import (
+    SavedAttention,
+    kernel_attention_backward,
+    kernel_attention_forward,
+    per_head_scales,
+    scale_gradient,
+)
 from vitlab.models.linear import SavedLinear, linear_backward, linear_forward, refuse_double_backward
 
 _switch = threading.local()
@@ -150,6 +157,117 @@ class BlockOnKernels(torch.autograd.Function):
                     grad_normalised, tokens, attention_norm_weight, attention_mean, attention_rstd, input_gradient=needs[0])
             if grad_tokens is not None:  # tokens reach both the norm and the residual add (autograd would add these two)
                 grad_tokens = grad_tokens + grad_stream
+        return (grad_tokens, grad_addend, grad_addend_bias, grad_scale, grad_attention_norm_weight, grad_attention_norm_bias,
+                grad_qkv_weight, grad_qkv_bias, grad_projection_weight, grad_projection_bias, grad_mlp_norm_weight, grad_mlp_norm_bias,
+                grad_first_weight, grad_first_bias, grad_last_weight, grad_last_bias, None)
+
+
+class FirstTokenBlockOnKernels(torch.autograd.Function):
+    """The last block under CLS pooling, computing the first token alone (Block.first_token) on the kernels: (its output
+    (B, 1, D) fp32). The first norm runs over every token (with `addend` (+ `addend_bias`) added first when given); the
+    first token's query attends to every token's key and value (the single-query kernel); the rest acts on that token."""
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, addend: torch.Tensor | None, addend_bias: torch.Tensor | None, scale: torch.Tensor | float,
+                attention_norm_weight: torch.Tensor, attention_norm_bias: torch.Tensor, qkv_weight: torch.Tensor,
+                qkv_bias: torch.Tensor | None, projection_weight: torch.Tensor, projection_bias: torch.Tensor | None,
+                mlp_norm_weight: torch.Tensor, mlp_norm_bias: torch.Tensor, first_weight: torch.Tensor, first_bias: torch.Tensor,
+                last_weight: torch.Tensor, last_bias: torch.Tensor | None, layout: BlockLayout) -> torch.Tensor:
+        batch, count, width = tokens.shape  # (B, T, D) fp32
+        profiling = torch.autograd._profiler_enabled()
+        if addend is None:
+            stream = tokens
+            with part("KernelLayerNorm", profiling):
+                normalised, attention_mean, attention_rstd = layer_norm_kernel.layer_norm_forward(
+                    tokens, attention_norm_weight, attention_norm_bias, layout.attention_eps)  # (B, T, D) bf16
+        else:
+            with part("KernelResidualNorm", profiling):
+                stream, normalised, attention_mean, attention_rstd = layer_norm_kernel.residual_layer_norm_forward(
+                    tokens, addend, addend_bias, attention_norm_weight, attention_norm_bias, layout.attention_eps)
+        query_bias, key_value_bias = (None, None) if qkv_bias is None else (qkv_bias[:width], qkv_bias[width:])
+        with part("KernelLinear", profiling):
+            query, query_saved = linear_forward(normalised[:, 0].contiguous(), qkv_weight[:width], query_bias, input_gradient=True)
+            key_value, key_value_saved = linear_forward(normalised, qkv_weight[width:], key_value_bias, input_gradient=True)
+        with part("KernelSingleQueryAttention", profiling):
+            scales = per_head_scales(scale, layout.heads)
+            mixed, weights = single_query_kernel.single_query_forward(query, key_value, scales, layout.heads, layout.mask_self)  # (B, D)
+        with part("KernelLinear", profiling):
+            projected, projection_saved = linear_forward(mixed.view(batch, 1, width), projection_weight, projection_bias, True)
+        first = stream[:, :1] + projected  # (B, 1, D) fp32
+        with part("KernelLayerNorm", profiling):
+            mlp_input, mlp_mean, mlp_rstd = layer_norm_kernel.layer_norm_forward(first, mlp_norm_weight, mlp_norm_bias, layout.mlp_eps)
+        with part("KernelLinear", profiling):
+            hidden, first_saved = linear_forward(mlp_input, first_weight, None, input_gradient=True)  # (B, 1, M) bf16
+        with part("KernelGELU", profiling):
+            activated, slope = gelu_kernel.gelu_forward(hidden, first_bias)
+        with part("KernelLinear", profiling):
+            out, last_saved = linear_forward(activated, last_weight, last_bias, input_gradient=True)  # (B, 1, D) bf16
+        ctx.save_for_backward(tokens, stream, attention_norm_weight, attention_mean, attention_rstd, query_saved.x, query_saved.weight,
+                              normalised, key_value_saved.weight, query, key_value, scales, weights, projection_saved.x,
+                              projection_saved.weight, first, mlp_norm_weight, mlp_mean, mlp_rstd, mlp_input, first_saved.weight,
+                              slope, activated, last_saved.weight)
+        ctx.packed = (query_saved.packed, key_value_saved.packed, projection_saved.packed, first_saved.packed, last_saved.packed)
+        ctx.has_addend, ctx.has_qkv_bias = addend is not None, qkv_bias is not None
+        ctx.has_projection_bias, ctx.has_last_bias = projection_bias is not None, last_bias is not None
+        ctx.heads = layout.heads
+        ctx.scale_shape, ctx.scale_dtype = (scale.shape, scale.dtype) if isinstance(scale, torch.Tensor) else (None, None)
+        return first + out
+
+    @staticmethod
+    def backward(ctx, grad_result: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        refuse_double_backward()
+        (tokens, stream, attention_norm_weight, attention_mean, attention_rstd, query_input, query_pairs, normalised, key_value_pairs,
+         query, key_value, scales, weights, projection_input, projection_pairs, first, mlp_norm_weight, mlp_mean, mlp_rstd, mlp_input,
+         first_pairs, slope, activated, last_pairs) = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        query_packed, key_value_packed, projection_packed, first_packed, last_packed = ctx.packed
+        batch, count, width = normalised.shape
+        profiling = torch.autograd._profiler_enabled()
+        with part("KernelLinearBackward", profiling):
+            grad_activated, grad_last_weight, grad_last_bias = linear_backward(
+                SavedLinear(activated, last_pairs, last_packed, ctx.has_last_bias), grad_result.to(torch.bfloat16), True, needs[14],
+                needs[15])
+        with part("KernelGELUBackward", profiling):
+            grad_hidden, grad_first_bias = gelu_kernel.gelu_backward(grad_activated, slope, bias_gradient=needs[13])
+        with part("KernelLinearBackward", profiling):
+            grad_mlp_input, grad_first_weight, _ = linear_backward(SavedLinear(mlp_input, first_pairs, first_packed, False), grad_hidden,
+                                                                   True, needs[12], False)
+        with part("KernelLayerNormBackward", profiling):
+            grad_first, grad_mlp_norm_weight, grad_mlp_norm_bias = layer_norm_kernel.layer_norm_backward(
+                grad_mlp_input, first, mlp_norm_weight, mlp_mean, mlp_rstd)
+        grad_first = grad_result + grad_first  # the first token reaches the output and the norm (autograd adds the two)
+        with part("KernelLinearBackward", profiling):
+            grad_mixed, grad_projection_weight, grad_projection_bias = linear_backward(
+                SavedLinear(projection_input, projection_pairs, projection_packed, ctx.has_projection_bias),
+                grad_first.to(torch.bfloat16), True, needs[8], needs[9])
+        with part("KernelSingleQueryAttentionBackward", profiling):
+            grad_query, grad_key_value, grad_scale_sums = single_query_kernel.single_query_backward(
+                query, key_value, scales, weights, grad_mixed.view(batch, width), ctx.heads)
+            grad_scale = None
+            if ctx.scale_shape is not None and needs[3]:
+                grad_scale = scale_gradient(grad_scale_sums, ctx.scale_shape, ctx.scale_dtype)
+        with part("KernelLinearBackward", profiling):
+            grad_query_input, grad_query_weight, grad_query_bias = linear_backward(
+                SavedLinear(query_input, query_pairs, query_packed, ctx.has_qkv_bias), grad_query, True, needs[6], needs[7])
+            grad_normalised, grad_key_value_weight, grad_key_value_bias = linear_backward(
+                SavedLinear(normalised, key_value_pairs, key_value_packed, ctx.has_qkv_bias), grad_key_value, True, needs[6], needs[7])
+        grad_normalised[:, 0] += grad_query_input  # the first token's row also made the query (autograd adds the two)
+        grad_stream = torch.zeros_like(stream)
+        grad_stream[:, :1] = grad_first  # only the first token's stream reached the output
+        grad_addend = grad_addend_bias = None
+        if ctx.has_addend:
+            with part("KernelResidualNormBackward", profiling):
+                (grad_tokens, grad_addend, grad_attention_norm_weight, grad_attention_norm_bias,
+                 grad_addend_bias) = layer_norm_kernel.residual_layer_norm_backward(grad_normalised, stream, attention_norm_weight,
+                                                                                    attention_mean, attention_rstd, grad_stream, needs[2])
+        else:
+            with part("KernelLayerNormBackward", profiling):
+                grad_tokens, grad_attention_norm_weight, grad_attention_norm_bias = layer_norm_kernel.layer_norm_backward(
+                    grad_normalised, tokens, attention_norm_weight, attention_mean, attention_rstd, input_gradient=needs[0])
+            if grad_tokens is not None:
+                grad_tokens = grad_tokens + grad_stream
+        grad_qkv_weight = torch.cat([grad_query_weight, grad_key_value_weight]) if needs[6] else None
+        grad_qkv_bias = torch.cat([grad_query_bias, grad_key_value_bias]) if needs[7] and ctx.has_qkv_bias else None
         return (grad_tokens, grad_addend, grad_addend_bias, grad_scale, grad_attention_norm_weight, grad_attention_norm_bias,
                 grad_qkv_weight, grad_qkv_bias, grad_projection_weight, grad_projection_bias, grad_mlp_norm_weight, grad_mlp_norm_bias,
                 grad_first_weight, grad_first_bias, grad_last_weight, grad_last_bias, None)

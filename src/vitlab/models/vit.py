@@ -29,6 +29,7 @@ from vitlab.kernels import gelu as gelu_kernel
 from vitlab.kernels import layer_norm as layer_norm_kernel
 from vitlab.kernels import patches as patches_kernel
 from vitlab.kernels import recording_graph
+from vitlab.kernels import single_query as single_query_kernel
 from vitlab.kernels import weight_gradient as weight_gradient_kernel
 from vitlab.kernels.build import compiled_library, fp32_cpu_matrix, fp32_cpu_vector
 from vitlab.models.activations import GELU, MLP
@@ -47,7 +48,7 @@ from vitlab.models.base import (
     plain_linear,
 )
 from vitlab.models.dropout import Dropout
-from vitlab.models.fused_block import BlockLayout, BlockOnKernels, blocks_may_fuse
+from vitlab.models.fused_block import BlockLayout, BlockOnKernels, FirstTokenBlockOnKernels, blocks_may_fuse
 from vitlab.models.layers import attention_written_out, self_attention, single_query_attention
 from vitlab.models.linear import linear, run_linear
 from vitlab.models.norms import MatmulInputNorm
@@ -397,6 +398,8 @@ class Block(nn.Module):
         With `first_token_only` the block computes only the first token's output (B, 1, D), which still attends to every
         token (no weights are returned): for the last block under CLS pooling, whose other outputs nothing reads."""
         if first_token_only:
+            if self.runs_as_one_node(tokens, pending, defer_output=False, first_token_only=True):
+                return self.first_token_as_one_node(tokens, pending), None
             return self.first_token(tokens, pending), None
         if not return_attention and self.runs_as_one_node(tokens, pending, defer_output):
             return self.as_one_node(tokens, pending, defer_output)
@@ -421,12 +424,14 @@ class Block(nn.Module):
             return tokens, weights, self.mlp.without_last_bias(normalised)
         return tokens + self.mlp(normalised), weights
 
-    def runs_as_one_node(self, tokens: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None, defer_output: bool) -> bool:
+    def runs_as_one_node(self, tokens: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None, defer_output: bool,
+                         first_token_only: bool = False) -> bool:
         """Whether `forward` may run the block as one autograd node on the C kernels (models/fused_block.py): a pre-norm
         block of vitlab's own parts (no subclass, no hook and no replaced forward on the block or any part), every part
         on its kernel as `forward` would run it: CPU bf16 autocast, gradients on, no graph being recorded, exact GELU
-        adding the first layer's bias, inactive dropouts but the attention weights' (inside the kernel). Asked once per
-        block and step, so written for speed: each condition once, the parts' attributes read once."""
+        adding the first layer's bias, inactive dropouts but the attention weights' (inside the kernel; with
+        `first_token_only`, `first_token`'s path, inactive too). Asked once per block and step, so written for speed: each
+        condition once, the parts' attributes read once."""
         if not (self.pre_norm and type(self) is Block and blocks_may_fuse()):
             return False
         attention, mlp, attention_norm, mlp_norm = self.attention, self.mlp, self.attention_norm, self.mlp_norm
@@ -450,7 +455,15 @@ class Block(nn.Module):
             return False
         batch, count, width = tokens.shape
         last_bias = None if defer_output else last.bias
-        return (layer_norm_kernel.shape_supported(tokens, attention_norm.weight, attention_norm.bias, library)
+        if first_token_only:  # the query and the keys and values from qkv's two parts, one query's attention
+            query_bias, key_value_bias = (None, None) if qkv.bias is None else (qkv.bias[:width], qkv.bias[width:])
+            products = ((qkv.weight[:width], query_bias), (qkv.weight[width:], key_value_bias), (projection.weight, projection.bias))
+            attention_fits = (attention.attention_dropout == 0.0 or not attention.training) and single_query_kernel.sizes_supported(
+                batch, count, width, attention.num_heads, library)
+        else:
+            products = ((qkv.weight, qkv.bias), (projection.weight, None))
+            attention_fits = attention_kernel.sizes_supported(batch, count, attention.num_heads, attention.head_size, library)
+        return (attention_fits and layer_norm_kernel.shape_supported(tokens, attention_norm.weight, attention_norm.bias, library)
                 and len(attention_norm.normalized_shape) == 1 and len(mlp_norm.normalized_shape) == 1
                 and fp32_cpu_vector(mlp_norm.weight, width) and fp32_cpu_vector(mlp_norm.bias, width)
                 and (pending is None or layer_norm_kernel.residual_shape_supported(tokens, *pending, attention_norm.weight,
@@ -458,10 +471,8 @@ class Block(nn.Module):
                 and (projection.bias is None or fp32_cpu_vector(projection.bias, width))
                 and all(fp32_cpu_matrix(weight) and (bias is None or fp32_cpu_vector(bias, weight.shape[0]))
                         and weight_gradient_kernel.shape_supported(weight.shape[1], weight.shape[0], bias is not None, library)
-                        for weight, bias in ((qkv.weight, qkv.bias), (projection.weight, None), (first.weight, None),
-                                             (last.weight, last_bias)))
-                and gelu_kernel.adds_bias(first.out_features, first.bias)
-                and attention_kernel.sizes_supported(batch, count, attention.num_heads, attention.head_size, library))
+                        for weight, bias in (*products, (first.weight, None), (last.weight, last_bias)))
+                and gelu_kernel.adds_bias(first.out_features, first.bias))
 
     def as_one_node(self, tokens: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None, defer_output: bool):
         """`forward`'s result, the same bits, from one BlockOnKernels (where `runs_as_one_node`)."""
@@ -477,6 +488,18 @@ class Block(nn.Module):
         if defer_output:
             return after_attention, None, (out, last.bias)
         return after_attention + out, None
+
+    def first_token_as_one_node(self, tokens: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """`first_token`'s result, the same values, from one FirstTokenBlockOnKernels (where `runs_as_one_node` with
+        first_token_only)."""
+        attention, mlp = self.attention, self.mlp
+        scale = torch.exp(-attention.log_temperature) if attention.lsa else attention.head_size**-0.5
+        layout = BlockLayout(attention.num_heads, self.attention_norm.eps, self.mlp_norm.eps, attention.lsa, 0.0)
+        addend, addend_bias = pending if pending is not None else (None, None)
+        return FirstTokenBlockOnKernels.apply(
+            tokens, addend, addend_bias, scale, self.attention_norm.weight, self.attention_norm.bias, attention.qkv.weight,
+            attention.qkv.bias, attention.projection.weight, attention.projection.bias, self.mlp_norm.weight, self.mlp_norm.bias,
+            mlp[0].weight, mlp[0].bias, mlp[3].weight, mlp[3].bias, layout)  # (B, 1, D)
 
     def first_token(self, tokens: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """The block's output for the first token alone (B, 1, D); `pending` as in `forward`."""
