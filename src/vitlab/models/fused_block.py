@@ -153,10 +153,10 @@ class BlockOnKernels(torch.autograd.Function):
                                                                                     attention_mean, attention_rstd, grad_stream, needs[2])
         else:
             with part("KernelLayerNormBackward", profiling):
-                grad_tokens, grad_attention_norm_weight, grad_attention_norm_bias = layer_norm_kernel.layer_norm_backward(
-                    grad_normalised, tokens, attention_norm_weight, attention_mean, attention_rstd, input_gradient=needs[0])
-            if grad_tokens is not None:  # tokens reach both the norm and the residual add (autograd would add these two)
-                grad_tokens = grad_tokens + grad_stream
+                # tokens reach both the norm and the residual add: the kernel adds the latter's gradient (as autograd would)
+                grad_tokens, _, grad_attention_norm_weight, grad_attention_norm_bias, _ = layer_norm_kernel.run_backward(
+                    grad_normalised, tokens, attention_norm_weight, attention_mean, attention_rstd,
+                    grad_stream if needs[0] else None, column_sums=False, input_gradient=needs[0])
         return (grad_tokens, grad_addend, grad_addend_bias, grad_scale, grad_attention_norm_weight, grad_attention_norm_bias,
                 grad_qkv_weight, grad_qkv_bias, grad_projection_weight, grad_projection_bias, grad_mlp_norm_weight, grad_mlp_norm_bias,
                 grad_first_weight, grad_first_bias, grad_last_weight, grad_last_bias, None)
@@ -262,10 +262,9 @@ class FirstTokenBlockOnKernels(torch.autograd.Function):
                                                                                     attention_mean, attention_rstd, grad_stream, needs[2])
         else:
             with part("KernelLayerNormBackward", profiling):
-                grad_tokens, grad_attention_norm_weight, grad_attention_norm_bias = layer_norm_kernel.layer_norm_backward(
-                    grad_normalised, tokens, attention_norm_weight, attention_mean, attention_rstd, input_gradient=needs[0])
-            if grad_tokens is not None:
-                grad_tokens = grad_tokens + grad_stream
+                grad_tokens, _, grad_attention_norm_weight, grad_attention_norm_bias, _ = layer_norm_kernel.run_backward(
+                    grad_normalised, tokens, attention_norm_weight, attention_mean, attention_rstd,
+                    grad_stream if needs[0] else None, column_sums=False, input_gradient=needs[0])
         grad_qkv_weight = torch.cat([grad_query_weight, grad_key_value_weight]) if needs[6] else None
         grad_qkv_bias = torch.cat([grad_query_bias, grad_key_value_bias]) if needs[7] and ctx.has_qkv_bias else None
         return (grad_tokens, grad_addend, grad_addend_bias, grad_scale, grad_attention_norm_weight, grad_attention_norm_bias,
