@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -218,6 +219,25 @@ def init_linear_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+class ThreadSwitch:
+    """A switch per thread, off unless `on()` holds it on (nested uses restore what they found)."""
+
+    def __init__(self) -> None:
+        self._state = threading.local()
+
+    @contextlib.contextmanager
+    def on(self):
+        previous = getattr(self._state, "on", False)
+        self._state.on = True
+        try:
+            yield
+        finally:
+            self._state.on = previous
+
+    def is_on(self) -> bool:
+        return getattr(self._state, "on", False)
 
 
 def has_own_hooks(module: nn.Module) -> bool:

@@ -11,7 +11,6 @@ one Function, its parts' checks made once per block (`Block.runs_as_one_node` in
 from __future__ import annotations
 
 import contextlib
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ import torch
 from vitlab.kernels import gelu as gelu_kernel
 from vitlab.kernels import layer_norm as layer_norm_kernel
 from vitlab.kernels import single_query as single_query_kernel
+from vitlab.models.base import ThreadSwitch
 from vitlab.models.layers import (
     SavedAttention,
     kernel_attention_backward,
@@ -28,29 +28,51 @@ from vitlab.models.layers import (
 )
 from vitlab.models.linear import SavedLinear, linear_backward, linear_forward, refuse_double_backward
 
-_switch = threading.local()
+_separate = ThreadSwitch()
 
 
-@contextlib.contextmanager
 def blocks_as_separate_nodes():
     """Within it, blocks on this thread run as their parts' own autograd Functions (for comparisons and tests)."""
-    previous = getattr(_switch, "separate", False)
-    _switch.separate = True
-    try:
-        yield
-    finally:
-        _switch.separate = previous
+    return _separate.on()
 
 
 def blocks_may_fuse() -> bool:
     """Whether `blocks_as_separate_nodes` is off on this thread."""
-    return not getattr(_switch, "separate", False)
+    return not _separate.is_on()
 
 
 def part(name: str, profiling: bool):
     """While a profiler runs, a range named as the part's own autograd Function (and its backward) is named, so that a
     profile (benchmarks/bench.py's breakdown) shows the block's parts as it shows them unfused."""
     return torch.profiler.record_function(name) if profiling else contextlib.nullcontext()
+
+
+def first_norm_forward(tokens: torch.Tensor, addend: torch.Tensor | None, addend_bias: torch.Tensor | None, weight: torch.Tensor,
+                       bias: torch.Tensor, eps: float, profiling: bool) -> tuple[torch.Tensor, ...]:
+    """A block's first norm: (the stream (tokens, or tokens + addend (+ addend_bias) when an addend is given), its norm in
+    bf16, mean, rstd)."""
+    if addend is None:
+        with part("KernelLayerNorm", profiling):
+            return tokens, *layer_norm_kernel.layer_norm_forward(tokens, weight, bias, eps)
+    with part("KernelResidualNorm", profiling):
+        return layer_norm_kernel.residual_layer_norm_forward(tokens, addend, addend_bias, weight, bias, eps)
+
+
+def first_norm_backward(grad_normalised: torch.Tensor, grad_stream: torch.Tensor, tokens: torch.Tensor, stream: torch.Tensor,
+                        weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, has_addend: bool, tokens_gradient: bool,
+                        addend_bias_gradient: bool, profiling: bool) -> tuple[torch.Tensor | None, ...]:
+    """`first_norm_forward`'s gradients, given its norm's and its stream's (the stream also reaches the residual add):
+    (grad_tokens, grad_addend, grad_addend_bias, grad_weight, grad_bias), None where there is no such input."""
+    if has_addend:
+        with part("KernelResidualNormBackward", profiling):
+            grad_tokens, grad_addend, grad_weight, grad_bias, grad_addend_bias = layer_norm_kernel.residual_layer_norm_backward(
+                grad_normalised, stream, weight, mean, rstd, grad_stream, addend_bias_gradient)
+        return grad_tokens, grad_addend, grad_addend_bias, grad_weight, grad_bias
+    with part("KernelLayerNormBackward", profiling):  # the kernel adds the residual's gradient (as autograd would)
+        grad_tokens, _, grad_weight, grad_bias, _ = layer_norm_kernel.run_backward(
+            grad_normalised, tokens, weight, mean, rstd, grad_stream if tokens_gradient else None, column_sums=False,
+            input_gradient=tokens_gradient)
+    return grad_tokens, None, None, grad_weight, grad_bias
 
 
 @dataclass(frozen=True)
@@ -77,15 +99,8 @@ class BlockOnKernels(torch.autograd.Function):
                 last_weight: torch.Tensor, last_bias: torch.Tensor | None, layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
         batch, count, width = tokens.shape  # (B, T, D) fp32
         profiling = torch.autograd._profiler_enabled()
-        if addend is None:
-            stream = tokens
-            with part("KernelLayerNorm", profiling):
-                normalised, attention_mean, attention_rstd = layer_norm_kernel.layer_norm_forward(
-                    tokens, attention_norm_weight, attention_norm_bias, layout.attention_eps)  # (B, T, D) bf16
-        else:
-            with part("KernelResidualNorm", profiling):
-                stream, normalised, attention_mean, attention_rstd = layer_norm_kernel.residual_layer_norm_forward(
-                    tokens, addend, addend_bias, attention_norm_weight, attention_norm_bias, layout.attention_eps)
+        stream, normalised, attention_mean, attention_rstd = first_norm_forward(
+            tokens, addend, addend_bias, attention_norm_weight, attention_norm_bias, layout.attention_eps, profiling)  # bf16
         with part("KernelLinear", profiling):
             qkv, qkv_saved = linear_forward(normalised, qkv_weight, qkv_bias, input_gradient=True)  # (B, T, 3D) bf16
         with part("KernelSelfAttention", profiling):
@@ -145,18 +160,9 @@ class BlockOnKernels(torch.autograd.Function):
             grad_normalised, grad_qkv_weight, grad_qkv_bias = linear_backward(
                 SavedLinear(normalised, qkv_pairs, qkv_packed, ctx.has_qkv_bias), grad_qkv.view(batch, count, -1), True, needs[6],
                 needs[7])
-        grad_addend = grad_addend_bias = None
-        if ctx.has_addend:
-            with part("KernelResidualNormBackward", profiling):
-                (grad_tokens, grad_addend, grad_attention_norm_weight, grad_attention_norm_bias,
-                 grad_addend_bias) = layer_norm_kernel.residual_layer_norm_backward(grad_normalised, stream, attention_norm_weight,
-                                                                                    attention_mean, attention_rstd, grad_stream, needs[2])
-        else:
-            with part("KernelLayerNormBackward", profiling):
-                # tokens reach both the norm and the residual add: the kernel adds the latter's gradient (as autograd would)
-                grad_tokens, _, grad_attention_norm_weight, grad_attention_norm_bias, _ = layer_norm_kernel.run_backward(
-                    grad_normalised, tokens, attention_norm_weight, attention_mean, attention_rstd,
-                    grad_stream if needs[0] else None, column_sums=False, input_gradient=needs[0])
+        grad_tokens, grad_addend, grad_addend_bias, grad_attention_norm_weight, grad_attention_norm_bias = first_norm_backward(
+            grad_normalised, grad_stream, tokens, stream, attention_norm_weight, attention_mean, attention_rstd, ctx.has_addend,
+            needs[0], needs[2], profiling)
         return (grad_tokens, grad_addend, grad_addend_bias, grad_scale, grad_attention_norm_weight, grad_attention_norm_bias,
                 grad_qkv_weight, grad_qkv_bias, grad_projection_weight, grad_projection_bias, grad_mlp_norm_weight, grad_mlp_norm_bias,
                 grad_first_weight, grad_first_bias, grad_last_weight, grad_last_bias, None)
@@ -175,15 +181,8 @@ class FirstTokenBlockOnKernels(torch.autograd.Function):
                 last_weight: torch.Tensor, last_bias: torch.Tensor | None, layout: BlockLayout) -> torch.Tensor:
         batch, count, width = tokens.shape  # (B, T, D) fp32
         profiling = torch.autograd._profiler_enabled()
-        if addend is None:
-            stream = tokens
-            with part("KernelLayerNorm", profiling):
-                normalised, attention_mean, attention_rstd = layer_norm_kernel.layer_norm_forward(
-                    tokens, attention_norm_weight, attention_norm_bias, layout.attention_eps)  # (B, T, D) bf16
-        else:
-            with part("KernelResidualNorm", profiling):
-                stream, normalised, attention_mean, attention_rstd = layer_norm_kernel.residual_layer_norm_forward(
-                    tokens, addend, addend_bias, attention_norm_weight, attention_norm_bias, layout.attention_eps)
+        stream, normalised, attention_mean, attention_rstd = first_norm_forward(
+            tokens, addend, addend_bias, attention_norm_weight, attention_norm_bias, layout.attention_eps, profiling)  # bf16
         query_bias, key_value_bias = (None, None) if qkv_bias is None else (qkv_bias[:width], qkv_bias[width:])
         with part("KernelLinear", profiling):
             query, query_saved = linear_forward(normalised[:, 0].contiguous(), qkv_weight[:width], query_bias, input_gradient=True)
@@ -254,17 +253,9 @@ class FirstTokenBlockOnKernels(torch.autograd.Function):
         grad_normalised[:, 0] += grad_query_input  # the first token's row also made the query (autograd adds the two)
         grad_stream = torch.zeros_like(stream)
         grad_stream[:, :1] = grad_first  # only the first token's stream reached the output
-        grad_addend = grad_addend_bias = None
-        if ctx.has_addend:
-            with part("KernelResidualNormBackward", profiling):
-                (grad_tokens, grad_addend, grad_attention_norm_weight, grad_attention_norm_bias,
-                 grad_addend_bias) = layer_norm_kernel.residual_layer_norm_backward(grad_normalised, stream, attention_norm_weight,
-                                                                                    attention_mean, attention_rstd, grad_stream, needs[2])
-        else:
-            with part("KernelLayerNormBackward", profiling):
-                grad_tokens, _, grad_attention_norm_weight, grad_attention_norm_bias, _ = layer_norm_kernel.run_backward(
-                    grad_normalised, tokens, attention_norm_weight, attention_mean, attention_rstd,
-                    grad_stream if needs[0] else None, column_sums=False, input_gradient=needs[0])
+        grad_tokens, grad_addend, grad_addend_bias, grad_attention_norm_weight, grad_attention_norm_bias = first_norm_backward(
+            grad_normalised, grad_stream, tokens, stream, attention_norm_weight, attention_mean, attention_rstd, ctx.has_addend,
+            needs[0], needs[2], profiling)
         grad_qkv_weight = torch.cat([grad_query_weight, grad_key_value_weight]) if needs[6] else None
         grad_qkv_bias = torch.cat([grad_query_bias, grad_key_value_bias]) if needs[7] and ctx.has_qkv_bias else None
         return (grad_tokens, grad_addend, grad_addend_bias, grad_scale, grad_attention_norm_weight, grad_attention_norm_bias,

@@ -32,8 +32,6 @@ a FLOP counter sees its products (models/flops.py).
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +42,7 @@ from vitlab.kernels import recording_graph
 from vitlab.kernels import single_query as single_query_kernel
 from vitlab.kernels import softmax as softmax_kernel
 from vitlab.kernels.dropout import random_key
+from vitlab.models.base import ThreadSwitch
 from vitlab.models.dropout import drop_threshold, dropout_matmul, keep_scale
 
 try:
@@ -59,24 +58,18 @@ CUDA_SDPA_BACKENDS = (None if SDPBackend is None else
 CPU_EXPLICIT_MAX_TOKENS = 128
 
 
-_written_out = threading.local()
+_written_out = ThreadSwitch()
 
 
-@contextlib.contextmanager
 def written_out_attention():
     """Within it, every attention on this thread is written out as matmuls and a softmax (no C kernel, no fused
     kernel), as with return_attention=True but without keeping the weights: what a FLOP counter can see."""
-    previous = getattr(_written_out, "on", False)
-    _written_out.on = True
-    try:
-        yield
-    finally:
-        _written_out.on = previous
+    return _written_out.on()
 
 
 def attention_written_out() -> bool:
     """Whether `written_out_attention` is on for this thread."""
-    return getattr(_written_out, "on", False)
+    return _written_out.is_on()
 
 
 def self_mask_bias(tokens: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
