@@ -49,7 +49,9 @@ def batch(size: int = 6):
 def test_a_block_as_one_node_gives_the_bits_of_its_parts(name, fused_calls):
     torch.manual_seed(0)
     model = build_model("vit", **CONFIGS[name]).train()
+    model.blocks[0].mlp[0].weight.requires_grad_(False)  # a frozen layer: no gradient either way
     images, labels = batch()
+    images.requires_grad_(True)  # the gradient reaching the input, through every block
     fused_logits, fused_gradients = logits_and_gradients(model, images, labels)
     blocks = CONFIGS[name]["num_blocks"]
     if CONFIGS[name].get("pool", "cls") == "cls":  # the last block computes the CLS token alone
@@ -57,9 +59,10 @@ def test_a_block_as_one_node_gives_the_bits_of_its_parts(name, fused_calls):
     else:
         assert fused_calls == ["block"] * blocks
     fused_calls.clear()
+    fused_input_gradient, images.grad = images.grad, None
     logits, gradients = logits_and_gradients(model, images, labels, separate=True)
     assert not fused_calls
-    assert torch.equal(fused_logits, logits)
+    assert torch.equal(fused_logits, logits) and torch.equal(fused_input_gradient, images.grad)
     assert fused_gradients.keys() == gradients.keys() == {name for name, p in model.named_parameters() if p.requires_grad}
     for parameter, gradient in gradients.items():
         assert torch.equal(fused_gradients[parameter], gradient), parameter
@@ -138,3 +141,35 @@ def test_a_retained_graph_gives_the_same_gradients_twice_and_a_second_derivative
         loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
     with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
         torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+
+
+def test_torch_compile_traces_a_vit_without_stepping_into_the_kernels_checks():
+    """Under torch.compile the blocks run PyTorch's operators; the fusion's check must not make Dynamo trace into the
+    library's loading (the file system) or its cache: no graph break."""
+    torch.manual_seed(0)
+    model = build_model("vit", **SMALL, num_blocks=2).train()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = compiled(batch()[0])
+    assert logits.shape == (6, 10)
+
+
+def test_a_deferred_output_that_reaches_no_loss_gives_its_layers_no_gradient_as_unfused(fused_calls):
+    torch.manual_seed(0)
+    block = build_model("vit", **SMALL, num_blocks=1).blocks[0].train()
+    tokens = torch.randn(4, 65, 64, requires_grad=True)
+    results = []
+    for separate in (False, True):
+        block.zero_grad(set_to_none=True)
+        tokens.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16), blocks_as_separate_nodes() if separate else nullcontext():
+            after_attention, _, (mlp_out, _) = block(tokens, defer_output=True)
+        after_attention.square().sum().backward()  # the MLP's output (mlp_out) is left unused
+        results.append((tokens.grad, {name: p.grad for name, p in block.named_parameters()}))
+    assert fused_calls == ["block"]
+    (fused_tokens, fused), (tokens_grad, separate) = results
+    assert torch.equal(fused_tokens, tokens_grad)
+    for name, gradient in separate.items():
+        assert (gradient is None) == (fused[name] is None), name
+        assert gradient is None or torch.equal(gradient, fused[name]), name
+    assert separate["mlp.0.weight"] is None and separate["mlp_norm.weight"] is not None

@@ -117,8 +117,10 @@ class BlockOnKernels(torch.autograd.Function):
             activated, slope = gelu_kernel.gelu_forward(hidden, first_bias)  # GELU(hidden + bias), GELU'
         with part("KernelLinear", profiling):
             out, last_saved = linear_forward(activated, last_weight, last_bias, input_gradient=True)  # (B, T, D) bf16
-        ctx.save_for_backward(tokens, stream, attention_norm_weight, attention_mean, attention_rstd, qkv_saved.x, qkv_saved.weight,
-                              attention_saved.qkv, attention_saved.out, attention_saved.weights, attention_saved.scales,
+        ctx.set_materialize_grads(False)  # an output that reaches no loss gets None: its layers then get no gradient, as unfused
+        ctx.save_for_backward(tokens if addend is None else None, stream, attention_norm_weight, attention_mean, attention_rstd,
+                              qkv_saved.x, qkv_saved.weight, attention_saved.qkv, attention_saved.out, attention_saved.weights,
+                              attention_saved.scales,
                               projection_saved.x, projection_saved.weight, after_attention, mlp_norm_weight, mlp_mean, mlp_rstd,
                               first_saved.x, first_saved.weight, slope, last_saved.x, last_saved.weight)
         ctx.packed = (qkv_saved.packed, projection_saved.packed, first_saved.packed, last_saved.packed)
@@ -135,31 +137,39 @@ class BlockOnKernels(torch.autograd.Function):
         needs = ctx.needs_input_grad
         qkv_packed, projection_packed, first_packed, last_packed = ctx.packed
         batch, count, width = after_attention.shape
-        if grad_out is None:  # the MLP's output reached no loss
-            grad_out = torch.zeros(batch, count, width, dtype=torch.bfloat16)
         profiling = torch.autograd._profiler_enabled()
-        with part("KernelLinearBackward", profiling):
-            grad_activated, grad_last_weight, grad_last_bias = linear_backward(
-                SavedLinear(activated, last_pairs, last_packed, ctx.has_last_bias), grad_out, True, needs[14], needs[15])
-        with part("KernelGELUBackward", profiling):
-            grad_hidden, grad_first_bias = gelu_kernel.gelu_backward(grad_activated, slope, bias_gradient=needs[13])
-        with part("KernelLinearBackward", profiling):
-            grad_mlp_input, grad_first_weight, _ = linear_backward(SavedLinear(mlp_input, first_pairs, first_packed, False),
-                                                                   grad_hidden, True, needs[12], False)
+        grad_first_weight = grad_first_bias = grad_last_weight = grad_last_bias = None
+        if grad_out is None:  # the MLP's output reached no loss: its layers get no gradient, its norm a zero one
+            grad_mlp_input = torch.zeros(batch, count, width, dtype=torch.bfloat16)
+        else:
+            with part("KernelLinearBackward", profiling):
+                grad_activated, grad_last_weight, grad_last_bias = linear_backward(
+                    SavedLinear(activated, last_pairs, last_packed, ctx.has_last_bias), grad_out, True, needs[14], needs[15])
+            with part("KernelGELUBackward", profiling):
+                grad_hidden, grad_first_bias = gelu_kernel.gelu_backward(grad_activated, slope, bias_gradient=needs[13])
+            del grad_activated  # (each gradient freed once used, as the unfused nodes free theirs)
+            with part("KernelLinearBackward", profiling):
+                grad_mlp_input, grad_first_weight, _ = linear_backward(SavedLinear(mlp_input, first_pairs, first_packed, False),
+                                                                       grad_hidden, True, needs[12], False)
+            del grad_hidden
         with part("KernelResidualNormBackward", profiling):
             grad_stream, grad_projected, grad_mlp_norm_weight, grad_mlp_norm_bias, grad_projection_bias = (
                 layer_norm_kernel.residual_layer_norm_backward(grad_mlp_input, after_attention, mlp_norm_weight, mlp_mean, mlp_rstd,
                                                                grad_after_attention, needs[9]))
+        del grad_mlp_input
         with part("KernelLinearBackward", profiling):
             grad_mixed, grad_projection_weight, _ = linear_backward(
                 SavedLinear(projection_input, projection_pairs, projection_packed, False), grad_projected, True, needs[8], False)
+        del grad_projected
         with part("KernelSelfAttentionBackward", profiling):
             attention_saved = SavedAttention(qkv, mixed, weights, scales, *ctx.attention)
             grad_qkv, grad_scale = kernel_attention_backward(attention_saved, grad_mixed.view(mixed.shape), needs[3])
+        del grad_mixed
         with part("KernelLinearBackward", profiling):
             grad_normalised, grad_qkv_weight, grad_qkv_bias = linear_backward(
                 SavedLinear(normalised, qkv_pairs, qkv_packed, ctx.has_qkv_bias), grad_qkv.view(batch, count, -1), True, needs[6],
                 needs[7])
+        del grad_qkv
         grad_tokens, grad_addend, grad_addend_bias, grad_attention_norm_weight, grad_attention_norm_bias = first_norm_backward(
             grad_normalised, grad_stream, tokens, stream, attention_norm_weight, attention_mean, attention_rstd, ctx.has_addend,
             needs[0], needs[2], profiling)
@@ -201,7 +211,8 @@ class FirstTokenBlockOnKernels(torch.autograd.Function):
             activated, slope = gelu_kernel.gelu_forward(hidden, first_bias)
         with part("KernelLinear", profiling):
             out, last_saved = linear_forward(activated, last_weight, last_bias, input_gradient=True)  # (B, 1, D) bf16
-        ctx.save_for_backward(tokens, stream, attention_norm_weight, attention_mean, attention_rstd, query_saved.x, query_saved.weight,
+        ctx.save_for_backward(tokens if addend is None else None, stream, attention_norm_weight, attention_mean, attention_rstd,
+                              query_saved.x, query_saved.weight,
                               normalised, key_value_saved.weight, query, key_value, scales, weights, projection_saved.x,
                               projection_saved.weight, first, mlp_norm_weight, mlp_mean, mlp_rstd, mlp_input, first_saved.weight,
                               slope, activated, last_saved.weight)

@@ -432,11 +432,14 @@ class Block(nn.Module):
         adding the first layer's bias, inactive dropouts but the attention weights' (inside the kernel; with
         `first_token_only`, `first_token`'s path, inactive too). Asked once per block and step, so written for speed: each
         condition once, the parts' attributes read once."""
-        if not (self.pre_norm and type(self) is Block and blocks_may_fuse()):
+        # the graph test first: a graph recorder must not trace into the library's loading (a graph break under torch.compile)
+        if recording_graph() or not (self.pre_norm and type(self) is Block and blocks_may_fuse()):
             return False
         attention, mlp, attention_norm, mlp_norm = self.attention, self.mlp, self.attention_norm, self.mlp_norm
         if not (type(attention) is Attention and type(mlp) is MLP and type(attention_norm) is MatmulInputNorm
                 and type(mlp_norm) is MatmulInputNorm):
+            return False
+        if len(mlp) != 5:
             return False
         first, activation, hidden_dropout, last, output_dropout = mlp
         qkv, projection, projection_dropout = attention.qkv, attention.projection, attention.output_dropout
@@ -450,8 +453,8 @@ class Block(nn.Module):
                         for dropout in (projection_dropout, hidden_dropout, output_dropout))):
             return False
         library = compiled_library()
-        if (library is None or not torch.is_grad_enabled() or cpu_autocast_dtype() != torch.bfloat16 or recording_graph()
-                or attention_written_out() or tokens.dim() != 3):
+        if (library is None or not torch.is_grad_enabled() or cpu_autocast_dtype() != torch.bfloat16 or attention_written_out()
+                or tokens.dim() != 3):
             return False
         batch, count, width = tokens.shape
         last_bias = None if defer_output else last.bias
