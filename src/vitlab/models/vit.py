@@ -480,14 +480,8 @@ class Block(nn.Module):
     def as_one_node(self, tokens: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None, defer_output: bool):
         """`forward`'s result, the same bits, from one BlockOnKernels (where `runs_as_one_node`)."""
         attention, last = self.attention, self.mlp[3]
-        scale = torch.exp(-attention.log_temperature) if attention.lsa else attention.head_size**-0.5
-        layout = BlockLayout(attention.num_heads, self.attention_norm.eps, self.mlp_norm.eps, attention.lsa,
-                             attention.attention_dropout if attention.training else 0.0)
-        addend, addend_bias = pending if pending is not None else (None, None)
-        after_attention, out = BlockOnKernels.apply(
-            tokens, addend, addend_bias, scale, self.attention_norm.weight, self.attention_norm.bias, attention.qkv.weight,
-            attention.qkv.bias, attention.projection.weight, attention.projection.bias, self.mlp_norm.weight, self.mlp_norm.bias,
-            self.mlp[0].weight, self.mlp[0].bias, last.weight, None if defer_output else last.bias, layout)
+        dropout = attention.attention_dropout if attention.training else 0.0
+        after_attention, out = BlockOnKernels.apply(*self.one_node_inputs(tokens, pending, None if defer_output else last.bias, dropout))
         if defer_output:
             return after_attention, None, (out, last.bias)
         return after_attention + out, None
@@ -495,14 +489,18 @@ class Block(nn.Module):
     def first_token_as_one_node(self, tokens: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """`first_token`'s result, the same values, from one FirstTokenBlockOnKernels (where `runs_as_one_node` with
         first_token_only)."""
+        return FirstTokenBlockOnKernels.apply(*self.one_node_inputs(tokens, pending, self.mlp[3].bias, 0.0))  # (B, 1, D)
+
+    def one_node_inputs(self, tokens: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None, last_bias: torch.Tensor | None,
+                        attention_dropout: float) -> tuple:
+        """The inputs of BlockOnKernels and FirstTokenBlockOnKernels, in their order."""
         attention, mlp = self.attention, self.mlp
         scale = torch.exp(-attention.log_temperature) if attention.lsa else attention.head_size**-0.5
-        layout = BlockLayout(attention.num_heads, self.attention_norm.eps, self.mlp_norm.eps, attention.lsa, 0.0)
+        layout = BlockLayout(attention.num_heads, self.attention_norm.eps, self.mlp_norm.eps, attention.lsa, attention_dropout)
         addend, addend_bias = pending if pending is not None else (None, None)
-        return FirstTokenBlockOnKernels.apply(
-            tokens, addend, addend_bias, scale, self.attention_norm.weight, self.attention_norm.bias, attention.qkv.weight,
-            attention.qkv.bias, attention.projection.weight, attention.projection.bias, self.mlp_norm.weight, self.mlp_norm.bias,
-            mlp[0].weight, mlp[0].bias, mlp[3].weight, mlp[3].bias, layout)  # (B, 1, D)
+        return (tokens, addend, addend_bias, scale, self.attention_norm.weight, self.attention_norm.bias, attention.qkv.weight,
+                attention.qkv.bias, attention.projection.weight, attention.projection.bias, self.mlp_norm.weight, self.mlp_norm.bias,
+                mlp[0].weight, mlp[0].bias, mlp[3].weight, last_bias, layout)
 
     def first_token(self, tokens: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """The block's output for the first token alone (B, 1, D); `pending` as in `forward`."""
