@@ -300,14 +300,17 @@ def time_vitlab(model: nn.Module, data, config: TrainConfig, steps: int, warmup:
     before = probe_peak() if probe_peak else None
     speed = images_per_second(run_step, steps, warmup, synchronizer(runner.device))
     peaks = (before, probe_peak()) if probe_peak else None
-    return speed, runner.precision, peaks, step_details(run_step, profile_steps) if profile_steps else {}
+    return speed, runner.precision, peaks, step_details(run_step, profile_steps, runner.device) if profile_steps else {}
 
 
-def step_details(run_step, profile_steps: int) -> dict:
-    """Bytes per step, the non-matmul breakdown of `run_step` (profiled over `profile_steps` steps) and where its wall
-    time goes: C kernels (timed over `profile_steps` more), PyTorch's operators, and outside any operator."""
+def step_details(run_step, profile_steps: int, device: torch.device = torch.device("cpu")) -> dict:
+    """Bytes per step, the non-matmul breakdown of `run_step` (profiled over `profile_steps` steps) and, on the CPU,
+    where its wall time goes: C kernels (timed over `profile_steps` more), PyTorch's operators, and outside any operator
+    (on a GPU the host's wall time says nothing of the device's work: no split)."""
     details = {"bytes_per_step": bytes_per_step(run_step)}
     details["matmul_share"], details["non_matmul"], pytorch_share = non_matmul_breakdown(run_step, profile_steps)
+    if device.type != "cpu":
+        return details
     c_share, c_functions = c_kernel_time(run_step, profile_steps)
     details["step_shares"] = {"c_kernels": c_share, "pytorch_operators": pytorch_share,
                               "outside_operators": max(0.0, 1.0 - c_share - pytorch_share)}
@@ -395,7 +398,7 @@ def main() -> None:
                 row["share_of_copy_bandwidth"] = row["bandwidth_gb_s"] / bandwidth
                 row["matmul_share_of_op_time"] = details["matmul_share"]
                 row["largest_non_matmul_ops"] = details["non_matmul"]
-                # of the step's wall time: in vitlab's C kernels, in PyTorch's operators, and the rest (Python, autograd)
+            if "step_shares" in details:  # of the CPU step's wall time: C kernels, PyTorch's operators, the rest (Python, autograd)
                 row["step_shares"] = details["step_shares"]
                 if details["bytes_complete"]:  # every kernel's traffic counted: the roofline's verdict
                     row["flop_per_byte"] = flops * args.batch_size / details["bytes_per_step"]

@@ -326,3 +326,11 @@ def test_a_missing_dataset_is_one_line_and_exit_status_2(script, tmp_path, monke
     lines = [line for line in done.stderr.splitlines() if line.startswith(f"{script}: error: ")]
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert len(lines) == 1 and "CIFAR-10 not found" in lines[0] and "--data-dir" in lines[0]
+
+
+def test_a_gpu_step_gets_no_wall_time_split():
+    """On a GPU the host's wall time does not measure the device's work: the benchmark leaves the split out."""
+    weight = torch.randn(32, 32)
+    step = lambda: (torch.randn(64, 32) @ weight).sum()  # noqa: E731
+    assert "step_shares" not in bench.step_details(step, 1, torch.device("cuda"))
+    assert "step_shares" in bench.step_details(step, 1, torch.device("cpu"))
