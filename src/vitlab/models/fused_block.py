@@ -41,6 +41,10 @@ def blocks_may_fuse() -> bool:
     return not _separate.is_on()
 
 
+# Whether a profiler records (a private PyTorch function, looked up once; without it, never: the parts go unnamed).
+profiler_running = getattr(torch.autograd, "_profiler_enabled", lambda: False)
+
+
 def part(name: str, profiling: bool):
     """While a profiler runs, a range named as the part's own autograd Function (and its backward) is named, so that a
     profile (benchmarks/bench.py's breakdown) shows the block's parts as it shows them unfused."""
@@ -98,7 +102,7 @@ class BlockOnKernels(torch.autograd.Function):
                 mlp_norm_weight: torch.Tensor, mlp_norm_bias: torch.Tensor, first_weight: torch.Tensor, first_bias: torch.Tensor,
                 last_weight: torch.Tensor, last_bias: torch.Tensor | None, layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
         batch, count, width = tokens.shape  # (B, T, D) fp32
-        profiling = torch.autograd._profiler_enabled()
+        profiling = profiler_running()
         stream, normalised, attention_mean, attention_rstd = first_norm_forward(
             tokens, addend, addend_bias, attention_norm_weight, attention_norm_bias, layout.attention_eps, profiling)  # bf16
         with part("KernelLinear", profiling):
@@ -137,7 +141,7 @@ class BlockOnKernels(torch.autograd.Function):
         needs = ctx.needs_input_grad
         qkv_packed, projection_packed, first_packed, last_packed = ctx.packed
         batch, count, width = after_attention.shape
-        profiling = torch.autograd._profiler_enabled()
+        profiling = profiler_running()
         grad_first_weight = grad_first_bias = grad_last_weight = grad_last_bias = None
         if grad_out is None:  # the MLP's output reached no loss: its layers get no gradient, its norm a zero one
             grad_mlp_input = torch.zeros(batch, count, width, dtype=torch.bfloat16)
@@ -190,7 +194,7 @@ class FirstTokenBlockOnKernels(torch.autograd.Function):
                 mlp_norm_weight: torch.Tensor, mlp_norm_bias: torch.Tensor, first_weight: torch.Tensor, first_bias: torch.Tensor,
                 last_weight: torch.Tensor, last_bias: torch.Tensor | None, layout: BlockLayout) -> torch.Tensor:
         batch, count, width = tokens.shape  # (B, T, D) fp32
-        profiling = torch.autograd._profiler_enabled()
+        profiling = profiler_running()
         stream, normalised, attention_mean, attention_rstd = first_norm_forward(
             tokens, addend, addend_bias, attention_norm_weight, attention_norm_bias, layout.attention_eps, profiling)  # bf16
         query_bias, key_value_bias = (None, None) if qkv_bias is None else (qkv_bias[:width], qkv_bias[width:])
@@ -232,7 +236,7 @@ class FirstTokenBlockOnKernels(torch.autograd.Function):
         needs = ctx.needs_input_grad
         query_packed, key_value_packed, projection_packed, first_packed, last_packed = ctx.packed
         batch, count, width = normalised.shape
-        profiling = torch.autograd._profiler_enabled()
+        profiling = profiler_running()
         with part("KernelLinearBackward", profiling):
             grad_activated, grad_last_weight, grad_last_bias = linear_backward(
                 SavedLinear(activated, last_pairs, last_packed, ctx.has_last_bias), grad_result.to(torch.bfloat16), True, needs[14],
