@@ -79,6 +79,36 @@ def first_norm_backward(grad_normalised: torch.Tensor, grad_stream: torch.Tensor
     return grad_tokens, None, None, grad_weight, grad_bias
 
 
+def mlp_forward(x: torch.Tensor, first_weight: torch.Tensor, first_bias: torch.Tensor, last_weight: torch.Tensor,
+                last_bias: torch.Tensor | None, profiling: bool) -> tuple[torch.Tensor, SavedLinear, torch.Tensor, SavedLinear]:
+    """A block's MLP on its normalised input x (..., D) bf16: (its output (..., D) bf16, with the last bias unless None;
+    what the first layer's backward needs; GELU's derivative; what the last layer's backward needs)."""
+    with part("KernelLinear", profiling):
+        hidden, first_saved = linear_forward(x, first_weight, None, input_gradient=True)  # (..., M) bf16
+    with part("KernelGELU", profiling):
+        activated, slope = gelu_kernel.gelu_forward(hidden, first_bias)  # GELU(hidden + bias), GELU'
+    with part("KernelLinear", profiling):
+        out, last_saved = linear_forward(activated, last_weight, last_bias, input_gradient=True)  # (..., D) bf16
+    return out, first_saved, slope, last_saved
+
+
+def mlp_backward(grad_out: torch.Tensor, first_saved: SavedLinear, slope: torch.Tensor, last_saved: SavedLinear,
+                 needs: tuple[bool, ...], profiling: bool) -> tuple[torch.Tensor | None, ...]:
+    """`mlp_forward`'s gradients: (grad_x, grad_first_weight, grad_first_bias, grad_last_weight, grad_last_bias), given
+    whether the first weight, first bias, last weight and last bias each need one (`needs`). Each intermediate gradient
+    is freed once used, as the unfused nodes free theirs."""
+    first_weight_needed, first_bias_needed, last_weight_needed, last_bias_needed = needs
+    with part("KernelLinearBackward", profiling):
+        grad_activated, grad_last_weight, grad_last_bias = linear_backward(last_saved, grad_out, True, last_weight_needed,
+                                                                           last_bias_needed)
+    with part("KernelGELUBackward", profiling):
+        grad_hidden, grad_first_bias = gelu_kernel.gelu_backward(grad_activated, slope, bias_gradient=first_bias_needed)
+    del grad_activated
+    with part("KernelLinearBackward", profiling):
+        grad_x, grad_first_weight, _ = linear_backward(first_saved, grad_hidden, True, first_weight_needed, False)
+    return grad_x, grad_first_weight, grad_first_bias, grad_last_weight, grad_last_bias
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """What the block's Function needs besides tensors."""
@@ -115,12 +145,7 @@ class BlockOnKernels(torch.autograd.Function):
         with part("KernelResidualNorm", profiling):
             after_attention, mlp_input, mlp_mean, mlp_rstd = layer_norm_kernel.residual_layer_norm_forward(
                 stream, projected, projection_bias, mlp_norm_weight, mlp_norm_bias, layout.mlp_eps)  # (B, T, D) fp32, bf16
-        with part("KernelLinear", profiling):
-            hidden, first_saved = linear_forward(mlp_input, first_weight, None, input_gradient=True)  # (B, T, M) bf16
-        with part("KernelGELU", profiling):
-            activated, slope = gelu_kernel.gelu_forward(hidden, first_bias)  # GELU(hidden + bias), GELU'
-        with part("KernelLinear", profiling):
-            out, last_saved = linear_forward(activated, last_weight, last_bias, input_gradient=True)  # (B, T, D) bf16
+        out, first_saved, slope, last_saved = mlp_forward(mlp_input, first_weight, first_bias, last_weight, last_bias, profiling)
         ctx.set_materialize_grads(False)  # an output that reaches no loss gets None: its layers then get no gradient, as unfused
         ctx.save_for_backward(tokens if addend is None else None, stream, attention_norm_weight, attention_mean, attention_rstd,
                               qkv_saved.x, qkv_saved.weight, attention_saved.qkv, attention_saved.out, attention_saved.weights,
@@ -146,16 +171,9 @@ class BlockOnKernels(torch.autograd.Function):
         if grad_out is None:  # the MLP's output reached no loss: its layers get no gradient, its norm a zero one
             grad_mlp_input = torch.zeros(batch, count, width, dtype=torch.bfloat16)
         else:
-            with part("KernelLinearBackward", profiling):
-                grad_activated, grad_last_weight, grad_last_bias = linear_backward(
-                    SavedLinear(activated, last_pairs, last_packed, ctx.has_last_bias), grad_out, True, needs[14], needs[15])
-            with part("KernelGELUBackward", profiling):
-                grad_hidden, grad_first_bias = gelu_kernel.gelu_backward(grad_activated, slope, bias_gradient=needs[13])
-            del grad_activated  # (each gradient freed once used, as the unfused nodes free theirs)
-            with part("KernelLinearBackward", profiling):
-                grad_mlp_input, grad_first_weight, _ = linear_backward(SavedLinear(mlp_input, first_pairs, first_packed, False),
-                                                                       grad_hidden, True, needs[12], False)
-            del grad_hidden
+            grad_mlp_input, grad_first_weight, grad_first_bias, grad_last_weight, grad_last_bias = mlp_backward(
+                grad_out, SavedLinear(mlp_input, first_pairs, first_packed, False), slope,
+                SavedLinear(activated, last_pairs, last_packed, ctx.has_last_bias), needs[12:16], profiling)
         with part("KernelResidualNormBackward", profiling):
             grad_stream, grad_projected, grad_mlp_norm_weight, grad_mlp_norm_bias, grad_projection_bias = (
                 layer_norm_kernel.residual_layer_norm_backward(grad_mlp_input, after_attention, mlp_norm_weight, mlp_mean, mlp_rstd,
@@ -209,17 +227,12 @@ class FirstTokenBlockOnKernels(torch.autograd.Function):
         first = stream[:, :1] + projected  # (B, 1, D) fp32
         with part("KernelLayerNorm", profiling):
             mlp_input, mlp_mean, mlp_rstd = layer_norm_kernel.layer_norm_forward(first, mlp_norm_weight, mlp_norm_bias, layout.mlp_eps)
-        with part("KernelLinear", profiling):
-            hidden, first_saved = linear_forward(mlp_input, first_weight, None, input_gradient=True)  # (B, 1, M) bf16
-        with part("KernelGELU", profiling):
-            activated, slope = gelu_kernel.gelu_forward(hidden, first_bias)
-        with part("KernelLinear", profiling):
-            out, last_saved = linear_forward(activated, last_weight, last_bias, input_gradient=True)  # (B, 1, D) bf16
+        out, first_saved, slope, last_saved = mlp_forward(mlp_input, first_weight, first_bias, last_weight, last_bias, profiling)
         ctx.save_for_backward(tokens if addend is None else None, stream, attention_norm_weight, attention_mean, attention_rstd,
                               query_saved.x, query_saved.weight,
                               normalised, key_value_saved.weight, query, key_value, scales, weights, projection_saved.x,
                               projection_saved.weight, first, mlp_norm_weight, mlp_mean, mlp_rstd, mlp_input, first_saved.weight,
-                              slope, activated, last_saved.weight)
+                              slope, last_saved.x, last_saved.weight)
         ctx.packed = (query_saved.packed, key_value_saved.packed, projection_saved.packed, first_saved.packed, last_saved.packed)
         ctx.has_addend, ctx.has_qkv_bias = addend is not None, qkv_bias is not None
         ctx.has_projection_bias, ctx.has_last_bias = projection_bias is not None, last_bias is not None
@@ -237,15 +250,9 @@ class FirstTokenBlockOnKernels(torch.autograd.Function):
         query_packed, key_value_packed, projection_packed, first_packed, last_packed = ctx.packed
         batch, count, width = normalised.shape
         profiling = profiler_running()
-        with part("KernelLinearBackward", profiling):
-            grad_activated, grad_last_weight, grad_last_bias = linear_backward(
-                SavedLinear(activated, last_pairs, last_packed, ctx.has_last_bias), grad_result.to(torch.bfloat16), True, needs[14],
-                needs[15])
-        with part("KernelGELUBackward", profiling):
-            grad_hidden, grad_first_bias = gelu_kernel.gelu_backward(grad_activated, slope, bias_gradient=needs[13])
-        with part("KernelLinearBackward", profiling):
-            grad_mlp_input, grad_first_weight, _ = linear_backward(SavedLinear(mlp_input, first_pairs, first_packed, False), grad_hidden,
-                                                                   True, needs[12], False)
+        grad_mlp_input, grad_first_weight, grad_first_bias, grad_last_weight, grad_last_bias = mlp_backward(
+            grad_result.to(torch.bfloat16), SavedLinear(mlp_input, first_pairs, first_packed, False), slope,
+            SavedLinear(activated, last_pairs, last_packed, ctx.has_last_bias), needs[12:16], profiling)
         with part("KernelLayerNormBackward", profiling):
             grad_first, grad_mlp_norm_weight, grad_mlp_norm_bias = layer_norm_kernel.layer_norm_backward(
                 grad_mlp_input, first, mlp_norm_weight, mlp_mean, mlp_rstd)
