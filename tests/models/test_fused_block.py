@@ -5,11 +5,16 @@ import torch
 
 import vitlab.models.vit as vit_module
 from vitlab.kernels import attention as attention_kernel
+from vitlab.kernels import block as block_kernel
+from vitlab.kernels import compiled_library
 from vitlab.models import build_model
-from vitlab.models.fused_block import BlockOnKernels, FirstTokenBlockOnKernels, blocks_as_separate_nodes
+from vitlab.models.fused_block import BlockOnKernels, FirstTokenBlockOnKernels, blocks_as_separate_nodes, blocks_from_python
 
 SUPPORTED = attention_kernel.kernel_supports(torch.zeros(2, 65, 3, 4, 16, dtype=torch.bfloat16))
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 BF16 C kernels on this machine")
+# a whole block in one call into C: where the linear layers' products run in matmul.c (AVX-512 BF16 without AMX)
+IN_ONE_CALL = SUPPORTED and block_kernel.sizes_supported(6 * 65, 64, 256, compiled_library())
+needs_one_call = pytest.mark.skipif(not IN_ONE_CALL, reason="the linear layers' products run in oneDNN here (AMX)")
 
 SMALL = {"patch_size": 4, "hidden_size": 64, "num_heads": 4}
 CONFIGS = {
@@ -30,10 +35,21 @@ def fused_calls(monkeypatch):
     return calls
 
 
-def logits_and_gradients(model, images, labels, separate: bool = False, autocast: bool = True):
+@pytest.fixture
+def one_calls(monkeypatch):
+    """The calls into block.c since the test began: "forward" or "backward"."""
+    calls = []
+    for kind in ("forward", "backward"):
+        function = getattr(block_kernel, f"run_{kind}")
+        monkeypatch.setattr(block_kernel, f"run_{kind}", lambda *arguments, kind=kind, run=function: calls.append(kind) or run(*arguments))
+    return calls
+
+
+def logits_and_gradients(model, images, labels, separate: bool = False, autocast: bool = True, from_python: bool = False):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(7)  # the same attention-dropout keys for both paths
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), blocks_as_separate_nodes() if separate else nullcontext():
+    paths = blocks_as_separate_nodes() if separate else blocks_from_python() if from_python else nullcontext()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), paths:
         logits = model(images)
         loss = torch.nn.functional.cross_entropy(logits.float(), labels)
     loss.backward()
@@ -43,6 +59,48 @@ def logits_and_gradients(model, images, labels, separate: bool = False, autocast
 def batch(size: int = 6):
     generator = torch.Generator().manual_seed(1)
     return torch.randn(size, 3, 32, 32, generator=generator), torch.randint(0, 10, (size,), generator=generator)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@needs_one_call
+def test_a_block_in_one_call_into_c_gives_the_bits_of_its_kernels_called_from_python(name, fused_calls, one_calls):
+    torch.manual_seed(0)
+    model = build_model("vit", **CONFIGS[name]).train()
+    images, labels = batch()
+    images.requires_grad_(True)
+    one_call_logits, one_call_gradients = logits_and_gradients(model, images, labels)
+    full_blocks = fused_calls.count("block")
+    assert one_calls == ["forward"] * full_blocks + ["backward"] * full_blocks  # every block but a CLS-only last one
+    one_call_input_gradient, images.grad = images.grad, None
+    one_calls.clear()
+    logits, gradients = logits_and_gradients(model, images, labels, from_python=True)
+    assert not one_calls and fused_calls.count("block") == 2 * full_blocks
+    assert torch.equal(one_call_logits, logits) and torch.equal(one_call_input_gradient, images.grad)
+    assert one_call_gradients.keys() == gradients.keys()
+    for parameter, gradient in gradients.items():
+        assert torch.equal(one_call_gradients[parameter], gradient), parameter
+
+
+@needs_one_call
+def test_a_frozen_layer_takes_its_block_backward_to_python_after_a_forward_in_one_call(fused_calls, one_calls):
+    torch.manual_seed(0)
+    model = build_model("vit", **SMALL, num_blocks=3, pool="mean").train()
+    model.blocks[1].attention.qkv.weight.requires_grad_(False)
+    logits_and_gradients(model, *batch())
+    assert one_calls == ["forward"] * 3 + ["backward"] * 2  # block 1's backward (the second to run) in Python
+    assert model.blocks[1].attention.qkv.weight.grad is None and model.blocks[1].attention.qkv.bias.grad is not None
+
+
+def test_blocks_too_wide_for_the_matmul_kernel_or_under_a_profiler_call_their_kernels_from_python(fused_calls, one_calls):
+    torch.manual_seed(0)
+    wide = build_model("vit", patch_size=4, hidden_size=192, num_heads=12, num_blocks=2, pool="mean").train()  # QKV: 576 > 512
+    logits_and_gradients(wide, *batch(2))
+    assert fused_calls == ["block", "block"] and not one_calls
+    assert not block_kernel.sizes_supported(130, 192, 768, block_kernel.loaded_library())
+    model = build_model("vit", **SMALL, num_blocks=2, pool="mean").train()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        logits_and_gradients(model, *batch())
+    assert fused_calls == ["block"] * 4 and not one_calls
 
 
 @pytest.mark.parametrize("name", CONFIGS)

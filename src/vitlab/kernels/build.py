@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch  # (also loads PyTorch's OpenMP runtime before the library, so the library shares it)
 
-SOURCES = ("attention.c", "augment.c", "batch_norm.c", "dropout.c", "gelu.c", "layer_norm.c", "matmul.c", "patches.c", "pool.c",
-           "single_query.c", "softmax.c", "weight_gradient.c")
+SOURCES = ("attention.c", "augment.c", "batch_norm.c", "block.c", "dropout.c", "gelu.c", "layer_norm.c", "matmul.c", "patches.c",
+           "pool.c", "single_query.c", "softmax.c", "weight_gradient.c")
 HEADERS = ("amx.h", "bf16_math.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 COMPILE_SECONDS = 120
@@ -77,6 +77,9 @@ SIGNATURES = {
     "vitlab_weight_gradient_max_bias_features": ([], ctypes.c_int64),
     "vitlab_weight_gradient_on_tiles": ([], ctypes.c_int),
     "vitlab_weight_gradient": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], ctypes.c_int),
+    "vitlab_block_supported": ([], ctypes.c_int),
+    "vitlab_block_forward": ([ctypes.c_void_p] * 2, ctypes.c_int),
+    "vitlab_block_backward": ([ctypes.c_void_p] * 2, ctypes.c_int),
 }
 
 
@@ -216,6 +219,7 @@ class Capabilities:
     batch_norm: bool  # AVX-512 (BF16 not needed)
     matmul: bool  # AVX-512 BF16, and no AMX (cpu_has_amx)
     small_convolutions_as_matmuls: bool  # AMX (cpu_has_amx); PyTorch's matmul, no C code (models/conv.py)
+    block: bool  # a pre-norm block in one call (block.c): the matmul kernel's conditions
 
 
 @functools.cache
@@ -229,7 +233,8 @@ def library_capabilities(library: ctypes.CDLL) -> Capabilities:
                         library.vitlab_weight_gradient_max_bias_features(), weight_gradient_on_tiles,
                         bool(library.vitlab_relu_max_pool_supported()),
                         bool(library.vitlab_batch_norm_supported()),
-                        bool(library.vitlab_matmul_supported()) and not cpu_has_amx(), cpu_has_amx())
+                        bool(library.vitlab_matmul_supported()) and not cpu_has_amx(), cpu_has_amx(),
+                        bool(library.vitlab_block_supported()) and not cpu_has_amx())
 
 
 def available_kernels(library: ctypes.CDLL) -> str:

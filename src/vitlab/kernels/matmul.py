@@ -13,6 +13,10 @@ from vitlab.kernels.build import compiled_library, library_capabilities, loaded_
 # (the same bits); beyond it oneDNN adds separately summed blocks, in an order that depends on the shape.
 MAX_DEPTH = 512
 
+# At most this many multiply-adds, PyTorch computes a bf16 product itself instead of calling oneDNN, and keeps bf16
+# subnormal numbers there (oneDNN and the kernel count them as 0); so products this small stay with PyTorch.
+SMALL_PRODUCT = 16 ** 3
+
 
 def shape_supported(in_features: int, out_features: int, library) -> bool:
     """Whether the library's kernel takes a layer of these widths: multiples of 16 up to MAX_DEPTH (each is the depth

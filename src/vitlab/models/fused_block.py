@@ -5,7 +5,9 @@ block's deferred MLP output added, models/norms.py), the QKV projection, attenti
 add with the second norm, the MLP's first layer, GELU with that layer's bias, and its last layer. At the seeds' sizes
 each Function's Python and autograd bookkeeping took about as long as its kernel (docs/performance.md, "A block as one
 autograd node"). `BlockOnKernels` runs the same kernels, in the same order, on the same inputs — the same bits — as
-one Function, its parts' checks made once per block (`Block.runs_as_one_node` in models/vit.py).
+one Function, its parts' checks made once per block (`Block.runs_as_one_node` in models/vit.py). Where every product
+runs in matmul.c (AVX-512 BF16 without AMX), the whole block is one call into C (kernels/block.c): the same kernels
+again, without Python between them.
 """
 
 from __future__ import annotations
@@ -15,13 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
+from vitlab.kernels import block as block_kernel
 from vitlab.kernels import gelu as gelu_kernel
 from vitlab.kernels import layer_norm as layer_norm_kernel
 from vitlab.kernels import single_query as single_query_kernel
+from vitlab.kernels.attention import dropout_arguments, padded_tokens, weight_buffers
+from vitlab.kernels.build import loaded_library
 from vitlab.models.base import ThreadSwitch
 from vitlab.models.layers import (
     SavedAttention,
     kernel_attention_backward,
+    kernel_attention_dropout,
     kernel_attention_forward,
     per_head_scales,
     scale_gradient,
@@ -29,6 +35,7 @@ from vitlab.models.layers import (
 from vitlab.models.linear import SavedLinear, linear_backward, linear_forward, refuse_double_backward
 
 _separate = ThreadSwitch()
+_in_python = ThreadSwitch()
 
 
 def blocks_as_separate_nodes():
@@ -39,6 +46,12 @@ def blocks_as_separate_nodes():
 def blocks_may_fuse() -> bool:
     """Whether `blocks_as_separate_nodes` is off on this thread."""
     return not _separate.is_on()
+
+
+def blocks_from_python():
+    """Within it, fused blocks on this thread call their kernels from Python, not in one call into C (for comparisons
+    and tests)."""
+    return _in_python.on()
 
 
 # Whether a profiler records (a private PyTorch function, looked up once; without it, never: the parts go unnamed).
@@ -133,6 +146,15 @@ class BlockOnKernels(torch.autograd.Function):
                 last_weight: torch.Tensor, last_bias: torch.Tensor | None, layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
         batch, count, width = tokens.shape  # (B, T, D) fp32
         profiling = profiler_running()
+        ctx.set_materialize_grads(False)  # an output that reaches no loss gets None: its layers then get no gradient, as unfused
+        ctx.has_addend, ctx.has_qkv_bias, ctx.has_last_bias = addend is not None, qkv_bias is not None, last_bias is not None
+        # a profiler names the parts, which only the Python path shows
+        ctx.one_call = (not profiling and not _in_python.is_on()
+                        and block_kernel.sizes_supported(batch * count, width, first_weight.shape[0], loaded_library()))
+        if ctx.one_call:
+            return forward_in_one_call(ctx, tokens, addend, addend_bias, scale, attention_norm_weight, attention_norm_bias, qkv_weight,
+                                       qkv_bias, projection_weight, projection_bias, mlp_norm_weight, mlp_norm_bias, first_weight,
+                                       first_bias, last_weight, last_bias, layout)
         stream, normalised, attention_mean, attention_rstd = first_norm_forward(
             tokens, addend, addend_bias, attention_norm_weight, attention_norm_bias, layout.attention_eps, profiling)  # bf16
         with part("KernelLinear", profiling):
@@ -146,7 +168,6 @@ class BlockOnKernels(torch.autograd.Function):
             after_attention, mlp_input, mlp_mean, mlp_rstd = layer_norm_kernel.residual_layer_norm_forward(
                 stream, projected, projection_bias, mlp_norm_weight, mlp_norm_bias, layout.mlp_eps)  # (B, T, D) fp32, bf16
         out, first_saved, slope, last_saved = mlp_forward(mlp_input, first_weight, first_bias, last_weight, last_bias, profiling)
-        ctx.set_materialize_grads(False)  # an output that reaches no loss gets None: its layers then get no gradient, as unfused
         ctx.save_for_backward(tokens if addend is None else None, stream, attention_norm_weight, attention_mean, attention_rstd,
                               qkv_saved.x, qkv_saved.weight, attention_saved.qkv, attention_saved.out, attention_saved.weights,
                               attention_saved.scales,
@@ -154,16 +175,18 @@ class BlockOnKernels(torch.autograd.Function):
                               first_saved.x, first_saved.weight, slope, last_saved.x, last_saved.weight)
         ctx.packed = (qkv_saved.packed, projection_saved.packed, first_saved.packed, last_saved.packed)
         ctx.attention = (attention_saved.dropout, attention_saved.scale_shape, attention_saved.scale_dtype)
-        ctx.has_addend, ctx.has_qkv_bias, ctx.has_last_bias = addend is not None, qkv_bias is not None, last_bias is not None
         return after_attention, out
 
     @staticmethod
     def backward(ctx, grad_after_attention: torch.Tensor | None, grad_out: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         refuse_double_backward()
+        saved, needs = ctx.saved_tensors, ctx.needs_input_grad
+        # in one call where the forward made one and every gradient it computes is wanted (a frozen layer: Python)
+        if ctx.one_call and grad_out is not None and all(needs[index] for index in (0, 6, 8, 12, 14)) and not profiler_running():
+            return backward_in_one_call(ctx, saved, grad_after_attention, grad_out)
         (tokens, stream, attention_norm_weight, attention_mean, attention_rstd, normalised, qkv_pairs, qkv, mixed, weights, scales,
          projection_input, projection_pairs, after_attention, mlp_norm_weight, mlp_mean, mlp_rstd, mlp_input, first_pairs, slope,
-         activated, last_pairs) = ctx.saved_tensors
-        needs = ctx.needs_input_grad
+         activated, last_pairs) = saved
         qkv_packed, projection_packed, first_packed, last_packed = ctx.packed
         batch, count, width = after_attention.shape
         profiling = profiler_running()
@@ -198,6 +221,103 @@ class BlockOnKernels(torch.autograd.Function):
         return (grad_tokens, grad_addend, grad_addend_bias, grad_scale, grad_attention_norm_weight, grad_attention_norm_bias,
                 grad_qkv_weight, grad_qkv_bias, grad_projection_weight, grad_projection_bias, grad_mlp_norm_weight, grad_mlp_norm_bias,
                 grad_first_weight, grad_first_bias, grad_last_weight, grad_last_bias, None)
+
+
+def forward_in_one_call(ctx, tokens: torch.Tensor, addend: torch.Tensor | None, addend_bias: torch.Tensor | None,
+                        scale: torch.Tensor | float, attention_norm_weight: torch.Tensor, attention_norm_bias: torch.Tensor,
+                        qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, projection_weight: torch.Tensor,
+                        projection_bias: torch.Tensor, mlp_norm_weight: torch.Tensor, mlp_norm_bias: torch.Tensor,
+                        first_weight: torch.Tensor, first_bias: torch.Tensor, last_weight: torch.Tensor, last_bias: torch.Tensor | None,
+                        layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """BlockOnKernels.forward in one call into C (kernels/block.c): the same kernels on the same inputs, keeping the same
+    tensors for backward (which either path can then take)."""
+    batch, count, width = tokens.shape
+    hidden, heads, rows = first_weight.shape[0], layout.heads, batch * count
+    bf16 = torch.bfloat16
+    # every tensor the C side reads, contiguous and kept alive here until it returns
+    tokens = tokens.contiguous()
+    addend = None if addend is None else addend.contiguous()
+    inputs = [None if tensor is None else tensor.detach().contiguous() for tensor in (
+        addend_bias, attention_norm_weight, attention_norm_bias, mlp_norm_weight, mlp_norm_bias, qkv_weight, qkv_bias,
+        projection_weight, projection_bias, first_weight, first_bias, last_weight, last_bias)]
+    (addend_bias, attention_norm_weight, attention_norm_bias, mlp_norm_weight, mlp_norm_bias, qkv_weight, qkv_bias, projection_weight,
+     projection_bias, first_weight, first_bias, last_weight, last_bias) = inputs
+    scales = per_head_scales(scale, heads).contiguous()  # (H,)
+    drop = kernel_attention_dropout(layout.attention_dropout, tokens.device)
+    # the backward pairs of each layer's weight (outs / 2, ins), kept for the input gradients
+    qkv_pairs, projection_pairs, first_pairs, last_pairs = (torch.empty(outs // 2, ins, dtype=torch.int32) for outs, ins in (
+        (3 * width, width), (width, width), (hidden, width), (width, hidden)))
+    stream = None if addend is None else torch.empty(batch, count, width)  # fp32
+    normalised, mixed_rows = torch.empty(batch, count, width, dtype=bf16), torch.empty(batch, count, width, dtype=bf16)
+    qkv = torch.empty(batch, count, 3, heads, width // heads, dtype=bf16)
+    weights = weight_buffers.take((batch, heads, count, padded_tokens(count)))  # (B, H, T, P) bf16
+    after_attention, mlp_input = torch.empty(batch, count, width), torch.empty(batch, count, width, dtype=bf16)
+    activated, slope = torch.empty(batch, count, hidden, dtype=bf16), torch.empty(batch, count, hidden, dtype=bf16)
+    out = torch.empty(batch, count, width, dtype=bf16)
+    attention_mean, attention_rstd, mlp_mean, mlp_rstd = (torch.empty(rows) for _ in range(4))
+    address = block_kernel.address
+    sizes = block_kernel.BlockSizes(batch, count, width, heads, hidden, layout.attention_eps, layout.mlp_eps, int(layout.mask_self),
+                                    *dropout_arguments(drop), torch.get_num_threads())
+    block = block_kernel.BlockForward(
+        address(tokens), address(addend), address(addend_bias), address(scales), address(attention_norm_weight),
+        address(attention_norm_bias), address(mlp_norm_weight), address(mlp_norm_bias),
+        *(block_kernel.LinearWeights(address(weight), address(bias), address(pairs)) for weight, bias, pairs in (
+            (qkv_weight, qkv_bias, qkv_pairs), (projection_weight, projection_bias, projection_pairs), (first_weight, first_bias, first_pairs),
+            (last_weight, last_bias, last_pairs))),
+        address(stream), address(normalised), address(attention_mean), address(attention_rstd), address(qkv), address(mixed_rows),
+        address(weights), address(after_attention), address(mlp_input), address(mlp_mean), address(mlp_rstd), address(activated),
+        address(slope), address(out))
+    block_kernel.run_forward(sizes, block)
+    mixed = mixed_rows.view(batch, count, heads, width // heads)  # (B, T, H, Dh), as the attention kernel's output
+    ctx.save_for_backward(tokens if addend is None else None, stream if addend is not None else tokens, attention_norm_weight,
+                          attention_mean, attention_rstd, normalised, qkv_pairs, qkv, mixed, weights[..., :count], scales,
+                          mixed_rows, projection_pairs, after_attention, mlp_norm_weight, mlp_mean, mlp_rstd, mlp_input, first_pairs,
+                          slope, activated, last_pairs)
+    ctx.packed = (True, True, True, True)
+    ctx.attention = (drop, scale.shape if isinstance(scale, torch.Tensor) else None,
+                     scale.dtype if isinstance(scale, torch.Tensor) else None)
+    return after_attention, out
+
+
+def backward_in_one_call(ctx, saved: tuple[torch.Tensor | None, ...], grad_after_attention: torch.Tensor | None,
+                         grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """BlockOnKernels.backward in one call into C (kernels/block.c), every weight's gradient wanted."""
+    (tokens, stream, attention_norm_weight, attention_mean, attention_rstd, normalised, qkv_pairs, qkv, mixed, weights, scales,
+     projection_input, projection_pairs, after_attention, mlp_norm_weight, mlp_mean, mlp_rstd, mlp_input, first_pairs, slope,
+     activated, last_pairs) = saved
+    needs = ctx.needs_input_grad
+    batch, count, width = after_attention.shape
+    hidden, heads = slope.shape[-1], qkv.shape[3]
+    grad_out = grad_out.to(torch.bfloat16).contiguous()
+    grad_after_attention = None if grad_after_attention is None else grad_after_attention.to(torch.float32).contiguous()
+    vector = torch.empty
+    grad_tokens = torch.empty(batch, count, width)  # fp32
+    grad_addend = torch.empty(batch, count, width, dtype=torch.bfloat16) if ctx.has_addend else None
+    grad_addend_bias = vector(width) if ctx.has_addend and needs[2] else None
+    grad_attention_norm_weight, grad_attention_norm_bias, grad_mlp_norm_weight, grad_mlp_norm_bias = (vector(width) for _ in range(4))
+    grad_qkv_weight, grad_projection_weight = torch.empty(3 * width, width), torch.empty(width, width)
+    grad_first_weight, grad_last_weight = torch.empty(hidden, width), torch.empty(width, hidden)
+    grad_qkv_bias = vector(3 * width) if ctx.has_qkv_bias and needs[7] else None
+    grad_projection_bias = vector(width) if needs[9] else None
+    grad_first_bias = vector(hidden) if needs[13] else None
+    grad_last_bias = vector(width) if ctx.has_last_bias and needs[15] else None
+    grad_scale_sums = torch.empty(batch, heads)
+    address = block_kernel.address
+    drop = ctx.attention[0]
+    sizes = block_kernel.BlockSizes(batch, count, width, heads, hidden, 0.0, 0.0, 0, *dropout_arguments(drop), torch.get_num_threads())
+    block = block_kernel.BlockBackward(*(address(tensor) for tensor in (
+        tokens if not ctx.has_addend else None, stream if ctx.has_addend else None, normalised, qkv, mixed, weights, mlp_input,
+        activated, slope, attention_norm_weight, attention_mean, attention_rstd, mlp_norm_weight, mlp_mean, mlp_rstd, after_attention,
+        scales, qkv_pairs, projection_pairs, first_pairs, last_pairs, grad_after_attention, grad_out, grad_tokens, grad_addend,
+        grad_addend_bias, grad_attention_norm_weight, grad_attention_norm_bias, grad_mlp_norm_weight, grad_mlp_norm_bias,
+        grad_qkv_weight, grad_qkv_bias, grad_projection_weight, grad_projection_bias, grad_first_weight, grad_first_bias,
+        grad_last_weight, grad_last_bias, grad_scale_sums)))
+    block_kernel.run_backward(sizes, block)
+    _, scale_shape, scale_dtype = ctx.attention
+    grad_scale = scale_gradient(grad_scale_sums, scale_shape, scale_dtype) if scale_shape is not None and needs[3] else None
+    return (grad_tokens, grad_addend, grad_addend_bias, grad_scale, grad_attention_norm_weight, grad_attention_norm_bias,
+            grad_qkv_weight, grad_qkv_bias, grad_projection_weight, grad_projection_bias, grad_mlp_norm_weight, grad_mlp_norm_bias,
+            grad_first_weight, grad_first_bias, grad_last_weight, grad_last_bias, None)
 
 
 class FirstTokenBlockOnKernels(torch.autograd.Function):

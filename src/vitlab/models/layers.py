@@ -124,13 +124,19 @@ def kernel_attention_forward(qkv: torch.Tensor, scale: torch.Tensor | float, mas
     """(self-attention of qkv (B, T, 3, H, Dh) by vitlab's C kernel → (B, T, H, Dh), what backward needs). No
     autograd: KernelSelfAttention's forward, and a fused block's (models/fused_block.py)."""
     scales = per_head_scales(scale, qkv.shape[3])  # (H,)
-    # with dropout, a key from PyTorch's generator, as vitlab's Dropout draws one
-    drop = (attention_kernel.AttentionDropout(drop_threshold(dropout), keep_scale(dropout), random_key(qkv.device))
-            if dropout > 0 else attention_kernel.NO_DROPOUT)
+    drop = kernel_attention_dropout(dropout, qkv.device)
     out, weights = attention_kernel.attention_forward(qkv, scales, mask_self, keep_weights, drop)  # (B, T, H, Dh), (B, H, T, T)
     tensor_scale = isinstance(scale, torch.Tensor)
     return out, SavedAttention(qkv, out, weights, scales, drop, scale.shape if tensor_scale else None,
                                scale.dtype if tensor_scale else None)
+
+
+def kernel_attention_dropout(dropout: float, device: torch.device) -> attention_kernel.AttentionDropout:
+    """The attention kernel's dropout of probability `dropout`: with dropout, a key from PyTorch's generator, as
+    vitlab's Dropout draws one."""
+    if dropout > 0:
+        return attention_kernel.AttentionDropout(drop_threshold(dropout), keep_scale(dropout), random_key(device))
+    return attention_kernel.NO_DROPOUT
 
 
 def kernel_attention_backward(saved: SavedAttention, grad_out: torch.Tensor,

@@ -24,14 +24,11 @@ from vitlab.kernels import matmul as matmul_kernel
 from vitlab.kernels import recording_graph
 from vitlab.kernels import weight_gradient as weight_gradient_kernel
 from vitlab.kernels.build import fp32_cpu_vector
+from vitlab.kernels.matmul import SMALL_PRODUCT
 from vitlab.models.base import cpu_autocast_dtype, plain_linear
 
 # oneDNN's fused linear (PyTorch builds with oneDNN have it; a private op, so looked up, not assumed)
 MKLDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-
-# At most this many multiply-adds, PyTorch computes a bf16 product itself instead of calling oneDNN, and keeps bf16
-# subnormal numbers there (oneDNN and the kernel count them as 0); so products this small stay with PyTorch.
-SMALL_PRODUCT = 16 ** 3
 
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

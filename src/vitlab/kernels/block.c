@@ -1,0 +1,242 @@
+/* A pre-norm transformer block's forward and backward as one call: the kernels of layer_norm.c, matmul.c,
+ * attention.c, gelu.c and weight_gradient.c called in the order models/fused_block.py's BlockOnKernels calls them from
+ * Python, on the same inputs, so the results are the same bits.
+ *
+ * Between two kernels Python spent tens of microseconds (allocations, checks, bindings) on a cache the previous kernel
+ * had just filled with its data: a sixth of vit-seed001's step was outside every kernel (docs/performance.md, "A
+ * block's kernels called from C"). Here the caller allocates every tensor the block keeps and its gradients once, and
+ * the block's twenty-odd kernels run back to back. Temporaries (the forward's weight pairs, the first MLP layer's
+ * output before GELU, the backward's intermediate gradients) live in memory allocated here and freed before returning.
+ *
+ * Only where the products run in matmul.c (AVX-512 BF16 without AMX: with AMX oneDNN's products on the tiles are
+ * faster, and they are not C functions this file could call).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16_math.h"
+
+/* The kernels called (defined in the library's other files). */
+void vitlab_layer_norm_forward(const float *x, const uint16_t *addend, const float *addend_bias, float *total, const float *weight,
+                               const float *bias, uint16_t *y, float *mean, float *rstd, int64_t rows, int64_t features, float eps,
+                               int threads);
+int vitlab_layer_norm_backward(const uint16_t *grad_y, const float *x, const float *weight, const float *mean, const float *rstd,
+                               const float *grad_residual, float *grad_x, uint16_t *grad_x_bf16, float *grad_weight, float *grad_bias,
+                               float *grad_column_sums, int64_t rows, int64_t features, int threads);
+void vitlab_pack_linear_weight(const uint16_t *weight, uint32_t *forward_pairs, uint32_t *backward_pairs, int64_t outs, int64_t ins);
+void vitlab_matmul_pairs(const uint16_t *a, const uint32_t *pairs, const uint16_t *bias, uint16_t *out, int64_t rows, int64_t depth,
+                         int64_t width, int threads);
+void vitlab_attention_forward(const uint16_t *qkv, uint16_t *out, uint16_t *weights, int64_t batch, int64_t tokens, int64_t heads,
+                              int64_t head_size, const float *scales, int mask_diagonal, uint32_t drop_threshold, float drop_scale,
+                              uint64_t drop_key, int threads);
+void vitlab_attention_backward(const uint16_t *qkv, const uint16_t *out, const uint16_t *weights, const uint16_t *grad_out,
+                               uint16_t *grad_qkv, float *grad_scale_sums, int64_t batch, int64_t tokens, int64_t heads,
+                               int64_t head_size, const float *scales, uint32_t drop_threshold, float drop_scale, uint64_t drop_key,
+                               int threads);
+void vitlab_gelu_forward(const uint16_t *x, const float *bias, uint16_t *out, uint16_t *derivative, int64_t count, int64_t columns,
+                         int threads);
+int vitlab_gelu_backward(const uint16_t *grad_out, const uint16_t *derivative, uint16_t *grad_x, float *grad_bias, int64_t count,
+                         int64_t columns, int threads);
+int vitlab_weight_gradient(const uint16_t *grad_out, const uint16_t *input, float *grad_weight, float *grad_bias, int64_t rows,
+                           int64_t outs, int64_t ins, int threads);
+
+#if defined(VITLAB_AVX512) && defined(__AVX512BF16__) && !defined(__AMX_BF16__)
+
+int vitlab_block_supported(void) { return 1; }
+
+/* Sizes and settings of a block (models/fused_block.py's BlockLayout and the input's shape). */
+typedef struct {
+    int64_t batch, tokens, width, heads, hidden; /* hidden: the MLP's width */
+    float attention_eps, mlp_eps;
+    int32_t mask_diagonal;
+    uint32_t drop_threshold; /* attention dropout inside the attention kernel (0: none) */
+    float drop_scale;
+    uint64_t drop_key;
+    int32_t threads;
+} BlockSizes;
+
+/* A linear layer's fp32 weight (outs × ins) and bias (outs, or NULL), and where its backward pairs go (kept for the
+ * input gradient). */
+typedef struct {
+    const float *weight, *bias;
+    uint32_t *backward_pairs;
+} LinearWeights;
+
+/* The forward's inputs, the tensors it keeps (allocated by the caller) and its outputs. Shapes with R = batch · tokens
+ * rows, D = width, M = hidden, H = heads, P = tokens rounded up to 16. */
+typedef struct {
+    const float *tokens;      /* (R, D) fp32 */
+    const uint16_t *addend;   /* (R, D) bf16 or NULL: the previous block's deferred MLP output */
+    const float *addend_bias; /* (D) or NULL */
+    const float *scales;      /* (H) */
+    const float *attention_norm_weight, *attention_norm_bias, *mlp_norm_weight, *mlp_norm_bias; /* (D) each */
+    LinearWeights qkv, projection, first, last; /* qkv: 3D × D; projection: D × D (bias added by the mlp norm's kernel); first: M × D (bias added by GELU); last: D × M */
+    float *stream;                 /* (R, D) fp32: tokens + addend (+ its bias); NULL without an addend */
+    uint16_t *normalised;          /* (R, D) bf16 */
+    float *attention_mean, *attention_rstd; /* (R) */
+    uint16_t *qkv_out;             /* (R, 3D) bf16 */
+    uint16_t *mixed;               /* (R, D) bf16: attention's output */
+    uint16_t *weights;             /* (batch, H, tokens, P) bf16: the attention weights kept */
+    float *after_attention;        /* (R, D) fp32 */
+    uint16_t *mlp_input;           /* (R, D) bf16 */
+    float *mlp_mean, *mlp_rstd;    /* (R) */
+    uint16_t *activated, *slope;   /* (R, M) bf16: GELU and its derivative */
+    uint16_t *out;                 /* (R, D) bf16: the MLP's output, with the last bias unless that is NULL */
+} BlockForward;
+
+/* Round to bf16 as PyTorch's conversion does (to nearest even; every NaN becomes 0xFFFF, as its vectorised copy writes). */
+static inline uint16_t torch_bf16(float value) { return value != value ? 0xFFFFu : float_to_bf16(value); }
+
+/* A layer's fp32 weight (outs × ins) → its bf16 copy → the matmul kernel's pairs (forward into `forward_pairs`,
+ * backward into the layer's own), and, where `bias_bf16` is not NULL, its bias (if any) in bf16 there (the product
+ * adds it; the projection's and the first MLP layer's biases are added in fp32 by the next kernel instead). 0, or 1 if
+ * memory ran out. */
+static int pack_layer(LinearWeights layer, int64_t outs, int64_t ins, uint32_t *forward_pairs, uint16_t *bias_bf16) {
+    uint16_t *weight = malloc(sizeof(uint16_t) * (size_t)(outs * ins));
+    if (weight == NULL)
+        return 1;
+    for (int64_t i = 0; i < outs * ins; i++)
+        weight[i] = torch_bf16(layer.weight[i]);
+    vitlab_pack_linear_weight(weight, forward_pairs, layer.backward_pairs, outs, ins);
+    free(weight);
+    if (layer.bias != NULL && bias_bf16 != NULL)
+        for (int64_t o = 0; o < outs; o++)
+            bias_bf16[o] = torch_bf16(layer.bias[o]);
+    return 0;
+}
+
+/* BlockOnKernels.forward. Returns 0, or 1 (outputs partly written) if memory for the temporaries ran out. */
+int vitlab_block_forward(const BlockSizes *sizes, const BlockForward *block) {
+    int64_t rows = sizes->batch * sizes->tokens, width = sizes->width, hidden = sizes->hidden;
+    int threads = sizes->threads;
+    /* pairs for the four forward products, one buffer: qkv (D/2 × 3D), projection (D/2 × D), first (D/2 × M), last (M/2 × D) */
+    int64_t qkv_pairs = width / 2 * 3 * width, projection_pairs = width / 2 * width, first_pairs = width / 2 * hidden;
+    uint32_t *pairs = malloc(sizeof(uint32_t) * (size_t)(qkv_pairs + projection_pairs + 2 * first_pairs));
+    uint16_t *biases = malloc(sizeof(uint16_t) * (size_t)(3 * width + width)); /* qkv's, the last layer's: bf16 */
+    int64_t wider = hidden > width ? hidden : width;
+    uint16_t *hidden_out = malloc(sizeof(uint16_t) * (size_t)(rows * wider)); /* the first layer's product, before GELU */
+    int failed = pairs == NULL || biases == NULL || hidden_out == NULL;
+    uint32_t *qkv_forward = pairs, *projection_forward = qkv_forward + qkv_pairs, *first_forward = projection_forward + projection_pairs,
+             *last_forward = first_forward + first_pairs;
+    uint16_t *qkv_bias = biases, *last_bias = biases + 3 * width;
+    failed = failed || pack_layer(block->qkv, 3 * width, width, qkv_forward, qkv_bias);
+    failed = failed || pack_layer(block->projection, width, width, projection_forward, NULL);
+    failed = failed || pack_layer(block->first, hidden, width, first_forward, NULL);
+    failed = failed || pack_layer(block->last, width, hidden, last_forward, last_bias);
+    if (!failed) {
+        const float *stream = block->addend == NULL ? block->tokens : block->stream;
+        vitlab_layer_norm_forward(block->tokens, block->addend, block->addend_bias, block->addend == NULL ? NULL : block->stream,
+                                  block->attention_norm_weight, block->attention_norm_bias, block->normalised, block->attention_mean,
+                                  block->attention_rstd, rows, width, sizes->attention_eps, threads);
+        vitlab_matmul_pairs(block->normalised, qkv_forward, block->qkv.bias == NULL ? NULL : qkv_bias, block->qkv_out, rows, width,
+                            3 * width, threads);
+        vitlab_attention_forward(block->qkv_out, block->mixed, block->weights, sizes->batch, sizes->tokens, sizes->heads,
+                                 width / sizes->heads, block->scales, sizes->mask_diagonal, sizes->drop_threshold, sizes->drop_scale,
+                                 sizes->drop_key, threads);
+        uint16_t *projected = hidden_out; /* (R, D): the MLP's buffer, free until the first layer writes it */
+        vitlab_matmul_pairs(block->mixed, projection_forward, NULL, projected, rows, width, width, threads);
+        vitlab_layer_norm_forward(stream, projected, block->projection.bias, block->after_attention, block->mlp_norm_weight,
+                                  block->mlp_norm_bias, block->mlp_input, block->mlp_mean, block->mlp_rstd, rows, width, sizes->mlp_eps,
+                                  threads);
+        vitlab_matmul_pairs(block->mlp_input, first_forward, NULL, hidden_out, rows, width, hidden, threads);
+        vitlab_gelu_forward(hidden_out, block->first.bias, block->activated, block->slope, rows * hidden, hidden, threads);
+        vitlab_matmul_pairs(block->activated, last_forward, block->last.bias == NULL ? NULL : last_bias, block->out, rows, hidden, width,
+                            threads);
+    }
+    free(pairs);
+    free(biases);
+    free(hidden_out);
+    return failed;
+}
+
+/* The backward's inputs (what the forward kept, the output gradients) and its gradients (allocated by the caller; a
+ * NULL gradient pointer is one not wanted where the comment says it may be). */
+typedef struct {
+    const float *tokens;             /* (R, D) fp32: without an addend, the first norm's input (else NULL) */
+    const float *stream;             /* (R, D) fp32: with an addend, tokens + addend (+ bias) (else NULL) */
+    const uint16_t *normalised, *qkv, *mixed, *weights, *mlp_input, *activated, *slope; /* as in BlockForward */
+    const float *attention_norm_weight, *attention_mean, *attention_rstd, *mlp_norm_weight, *mlp_mean, *mlp_rstd;
+    const float *after_attention, *scales;
+    const uint32_t *qkv_pairs, *projection_pairs, *first_pairs, *last_pairs; /* the backward pairs the forward packed */
+    const float *grad_after_attention; /* (R, D) fp32 or NULL: no gradient reached the stream after attention */
+    const uint16_t *grad_out;          /* (R, D) bf16: the MLP output's gradient */
+    float *grad_tokens;                /* (R, D) fp32 */
+    uint16_t *grad_addend;             /* (R, D) bf16, with an addend (else NULL) */
+    float *grad_addend_bias;           /* (D), or NULL: none wanted */
+    float *grad_attention_norm_weight, *grad_attention_norm_bias, *grad_mlp_norm_weight, *grad_mlp_norm_bias; /* (D) */
+    float *grad_qkv_weight, *grad_qkv_bias;               /* (3D × D), (3D) or NULL: the layer has no bias */
+    float *grad_projection_weight, *grad_projection_bias; /* (D × D), (D) */
+    float *grad_first_weight, *grad_first_bias;           /* (M × D), (M) */
+    float *grad_last_weight, *grad_last_bias;             /* (D × M), (D) or NULL: the layer has none (deferred) */
+    float *grad_scale_sums;                               /* (batch, H) */
+} BlockBackward;
+
+/* BlockOnKernels.backward, every gradient wanted. Returns 0, or 1 (gradients partly written) if memory ran out. */
+int vitlab_block_backward(const BlockSizes *sizes, const BlockBackward *block) {
+    int64_t rows = sizes->batch * sizes->tokens, width = sizes->width, hidden = sizes->hidden;
+    int threads = sizes->threads;
+    /* Intermediate gradients, bf16 (but the stream's): grad_activated and grad_hidden (R × M each), whose space
+     * grad_projected and grad_mixed (R × D each) take over once they are used, grad_mlp_input (R × D, then
+     * grad_normalised's), grad_qkv (R × 3D) and grad_stream (R × D fp32). */
+    int64_t wider = hidden > width ? hidden : width;
+    uint16_t *grad_activated = malloc(sizeof(uint16_t) * (size_t)(rows * wider)),
+             *grad_hidden = malloc(sizeof(uint16_t) * (size_t)(rows * wider)),
+             *grad_mlp_input = malloc(sizeof(uint16_t) * (size_t)(rows * width)),
+             *grad_qkv = malloc(sizeof(uint16_t) * (size_t)(rows * 3 * width));
+    float *grad_stream = malloc(sizeof(float) * (size_t)(rows * width));
+    int failed = grad_activated == NULL || grad_hidden == NULL || grad_mlp_input == NULL || grad_qkv == NULL || grad_stream == NULL;
+    if (!failed) {
+        uint16_t *grad_projected = grad_activated, *grad_mixed = grad_hidden, *grad_normalised = grad_mlp_input; /* reused, below */
+        /* the MLP's last layer, GELU, its first layer */
+        vitlab_matmul_pairs(block->grad_out, block->last_pairs, NULL, grad_activated, rows, width, hidden, threads);
+        failed = failed || vitlab_weight_gradient(block->grad_out, block->activated, block->grad_last_weight, block->grad_last_bias, rows,
+                                                  width, hidden, threads);
+        failed = failed || vitlab_gelu_backward(grad_activated, block->slope, grad_hidden, block->grad_first_bias, rows * hidden, hidden,
+                                                threads);
+        vitlab_matmul_pairs(grad_hidden, block->first_pairs, NULL, grad_mlp_input, rows, hidden, width, threads);
+        failed = failed || vitlab_weight_gradient(grad_hidden, block->mlp_input, block->grad_first_weight, NULL, rows, hidden, width,
+                                                  threads);
+        /* the residual add with the MLP's norm: the stream's gradient (fp32) and the projection's (bf16, the same values) */
+        failed = failed || vitlab_layer_norm_backward(grad_mlp_input, block->after_attention, block->mlp_norm_weight, block->mlp_mean,
+                                                      block->mlp_rstd, block->grad_after_attention, grad_stream, grad_projected,
+                                                      block->grad_mlp_norm_weight, block->grad_mlp_norm_bias,
+                                                      block->grad_projection_bias, rows, width, threads);
+        /* the projection, attention, the QKV projection */
+        vitlab_matmul_pairs(grad_projected, block->projection_pairs, NULL, grad_mixed, rows, width, width, threads);
+        failed = failed || vitlab_weight_gradient(grad_projected, block->mixed, block->grad_projection_weight, NULL, rows, width, width,
+                                                  threads);
+        vitlab_attention_backward(block->qkv, block->mixed, block->weights, grad_mixed, grad_qkv, block->grad_scale_sums, sizes->batch,
+                                  sizes->tokens, sizes->heads, width / sizes->heads, block->scales, sizes->drop_threshold,
+                                  sizes->drop_scale, sizes->drop_key, threads);
+        vitlab_matmul_pairs(grad_qkv, block->qkv_pairs, NULL, grad_normalised, rows, 3 * width, width, threads);
+        failed = failed || vitlab_weight_gradient(grad_qkv, block->normalised, block->grad_qkv_weight, block->grad_qkv_bias, rows,
+                                                  3 * width, width, threads);
+        /* the first norm: with an addend its residual form (the addend's gradient in bf16 and its bias's sums) */
+        const float *norm_input = block->stream != NULL ? block->stream : block->tokens;
+        failed = failed || vitlab_layer_norm_backward(grad_normalised, norm_input, block->attention_norm_weight, block->attention_mean,
+                                                      block->attention_rstd, grad_stream, block->grad_tokens, block->grad_addend,
+                                                      block->grad_attention_norm_weight, block->grad_attention_norm_bias,
+                                                      block->grad_addend_bias, rows, width, threads);
+    }
+    free(grad_activated);
+    free(grad_hidden);
+    free(grad_mlp_input);
+    free(grad_qkv);
+    free(grad_stream);
+    return failed;
+}
+
+#else
+
+int vitlab_block_supported(void) { return 0; }
+int vitlab_block_forward(const void *sizes, const void *block) {
+    (void)sizes, (void)block;
+    abort(); /* callers check vitlab_block_supported() first */
+}
+int vitlab_block_backward(const void *sizes, const void *block) {
+    (void)sizes, (void)block;
+    abort();
+}
+
+#endif

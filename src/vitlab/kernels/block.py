@@ -1,0 +1,67 @@
+"""ctypes bindings of block.c: a pre-norm transformer block's forward and backward, every kernel called from C in one
+call. The caller (models/fused_block.py) allocates what the block keeps and its gradients; the structures below
+carry their addresses."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from vitlab.kernels import matmul as matmul_kernel
+from vitlab.kernels.build import library_capabilities, loaded_library
+
+CPU = torch.device("cpu")
+POINTER = ctypes.c_void_p
+
+
+class BlockSizes(ctypes.Structure):
+    _fields_ = [("batch", ctypes.c_int64), ("tokens", ctypes.c_int64), ("width", ctypes.c_int64), ("heads", ctypes.c_int64),
+                ("hidden", ctypes.c_int64), ("attention_eps", ctypes.c_float), ("mlp_eps", ctypes.c_float),
+                ("mask_diagonal", ctypes.c_int32), ("drop_threshold", ctypes.c_uint32), ("drop_scale", ctypes.c_float),
+                ("drop_key", ctypes.c_uint64), ("threads", ctypes.c_int32)]
+
+
+class LinearWeights(ctypes.Structure):
+    _fields_ = [("weight", POINTER), ("bias", POINTER), ("backward_pairs", POINTER)]
+
+
+class BlockForward(ctypes.Structure):
+    _fields_ = [(name, POINTER) for name in ("tokens", "addend", "addend_bias", "scales", "attention_norm_weight",
+                                             "attention_norm_bias", "mlp_norm_weight", "mlp_norm_bias")] + \
+               [(name, LinearWeights) for name in ("qkv", "projection", "first", "last")] + \
+               [(name, POINTER) for name in ("stream", "normalised", "attention_mean", "attention_rstd", "qkv_out", "mixed", "weights",
+                                             "after_attention", "mlp_input", "mlp_mean", "mlp_rstd", "activated", "slope", "out")]
+
+
+class BlockBackward(ctypes.Structure):
+    _fields_ = [(name, POINTER) for name in (
+        "tokens", "stream", "normalised", "qkv", "mixed", "weights", "mlp_input", "activated", "slope", "attention_norm_weight",
+        "attention_mean", "attention_rstd", "mlp_norm_weight", "mlp_mean", "mlp_rstd", "after_attention", "scales", "qkv_pairs",
+        "projection_pairs", "first_pairs", "last_pairs", "grad_after_attention", "grad_out", "grad_tokens", "grad_addend",
+        "grad_addend_bias", "grad_attention_norm_weight", "grad_attention_norm_bias", "grad_mlp_norm_weight", "grad_mlp_norm_bias",
+        "grad_qkv_weight", "grad_qkv_bias", "grad_projection_weight", "grad_projection_bias", "grad_first_weight", "grad_first_bias",
+        "grad_last_weight", "grad_last_bias", "grad_scale_sums")]
+
+
+def address(tensor: torch.Tensor | None) -> int | None:
+    """A tensor's data address for a structure field (None: a NULL pointer)."""
+    return None if tensor is None else tensor.data_ptr()
+
+
+def sizes_supported(rows: int, width: int, hidden: int, library) -> bool:
+    """Whether block.c takes a block of these sizes: where its four products run in matmul.c (each more than a few
+    multiply-adds, widths it takes: width, 3 · width and hidden) — the products PyTorch would otherwise run in oneDNN."""
+    return (library is not None and library_capabilities(library).block and rows * width * width > matmul_kernel.SMALL_PRODUCT
+            and matmul_kernel.shape_supported(width, 3 * width, library) and matmul_kernel.shape_supported(width, width, library)
+            and matmul_kernel.shape_supported(width, hidden, library) and matmul_kernel.shape_supported(hidden, width, library))
+
+
+def run_forward(sizes: BlockSizes, block: BlockForward) -> None:
+    if loaded_library().vitlab_block_forward(ctypes.byref(sizes), ctypes.byref(block)):
+        raise MemoryError("the block kernel could not allocate its temporary buffers")
+
+
+def run_backward(sizes: BlockSizes, block: BlockBackward) -> None:
+    if loaded_library().vitlab_block_backward(ctypes.byref(sizes), ctypes.byref(block)):
+        raise MemoryError("the block kernel could not allocate its temporary buffers")

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from vitlab.kernels import block as block_kernel
+from vitlab.kernels import compiled_library
+from vitlab.kernels.build import library_capabilities
+from vitlab.models import build_model
+from vitlab.models.fused_block import blocks_from_python
+
+LIBRARY = compiled_library()
+IN_ONE_CALL = LIBRARY is not None and block_kernel.sizes_supported(8 * 65, 64, 256, LIBRARY)
+
+
+def test_a_block_goes_to_c_only_where_its_four_products_run_in_the_matmul_kernel():
+    if LIBRARY is None:
+        pytest.skip("no C kernels here")
+    matmul = library_capabilities(LIBRARY).matmul
+    assert block_kernel.sizes_supported(8 * 65, 64, 256, LIBRARY) == (matmul and library_capabilities(LIBRARY).block)
+    assert not block_kernel.sizes_supported(8 * 65, 192, 768, LIBRARY)  # the QKV product's 576 outputs: more than 512
+    assert not block_kernel.sizes_supported(8 * 65, 64, 600, LIBRARY)  # the MLP's 600: not a multiple of 16
+    assert not block_kernel.sizes_supported(1, 16, 16, LIBRARY)  # 256 multiply-adds: PyTorch computes such products itself
+    assert not block_kernel.sizes_supported(8 * 65, 64, 256, None)
+
+
+def logits_both_ways(model) -> list[torch.Tensor]:
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for from_python in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16), blocks_from_python() if from_python else torch.enable_grad():
+            outputs.append(model(images).detach())
+    return outputs
+
+
+@pytest.mark.skipif(not IN_ONE_CALL, reason="the linear layers' products run in oneDNN here (AMX) or there are no C kernels")
+@pytest.mark.parametrize("special", [
+    [1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 2 ** -8 * (1 + 2 ** -8), 1e-40, -1e-39, 2 ** -126 * 1.5, 0.0],  # ties, subnormals
+    [float("nan"), float("inf"), -float("inf"), 3.4e38, -3.4e38, 1.0, 0.5, 0.25]])  # NaN, infinities, overflow
+def test_weights_are_rounded_to_bf16_in_c_as_pytorch_rounds_them(special):
+    torch.manual_seed(0)
+    model = build_model("vit", patch_size=4, hidden_size=64, num_heads=4, num_blocks=2, pool="mean").train()
+    with torch.no_grad():
+        model.head.weight.normal_()  # (it starts at zero: logits that said nothing of the blocks)
+        for layer in (model.blocks[0].attention.qkv, model.blocks[0].attention.projection, model.blocks[0].mlp[0], model.blocks[0].mlp[3]):
+            layer.weight[3, :8] = torch.tensor(special)
+    one_call, from_python = logits_both_ways(model)
+    assert torch.equal(one_call.view(torch.int32), from_python.view(torch.int32))  # NaNs too, bit for bit
+    assert one_call.isfinite().all() == all(abs(value) < 1e38 for value in special)
