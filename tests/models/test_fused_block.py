@@ -37,11 +37,12 @@ def fused_calls(monkeypatch):
 
 @pytest.fixture
 def one_calls(monkeypatch):
-    """The calls into block.c since the test began: "forward" or "backward"."""
+    """The calls into block.c since the test began: "forward" or "backward", and "first token forward" or "first token
+    backward" for the CLS-only last block."""
     calls = []
-    for kind in ("forward", "backward"):
-        function = getattr(block_kernel, f"run_{kind}")
-        monkeypatch.setattr(block_kernel, f"run_{kind}", lambda *arguments, kind=kind, run=function: calls.append(kind) or run(*arguments))
+    for kind in ("forward", "backward", "first token forward", "first token backward"):
+        name = "run_" + kind.replace(" ", "_")
+        monkeypatch.setattr(block_kernel, name, lambda *arguments, kind=kind, run=getattr(block_kernel, name): calls.append(kind) or run(*arguments))
     return calls
 
 
@@ -69,12 +70,13 @@ def test_a_block_in_one_call_into_c_gives_the_bits_of_its_kernels_called_from_py
     images, labels = batch()
     images.requires_grad_(True)
     one_call_logits, one_call_gradients = logits_and_gradients(model, images, labels)
-    full_blocks = fused_calls.count("block")
-    assert one_calls == ["forward"] * full_blocks + ["backward"] * full_blocks  # every block but a CLS-only last one
+    full_blocks, cls_only = fused_calls.count("block"), fused_calls.count("first token")
+    assert one_calls == (["forward"] * full_blocks + ["first token forward"] * cls_only
+                         + ["first token backward"] * cls_only + ["backward"] * full_blocks)
     one_call_input_gradient, images.grad = images.grad, None
     one_calls.clear()
     logits, gradients = logits_and_gradients(model, images, labels, from_python=True)
-    assert not one_calls and fused_calls.count("block") == 2 * full_blocks
+    assert not one_calls and fused_calls.count("block") == 2 * full_blocks and fused_calls.count("first token") == 2 * cls_only
     assert torch.equal(one_call_logits, logits) and torch.equal(one_call_input_gradient, images.grad)
     assert one_call_gradients.keys() == gradients.keys()
     for parameter, gradient in gradients.items():

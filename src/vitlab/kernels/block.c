@@ -40,6 +40,11 @@ int vitlab_gelu_backward(const uint16_t *grad_out, const uint16_t *derivative, u
                          int64_t columns, int threads);
 int vitlab_weight_gradient(const uint16_t *grad_out, const uint16_t *input, float *grad_weight, float *grad_bias, int64_t rows,
                            int64_t outs, int64_t ins, int threads);
+int vitlab_single_query_forward(const uint16_t *query, const uint16_t *key_value, const float *scales, int mask_first, uint16_t *out,
+                                float *weights, int64_t batch, int64_t tokens, int64_t heads, int64_t head_size, int threads);
+int vitlab_single_query_backward(const uint16_t *query, const uint16_t *key_value, const float *scales, const float *weights,
+                                 const uint16_t *grad_out, uint16_t *grad_query, uint16_t *grad_key_value, float *grad_scale_sums,
+                                 int64_t batch, int64_t tokens, int64_t heads, int64_t head_size, int threads);
 
 #if defined(VITLAB_AVX512) && defined(__AVX512BF16__) && !defined(__AMX_BF16__)
 
@@ -227,6 +232,173 @@ int vitlab_block_backward(const BlockSizes *sizes, const BlockBackward *block) {
     return failed;
 }
 
+/* The last block under CLS pooling, computing the first token alone (FirstTokenBlockOnKernels): the first norm over
+ * every token, the first token's query against every token's keys and values (single_query.c), then the projection,
+ * norm and MLP of that token. Shapes as in BlockForward, with B = batch rows for the first token's tensors. */
+typedef struct {
+    const float *tokens;
+    const uint16_t *addend;
+    const float *addend_bias, *scales;
+    const float *attention_norm_weight, *attention_norm_bias, *mlp_norm_weight, *mlp_norm_bias;
+    LinearWeights query, key_value, projection, first, last; /* query: the QKV weight's first D rows; key_value: the other 2D */
+    float *stream;                          /* (R, D) fp32, with an addend (else NULL) */
+    uint16_t *normalised;                   /* (R, D) bf16 */
+    float *attention_mean, *attention_rstd; /* (R) */
+    uint16_t *query_input;                  /* (B, D) bf16: normalised's first token */
+    uint16_t *query_out, *key_value_out;    /* (B, D), (R, 2D) bf16 */
+    uint16_t *mixed;                        /* (B, D) bf16 */
+    float *weights;                         /* (B, H, tokens) fp32 */
+    float *first_token;                     /* (B, D) fp32: the first token's stream plus the projection */
+    uint16_t *mlp_input;                    /* (B, D) bf16 */
+    float *mlp_mean, *mlp_rstd;             /* (B) */
+    uint16_t *activated, *slope;            /* (B, M) bf16 */
+    float *result;                          /* (B, D) fp32: first + the MLP's output */
+} FirstTokenForward;
+
+/* FirstTokenBlockOnKernels.forward. Returns 0, or 1 (outputs partly written) if memory ran out. */
+int vitlab_first_token_block_forward(const BlockSizes *sizes, const FirstTokenForward *block) {
+    int64_t batch = sizes->batch, tokens = sizes->tokens, rows = batch * tokens, width = sizes->width, hidden = sizes->hidden;
+    int threads = sizes->threads;
+    int64_t square = width / 2 * width, first_pairs = width / 2 * hidden, wider = hidden > width ? hidden : width;
+    uint32_t *pairs = malloc(sizeof(uint32_t) * (size_t)(square + 2 * square + square + 2 * first_pairs));
+    uint16_t *biases = malloc(sizeof(uint16_t) * (size_t)(5 * width));  /* query's, key_value's, projection's, last's: bf16 */
+    uint16_t *scratch = malloc(sizeof(uint16_t) * (size_t)(batch * wider)); /* the projection, the first layer's and the last's products */
+    int failed = pairs == NULL || biases == NULL || scratch == NULL;
+    uint32_t *query_forward = pairs, *key_value_forward = query_forward + square, *projection_forward = key_value_forward + 2 * square,
+             *first_forward = projection_forward + square, *last_forward = first_forward + first_pairs;
+    uint16_t *query_bias = biases, *key_value_bias = biases + width, *projection_bias = biases + 3 * width, *last_bias = biases + 4 * width;
+    failed = failed || pack_layer(block->query, width, width, query_forward, query_bias);
+    failed = failed || pack_layer(block->key_value, 2 * width, width, key_value_forward, key_value_bias);
+    failed = failed || pack_layer(block->projection, width, width, projection_forward, projection_bias);
+    failed = failed || pack_layer(block->first, hidden, width, first_forward, NULL);
+    failed = failed || pack_layer(block->last, width, hidden, last_forward, last_bias);
+    if (!failed) {
+        vitlab_layer_norm_forward(block->tokens, block->addend, block->addend_bias, block->addend == NULL ? NULL : block->stream,
+                                  block->attention_norm_weight, block->attention_norm_bias, block->normalised, block->attention_mean,
+                                  block->attention_rstd, rows, width, sizes->attention_eps, threads);
+        for (int64_t b = 0; b < batch; b++)
+            memcpy(block->query_input + b * width, block->normalised + b * tokens * width, sizeof(uint16_t) * (size_t)width);
+        vitlab_matmul_pairs(block->query_input, query_forward, block->query.bias == NULL ? NULL : query_bias, block->query_out, batch,
+                            width, width, threads);
+        vitlab_matmul_pairs(block->normalised, key_value_forward, block->key_value.bias == NULL ? NULL : key_value_bias,
+                            block->key_value_out, rows, width, 2 * width, threads);
+        failed = vitlab_single_query_forward(block->query_out, block->key_value_out, block->scales, sizes->mask_diagonal, block->mixed,
+                                             block->weights, batch, tokens, sizes->heads, width / sizes->heads, threads);
+    }
+    if (!failed) {
+        uint16_t *projected = scratch; /* (B, D) */
+        vitlab_matmul_pairs(block->mixed, projection_forward, block->projection.bias == NULL ? NULL : projection_bias, projected, batch,
+                            width, width, threads);
+        const float *stream = block->addend == NULL ? block->tokens : block->stream;
+        for (int64_t b = 0; b < batch; b++) /* the first token's stream plus the projection, in fp32 (PyTorch's add) */
+            for (int64_t d = 0; d < width; d++)
+                block->first_token[b * width + d] = stream[b * tokens * width + d] + bf16_to_float(projected[b * width + d]);
+        vitlab_layer_norm_forward(block->first_token, NULL, NULL, NULL, block->mlp_norm_weight, block->mlp_norm_bias, block->mlp_input,
+                                  block->mlp_mean, block->mlp_rstd, batch, width, sizes->mlp_eps, threads);
+        vitlab_matmul_pairs(block->mlp_input, first_forward, NULL, scratch, batch, width, hidden, threads);
+        vitlab_gelu_forward(scratch, block->first.bias, block->activated, block->slope, batch * hidden, hidden, threads);
+        vitlab_matmul_pairs(block->activated, last_forward, block->last.bias == NULL ? NULL : last_bias, scratch, batch, hidden, width,
+                            threads);
+        for (int64_t i = 0; i < batch * width; i++) /* first + the MLP's output, in fp32 */
+            block->result[i] = block->first_token[i] + bf16_to_float(scratch[i]);
+    }
+    free(pairs);
+    free(biases);
+    free(scratch);
+    return failed;
+}
+
+typedef struct {
+    const float *tokens, *stream; /* as in BlockBackward */
+    const uint16_t *query_input, *normalised, *query, *key_value, *mixed, *mlp_input, *activated, *slope;
+    const float *weights, *first_token, *scales;
+    const float *attention_norm_weight, *attention_mean, *attention_rstd, *mlp_norm_weight, *mlp_mean, *mlp_rstd;
+    const uint32_t *query_pairs, *key_value_pairs, *projection_pairs, *first_pairs, *last_pairs;
+    const float *grad_result;     /* (B, D) fp32 */
+    float *grad_tokens;           /* (R, D) fp32 */
+    uint16_t *grad_addend;        /* (R, D) bf16, with an addend (else NULL) */
+    float *grad_addend_bias;      /* (D) or NULL */
+    float *grad_attention_norm_weight, *grad_attention_norm_bias, *grad_mlp_norm_weight, *grad_mlp_norm_bias;
+    float *grad_qkv_weight, *grad_qkv_bias;               /* (3D × D): the query's D rows first; (3D) or NULL */
+    float *grad_projection_weight, *grad_projection_bias; /* (D × D), (D) or NULL */
+    float *grad_first_weight, *grad_first_bias;           /* (M × D), (M) or NULL */
+    float *grad_last_weight, *grad_last_bias;             /* (D × M), (D) or NULL */
+    float *grad_scale_sums;                               /* (B, H) */
+} FirstTokenBackward;
+
+/* FirstTokenBlockOnKernels.backward, every weight's gradient wanted. Returns 0, or 1 if memory ran out. */
+int vitlab_first_token_block_backward(const BlockSizes *sizes, const FirstTokenBackward *block) {
+    int64_t batch = sizes->batch, tokens = sizes->tokens, rows = batch * tokens, width = sizes->width, hidden = sizes->hidden;
+    int threads = sizes->threads;
+    uint16_t *grad_result = malloc(sizeof(uint16_t) * (size_t)(batch * width)), /* then grad_first's bf16 */
+             *grad_activated = malloc(sizeof(uint16_t) * (size_t)(batch * hidden)),
+             *grad_hidden = malloc(sizeof(uint16_t) * (size_t)(batch * hidden)),
+             *grad_small = malloc(sizeof(uint16_t) * (size_t)(4 * batch * width)), /* mlp_input's, mixed's, query's, query input's */
+             *grad_key_value = malloc(sizeof(uint16_t) * (size_t)(rows * 2 * width)),
+             *grad_normalised = malloc(sizeof(uint16_t) * (size_t)(rows * width));
+    float *grad_first = malloc(sizeof(float) * (size_t)(batch * width)), *grad_stream = calloc((size_t)(rows * width), sizeof(float));
+    int failed = grad_result == NULL || grad_activated == NULL || grad_hidden == NULL || grad_small == NULL || grad_key_value == NULL
+                 || grad_normalised == NULL || grad_first == NULL || grad_stream == NULL;
+    if (!failed) {
+        uint16_t *grad_mlp_input = grad_small, *grad_mixed = grad_small + batch * width, *grad_query = grad_small + 2 * batch * width,
+                 *grad_query_input = grad_small + 3 * batch * width;
+        for (int64_t i = 0; i < batch * width; i++)
+            grad_result[i] = torch_bf16(block->grad_result[i]);
+        /* the MLP */
+        vitlab_matmul_pairs(grad_result, block->last_pairs, NULL, grad_activated, batch, width, hidden, threads);
+        failed = failed || vitlab_weight_gradient(grad_result, block->activated, block->grad_last_weight, block->grad_last_bias, batch,
+                                                  width, hidden, threads);
+        failed = failed || vitlab_gelu_backward(grad_activated, block->slope, grad_hidden, block->grad_first_bias, batch * hidden, hidden,
+                                                threads);
+        vitlab_matmul_pairs(grad_hidden, block->first_pairs, NULL, grad_mlp_input, batch, hidden, width, threads);
+        failed = failed || vitlab_weight_gradient(grad_hidden, block->mlp_input, block->grad_first_weight, NULL, batch, hidden, width,
+                                                  threads);
+        /* the MLP's norm; the first token reaches the result and the norm (autograd adds the two, in fp32) */
+        failed = failed || vitlab_layer_norm_backward(grad_mlp_input, block->first_token, block->mlp_norm_weight, block->mlp_mean,
+                                                      block->mlp_rstd, NULL, grad_first, NULL, block->grad_mlp_norm_weight,
+                                                      block->grad_mlp_norm_bias, NULL, batch, width, threads);
+        for (int64_t i = 0; i < batch * width; i++) {
+            grad_first[i] = block->grad_result[i] + grad_first[i];
+            grad_result[i] = torch_bf16(grad_first[i]); /* the projection's output gradient, in bf16 */
+        }
+        /* the projection, the single query's attention, the query and key-value products */
+        vitlab_matmul_pairs(grad_result, block->projection_pairs, NULL, grad_mixed, batch, width, width, threads);
+        failed = failed || vitlab_weight_gradient(grad_result, block->mixed, block->grad_projection_weight, block->grad_projection_bias,
+                                                  batch, width, width, threads);
+        failed = failed || vitlab_single_query_backward(block->query, block->key_value, block->scales, block->weights, grad_mixed,
+                                                        grad_query, grad_key_value, block->grad_scale_sums, batch, tokens, sizes->heads,
+                                                        width / sizes->heads, threads);
+        vitlab_matmul_pairs(grad_query, block->query_pairs, NULL, grad_query_input, batch, width, width, threads);
+        failed = failed || vitlab_weight_gradient(grad_query, block->query_input, block->grad_qkv_weight, block->grad_qkv_bias, batch,
+                                                  width, width, threads);
+        vitlab_matmul_pairs(grad_key_value, block->key_value_pairs, NULL, grad_normalised, rows, 2 * width, width, threads);
+        failed = failed || vitlab_weight_gradient(grad_key_value, block->normalised, block->grad_qkv_weight + width * width,
+                                                  block->grad_qkv_bias == NULL ? NULL : block->grad_qkv_bias + width, rows, 2 * width,
+                                                  width, threads);
+        /* the first token's row also made the query (bf16 + bf16, as PyTorch adds them); only its stream reached the result */
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t d = 0; d < width; d++) {
+                uint16_t *target = grad_normalised + b * tokens * width + d;
+                *target = torch_bf16(bf16_to_float(*target) + bf16_to_float(grad_query_input[b * width + d]));
+                grad_stream[b * tokens * width + d] = grad_first[b * width + d];
+            }
+        const float *norm_input = block->stream != NULL ? block->stream : block->tokens;
+        failed = failed || vitlab_layer_norm_backward(grad_normalised, norm_input, block->attention_norm_weight, block->attention_mean,
+                                                      block->attention_rstd, grad_stream, block->grad_tokens, block->grad_addend,
+                                                      block->grad_attention_norm_weight, block->grad_attention_norm_bias,
+                                                      block->grad_addend_bias, rows, width, threads);
+    }
+    free(grad_result);
+    free(grad_activated);
+    free(grad_hidden);
+    free(grad_small);
+    free(grad_key_value);
+    free(grad_normalised);
+    free(grad_first);
+    free(grad_stream);
+    return failed;
+}
+
 #else
 
 int vitlab_block_supported(void) { return 0; }
@@ -235,6 +407,14 @@ int vitlab_block_forward(const void *sizes, const void *block) {
     abort(); /* callers check vitlab_block_supported() first */
 }
 int vitlab_block_backward(const void *sizes, const void *block) {
+    (void)sizes, (void)block;
+    abort();
+}
+int vitlab_first_token_block_forward(const void *sizes, const void *block) {
+    (void)sizes, (void)block;
+    abort();
+}
+int vitlab_first_token_block_backward(const void *sizes, const void *block) {
     (void)sizes, (void)block;
     abort();
 }

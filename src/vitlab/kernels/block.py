@@ -44,6 +44,25 @@ class BlockBackward(ctypes.Structure):
         "grad_last_weight", "grad_last_bias", "grad_scale_sums")]
 
 
+class FirstTokenForward(ctypes.Structure):
+    _fields_ = [(name, POINTER) for name in ("tokens", "addend", "addend_bias", "scales", "attention_norm_weight",
+                                             "attention_norm_bias", "mlp_norm_weight", "mlp_norm_bias")] + \
+               [(name, LinearWeights) for name in ("query", "key_value", "projection", "first", "last")] + \
+               [(name, POINTER) for name in ("stream", "normalised", "attention_mean", "attention_rstd", "query_input", "query_out",
+                                             "key_value_out", "mixed", "weights", "first_token", "mlp_input", "mlp_mean", "mlp_rstd",
+                                             "activated", "slope", "result")]
+
+
+class FirstTokenBackward(ctypes.Structure):
+    _fields_ = [(name, POINTER) for name in (
+        "tokens", "stream", "query_input", "normalised", "query", "key_value", "mixed", "mlp_input", "activated", "slope", "weights",
+        "first_token", "scales", "attention_norm_weight", "attention_mean", "attention_rstd", "mlp_norm_weight", "mlp_mean", "mlp_rstd",
+        "query_pairs", "key_value_pairs", "projection_pairs", "first_pairs", "last_pairs", "grad_result", "grad_tokens", "grad_addend",
+        "grad_addend_bias", "grad_attention_norm_weight", "grad_attention_norm_bias", "grad_mlp_norm_weight", "grad_mlp_norm_bias",
+        "grad_qkv_weight", "grad_qkv_bias", "grad_projection_weight", "grad_projection_bias", "grad_first_weight", "grad_first_bias",
+        "grad_last_weight", "grad_last_bias", "grad_scale_sums")]
+
+
 def address(tensor: torch.Tensor | None) -> int | None:
     """A tensor's data address for a structure field (None: a NULL pointer)."""
     return None if tensor is None else tensor.data_ptr()
@@ -57,11 +76,32 @@ def sizes_supported(rows: int, width: int, hidden: int, library) -> bool:
             and matmul_kernel.shape_supported(width, hidden, library) and matmul_kernel.shape_supported(hidden, width, library))
 
 
-def run_forward(sizes: BlockSizes, block: BlockForward) -> None:
-    if loaded_library().vitlab_block_forward(ctypes.byref(sizes), ctypes.byref(block)):
+def first_token_sizes_supported(batch: int, tokens: int, width: int, hidden: int, library) -> bool:
+    """sizes_supported for the CLS-only last block (its query, projection and MLP act on `batch` rows, its keys and
+    values on every token's): the same widths, 2 · width for the keys and values, and more than a few multiply-adds in
+    each of its products."""
+    return (library is not None and library_capabilities(library).block and batch * width * min(width, hidden) > matmul_kernel.SMALL_PRODUCT
+            and all(matmul_kernel.shape_supported(ins, outs, library) for ins, outs in (
+                (width, width), (width, 2 * width), (width, hidden), (hidden, width))))
+
+
+def run(function: str, sizes: BlockSizes, block: ctypes.Structure) -> None:
+    """Call the library's `function` (vitlab_block_forward, …) on the block's sizes and tensors."""
+    if getattr(loaded_library(), function)(ctypes.byref(sizes), ctypes.byref(block)):
         raise MemoryError("the block kernel could not allocate its temporary buffers")
+
+
+def run_forward(sizes: BlockSizes, block: BlockForward) -> None:
+    run("vitlab_block_forward", sizes, block)
 
 
 def run_backward(sizes: BlockSizes, block: BlockBackward) -> None:
-    if loaded_library().vitlab_block_backward(ctypes.byref(sizes), ctypes.byref(block)):
-        raise MemoryError("the block kernel could not allocate its temporary buffers")
+    run("vitlab_block_backward", sizes, block)
+
+
+def run_first_token_forward(sizes: BlockSizes, block: FirstTokenForward) -> None:
+    run("vitlab_first_token_block_forward", sizes, block)
+
+
+def run_first_token_backward(sizes: BlockSizes, block: FirstTokenBackward) -> None:
+    run("vitlab_first_token_block_backward", sizes, block)

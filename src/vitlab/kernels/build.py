@@ -80,6 +80,8 @@ SIGNATURES = {
     "vitlab_block_supported": ([], ctypes.c_int),
     "vitlab_block_forward": ([ctypes.c_void_p] * 2, ctypes.c_int),
     "vitlab_block_backward": ([ctypes.c_void_p] * 2, ctypes.c_int),
+    "vitlab_first_token_block_forward": ([ctypes.c_void_p] * 2, ctypes.c_int),
+    "vitlab_first_token_block_backward": ([ctypes.c_void_p] * 2, ctypes.c_int),
 }
 
 

@@ -333,6 +333,16 @@ class FirstTokenBlockOnKernels(torch.autograd.Function):
                 last_weight: torch.Tensor, last_bias: torch.Tensor | None, layout: BlockLayout) -> torch.Tensor:
         batch, count, width = tokens.shape  # (B, T, D) fp32
         profiling = profiler_running()
+        ctx.has_addend, ctx.has_qkv_bias = addend is not None, qkv_bias is not None
+        ctx.has_projection_bias, ctx.has_last_bias = projection_bias is not None, last_bias is not None
+        ctx.heads = layout.heads
+        ctx.scale_shape, ctx.scale_dtype = (scale.shape, scale.dtype) if isinstance(scale, torch.Tensor) else (None, None)
+        ctx.one_call = (not profiling and not _in_python.is_on()
+                        and block_kernel.first_token_sizes_supported(batch, count, width, first_weight.shape[0], loaded_library()))
+        if ctx.one_call:
+            return first_token_forward_in_one_call(ctx, tokens, addend, addend_bias, scale, attention_norm_weight, attention_norm_bias,
+                                                   qkv_weight, qkv_bias, projection_weight, projection_bias, mlp_norm_weight,
+                                                   mlp_norm_bias, first_weight, first_bias, last_weight, last_bias, layout)
         stream, normalised, attention_mean, attention_rstd = first_norm_forward(
             tokens, addend, addend_bias, attention_norm_weight, attention_norm_bias, layout.attention_eps, profiling)  # bf16
         query_bias, key_value_bias = (None, None) if qkv_bias is None else (qkv_bias[:width], qkv_bias[width:])
@@ -354,19 +364,17 @@ class FirstTokenBlockOnKernels(torch.autograd.Function):
                               projection_saved.weight, first, mlp_norm_weight, mlp_mean, mlp_rstd, mlp_input, first_saved.weight,
                               slope, last_saved.x, last_saved.weight)
         ctx.packed = (query_saved.packed, key_value_saved.packed, projection_saved.packed, first_saved.packed, last_saved.packed)
-        ctx.has_addend, ctx.has_qkv_bias = addend is not None, qkv_bias is not None
-        ctx.has_projection_bias, ctx.has_last_bias = projection_bias is not None, last_bias is not None
-        ctx.heads = layout.heads
-        ctx.scale_shape, ctx.scale_dtype = (scale.shape, scale.dtype) if isinstance(scale, torch.Tensor) else (None, None)
         return first + out
 
     @staticmethod
     def backward(ctx, grad_result: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         refuse_double_backward()
+        saved, needs = ctx.saved_tensors, ctx.needs_input_grad
+        if ctx.one_call and all(needs[index] for index in (0, 6, 8, 12, 14)) and not profiler_running():
+            return first_token_backward_in_one_call(ctx, saved, grad_result)
         (tokens, stream, attention_norm_weight, attention_mean, attention_rstd, query_input, query_pairs, normalised, key_value_pairs,
          query, key_value, scales, weights, projection_input, projection_pairs, first, mlp_norm_weight, mlp_mean, mlp_rstd, mlp_input,
-         first_pairs, slope, activated, last_pairs) = ctx.saved_tensors
-        needs = ctx.needs_input_grad
+         first_pairs, slope, activated, last_pairs) = saved
         query_packed, key_value_packed, projection_packed, first_packed, last_packed = ctx.packed
         batch, count, width = normalised.shape
         profiling = profiler_running()
@@ -403,3 +411,92 @@ class FirstTokenBlockOnKernels(torch.autograd.Function):
         return (grad_tokens, grad_addend, grad_addend_bias, grad_scale, grad_attention_norm_weight, grad_attention_norm_bias,
                 grad_qkv_weight, grad_qkv_bias, grad_projection_weight, grad_projection_bias, grad_mlp_norm_weight, grad_mlp_norm_bias,
                 grad_first_weight, grad_first_bias, grad_last_weight, grad_last_bias, None)
+
+
+def first_token_forward_in_one_call(ctx, tokens: torch.Tensor, addend: torch.Tensor | None, addend_bias: torch.Tensor | None,
+                                    scale: torch.Tensor | float, attention_norm_weight: torch.Tensor, attention_norm_bias: torch.Tensor,
+                                    qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, projection_weight: torch.Tensor,
+                                    projection_bias: torch.Tensor | None, mlp_norm_weight: torch.Tensor, mlp_norm_bias: torch.Tensor,
+                                    first_weight: torch.Tensor, first_bias: torch.Tensor, last_weight: torch.Tensor,
+                                    last_bias: torch.Tensor | None, layout: BlockLayout) -> torch.Tensor:
+    """FirstTokenBlockOnKernels.forward in one call into C (kernels/block.c), keeping what its Python path keeps."""
+    batch, count, width = tokens.shape
+    hidden, heads, rows = first_weight.shape[0], layout.heads, batch * count
+    bf16 = torch.bfloat16
+    tokens = tokens.contiguous()
+    addend = None if addend is None else addend.contiguous()
+    (addend_bias, attention_norm_weight, attention_norm_bias, mlp_norm_weight, mlp_norm_bias, qkv_weight, qkv_bias, projection_weight,
+     projection_bias, first_weight, first_bias, last_weight, last_bias) = (None if tensor is None else tensor.detach().contiguous() for tensor in (
+        addend_bias, attention_norm_weight, attention_norm_bias, mlp_norm_weight, mlp_norm_bias, qkv_weight, qkv_bias, projection_weight,
+        projection_bias, first_weight, first_bias, last_weight, last_bias))
+    scales = per_head_scales(scale, heads).contiguous()  # (H,)
+    query_pairs, key_value_pairs, projection_pairs, first_pairs, last_pairs = (torch.empty(outs // 2, ins, dtype=torch.int32) for outs, ins in (
+        (width, width), (2 * width, width), (width, width), (hidden, width), (width, hidden)))
+    stream = None if addend is None else torch.empty(batch, count, width)  # fp32
+    normalised, key_value = torch.empty(batch, count, width, dtype=bf16), torch.empty(batch, count, 2 * width, dtype=bf16)
+    query_input, query, mixed = (torch.empty(batch, width, dtype=bf16) for _ in range(3))
+    weights = torch.empty(batch, heads, count)  # fp32
+    first, result = torch.empty(batch, 1, width), torch.empty(batch, 1, width)  # fp32
+    mlp_input = torch.empty(batch, 1, width, dtype=bf16)
+    activated, slope = torch.empty(batch, 1, hidden, dtype=bf16), torch.empty(batch, 1, hidden, dtype=bf16)
+    attention_mean, attention_rstd, mlp_mean, mlp_rstd = torch.empty(rows), torch.empty(rows), torch.empty(batch), torch.empty(batch)
+    address = block_kernel.address
+    sizes = block_kernel.BlockSizes(batch, count, width, heads, hidden, layout.attention_eps, layout.mlp_eps, int(layout.mask_self), 0, 1.0,
+                                    0, torch.get_num_threads())
+    query_bias, key_value_bias = (None, None) if qkv_bias is None else (qkv_bias[:width], qkv_bias[width:])
+    block = block_kernel.FirstTokenForward(
+        address(tokens), address(addend), address(addend_bias), address(scales), address(attention_norm_weight),
+        address(attention_norm_bias), address(mlp_norm_weight), address(mlp_norm_bias),
+        *(block_kernel.LinearWeights(address(weight), address(bias), address(pairs)) for weight, bias, pairs in (
+            (qkv_weight[:width], query_bias, query_pairs), (qkv_weight[width:], key_value_bias, key_value_pairs),
+            (projection_weight, projection_bias, projection_pairs), (first_weight, first_bias, first_pairs),
+            (last_weight, last_bias, last_pairs))),
+        address(stream), address(normalised), address(attention_mean), address(attention_rstd), address(query_input), address(query),
+        address(key_value), address(mixed), address(weights), address(first), address(mlp_input), address(mlp_mean), address(mlp_rstd),
+        address(activated), address(slope), address(result))
+    block_kernel.run_first_token_forward(sizes, block)
+    ctx.save_for_backward(tokens if addend is None else None, stream if addend is not None else tokens, attention_norm_weight,
+                          attention_mean, attention_rstd, query_input, query_pairs, normalised, key_value_pairs, query, key_value,
+                          scales, weights, mixed.view(batch, 1, width), projection_pairs, first, mlp_norm_weight, mlp_mean, mlp_rstd,
+                          mlp_input, first_pairs, slope, activated, last_pairs)
+    ctx.packed = (True,) * 5
+    return result
+
+
+def first_token_backward_in_one_call(ctx, saved: tuple[torch.Tensor | None, ...],
+                                     grad_result: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """FirstTokenBlockOnKernels.backward in one call into C (kernels/block.c), every weight's gradient wanted."""
+    (tokens, stream, attention_norm_weight, attention_mean, attention_rstd, query_input, query_pairs, normalised, key_value_pairs,
+     query, key_value, scales, weights, projection_input, projection_pairs, first, mlp_norm_weight, mlp_mean, mlp_rstd, mlp_input,
+     first_pairs, slope, activated, last_pairs) = saved
+    needs = ctx.needs_input_grad
+    batch, count, width = normalised.shape
+    hidden, heads = slope.shape[-1], ctx.heads
+    grad_result = grad_result.to(torch.float32).contiguous()
+    vector = torch.empty
+    grad_tokens = torch.empty(batch, count, width)  # fp32
+    grad_addend = torch.empty(batch, count, width, dtype=torch.bfloat16) if ctx.has_addend else None
+    grad_addend_bias = vector(width) if ctx.has_addend and needs[2] else None
+    grad_attention_norm_weight, grad_attention_norm_bias, grad_mlp_norm_weight, grad_mlp_norm_bias = (vector(width) for _ in range(4))
+    grad_qkv_weight, grad_projection_weight = torch.empty(3 * width, width), torch.empty(width, width)
+    grad_first_weight, grad_last_weight = torch.empty(hidden, width), torch.empty(width, hidden)
+    grad_qkv_bias = vector(3 * width) if ctx.has_qkv_bias and needs[7] else None
+    grad_projection_bias = vector(width) if ctx.has_projection_bias and needs[9] else None
+    grad_first_bias = vector(hidden) if needs[13] else None
+    grad_last_bias = vector(width) if ctx.has_last_bias and needs[15] else None
+    grad_scale_sums = torch.empty(batch, heads)
+    sizes = block_kernel.BlockSizes(batch, count, width, heads, hidden, 0.0, 0.0, 0, 0, 1.0, 0, torch.get_num_threads())
+    block = block_kernel.FirstTokenBackward(*(block_kernel.address(tensor) for tensor in (
+        tokens if not ctx.has_addend else None, stream if ctx.has_addend else None, query_input, normalised, query, key_value,
+        projection_input, mlp_input, activated, slope, weights, first, scales, attention_norm_weight, attention_mean, attention_rstd,
+        mlp_norm_weight, mlp_mean, mlp_rstd, query_pairs, key_value_pairs, projection_pairs, first_pairs, last_pairs, grad_result,
+        grad_tokens, grad_addend, grad_addend_bias, grad_attention_norm_weight, grad_attention_norm_bias, grad_mlp_norm_weight,
+        grad_mlp_norm_bias, grad_qkv_weight, grad_qkv_bias, grad_projection_weight, grad_projection_bias, grad_first_weight,
+        grad_first_bias, grad_last_weight, grad_last_bias, grad_scale_sums)))
+    block_kernel.run_first_token_backward(sizes, block)
+    grad_scale = None
+    if ctx.scale_shape is not None and needs[3]:
+        grad_scale = scale_gradient(grad_scale_sums, ctx.scale_shape, ctx.scale_dtype)
+    return (grad_tokens, grad_addend, grad_addend_bias, grad_scale, grad_attention_norm_weight, grad_attention_norm_bias,
+            grad_qkv_weight, grad_qkv_bias, grad_projection_weight, grad_projection_bias, grad_mlp_norm_weight, grad_mlp_norm_bias,
+            grad_first_weight, grad_first_bias, grad_last_weight, grad_last_bias, None)
