@@ -22,12 +22,18 @@ def test_a_block_goes_to_c_only_where_its_four_products_run_in_the_matmul_kernel
     assert not block_kernel.sizes_supported(8 * 65, 64, 256, None)
 
 
-def logits_both_ways(model) -> list[torch.Tensor]:
+def logits_both_ways(model, monkeypatch) -> list[torch.Tensor]:
+    """The model's logits with its blocks in one call into C (which the test sees) and with their kernels called from
+    Python."""
+    calls = []
+    run = block_kernel.run_forward
+    monkeypatch.setattr(block_kernel, "run_forward", lambda *arguments: calls.append(1) or run(*arguments))
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     outputs = []
     for from_python in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16), blocks_from_python() if from_python else torch.enable_grad():
             outputs.append(model(images).detach())
+    assert len(calls) == len(model.blocks)  # every block in C the first time, none the second
     return outputs
 
 
@@ -35,13 +41,22 @@ def logits_both_ways(model) -> list[torch.Tensor]:
 @pytest.mark.parametrize("special", [
     [1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 2 ** -8 * (1 + 2 ** -8), 1e-40, -1e-39, 2 ** -126 * 1.5, 0.0],  # ties, subnormals
     [float("nan"), float("inf"), -float("inf"), 3.4e38, -3.4e38, 1.0, 0.5, 0.25]])  # NaN, infinities, overflow
-def test_weights_are_rounded_to_bf16_in_c_as_pytorch_rounds_them(special):
+def test_weights_are_rounded_to_bf16_in_c_as_pytorch_rounds_them(special, monkeypatch):
     torch.manual_seed(0)
     model = build_model("vit", patch_size=4, hidden_size=64, num_heads=4, num_blocks=2, pool="mean").train()
     with torch.no_grad():
         model.head.weight.normal_()  # (it starts at zero: logits that said nothing of the blocks)
         for layer in (model.blocks[0].attention.qkv, model.blocks[0].attention.projection, model.blocks[0].mlp[0], model.blocks[0].mlp[3]):
             layer.weight[3, :8] = torch.tensor(special)
-    one_call, from_python = logits_both_ways(model)
+    one_call, from_python = logits_both_ways(model, monkeypatch)
     assert torch.equal(one_call.view(torch.int32), from_python.view(torch.int32))  # NaNs too, bit for bit
     assert one_call.isfinite().all() == all(abs(value) < 1e38 for value in special)
+
+
+def test_weights_of_other_shapes_than_a_block_of_that_width_stay_out_of_c():
+    qkv, projection, first, last = torch.zeros(192, 64), torch.zeros(64, 64), torch.zeros(256, 64), torch.zeros(64, 256)
+    assert block_kernel.layers_fit(64, 4, qkv, projection, first, last)
+    assert not block_kernel.layers_fit(64, 4, torch.zeros(96, 64), projection, first, last)  # a replaced QKV layer
+    assert not block_kernel.layers_fit(64, 4, qkv, torch.zeros(64, 32), first, last)
+    assert not block_kernel.layers_fit(64, 4, qkv, projection, first, torch.zeros(64, 128))  # the MLP's widths disagree
+    assert not block_kernel.layers_fit(64, 3, qkv, projection, first, last)  # 64 features in 3 heads

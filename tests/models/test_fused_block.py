@@ -23,6 +23,9 @@ CONFIGS = {
     "LSA, shifted patches, sequence pooling": {**SMALL, "num_blocks": 2, "mlp_ratio": 2.0, "stem": "spt", "lsa": True, "pool": "seq"},
     "attention dropout, mean pooling": {**SMALL, "num_blocks": 2, "attention_dropout": 0.1, "pool": "mean"},
 }
+# block.c's own cases: a width that is not a multiple of 64 (three heads of 16), an MLP narrower than the width
+ONE_CALL_CONFIGS = {**CONFIGS, "width 48, three heads, MLP of 16": {"patch_size": 4, "hidden_size": 48, "num_heads": 3, "num_blocks": 2,
+                                                                   "mlp_ratio": 1 / 3}}
 
 
 @pytest.fixture
@@ -62,15 +65,16 @@ def batch(size: int = 6):
     return torch.randn(size, 3, 32, 32, generator=generator), torch.randint(0, 10, (size,), generator=generator)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", ONE_CALL_CONFIGS)
 @needs_one_call
 def test_a_block_in_one_call_into_c_gives_the_bits_of_its_kernels_called_from_python(name, fused_calls, one_calls):
     torch.manual_seed(0)
-    model = build_model("vit", **CONFIGS[name]).train()
+    model = build_model("vit", **ONE_CALL_CONFIGS[name]).train()
     images, labels = batch()
     images.requires_grad_(True)
     one_call_logits, one_call_gradients = logits_and_gradients(model, images, labels)
     full_blocks, cls_only = fused_calls.count("block"), fused_calls.count("first token")
+    assert full_blocks + cls_only == ONE_CALL_CONFIGS[name]["num_blocks"]
     assert one_calls == (["forward"] * full_blocks + ["first token forward"] * cls_only
                          + ["first token backward"] * cls_only + ["backward"] * full_blocks)
     one_call_input_gradient, images.grad = images.grad, None
@@ -84,25 +88,44 @@ def test_a_block_in_one_call_into_c_gives_the_bits_of_its_kernels_called_from_py
 
 
 @needs_one_call
-def test_a_frozen_layer_takes_its_block_backward_to_python_after_a_forward_in_one_call(fused_calls, one_calls):
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_a_frozen_layer_takes_its_block_backward_to_python_after_a_forward_in_one_call(pool, fused_calls, one_calls):
     torch.manual_seed(0)
-    model = build_model("vit", **SMALL, num_blocks=3, pool="mean").train()
+    model = build_model("vit", **SMALL, num_blocks=3, pool=pool).train()
     model.blocks[1].attention.qkv.weight.requires_grad_(False)
-    logits_and_gradients(model, *batch())
-    assert one_calls == ["forward"] * 3 + ["backward"] * 2  # block 1's backward (the second to run) in Python
-    assert model.blocks[1].attention.qkv.weight.grad is None and model.blocks[1].attention.qkv.bias.grad is not None
+    model.blocks[2].mlp[3].weight.requires_grad_(False)  # the CLS-only last block's, under CLS pooling
+    images, labels = batch()
+    images.requires_grad_(True)
+    one_call_logits, one_call_gradients = logits_and_gradients(model, images, labels)
+    last = "first token forward" if pool == "cls" else "forward"
+    assert one_calls == ["forward", "forward", last, "backward"]  # blocks 2 and 1 went backward in Python, block 0 in C
+    one_call_input_gradient, images.grad = images.grad, None
+    logits, gradients = logits_and_gradients(model, images, labels, from_python=True)
+    assert torch.equal(one_call_logits, logits) and torch.equal(one_call_input_gradient, images.grad)
+    assert one_call_gradients.keys() == gradients.keys() and "blocks.1.attention.qkv.weight" not in gradients
+    for parameter, gradient in gradients.items():
+        assert torch.equal(one_call_gradients[parameter], gradient), parameter
 
 
-def test_blocks_too_wide_for_the_matmul_kernel_or_under_a_profiler_call_their_kernels_from_python(fused_calls, one_calls):
+def test_blocks_too_wide_or_too_small_for_the_matmul_kernel_or_under_a_profiler_call_their_kernels_from_python(fused_calls, one_calls):
     torch.manual_seed(0)
     wide = build_model("vit", patch_size=4, hidden_size=192, num_heads=12, num_blocks=2, pool="mean").train()  # QKV: 576 > 512
     logits_and_gradients(wide, *batch(2))
     assert fused_calls == ["block", "block"] and not one_calls
     assert not block_kernel.sizes_supported(130, 192, 768, block_kernel.loaded_library())
+    fused_calls.clear()
+    # one image of 4 patches: the MLP's products (4 × 64 × 16 multiply-adds) are PyTorch's own in the Python path
+    small = build_model("vit", patch_size=16, hidden_size=64, num_heads=4, num_blocks=2, mlp_ratio=0.25, pool="mean").train()
+    images, labels = batch(1)
+    small_logits, small_gradients = logits_and_gradients(small, images, labels)
+    assert fused_calls == ["block", "block"] and not one_calls
+    logits, gradients = logits_and_gradients(small, images, labels, separate=True)
+    assert torch.equal(small_logits, logits) and all(torch.equal(small_gradients[name], g) for name, g in gradients.items())
+    fused_calls.clear()
     model = build_model("vit", **SMALL, num_blocks=2, pool="mean").train()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
         logits_and_gradients(model, *batch())
-    assert fused_calls == ["block"] * 4 and not one_calls
+    assert fused_calls == ["block"] * 2 and not one_calls
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -90,7 +90,8 @@ typedef struct {
     uint16_t *out;                 /* (R, D) bf16: the MLP's output, with the last bias unless that is NULL */
 } BlockForward;
 
-/* Round to bf16 as PyTorch's conversion does (to nearest even; every NaN becomes 0xFFFF, as its vectorised copy writes). */
+/* Round to bf16 as PyTorch's conversion does: to nearest even, the same bits for every number. A NaN becomes 0xFFFF, as
+ * its vectorised conversion writes (its scalar loop for a tail writes 0x7FC0): a NaN either way, its payload may differ. */
 static inline uint16_t torch_bf16(float value) { return value != value ? 0xFFFFu : float_to_bf16(value); }
 
 /* A layer's fp32 weight (outs × ins) → its bf16 copy → the matmul kernel's pairs (forward into `forward_pairs`,

@@ -69,11 +69,23 @@ def address(tensor: torch.Tensor | None) -> int | None:
 
 
 def sizes_supported(rows: int, width: int, hidden: int, library) -> bool:
-    """Whether block.c takes a block of these sizes: where its four products run in matmul.c (each more than a few
-    multiply-adds, widths it takes: width, 3 · width and hidden) — the products PyTorch would otherwise run in oneDNN."""
-    return (library is not None and library_capabilities(library).block and rows * width * width > matmul_kernel.SMALL_PRODUCT
-            and matmul_kernel.shape_supported(width, 3 * width, library) and matmul_kernel.shape_supported(width, width, library)
-            and matmul_kernel.shape_supported(width, hidden, library) and matmul_kernel.shape_supported(hidden, width, library))
+    """Whether block.c takes a block of these sizes: where the Python path runs each of its four products in matmul.c
+    (models/linear.py's products_in_kernel: more than a few multiply-adds each, widths it takes: width, 3 · width and
+    hidden) — not in PyTorch's own small products or oneDNN's."""
+    return (library is not None and library_capabilities(library).block
+            and rows * width * min(width, hidden) > matmul_kernel.SMALL_PRODUCT
+            and all(matmul_kernel.shape_supported(ins, outs, library) for ins, outs in (
+                (width, 3 * width), (width, width), (width, hidden), (hidden, width))))
+
+
+def layers_fit(width: int, heads: int, qkv_weight: torch.Tensor, projection_weight: torch.Tensor, first_weight: torch.Tensor,
+               last_weight: torch.Tensor) -> bool:
+    """Whether a block's weights have the shapes block.c reads them in: QKV (3D, D), projection (D, D), the MLP's (M, D)
+    and (D, M), with D = width split evenly into `heads` (a replaced layer of another shape goes to the Python path,
+    whose checks name the mismatch)."""
+    hidden = first_weight.shape[0]
+    return (heads > 0 and width % heads == 0 and qkv_weight.shape == (3 * width, width) and projection_weight.shape == (width, width)
+            and first_weight.shape == (hidden, width) and last_weight.shape == (width, hidden))
 
 
 def first_token_sizes_supported(batch: int, tokens: int, width: int, hidden: int, library) -> bool:

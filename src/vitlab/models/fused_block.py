@@ -150,6 +150,7 @@ class BlockOnKernels(torch.autograd.Function):
         ctx.has_addend, ctx.has_qkv_bias, ctx.has_last_bias = addend is not None, qkv_bias is not None, last_bias is not None
         # a profiler names the parts, which only the Python path shows
         ctx.one_call = (not profiling and not _in_python.is_on()
+                        and block_kernel.layers_fit(width, layout.heads, qkv_weight, projection_weight, first_weight, last_weight)
                         and block_kernel.sizes_supported(batch * count, width, first_weight.shape[0], loaded_library()))
         if ctx.one_call:
             return forward_in_one_call(ctx, tokens, addend, addend_bias, scale, attention_norm_weight, attention_norm_bias, qkv_weight,
@@ -338,6 +339,7 @@ class FirstTokenBlockOnKernels(torch.autograd.Function):
         ctx.heads = layout.heads
         ctx.scale_shape, ctx.scale_dtype = (scale.shape, scale.dtype) if isinstance(scale, torch.Tensor) else (None, None)
         ctx.one_call = (not profiling and not _in_python.is_on()
+                        and block_kernel.layers_fit(width, layout.heads, qkv_weight, projection_weight, first_weight, last_weight)
                         and block_kernel.first_token_sizes_supported(batch, count, width, first_weight.shape[0], loaded_library()))
         if ctx.one_call:
             return first_token_forward_in_one_call(ctx, tokens, addend, addend_bias, scale, attention_norm_weight, attention_norm_bias,
