@@ -1,3 +1,4 @@
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -340,12 +341,15 @@ def fused_and_plain_gradients(monkeypatch, model, images):
             monkeypatch.setattr(activations.MLP, "forward", nn.Sequential.forward)
             monkeypatch.setattr(vit.Block, "output_deferrable", lambda self, tokens: False)
         copied = copy.deepcopy(model)
-        # plain: no block as one node either (that would run the fused paths' kernels whatever the patches above say);
-        # fused: the blocks' kernels called from Python, where the residual norms are counted (the call into C that
-        # replaces them gives the same bits: tests/models/test_fused_block.py)
-        with torch.autocast("cpu", dtype=torch.bfloat16), blocks_from_python() if fused else blocks_as_separate_nodes():
+        # plain: no block as one node either (that would run the fused paths' kernels whatever the patches above say)
+        with torch.autocast("cpu", dtype=torch.bfloat16), nullcontext() if fused else blocks_as_separate_nodes():
             logits = copied(images)
         logits.float().square().sum().backward()
+        calls.clear()
+        # the residual norms, counted where the blocks call their kernels from Python (a block in one call into C runs
+        # them inside it, the same bits: tests/models/test_fused_block.py)
+        with torch.autocast("cpu", dtype=torch.bfloat16), blocks_from_python() if fused else blocks_as_separate_nodes():
+            copied(images)
         results.append((logits.float(), {name: p.grad for name, p in copied.named_parameters()}, len(calls)))
         calls.clear()
     return results
