@@ -2,10 +2,10 @@
  * attention.c, gelu.c and weight_gradient.c called in the order models/fused_block.py's BlockOnKernels calls them from
  * Python, on the same inputs, so the results are the same bits.
  *
- * Between two kernels Python spent tens of microseconds (allocations, checks, bindings) on a cache the previous kernel
- * had just filled with its data: a sixth of vit-seed001's step was outside every kernel (docs/performance.md, "A
- * block's kernels called from C"). Here the caller allocates every tensor the block keeps and its gradients once, and
- * the block's twenty-odd kernels run back to back. Temporaries (the forward's weight pairs, the first MLP layer's
+ * Between two kernels called from Python, the allocations, checks and bindings run on caches the previous kernel has
+ * just filled with its data, and the kernels' second thread waits (docs/performance.md, "A block's kernels called from
+ * C"). Here the caller allocates every tensor the block keeps and its gradients once, and the block's twenty-odd
+ * kernels run back to back. Temporaries (the forward's weight pairs, the first MLP layer's
  * output before GELU, the backward's intermediate gradients) live in memory allocated here and freed before returning.
  *
  * Only where the products run in matmul.c (AVX-512 BF16 without AMX: with AMX oneDNN's products on the tiles are

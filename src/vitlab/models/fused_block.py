@@ -13,7 +13,7 @@ again, without Python between them.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -280,45 +280,69 @@ def forward_in_one_call(ctx, tokens: torch.Tensor, addend: torch.Tensor | None, 
     return after_attention, out
 
 
+@dataclass(frozen=True)
+class BlockGradients:
+    """A block's gradients, allocated for block.c to write (its backward structures end with them, in this order); None
+    where there is no such input or none is wanted."""
+
+    tokens: torch.Tensor  # (B, T, D) fp32
+    addend: torch.Tensor | None  # (B, T, D) bf16
+    addend_bias: torch.Tensor | None
+    attention_norm_weight: torch.Tensor
+    attention_norm_bias: torch.Tensor
+    mlp_norm_weight: torch.Tensor
+    mlp_norm_bias: torch.Tensor
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    projection_weight: torch.Tensor
+    projection_bias: torch.Tensor | None
+    first_weight: torch.Tensor
+    first_bias: torch.Tensor | None
+    last_weight: torch.Tensor
+    last_bias: torch.Tensor | None
+    scale_sums: torch.Tensor  # (B, H): each image's share of each head's scale gradient
+
+    @classmethod
+    def allocate(cls, ctx, batch: int, count: int, width: int, hidden: int, heads: int, has_projection_bias: bool) -> BlockGradients:
+        needs, vector = ctx.needs_input_grad, torch.empty
+        return cls(torch.empty(batch, count, width), torch.empty(batch, count, width, dtype=torch.bfloat16) if ctx.has_addend else None,
+                   vector(width) if ctx.has_addend and needs[2] else None, vector(width), vector(width), vector(width), vector(width),
+                   torch.empty(3 * width, width), vector(3 * width) if ctx.has_qkv_bias and needs[7] else None,
+                   torch.empty(width, width), vector(width) if has_projection_bias and needs[9] else None,
+                   torch.empty(hidden, width), vector(hidden) if needs[13] else None,
+                   torch.empty(width, hidden), vector(width) if ctx.has_last_bias and needs[15] else None, torch.empty(batch, heads))
+
+    def addresses(self) -> list[int | None]:
+        return [block_kernel.address(getattr(self, field.name)) for field in fields(self)]
+
+    def for_autograd(self, scale_wanted: bool, scale_shape: torch.Size | None, scale_dtype: torch.dtype | None) -> tuple[torch.Tensor | None, ...]:
+        """The block Functions' gradients, in their inputs' order: the scale's from its sums where it is a tensor (of
+        `scale_shape`; None for a float) whose gradient is wanted."""
+        grad_scale = scale_gradient(self.scale_sums, scale_shape, scale_dtype) if scale_shape is not None and scale_wanted else None
+        return (self.tokens, self.addend, self.addend_bias, grad_scale, self.attention_norm_weight, self.attention_norm_bias,
+                self.qkv_weight, self.qkv_bias, self.projection_weight, self.projection_bias, self.mlp_norm_weight, self.mlp_norm_bias,
+                self.first_weight, self.first_bias, self.last_weight, self.last_bias, None)
+
+
 def backward_in_one_call(ctx, saved: tuple[torch.Tensor | None, ...], grad_after_attention: torch.Tensor | None,
                          grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """BlockOnKernels.backward in one call into C (kernels/block.c), every weight's gradient wanted."""
     (tokens, stream, attention_norm_weight, attention_mean, attention_rstd, normalised, qkv_pairs, qkv, mixed, weights, scales,
      projection_input, projection_pairs, after_attention, mlp_norm_weight, mlp_mean, mlp_rstd, mlp_input, first_pairs, slope,
      activated, last_pairs) = saved
-    needs = ctx.needs_input_grad
     batch, count, width = after_attention.shape
     hidden, heads = slope.shape[-1], qkv.shape[3]
     grad_out = grad_out.to(torch.bfloat16).contiguous()
     grad_after_attention = None if grad_after_attention is None else grad_after_attention.to(torch.float32).contiguous()
-    vector = torch.empty
-    grad_tokens = torch.empty(batch, count, width)  # fp32
-    grad_addend = torch.empty(batch, count, width, dtype=torch.bfloat16) if ctx.has_addend else None
-    grad_addend_bias = vector(width) if ctx.has_addend and needs[2] else None
-    grad_attention_norm_weight, grad_attention_norm_bias, grad_mlp_norm_weight, grad_mlp_norm_bias = (vector(width) for _ in range(4))
-    grad_qkv_weight, grad_projection_weight = torch.empty(3 * width, width), torch.empty(width, width)
-    grad_first_weight, grad_last_weight = torch.empty(hidden, width), torch.empty(width, hidden)
-    grad_qkv_bias = vector(3 * width) if ctx.has_qkv_bias and needs[7] else None
-    grad_projection_bias = vector(width) if needs[9] else None
-    grad_first_bias = vector(hidden) if needs[13] else None
-    grad_last_bias = vector(width) if ctx.has_last_bias and needs[15] else None
-    grad_scale_sums = torch.empty(batch, heads)
-    address = block_kernel.address
-    drop = ctx.attention[0]
-    sizes = block_kernel.BlockSizes(batch, count, width, heads, hidden, 0.0, 0.0, 0, *dropout_arguments(drop), torch.get_num_threads())
-    block = block_kernel.BlockBackward(*(address(tensor) for tensor in (
+    gradients = BlockGradients.allocate(ctx, batch, count, width, hidden, heads, has_projection_bias=True)
+    sizes = block_kernel.BlockSizes(batch, count, width, heads, hidden, 0.0, 0.0, 0, *dropout_arguments(ctx.attention[0]),
+                                    torch.get_num_threads())
+    block = block_kernel.BlockBackward(*(block_kernel.address(tensor) for tensor in (
         tokens if not ctx.has_addend else None, stream if ctx.has_addend else None, normalised, qkv, mixed, weights, mlp_input,
         activated, slope, attention_norm_weight, attention_mean, attention_rstd, mlp_norm_weight, mlp_mean, mlp_rstd, after_attention,
-        scales, qkv_pairs, projection_pairs, first_pairs, last_pairs, grad_after_attention, grad_out, grad_tokens, grad_addend,
-        grad_addend_bias, grad_attention_norm_weight, grad_attention_norm_bias, grad_mlp_norm_weight, grad_mlp_norm_bias,
-        grad_qkv_weight, grad_qkv_bias, grad_projection_weight, grad_projection_bias, grad_first_weight, grad_first_bias,
-        grad_last_weight, grad_last_bias, grad_scale_sums)))
+        scales, qkv_pairs, projection_pairs, first_pairs, last_pairs, grad_after_attention, grad_out)), *gradients.addresses())
     block_kernel.run_backward(sizes, block)
-    _, scale_shape, scale_dtype = ctx.attention
-    grad_scale = scale_gradient(grad_scale_sums, scale_shape, scale_dtype) if scale_shape is not None and needs[3] else None
-    return (grad_tokens, grad_addend, grad_addend_bias, grad_scale, grad_attention_norm_weight, grad_attention_norm_bias,
-            grad_qkv_weight, grad_qkv_bias, grad_projection_weight, grad_projection_bias, grad_mlp_norm_weight, grad_mlp_norm_bias,
-            grad_first_weight, grad_first_bias, grad_last_weight, grad_last_bias, None)
+    return gradients.for_autograd(ctx.needs_input_grad[3], *ctx.attention[1:])
 
 
 class FirstTokenBlockOnKernels(torch.autograd.Function):
@@ -471,34 +495,15 @@ def first_token_backward_in_one_call(ctx, saved: tuple[torch.Tensor | None, ...]
     (tokens, stream, attention_norm_weight, attention_mean, attention_rstd, query_input, query_pairs, normalised, key_value_pairs,
      query, key_value, scales, weights, projection_input, projection_pairs, first, mlp_norm_weight, mlp_mean, mlp_rstd, mlp_input,
      first_pairs, slope, activated, last_pairs) = saved
-    needs = ctx.needs_input_grad
     batch, count, width = normalised.shape
     hidden, heads = slope.shape[-1], ctx.heads
     grad_result = grad_result.to(torch.float32).contiguous()
-    vector = torch.empty
-    grad_tokens = torch.empty(batch, count, width)  # fp32
-    grad_addend = torch.empty(batch, count, width, dtype=torch.bfloat16) if ctx.has_addend else None
-    grad_addend_bias = vector(width) if ctx.has_addend and needs[2] else None
-    grad_attention_norm_weight, grad_attention_norm_bias, grad_mlp_norm_weight, grad_mlp_norm_bias = (vector(width) for _ in range(4))
-    grad_qkv_weight, grad_projection_weight = torch.empty(3 * width, width), torch.empty(width, width)
-    grad_first_weight, grad_last_weight = torch.empty(hidden, width), torch.empty(width, hidden)
-    grad_qkv_bias = vector(3 * width) if ctx.has_qkv_bias and needs[7] else None
-    grad_projection_bias = vector(width) if ctx.has_projection_bias and needs[9] else None
-    grad_first_bias = vector(hidden) if needs[13] else None
-    grad_last_bias = vector(width) if ctx.has_last_bias and needs[15] else None
-    grad_scale_sums = torch.empty(batch, heads)
+    gradients = BlockGradients.allocate(ctx, batch, count, width, hidden, heads, ctx.has_projection_bias)
     sizes = block_kernel.BlockSizes(batch, count, width, heads, hidden, 0.0, 0.0, 0, 0, 1.0, 0, torch.get_num_threads())
     block = block_kernel.FirstTokenBackward(*(block_kernel.address(tensor) for tensor in (
         tokens if not ctx.has_addend else None, stream if ctx.has_addend else None, query_input, normalised, query, key_value,
         projection_input, mlp_input, activated, slope, weights, first, scales, attention_norm_weight, attention_mean, attention_rstd,
-        mlp_norm_weight, mlp_mean, mlp_rstd, query_pairs, key_value_pairs, projection_pairs, first_pairs, last_pairs, grad_result,
-        grad_tokens, grad_addend, grad_addend_bias, grad_attention_norm_weight, grad_attention_norm_bias, grad_mlp_norm_weight,
-        grad_mlp_norm_bias, grad_qkv_weight, grad_qkv_bias, grad_projection_weight, grad_projection_bias, grad_first_weight,
-        grad_first_bias, grad_last_weight, grad_last_bias, grad_scale_sums)))
+        mlp_norm_weight, mlp_mean, mlp_rstd, query_pairs, key_value_pairs, projection_pairs, first_pairs, last_pairs, grad_result)),
+        *gradients.addresses())
     block_kernel.run_first_token_backward(sizes, block)
-    grad_scale = None
-    if ctx.scale_shape is not None and needs[3]:
-        grad_scale = scale_gradient(grad_scale_sums, ctx.scale_shape, ctx.scale_dtype)
-    return (grad_tokens, grad_addend, grad_addend_bias, grad_scale, grad_attention_norm_weight, grad_attention_norm_bias,
-            grad_qkv_weight, grad_qkv_bias, grad_projection_weight, grad_projection_bias, grad_mlp_norm_weight, grad_mlp_norm_bias,
-            grad_first_weight, grad_first_bias, grad_last_weight, grad_last_bias, None)
+    return gradients.for_autograd(ctx.needs_input_grad[3], ctx.scale_shape, ctx.scale_dtype)
