@@ -3,7 +3,7 @@ import torch
 
 from vitlab.kernels import block as block_kernel
 from vitlab.kernels import compiled_library
-from vitlab.kernels.build import library_capabilities
+from vitlab.kernels.build import available_kernels, library_capabilities
 from vitlab.models import build_model
 from vitlab.models.fused_block import blocks_from_python
 
@@ -20,6 +20,7 @@ def test_a_block_goes_to_c_only_where_its_four_products_run_in_the_matmul_kernel
     assert not block_kernel.sizes_supported(8 * 65, 64, 600, LIBRARY)  # the MLP's 600: not a multiple of 16
     assert not block_kernel.sizes_supported(1, 16, 16, LIBRARY)  # 256 multiply-adds: PyTorch computes such products itself
     assert not block_kernel.sizes_supported(8 * 65, 64, 256, None)
+    assert ("pre-norm ViT blocks in one call" in available_kernels(LIBRARY)) == library_capabilities(LIBRARY).block  # the status line
 
 
 def logits_both_ways(model, monkeypatch) -> list[torch.Tensor]:

@@ -247,6 +247,7 @@ def available_kernels(library: ctypes.CDLL) -> str:
                      + ["linear products"] * capabilities.matmul + ["weight gradients"] * capabilities.weight_gradient
                      + ["max-pool (after a ReLU or alone)"] * capabilities.relu_max_pool
                      + ["batch norm (with its ReLU)"] * capabilities.batch_norm
+                     + ["pre-norm ViT blocks in one call"] * capabilities.block
                      + ["small convolutions as matmuls"] * capabilities.small_convolutions_as_matmuls)
 
 
