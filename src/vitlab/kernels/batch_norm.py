@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from vitlab.kernels.build import compiled_library, fp32_cpu_vector, library_capabilities, loaded_library
+from vitlab.kernels.build import compiled_library, fp32_cpu_vector, library_capabilities, loaded_library, pointer
 
 
 class BatchStatistics(NamedTuple):
@@ -35,10 +35,6 @@ def shape_supported(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
 def kernel_supports(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
     """Whether `batch_norm_forward` will take these (see shape_supported) with the kernels switched on."""
     return shape_supported(x, weight, bias, compiled_library())
-
-
-def pointer(tensor: torch.Tensor | None) -> int | None:
-    return None if tensor is None else tensor.data_ptr()
 
 
 def batch_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,

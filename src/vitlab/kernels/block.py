@@ -63,11 +63,6 @@ class FirstTokenBackward(ctypes.Structure):
         "grad_last_weight", "grad_last_bias", "grad_scale_sums")]
 
 
-def address(tensor: torch.Tensor | None) -> int | None:
-    """A tensor's data address for a structure field (None: a NULL pointer)."""
-    return None if tensor is None else tensor.data_ptr()
-
-
 def sizes_supported(rows: int, width: int, hidden: int, library) -> bool:
     """Whether block.c takes a block of these sizes: where the Python path runs each of its four products in matmul.c
     (models/linear.py's products_in_kernel: more than a few multiply-adds each, widths it takes: width, 3 · width and

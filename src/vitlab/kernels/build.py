@@ -192,6 +192,11 @@ def open_library(target: Path) -> ctypes.CDLL:
     return library
 
 
+def pointer(tensor: torch.Tensor | None) -> int | None:
+    """The tensor's data address for a kernel, or None (a NULL pointer) for no tensor."""
+    return None if tensor is None else tensor.data_ptr()
+
+
 def fp32_cpu_vector(tensor: torch.Tensor | None, length: int) -> bool:
     """Whether `tensor` is an fp32 CPU vector of `length` numbers (a weight, bias or per-feature scale a kernel reads)."""
     return tensor is not None and tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.shape == (length,)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vitlab.kernels.build import compiled_library, fp32_cpu_vector, library_capabilities, loaded_library
+from vitlab.kernels.build import compiled_library, fp32_cpu_vector, library_capabilities, loaded_library, pointer
 
 CPU = torch.device("cpu")
 
@@ -119,8 +119,3 @@ def run_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, me
     if failed:
         raise MemoryError("the layer norm kernel could not allocate its per-thread sums")
     return grad_x, grad_x_bf16, grad_weight, grad_bias, grad_columns
-
-
-def pointer(tensor: torch.Tensor | None) -> int | None:
-    """The tensor's data address for the kernel, or None (a NULL pointer) for no tensor."""
-    return None if tensor is None else tensor.data_ptr()

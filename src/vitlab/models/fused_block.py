@@ -22,7 +22,7 @@ from vitlab.kernels import gelu as gelu_kernel
 from vitlab.kernels import layer_norm as layer_norm_kernel
 from vitlab.kernels import single_query as single_query_kernel
 from vitlab.kernels.attention import dropout_arguments, padded_tokens, weight_buffers
-from vitlab.kernels.build import loaded_library
+from vitlab.kernels.build import loaded_library, pointer
 from vitlab.models.base import ThreadSwitch
 from vitlab.models.layers import (
     SavedAttention,
@@ -256,18 +256,17 @@ def forward_in_one_call(ctx, tokens: torch.Tensor, addend: torch.Tensor | None, 
     activated, slope = torch.empty(batch, count, hidden, dtype=bf16), torch.empty(batch, count, hidden, dtype=bf16)
     out = torch.empty(batch, count, width, dtype=bf16)
     attention_mean, attention_rstd, mlp_mean, mlp_rstd = (torch.empty(rows) for _ in range(4))
-    address = block_kernel.address
     sizes = block_kernel.BlockSizes(batch, count, width, heads, hidden, layout.attention_eps, layout.mlp_eps, int(layout.mask_self),
                                     *dropout_arguments(drop), torch.get_num_threads())
     block = block_kernel.BlockForward(
-        address(tokens), address(addend), address(addend_bias), address(scales), address(attention_norm_weight),
-        address(attention_norm_bias), address(mlp_norm_weight), address(mlp_norm_bias),
-        *(block_kernel.LinearWeights(address(weight), address(bias), address(pairs)) for weight, bias, pairs in (
+        pointer(tokens), pointer(addend), pointer(addend_bias), pointer(scales), pointer(attention_norm_weight),
+        pointer(attention_norm_bias), pointer(mlp_norm_weight), pointer(mlp_norm_bias),
+        *(block_kernel.LinearWeights(pointer(weight), pointer(bias), pointer(pairs)) for weight, bias, pairs in (
             (qkv_weight, qkv_bias, qkv_pairs), (projection_weight, projection_bias, projection_pairs), (first_weight, first_bias, first_pairs),
             (last_weight, last_bias, last_pairs))),
-        address(stream), address(normalised), address(attention_mean), address(attention_rstd), address(qkv), address(mixed_rows),
-        address(weights), address(after_attention), address(mlp_input), address(mlp_mean), address(mlp_rstd), address(activated),
-        address(slope), address(out))
+        pointer(stream), pointer(normalised), pointer(attention_mean), pointer(attention_rstd), pointer(qkv), pointer(mixed_rows),
+        pointer(weights), pointer(after_attention), pointer(mlp_input), pointer(mlp_mean), pointer(mlp_rstd), pointer(activated),
+        pointer(slope), pointer(out))
     block_kernel.run_forward(sizes, block)
     mixed = mixed_rows.view(batch, count, heads, width // heads)  # (B, T, H, Dh), as the attention kernel's output
     ctx.save_for_backward(tokens if addend is None else None, stream if addend is not None else tokens, attention_norm_weight,
@@ -312,8 +311,8 @@ class BlockGradients:
                    torch.empty(hidden, width), vector(hidden) if needs[13] else None,
                    torch.empty(width, hidden), vector(width) if ctx.has_last_bias and needs[15] else None, torch.empty(batch, heads))
 
-    def addresses(self) -> list[int | None]:
-        return [block_kernel.address(getattr(self, field.name)) for field in fields(self)]
+    def pointers(self) -> list[int | None]:
+        return [pointer(getattr(self, field.name)) for field in fields(self)]
 
     def for_autograd(self, scale_wanted: bool, scale_shape: torch.Size | None, scale_dtype: torch.dtype | None) -> tuple[torch.Tensor | None, ...]:
         """The block Functions' gradients, in their inputs' order: the scale's from its sums where it is a tensor (of
@@ -337,10 +336,10 @@ def backward_in_one_call(ctx, saved: tuple[torch.Tensor | None, ...], grad_after
     gradients = BlockGradients.allocate(ctx, batch, count, width, hidden, heads, has_projection_bias=True)
     sizes = block_kernel.BlockSizes(batch, count, width, heads, hidden, 0.0, 0.0, 0, *dropout_arguments(ctx.attention[0]),
                                     torch.get_num_threads())
-    block = block_kernel.BlockBackward(*(block_kernel.address(tensor) for tensor in (
+    block = block_kernel.BlockBackward(*(pointer(tensor) for tensor in (
         tokens if not ctx.has_addend else None, stream if ctx.has_addend else None, normalised, qkv, mixed, weights, mlp_input,
         activated, slope, attention_norm_weight, attention_mean, attention_rstd, mlp_norm_weight, mlp_mean, mlp_rstd, after_attention,
-        scales, qkv_pairs, projection_pairs, first_pairs, last_pairs, grad_after_attention, grad_out)), *gradients.addresses())
+        scales, qkv_pairs, projection_pairs, first_pairs, last_pairs, grad_after_attention, grad_out)), *gradients.pointers())
     block_kernel.run_backward(sizes, block)
     return gradients.for_autograd(ctx.needs_input_grad[3], *ctx.attention[1:])
 
@@ -466,20 +465,19 @@ def first_token_forward_in_one_call(ctx, tokens: torch.Tensor, addend: torch.Ten
     mlp_input = torch.empty(batch, 1, width, dtype=bf16)
     activated, slope = torch.empty(batch, 1, hidden, dtype=bf16), torch.empty(batch, 1, hidden, dtype=bf16)
     attention_mean, attention_rstd, mlp_mean, mlp_rstd = torch.empty(rows), torch.empty(rows), torch.empty(batch), torch.empty(batch)
-    address = block_kernel.address
     sizes = block_kernel.BlockSizes(batch, count, width, heads, hidden, layout.attention_eps, layout.mlp_eps, int(layout.mask_self), 0, 1.0,
                                     0, torch.get_num_threads())
     query_bias, key_value_bias = (None, None) if qkv_bias is None else (qkv_bias[:width], qkv_bias[width:])
     block = block_kernel.FirstTokenForward(
-        address(tokens), address(addend), address(addend_bias), address(scales), address(attention_norm_weight),
-        address(attention_norm_bias), address(mlp_norm_weight), address(mlp_norm_bias),
-        *(block_kernel.LinearWeights(address(weight), address(bias), address(pairs)) for weight, bias, pairs in (
+        pointer(tokens), pointer(addend), pointer(addend_bias), pointer(scales), pointer(attention_norm_weight),
+        pointer(attention_norm_bias), pointer(mlp_norm_weight), pointer(mlp_norm_bias),
+        *(block_kernel.LinearWeights(pointer(weight), pointer(bias), pointer(pairs)) for weight, bias, pairs in (
             (qkv_weight[:width], query_bias, query_pairs), (qkv_weight[width:], key_value_bias, key_value_pairs),
             (projection_weight, projection_bias, projection_pairs), (first_weight, first_bias, first_pairs),
             (last_weight, last_bias, last_pairs))),
-        address(stream), address(normalised), address(attention_mean), address(attention_rstd), address(query_input), address(query),
-        address(key_value), address(mixed), address(weights), address(first), address(mlp_input), address(mlp_mean), address(mlp_rstd),
-        address(activated), address(slope), address(result))
+        pointer(stream), pointer(normalised), pointer(attention_mean), pointer(attention_rstd), pointer(query_input), pointer(query),
+        pointer(key_value), pointer(mixed), pointer(weights), pointer(first), pointer(mlp_input), pointer(mlp_mean), pointer(mlp_rstd),
+        pointer(activated), pointer(slope), pointer(result))
     block_kernel.run_first_token_forward(sizes, block)
     ctx.save_for_backward(tokens if addend is None else None, stream if addend is not None else tokens, attention_norm_weight,
                           attention_mean, attention_rstd, query_input, query_pairs, normalised, key_value_pairs, query, key_value,
@@ -500,10 +498,10 @@ def first_token_backward_in_one_call(ctx, saved: tuple[torch.Tensor | None, ...]
     grad_result = grad_result.to(torch.float32).contiguous()
     gradients = BlockGradients.allocate(ctx, batch, count, width, hidden, heads, ctx.has_projection_bias)
     sizes = block_kernel.BlockSizes(batch, count, width, heads, hidden, 0.0, 0.0, 0, 0, 1.0, 0, torch.get_num_threads())
-    block = block_kernel.FirstTokenBackward(*(block_kernel.address(tensor) for tensor in (
+    block = block_kernel.FirstTokenBackward(*(pointer(tensor) for tensor in (
         tokens if not ctx.has_addend else None, stream if ctx.has_addend else None, query_input, normalised, query, key_value,
         projection_input, mlp_input, activated, slope, weights, first, scales, attention_norm_weight, attention_mean, attention_rstd,
         mlp_norm_weight, mlp_mean, mlp_rstd, query_pairs, key_value_pairs, projection_pairs, first_pairs, last_pairs, grad_result)),
-        *gradients.addresses())
+        *gradients.pointers())
     block_kernel.run_first_token_backward(sizes, block)
     return gradients.for_autograd(ctx.needs_input_grad[3], ctx.scale_shape, ctx.scale_dtype)
