@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from vitlab.kernels import block as block_kernel
-from vitlab.kernels import compiled_library
-from vitlab.kernels.build import available_kernels, library_capabilities
+from vitlab.kernels import compiled_library, release_buffers
+from vitlab.kernels.build import available_kernels, library_capabilities, loaded_library
 from vitlab.models import build_model
 from vitlab.models.fused_block import blocks_from_python
 
@@ -61,3 +61,39 @@ def test_weights_of_other_shapes_than_a_block_of_that_width_stay_out_of_c():
     assert not block_kernel.layers_fit(64, 4, qkv, torch.zeros(64, 32), first, last)
     assert not block_kernel.layers_fit(64, 4, qkv, projection, first, torch.zeros(64, 128))  # the MLP's widths disagree
     assert not block_kernel.layers_fit(64, 3, qkv, projection, first, last)  # 64 features in 3 heads
+
+
+@pytest.mark.skipif(not IN_ONE_CALL, reason="the linear layers' products run in oneDNN here (AMX) or there are no C kernels")
+def test_the_blocks_temporaries_are_kept_between_calls_reused_as_they_are_and_freed_by_release_buffers(monkeypatch):
+    torch.manual_seed(0)
+    # a full block, then the CLS-only last block: both kinds of C call
+    model = build_model("vit", patch_size=4, hidden_size=64, num_heads=4, num_blocks=2, pool="cls").train()
+    with torch.no_grad():
+        model.head.weight.normal_()
+    calls = []
+    for name in ("run_forward", "run_backward", "run_first_token_forward", "run_first_token_backward"):
+        run = getattr(block_kernel, name)
+        monkeypatch.setattr(block_kernel, name, lambda *arguments, name=name, run=run: calls.append(name) or run(*arguments))
+
+    def gradients(images: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(images).float().square().sum().backward()
+        return [parameter.grad.clone() for parameter in model.parameters()]
+
+    generator = torch.Generator().manual_seed(1)
+    batch, other_batch = (torch.randn(32, 3, 32, 32, generator=generator) for _ in range(2))
+    release_buffers()
+    assert block_kernel.scratch_bytes() == 0
+    fresh = gradients(batch)  # temporaries from malloc
+    assert sorted(set(calls)) == ["run_backward", "run_first_token_backward", "run_first_token_forward", "run_forward"]
+    held = block_kernel.scratch_bytes()
+    assert held >= 2 * 32 * 65 * 256  # at least the first MLP layer's output, bf16
+    gradients(other_batch)
+    assert block_kernel.scratch_bytes() == held  # the same buffers again, no more
+    for byte in (0xFF, 0x00):  # every kept byte NaN's, then zero: a temporary read before it is written changes the results
+        assert loaded_library().vitlab_block_fill_scratch(byte) == held
+        again = gradients(batch)
+        assert all(torch.equal(first, second) for first, second in zip(fresh, again, strict=True))
+    assert release_buffers() >= held
+    assert block_kernel.scratch_bytes() == 0

@@ -14,10 +14,12 @@ from vitlab.kernels.build import compiled_library, kernel_status, recording_grap
 
 
 def release_buffers() -> int:
-    """Free the memory the kernels keep between steps (the attention weights' idle buffers); returns the bytes."""
+    """Free the memory the kernels keep between steps (the attention weights' idle buffers, the ViT block's idle
+    temporaries); returns the bytes."""
     from vitlab.kernels.attention import weight_buffers
+    from vitlab.kernels.block import release_scratch
 
-    return weight_buffers.release()
+    return weight_buffers.release() + release_scratch()
 
 
 __all__ = ["compiled_library", "kernel_status", "recording_graph", "release_buffers", "switch_kernels"]

@@ -6,11 +6,14 @@
  * just filled with its data, and the kernels' second thread waits (docs/performance.md, "A block's kernels called from
  * C"). Here the caller allocates every tensor the block keeps and its gradients once, and the block's twenty-odd
  * kernels run back to back. Temporaries (the forward's weight pairs, the first MLP layer's
- * output before GELU, the backward's intermediate gradients) live in memory allocated here and freed before returning.
+ * output before GELU, the backward's intermediate gradients) live in memory allocated here: the small ones freed
+ * before returning, the large ones (rows × features) kept for the next call (scratch_take, below), one buffer per
+ * role.
  *
  * Only where the products run in matmul.c (AVX-512 BF16 without AMX: with AMX oneDNN's products on the tiles are
  * faster, and they are not C functions this file could call).
  */
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -92,6 +95,92 @@ typedef struct {
 
 /* Round to bf16 as PyTorch's conversion does: to nearest even, the same bits for every number. A NaN becomes 0xFFFF, as
  * its vectorised conversion writes (its scalar loop for a tail writes 0x7FC0): a NaN either way, its payload may differ. */
+/* Temporaries kept from call to call, each handed out again for a request of its exact size.
+ *
+ * Every kernel here splits its rows between the threads the same way (the first half of the rows to thread 0), so a
+ * buffer used for the same role in every call has each half written by the same thread each time. With malloc's
+ * memory instead, a block's 4 MB temporaries came back at other addresses from call to call, and halves one thread had
+ * written were next written by the other. On the 2-core AMD EPYC machine the two cores sometimes share no L3 (a cache
+ * line went back and forth between them in 320–390 ns instead of 50–60 ns); there, writing 4 MB last written by the
+ * other core took 0.40 ms against 0.11 ms, and whole vit-seed001 steps ran 14% slower (docs/performance.md, "Buffers
+ * each core keeps"). Kept here, they do not. vitlab_block_release_scratch frees the idle ones. */
+#define SCRATCH_SLOTS 32
+static struct {
+    void *memory;
+    size_t bytes;
+    int busy;
+} scratch_slots[SCRATCH_SLOTS];
+static pthread_mutex_t scratch_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* `bytes` of memory: the first idle slot of that exact size, else malloc's (NULL if that fails). */
+static void *scratch_take(size_t bytes) {
+    void *memory = NULL;
+    pthread_mutex_lock(&scratch_lock);
+    for (int s = 0; s < SCRATCH_SLOTS && memory == NULL; s++)
+        if (scratch_slots[s].memory != NULL && !scratch_slots[s].busy && scratch_slots[s].bytes == bytes) {
+            scratch_slots[s].busy = 1;
+            memory = scratch_slots[s].memory;
+        }
+    pthread_mutex_unlock(&scratch_lock);
+    return memory != NULL ? memory : malloc(bytes);
+}
+
+/* Back to its slot (idle), or into an empty slot, or (all slots taken) freed. NULL: nothing. */
+static void scratch_give(void *memory, size_t bytes) {
+    if (memory == NULL)
+        return;
+    pthread_mutex_lock(&scratch_lock);
+    int kept = 0;
+    for (int s = 0; s < SCRATCH_SLOTS && !kept; s++)
+        if (scratch_slots[s].memory == memory)
+            scratch_slots[s].busy = 0, kept = 1;
+    for (int s = 0; s < SCRATCH_SLOTS && !kept; s++)
+        if (scratch_slots[s].memory == NULL)
+            scratch_slots[s].memory = memory, scratch_slots[s].bytes = bytes, scratch_slots[s].busy = 0, kept = 1;
+    pthread_mutex_unlock(&scratch_lock);
+    if (!kept)
+        free(memory);
+}
+
+/* The bytes the slots hold (busy or idle). */
+int64_t vitlab_block_scratch_bytes(void) {
+    int64_t total = 0;
+    pthread_mutex_lock(&scratch_lock);
+    for (int s = 0; s < SCRATCH_SLOTS; s++)
+        if (scratch_slots[s].memory != NULL)
+            total += (int64_t)scratch_slots[s].bytes;
+    pthread_mutex_unlock(&scratch_lock);
+    return total;
+}
+
+/* Fill the idle slots' memory with `byte` (tests: a temporary read before it is written then shows); returns the bytes
+ * filled. */
+int64_t vitlab_block_fill_scratch(int byte) {
+    int64_t filled = 0;
+    pthread_mutex_lock(&scratch_lock);
+    for (int s = 0; s < SCRATCH_SLOTS; s++)
+        if (scratch_slots[s].memory != NULL && !scratch_slots[s].busy) {
+            memset(scratch_slots[s].memory, byte, scratch_slots[s].bytes);
+            filled += (int64_t)scratch_slots[s].bytes;
+        }
+    pthread_mutex_unlock(&scratch_lock);
+    return filled;
+}
+
+/* Free the idle slots' memory (a call in progress keeps its own); returns the bytes freed. */
+int64_t vitlab_block_release_scratch(void) {
+    int64_t freed = 0;
+    pthread_mutex_lock(&scratch_lock);
+    for (int s = 0; s < SCRATCH_SLOTS; s++)
+        if (scratch_slots[s].memory != NULL && !scratch_slots[s].busy) {
+            free(scratch_slots[s].memory);
+            freed += (int64_t)scratch_slots[s].bytes;
+            scratch_slots[s].memory = NULL, scratch_slots[s].bytes = 0;
+        }
+    pthread_mutex_unlock(&scratch_lock);
+    return freed;
+}
+
 static inline uint16_t torch_bf16(float value) { return value != value ? 0xFFFFu : float_to_bf16(value); }
 
 /* A layer's fp32 weight (outs × ins) → its bf16 copy → the matmul kernel's pairs (forward into `forward_pairs`,
@@ -120,9 +209,9 @@ int vitlab_block_forward(const BlockSizes *sizes, const BlockForward *block) {
     int64_t qkv_pairs = width / 2 * 3 * width, projection_pairs = width / 2 * width, first_pairs = width / 2 * hidden;
     uint32_t *pairs = malloc(sizeof(uint32_t) * (size_t)(qkv_pairs + projection_pairs + 2 * first_pairs));
     uint16_t *biases = malloc(sizeof(uint16_t) * (size_t)(3 * width + width)); /* qkv's, the last layer's: bf16 */
-    int64_t wider = hidden > width ? hidden : width;
-    uint16_t *hidden_out = malloc(sizeof(uint16_t) * (size_t)(rows * wider)); /* the first layer's product, before GELU */
-    int failed = pairs == NULL || biases == NULL || hidden_out == NULL;
+    uint16_t *hidden_out = scratch_take(sizeof(uint16_t) * (size_t)(rows * hidden)); /* the first layer's product, before GELU */
+    uint16_t *projected = scratch_take(sizeof(uint16_t) * (size_t)(rows * width)); /* the projection's product, before its bias */
+    int failed = pairs == NULL || biases == NULL || hidden_out == NULL || projected == NULL;
     uint32_t *qkv_forward = pairs, *projection_forward = qkv_forward + qkv_pairs, *first_forward = projection_forward + projection_pairs,
              *last_forward = first_forward + first_pairs;
     uint16_t *qkv_bias = biases, *last_bias = biases + 3 * width;
@@ -140,7 +229,6 @@ int vitlab_block_forward(const BlockSizes *sizes, const BlockForward *block) {
         vitlab_attention_forward(block->qkv_out, block->mixed, block->weights, sizes->batch, sizes->tokens, sizes->heads,
                                  width / sizes->heads, block->scales, sizes->mask_diagonal, sizes->drop_threshold, sizes->drop_scale,
                                  sizes->drop_key, threads);
-        uint16_t *projected = hidden_out; /* (R, D): the MLP's buffer, free until the first layer writes it */
         vitlab_matmul_pairs(block->mixed, projection_forward, NULL, projected, rows, width, width, threads);
         vitlab_layer_norm_forward(stream, projected, block->projection.bias, block->after_attention, block->mlp_norm_weight,
                                   block->mlp_norm_bias, block->mlp_input, block->mlp_mean, block->mlp_rstd, rows, width, sizes->mlp_eps,
@@ -152,7 +240,8 @@ int vitlab_block_forward(const BlockSizes *sizes, const BlockForward *block) {
     }
     free(pairs);
     free(biases);
-    free(hidden_out);
+    scratch_give(hidden_out, sizeof(uint16_t) * (size_t)(rows * hidden));
+    scratch_give(projected, sizeof(uint16_t) * (size_t)(rows * width));
     return failed;
 }
 
@@ -182,18 +271,20 @@ typedef struct {
 int vitlab_block_backward(const BlockSizes *sizes, const BlockBackward *block) {
     int64_t rows = sizes->batch * sizes->tokens, width = sizes->width, hidden = sizes->hidden;
     int threads = sizes->threads;
-    /* Intermediate gradients, bf16 (but the stream's): grad_activated and grad_hidden (R × M each), whose space
-     * grad_projected and grad_mixed (R × D each) take over once they are used, grad_mlp_input (R × D, then
-     * grad_normalised's), grad_qkv (R × 3D) and grad_stream (R × D fp32). */
-    int64_t wider = hidden > width ? hidden : width;
-    uint16_t *grad_activated = malloc(sizeof(uint16_t) * (size_t)(rows * wider)),
-             *grad_hidden = malloc(sizeof(uint16_t) * (size_t)(rows * wider)),
-             *grad_mlp_input = malloc(sizeof(uint16_t) * (size_t)(rows * width)),
-             *grad_qkv = malloc(sizeof(uint16_t) * (size_t)(rows * 3 * width));
-    float *grad_stream = malloc(sizeof(float) * (size_t)(rows * width));
-    int failed = grad_activated == NULL || grad_hidden == NULL || grad_mlp_input == NULL || grad_qkv == NULL || grad_stream == NULL;
+    /* Intermediate gradients, bf16 (but the stream's), each in a buffer of its own (see scratch_take): grad_activated and
+     * grad_hidden (R × M each), grad_mlp_input (R × D, then grad_normalised's: the same rows), grad_projected and
+     * grad_mixed (R × D each), grad_qkv (R × 3D) and grad_stream (R × D fp32). */
+    uint16_t *grad_activated = scratch_take(sizeof(uint16_t) * (size_t)(rows * hidden)),
+             *grad_hidden = scratch_take(sizeof(uint16_t) * (size_t)(rows * hidden)),
+             *grad_mlp_input = scratch_take(sizeof(uint16_t) * (size_t)(rows * width)),
+             *grad_projected = scratch_take(sizeof(uint16_t) * (size_t)(rows * width)),
+             *grad_mixed = scratch_take(sizeof(uint16_t) * (size_t)(rows * width)),
+             *grad_qkv = scratch_take(sizeof(uint16_t) * (size_t)(rows * 3 * width));
+    float *grad_stream = scratch_take(sizeof(float) * (size_t)(rows * width));
+    int failed = grad_activated == NULL || grad_hidden == NULL || grad_mlp_input == NULL || grad_projected == NULL || grad_mixed == NULL
+                 || grad_qkv == NULL || grad_stream == NULL;
     if (!failed) {
-        uint16_t *grad_projected = grad_activated, *grad_mixed = grad_hidden, *grad_normalised = grad_mlp_input; /* reused, below */
+        uint16_t *grad_normalised = grad_mlp_input; /* reused, below */
         /* the MLP's last layer, GELU, its first layer */
         vitlab_matmul_pairs(block->grad_out, block->last_pairs, NULL, grad_activated, rows, width, hidden, threads);
         failed = failed || vitlab_weight_gradient(block->grad_out, block->activated, block->grad_last_weight, block->grad_last_bias, rows,
@@ -225,11 +316,13 @@ int vitlab_block_backward(const BlockSizes *sizes, const BlockBackward *block) {
                                                       block->grad_attention_norm_weight, block->grad_attention_norm_bias,
                                                       block->grad_addend_bias, rows, width, threads);
     }
-    free(grad_activated);
-    free(grad_hidden);
-    free(grad_mlp_input);
-    free(grad_qkv);
-    free(grad_stream);
+    scratch_give(grad_activated, sizeof(uint16_t) * (size_t)(rows * hidden));
+    scratch_give(grad_hidden, sizeof(uint16_t) * (size_t)(rows * hidden));
+    scratch_give(grad_mlp_input, sizeof(uint16_t) * (size_t)(rows * width));
+    scratch_give(grad_projected, sizeof(uint16_t) * (size_t)(rows * width));
+    scratch_give(grad_mixed, sizeof(uint16_t) * (size_t)(rows * width));
+    scratch_give(grad_qkv, sizeof(uint16_t) * (size_t)(rows * 3 * width));
+    scratch_give(grad_stream, sizeof(float) * (size_t)(rows * width));
     return failed;
 }
 
@@ -335,9 +428,13 @@ int vitlab_first_token_block_backward(const BlockSizes *sizes, const FirstTokenB
              *grad_activated = malloc(sizeof(uint16_t) * (size_t)(batch * hidden)),
              *grad_hidden = malloc(sizeof(uint16_t) * (size_t)(batch * hidden)),
              *grad_small = malloc(sizeof(uint16_t) * (size_t)(4 * batch * width)), /* mlp_input's, mixed's, query's, query input's */
-             *grad_key_value = malloc(sizeof(uint16_t) * (size_t)(rows * 2 * width)),
-             *grad_normalised = malloc(sizeof(uint16_t) * (size_t)(rows * width));
-    float *grad_first = malloc(sizeof(float) * (size_t)(batch * width)), *grad_stream = calloc((size_t)(rows * width), sizeof(float));
+             *grad_key_value = scratch_take(sizeof(uint16_t) * (size_t)(rows * 2 * width)),
+             *grad_normalised = scratch_take(sizeof(uint16_t) * (size_t)(rows * width));
+    float *grad_first = malloc(sizeof(float) * (size_t)(batch * width)), *grad_stream = scratch_take(sizeof(float) * (size_t)(rows * width));
+    if (grad_stream != NULL) /* zeros, each thread's rows by that thread (the norm's backward reads them so split) */
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t row = 0; row < rows; row++)
+            memset(grad_stream + row * width, 0, sizeof(float) * (size_t)width);
     int failed = grad_result == NULL || grad_activated == NULL || grad_hidden == NULL || grad_small == NULL || grad_key_value == NULL
                  || grad_normalised == NULL || grad_first == NULL || grad_stream == NULL;
     if (!failed) {
@@ -393,16 +490,22 @@ int vitlab_first_token_block_backward(const BlockSizes *sizes, const FirstTokenB
     free(grad_activated);
     free(grad_hidden);
     free(grad_small);
-    free(grad_key_value);
-    free(grad_normalised);
+    scratch_give(grad_key_value, sizeof(uint16_t) * (size_t)(rows * 2 * width));
+    scratch_give(grad_normalised, sizeof(uint16_t) * (size_t)(rows * width));
     free(grad_first);
-    free(grad_stream);
+    scratch_give(grad_stream, sizeof(float) * (size_t)(rows * width));
     return failed;
 }
 
 #else
 
 int vitlab_block_supported(void) { return 0; }
+int64_t vitlab_block_scratch_bytes(void) { return 0; }
+int64_t vitlab_block_release_scratch(void) { return 0; }
+int64_t vitlab_block_fill_scratch(int byte) {
+    (void)byte;
+    return 0;
+}
 int vitlab_block_forward(const void *sizes, const void *block) {
     (void)sizes, (void)block;
     abort(); /* callers check vitlab_block_supported() first */

@@ -9,7 +9,7 @@ import ctypes
 import torch
 
 from vitlab.kernels import matmul as matmul_kernel
-from vitlab.kernels.build import library_capabilities, loaded_library
+from vitlab.kernels.build import library_capabilities, library_if_loaded, loaded_library
 
 CPU = torch.device("cpu")
 POINTER = ctypes.c_void_p
@@ -90,6 +90,18 @@ def first_token_sizes_supported(batch: int, tokens: int, width: int, hidden: int
     return (library is not None and library_capabilities(library).block and batch * width * min(width, hidden) > matmul_kernel.SMALL_PRODUCT
             and all(matmul_kernel.shape_supported(ins, outs, library) for ins, outs in (
                 (width, width), (width, 2 * width), (width, hidden), (hidden, width))))
+
+
+def scratch_bytes() -> int:
+    """The bytes block.c keeps between calls for its temporaries (0 where this process has not loaded the library)."""
+    library = library_if_loaded()
+    return 0 if library is None else int(library.vitlab_block_scratch_bytes())
+
+
+def release_scratch() -> int:
+    """Free the temporaries block.c keeps between calls (but those of a call in progress); returns the bytes freed."""
+    library = library_if_loaded()
+    return 0 if library is None else int(library.vitlab_block_release_scratch())
 
 
 def run(function: str, sizes: BlockSizes, block: ctypes.Structure) -> None:

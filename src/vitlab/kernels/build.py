@@ -82,6 +82,9 @@ SIGNATURES = {
     "vitlab_block_backward": ([ctypes.c_void_p] * 2, ctypes.c_int),
     "vitlab_first_token_block_forward": ([ctypes.c_void_p] * 2, ctypes.c_int),
     "vitlab_first_token_block_backward": ([ctypes.c_void_p] * 2, ctypes.c_int),
+    "vitlab_block_scratch_bytes": ([], ctypes.c_int64),
+    "vitlab_block_release_scratch": ([], ctypes.c_int64),
+    "vitlab_block_fill_scratch": ([ctypes.c_int], ctypes.c_int64),
 }
 
 
@@ -302,6 +305,12 @@ def loaded_library() -> ctypes.CDLL:
     if library is None:
         raise RuntimeError("vitlab's C kernels are not available in this process")
     return library
+
+
+def library_if_loaded() -> ctypes.CDLL | None:
+    """The library if this process has already loaded it, else None (without compiling or loading it: for freeing what
+    it holds)."""
+    return load()[0] if load.cache_info().currsize else None
 
 
 def recording_graph() -> bool:
