@@ -4,10 +4,12 @@ For each configuration it alternates two trainers, each for a fixed number of st
 and reports images/s, achieved model TFLOP/s (FLOPs counted with torch.utils.flop_counter) as a share of
 the bf16 matmul peak measured in the same run (the definition of ../shared/tools/matmul_peak.py:
 2048³, best of 5 rounds of 5) — once at the start and again just before and after each measurement, since a shared
-machine's peak moved by up to 2.9× within minutes (docs/performance.md) — the speed-up over the seeds' way, and where the step's time goes that is
-not matrix multiplication (torch.profiler, self time by operator). It splits each step's wall time into vitlab's C
-kernels (every call timed), PyTorch's own operators (profiler self time) and the rest, outside any operator (Python
-and autograd's bookkeeping between them), and it reports the bytes the step's operators read and write per second
+machine's peak moved by up to 2.9× within minutes (docs/performance.md) — and on the CPU the round trip of a cache line
+between the two threads' cores at the same moments (tens of ns where they share an L3, hundreds where they do not,
+which on the AMD EPYC machine changed from minute to minute and moved training steps by up to 14%), the speed-up over
+the seeds' way, and where the step's time goes that is not matrix multiplication (torch.profiler, self time by
+operator). It splits each step's wall time into vitlab's C kernels (every call timed), PyTorch's own operators
+(profiler self time) and the rest, outside any operator (Python and autograd's bookkeeping between them), and it reports the bytes the step's operators read and write per second
 against a copy bandwidth measured in the same run; where every kernel's bytes are counted (the CNNs), it also gives
 the step's arithmetic intensity (FLOPs per byte) against the ridge point peak / copy bandwidth, which says whether the
 compute peak or the memory bounds the step.
@@ -293,14 +295,21 @@ def vitlab_step(model: nn.Module, data, config: TrainConfig) -> tuple[Runner, ca
 
 
 def time_vitlab(model: nn.Module, data, config: TrainConfig, steps: int, warmup: int, profile_steps: int = 0,
-                probe_peak: Callable[[], float] | None = None) -> tuple[float, str, tuple[float, float] | None, dict]:
+                probe_peak: Callable[[], float] | None = None,
+                probe_cores: Callable[[], float | None] | None = None) -> tuple[float, str, tuple[float, float] | None, dict]:
     """img/s and precision of vitlab's step; with `probe_peak`, the peak it returns just before and just after the
-    timed steps; with `profile_steps`, also the step's bytes and non-matmul breakdown."""
+    timed steps (and with `probe_cores` the cores' round trip, in the details); with `profile_steps`, also the step's
+    bytes and non-matmul breakdown."""
     runner, run_step = vitlab_step(model, data, config)
     before = probe_peak() if probe_peak else None
+    cores_before = probe_cores() if probe_cores else None
     speed = images_per_second(run_step, steps, warmup, synchronizer(runner.device))
+    cores = (cores_before, probe_cores()) if probe_cores else None
     peaks = (before, probe_peak()) if probe_peak else None
-    return speed, runner.precision, peaks, step_details(run_step, profile_steps, runner.device) if profile_steps else {}
+    details = step_details(run_step, profile_steps, runner.device) if profile_steps else {}
+    if cores is not None:
+        details["core_round_trips_ns"] = cores
+    return speed, runner.precision, peaks, details
 
 
 def step_details(run_step, profile_steps: int, device: torch.device = torch.device("cpu")) -> dict:
@@ -345,6 +354,7 @@ def main() -> None:
         parser.error("--device cuda but no CUDA GPU is visible")
 
     from vitlab.kernels import kernel_status
+    from vitlab.kernels.cores import core_round_trip_ns
     from vitlab.provenance import cpu_description
 
     root = str(locate_cifar10(args.data_dir, download_if_missing=False).parent)
@@ -352,8 +362,12 @@ def main() -> None:
     peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16, device), matmul_peak(torch.float32, device)
     bandwidth = copy_bandwidth(device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
+    # On the CPU: how far apart the threads' cores are (a shared L3 or not), which moved vitlab's steps by up to 14%
+    probe_cores = core_round_trip_ns if device.type == "cpu" else None
+    round_trip = probe_cores() if probe_cores else None
+    cores = f"; cores' cache-line round trip {round_trip:.0f} ns" if round_trip is not None else ""
     print(f"{machine}, torch {torch.__version__}, {torch.get_num_threads()} threads; same-run peaks: bf16 matmul {peak_bf16:.3f} TFLOP/s, "
-          f"fp32 {peak_fp32:.3f} TFLOP/s (2048³, best of 5 × 5); copy {bandwidth:.1f} GB/s (read + write)", flush=True)
+          f"fp32 {peak_fp32:.3f} TFLOP/s (2048³, best of 5 × 5); copy {bandwidth:.1f} GB/s (read + write){cores}", flush=True)
     kernels = kernel_status() if device.type == "cpu" else None
     if kernels:
         print(f"vitlab's CPU kernels: {kernels}", flush=True)
@@ -381,9 +395,9 @@ def main() -> None:
                 last = round_index == args.rounds - 1
                 measured[compiled].append(time_vitlab(build_model(model_name, **model_config), data, config, args.steps, args.warmup,
                                                       profile_steps=args.profile_steps if last else 0,
-                                                      probe_peak=lambda: matmul_peak(torch.bfloat16, device)))
+                                                      probe_peak=lambda: matmul_peak(torch.bfloat16, device), probe_cores=probe_cores))
         for compiled, rounds in measured.items():
-            best, precision, peaks, _ = max(rounds, key=lambda round_: round_[0])
+            best, precision, peaks, best_details = max(rounds, key=lambda round_: round_[0])
             details = rounds[-1][3]  # only the last round is profiled
             row = {
                 **facts, "compiled": compiled, "reference_img_s": max(reference) if reference else None,
@@ -392,6 +406,8 @@ def main() -> None:
                 # the peak probed just before and just after the best round
                 "local_bf16_peaks": peaks, "share_of_local_bf16_peak": best * flops / 1e12 / (sum(peaks) / 2),
                 "rounds_img_s": [round_[0] for round_ in rounds],
+                # the cores' cache-line round trip just before and just after the best round (None: not probed)
+                "core_round_trips_ns": best_details.get("core_round_trips_ns"),
             }
             if "bytes_per_step" in details:
                 row["bandwidth_gb_s"] = details["bytes_per_step"] * best / args.batch_size / 1e9
@@ -407,9 +423,10 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
     print(f"\n| config | params | train MFLOP/img | reference img/s | vitlab img/s | speed-up | vitlab TFLOP/s | % of bf16 peak ({peak_bf16:.2f}) "
-          f"| % of the peak probed around it (before / after) | GB/s (% of copy {bandwidth:.0f}) | FLOP/byte (ridge {peak_bf16 * 1e3 / bandwidth:.0f}): bound "
+          f"| % of the peak probed around it (before / after) | cores' round trip around it (ns) "
+          f"| GB/s (% of copy {bandwidth:.0f}) | FLOP/byte (ridge {peak_bf16 * 1e3 / bandwidth:.0f}): bound "
           f"| step: C kernels / PyTorch operators / outside operators | matmul share | largest other operators (share of op time) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for row in rows:
         reference = f"{row['reference_img_s']:,.0f}" if row["reference_img_s"] else "-"
         speedup = f"{row['speedup']:.1f}×" if row["speedup"] else "-"
@@ -419,13 +436,17 @@ def main() -> None:
         roofline = f"{row['flop_per_byte']:.0f}: {row['bound']}" if "bound" in row else "-"
         shares = " / ".join(f"{100 * share:.0f}%" for share in row["step_shares"].values()) if "step_shares" in row else "-"
         others = ", ".join(f"{op} {100 * share:.0f}%" for op, share in row.get("largest_non_matmul_ops", [])[:4]) or "-"
+        trips = row.get("core_round_trips_ns")
+        round_trips = " / ".join(f"{trip:.0f}" for trip in trips) if trips and None not in trips else "-"
         print(f"| {label} | {row['params']:,} | {row['train_mflop_per_image']:,.1f} | {reference} | "
               f"{row['vitlab_img_s']:,.0f} ({row['vitlab_precision']}) | {speedup} | {row['vitlab_tflop_s']:.3f} | "
               f"{100 * row['share_of_bf16_peak']:.1f}% | {100 * row['share_of_local_bf16_peak']:.1f}% "
-              f"({row['local_bf16_peaks'][0]:.2f} / {row['local_bf16_peaks'][1]:.2f}) | {traffic} | {roofline} | {shares} | {matmul} | {others} |")
+              f"({row['local_bf16_peaks'][0]:.2f} / {row['local_bf16_peaks'][1]:.2f}) | {round_trips} | {traffic} | {roofline} | {shares} "
+              f"| {matmul} | {others} |")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"machine": machine, "cpu_kernels": kernels, "peak_bf16_tflop_s": peak_bf16, "peak_fp32_tflop_s": peak_fp32, "copy_gb_s": bandwidth,
+                       "core_round_trip_ns": round_trip,
                        "rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args)}, handle, indent=2)
 
 

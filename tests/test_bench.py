@@ -10,6 +10,7 @@ import torch
 
 from conftest import real_cifar10_root, tiny_dataset
 from vitlab.config import TrainConfig
+from vitlab.kernels import cores
 from vitlab.models import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -24,10 +25,12 @@ def test_flop_count_of_a_linear_model_by_hand():
 
 def test_vitlab_side_times_a_few_steps_and_breaks_them_down():
     config = TrainConfig(batch_size=32, device="cpu", progress=False)
-    probes = iter([1.5, 2.5])
+    probes, core_probes = iter([1.5, 2.5]), iter([60.0, 330.0])
     speed, precision, peaks, details = bench.time_vitlab(build_model("cnn-small"), tiny_dataset(), config, steps=2, warmup=1,
-                                                         profile_steps=2, probe_peak=lambda: next(probes))
+                                                         profile_steps=2, probe_peak=lambda: next(probes),
+                                                         probe_cores=lambda: next(core_probes))
     assert speed > 0 and precision in ("fp32", "bf16") and peaks == (1.5, 2.5)  # probed once before and once after
+    assert details["core_round_trips_ns"] == (60.0, 330.0)
     assert 0 < details["matmul_share"] < 1 and details["non_matmul"] and details["bytes_per_step"] > 32 * 3 * 32 * 32
     shares = details["step_shares"]
     assert set(shares) == {"c_kernels", "pytorch_operators", "outside_operators"} and all(0 <= v <= 1 for v in shares.values())
@@ -180,17 +183,24 @@ def test_main_reports_the_share_of_the_peak_probed_around_each_measurement(tmp_p
     monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 10.0)
     monkeypatch.setattr(bench, "locate_cifar10", lambda data_dir, download_if_missing=False: tmp_path / "cifar-10-batches-py")
     monkeypatch.setattr(bench, "load_cifar10", lambda root: tiny_dataset())
+    trips = itertools.count(100, 100)  # 100, 200, ... ns: the start-of-run probe, then before/after each round
+    monkeypatch.setattr(cores, "core_round_trip_ns", lambda: float(next(trips)))
     monkeypatch.setattr(sys, "argv", ["bench.py", "--configs", "cnn-small", "--skip-reference", "--steps", "1", "--warmup", "0",
                                       "--rounds", "2", "--profile-steps", "1", "--batch-size", "32", "--json", str(tmp_path / "out.json")])
     bench.main()
-    row = json.loads((tmp_path / "out.json").read_text())["rows"][0]
+    result = json.loads((tmp_path / "out.json").read_text())
+    row = result["rows"][0]
+    assert result["core_round_trip_ns"] == 100.0
+    # the best round's: probed just before and just after it, as the peaks
+    assert row["core_round_trips_ns"] == ([200.0, 300.0] if row["local_bf16_peaks"] == [3.0, 4.0] else [400.0, 500.0])
     before, after = row["local_bf16_peaks"]
     assert (before, after) in ((3.0, 4.0), (5.0, 6.0))  # probes 1 and 2 were the start-of-run bf16 and fp32 peaks
     assert row["share_of_local_bf16_peak"] == pytest.approx(row["vitlab_tflop_s"] / ((before + after) / 2))
     assert row["share_of_bf16_peak"] == pytest.approx(row["vitlab_tflop_s"] / 1.0)
     assert 0 < row["matmul_share_of_op_time"] < 1
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cnn-small")]
-    assert len(table) == 1 and table[0].count("|") == 15
+    assert len(table) == 1 and table[0].count("|") == 16
+    assert f"| {row['core_round_trips_ns'][0]:.0f} / {row['core_round_trips_ns'][1]:.0f} |" in table[0]
 
 
 def test_a_compiled_steps_fused_kernels_count_as_one_non_matmul_operator():
@@ -297,7 +307,7 @@ def test_the_linear_layer_kernels_count_as_matmul_time():
 def test_compile_both_times_every_configuration_eager_and_compiled_in_the_same_rounds(tmp_path, monkeypatch):
     timed = []
 
-    def fake_time_vitlab(model, data, config, steps, warmup, profile_steps=0, probe_peak=None):
+    def fake_time_vitlab(model, data, config, steps, warmup, profile_steps=0, probe_peak=None, probe_cores=None):
         timed.append(config.compile)
         return (200.0 if config.compile else 100.0), "bf16", (1.0, 1.0), {}
 

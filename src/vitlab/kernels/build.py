@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch  # (also loads PyTorch's OpenMP runtime before the library, so the library shares it)
 
-SOURCES = ("attention.c", "augment.c", "batch_norm.c", "block.c", "dropout.c", "gelu.c", "layer_norm.c", "matmul.c", "patches.c",
-           "pool.c", "single_query.c", "softmax.c", "weight_gradient.c")
+SOURCES = ("attention.c", "augment.c", "batch_norm.c", "block.c", "cores.c", "dropout.c", "gelu.c", "layer_norm.c", "matmul.c",
+           "patches.c", "pool.c", "single_query.c", "softmax.c", "weight_gradient.c")
 HEADERS = ("amx.h", "bf16_math.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 COMPILE_SECONDS = 120
@@ -85,6 +85,7 @@ SIGNATURES = {
     "vitlab_block_scratch_bytes": ([], ctypes.c_int64),
     "vitlab_block_release_scratch": ([], ctypes.c_int64),
     "vitlab_block_fill_scratch": ([ctypes.c_int], ctypes.c_int64),
+    "vitlab_core_round_trip_ns": ([ctypes.c_int64], ctypes.c_double),
 }
 
 
