@@ -9,8 +9,8 @@ between the two threads' cores at the same moments (tens of ns where they share 
 which on the AMD EPYC machine changed from minute to minute and moved training steps by up to 14%), the speed-up over
 the seeds' way, and where the step's time goes that is not matrix multiplication (torch.profiler, self time by
 operator). It splits each step's wall time into vitlab's C kernels (every call timed), PyTorch's own operators
-(profiler self time) and the rest, outside any operator (Python and autograd's bookkeeping between them), and it reports the bytes the step's operators read and write per second
-against a copy bandwidth measured in the same run; where every kernel's bytes are counted (the CNNs), it also gives
+(profiler self time) and the rest, outside any operator (Python and autograd's bookkeeping between them), and it
+reports the bytes the step's operators read and write per second against a copy bandwidth measured in the same run; where every kernel's bytes are counted (the CNNs), it also gives
 the step's arithmetic intensity (FLOPs per byte) against the ridge point peak / copy bandwidth, which says whether the
 compute peak or the memory bounds the step.
 
