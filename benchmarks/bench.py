@@ -10,9 +10,9 @@ which on the AMD EPYC machine changed from minute to minute and moved training s
 the seeds' way, and where the step's time goes that is not matrix multiplication (torch.profiler, self time by
 operator). It splits each step's wall time into vitlab's C kernels (every call timed), PyTorch's own operators
 (profiler self time) and the rest, outside any operator (Python and autograd's bookkeeping between them), and it
-reports the bytes the step's operators read and write per second against a copy bandwidth measured in the same run; where every kernel's bytes are counted (the CNNs), it also gives
-the step's arithmetic intensity (FLOPs per byte) against the ridge point peak / copy bandwidth, which says whether the
-compute peak or the memory bounds the step.
+reports the bytes the step's operators read and write per second against a copy bandwidth measured in the same run;
+where every kernel's bytes are counted (the CNNs), it also gives the step's arithmetic intensity (FLOPs per byte)
+against the ridge point peak / copy bandwidth, which says whether the compute peak or the memory bounds the step.
 
 - reference: what the seeds do. The models as seed 002's code writes them (reference_models.py:
   explicit-softmax attention, nn.Dropout), eager fp32, torchvision DataLoader with per-image PIL
