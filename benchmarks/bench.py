@@ -6,7 +6,7 @@ the bf16 matmul peak measured in the same run (the definition of ../shared/tools
 2048³, best of 5 rounds of 5) — once at the start and again just before and after each measurement, since a shared
 machine's peak moved by up to 2.9× within minutes (docs/performance.md) — and on the CPU the round trip of a cache line
 between the two threads' cores at the same moments (tens of ns where they share an L3, hundreds where they do not,
-which on the AMD EPYC machine changed from minute to minute and moved training steps by up to 14%), the speed-up over
+which on the AMD EPYC machine changed from minute to minute and moved training steps: docs/performance.md), the speed-up over
 the seeds' way, and where the step's time goes that is not matrix multiplication (torch.profiler, self time by
 operator). It splits each step's wall time into vitlab's C kernels (every call timed), PyTorch's own operators
 (profiler self time) and the rest, outside any operator (Python and autograd's bookkeeping between them), and it
@@ -362,7 +362,7 @@ def main() -> None:
     peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16, device), matmul_peak(torch.float32, device)
     bandwidth = copy_bandwidth(device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
-    # On the CPU: how far apart the threads' cores are (a shared L3 or not), which moved vitlab's steps by up to 14%
+    # On the CPU: how far apart the threads' cores are (a shared L3 or not), which moves vitlab's steps (docs/performance.md)
     probe_cores = core_round_trip_ns if device.type == "cpu" else None
     round_trip = probe_cores() if probe_cores else None
     cores = f"; cores' cache-line round trip {round_trip:.0f} ns" if round_trip is not None else ""

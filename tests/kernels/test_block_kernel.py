@@ -88,7 +88,11 @@ def test_the_blocks_temporaries_are_kept_between_calls_reused_as_they_are_and_fr
     fresh = gradients(batch)  # temporaries from malloc
     assert sorted(set(calls)) == ["run_backward", "run_first_token_backward", "run_first_token_forward", "run_forward"]
     held = block_kernel.scratch_bytes()
-    assert held >= 2 * 32 * 65 * 256  # at least the first MLP layer's output, bf16
+    rows, width, hidden = 32 * 65, 64, 256
+    # bf16 (rows, hidden) twice (the MLP's product; in backward its two gradients), bf16 (rows, width) three times (the
+    # projection's product; the backward's three gradients of that size), bf16 (rows, 3 width) once, and fp32 (rows,
+    # width) twice (the stream's gradient; the CLS-only block's keys' and values' gradient has its size)
+    assert held == 2 * (2 * rows * hidden) + 3 * (2 * rows * width) + 2 * rows * 3 * width + 2 * (4 * rows * width)
     gradients(other_batch)
     assert block_kernel.scratch_bytes() == held  # the same buffers again, no more
     for byte in (0xFF, 0x00):  # every kept byte NaN's, then zero: a temporary read before it is written changes the results
@@ -97,3 +101,24 @@ def test_the_blocks_temporaries_are_kept_between_calls_reused_as_they_are_and_fr
         assert all(torch.equal(first, second) for first, second in zip(fresh, again, strict=True))
     assert release_buffers() >= held
     assert block_kernel.scratch_bytes() == 0
+
+
+@pytest.mark.skipif(not IN_ONE_CALL, reason="the linear layers' products run in oneDNN here (AMX) or there are no C kernels")
+def test_a_size_no_longer_asked_for_gives_its_kept_buffer_up_when_every_slot_is_taken():
+    torch.manual_seed(0)
+    model = build_model("vit", patch_size=4, hidden_size=64, num_heads=4, num_blocks=1, pool="mean").train()
+    library = loaded_library()
+
+    def train_once(batch: int) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.randn(batch, 3, 32, 32)).float().sum().backward()
+
+    release_buffers()
+    for batch in range(2, 9):  # seven sizes of four buffers each (seven buffers a block): more than the 32 slots
+        train_once(batch)
+    train_once(9)
+    rows, width, hidden = 9 * 64, 64, 256  # mean pooling: no CLS token, 64 patches an image
+    # the last size's seven buffers all kept, in slots that stale sizes gave up
+    kept = {2 * rows * hidden: 2, 2 * rows * width: 3, 2 * rows * 3 * width: 1, 4 * rows * width: 1}
+    assert {size: library.vitlab_block_scratch_holds(size) for size in kept} == kept
+    release_buffers()

@@ -7,8 +7,8 @@
  * C"). Here the caller allocates every tensor the block keeps and its gradients once, and the block's twenty-odd
  * kernels run back to back. Temporaries (the forward's weight pairs, the first MLP layer's
  * output before GELU, the backward's intermediate gradients) live in memory allocated here: the small ones freed
- * before returning, the large ones (rows × features) kept for the next call (scratch_take, below), one buffer per
- * role.
+ * before returning, the large ones (rows × features), each in a buffer of its own, kept for the next call
+ * (scratch_take, below).
  *
  * Only where the products run in matmul.c (AVX-512 BF16 without AMX: with AMX oneDNN's products on the tiles are
  * faster, and they are not C functions this file could call).
@@ -93,52 +93,89 @@ typedef struct {
     uint16_t *out;                 /* (R, D) bf16: the MLP's output, with the last bias unless that is NULL */
 } BlockForward;
 
-/* Round to bf16 as PyTorch's conversion does: to nearest even, the same bits for every number. A NaN becomes 0xFFFF, as
- * its vectorised conversion writes (its scalar loop for a tail writes 0x7FC0): a NaN either way, its payload may differ. */
-/* Temporaries kept from call to call, each handed out again for a request of its exact size.
+/* Temporaries kept from call to call in SCRATCH_SLOTS slots, matched by exact size: the requests of one size take that
+ * size's idle slots in table order, so a block's temporaries get the same memory in every call (temporaries of equal
+ * size share slots in turn, as the forward's and the backward's do).
  *
- * Every kernel here splits its rows between the threads the same way (the first half of the rows to thread 0), so a
- * buffer used for the same role in every call has each half written by the same thread each time. With malloc's
- * memory instead, a block's 4 MB temporaries came back at other addresses from call to call, and halves one thread had
- * written were next written by the other. On the 2-core AMD EPYC machine the two cores sometimes share no L3 (a cache
- * line went back and forth between them in 320–390 ns instead of 50–60 ns); there, writing 4 MB last written by the
- * other core took 0.40 ms against 0.11 ms, and whole vit-seed001 steps ran 14% slower (docs/performance.md, "Buffers
- * each core keeps"). Kept here, they do not. vitlab_block_release_scratch frees the idle ones. */
+ * The kernels split their rows between the threads in halves, the first half to thread 0 (the products in tiles of a
+ * few rows, so their split falls within a few rows of the others'). A buffer kept for the same temporaries is then
+ * written half by half by the same threads in every call. With malloc's memory, the temporaries came back at other
+ * addresses from call to call, and memory one thread had written was next written by the other. Where the two cores
+ * share no L3 that is slow (docs/performance.md, "Buffers each core keeps"). vitlab_block_release_scratch frees the
+ * idle slots; a size no longer asked for gives its idle slot up when the table is full. */
 #define SCRATCH_SLOTS 32
 static struct {
     void *memory;
     size_t bytes;
     int busy;
+    uint64_t last_used; /* scratch_clock when last taken or given back */
 } scratch_slots[SCRATCH_SLOTS];
+static uint64_t scratch_clock;
 static pthread_mutex_t scratch_lock = PTHREAD_MUTEX_INITIALIZER;
 
-/* `bytes` of memory: the first idle slot of that exact size, else malloc's (NULL if that fails). */
+/* Free every idle slot's memory (the caller holds scratch_lock); returns the bytes freed. */
+static int64_t release_idle_slots(void) {
+    int64_t freed = 0;
+    for (int s = 0; s < SCRATCH_SLOTS; s++)
+        if (scratch_slots[s].memory != NULL && !scratch_slots[s].busy) {
+            free(scratch_slots[s].memory);
+            freed += (int64_t)scratch_slots[s].bytes;
+            scratch_slots[s].memory = NULL, scratch_slots[s].bytes = 0;
+        }
+    return freed;
+}
+
+/* `bytes` of memory: the first idle slot of that exact size, else malloc's; if malloc fails, once more after freeing
+ * the idle slots (NULL if it fails again). */
 static void *scratch_take(size_t bytes) {
     void *memory = NULL;
     pthread_mutex_lock(&scratch_lock);
     for (int s = 0; s < SCRATCH_SLOTS && memory == NULL; s++)
         if (scratch_slots[s].memory != NULL && !scratch_slots[s].busy && scratch_slots[s].bytes == bytes) {
-            scratch_slots[s].busy = 1;
+            scratch_slots[s].busy = 1, scratch_slots[s].last_used = ++scratch_clock;
             memory = scratch_slots[s].memory;
         }
     pthread_mutex_unlock(&scratch_lock);
-    return memory != NULL ? memory : malloc(bytes);
+    if (memory == NULL)
+        memory = malloc(bytes);
+    if (memory == NULL) {
+        pthread_mutex_lock(&scratch_lock);
+        release_idle_slots();
+        pthread_mutex_unlock(&scratch_lock);
+        memory = malloc(bytes);
+    }
+    return memory;
 }
 
-/* Back to its slot (idle), or into an empty slot, or (all slots taken) freed. NULL: nothing. */
+/* Back to its slot (idle); else into an empty slot; else into the slot of the least recently used idle buffer of
+ * another size, which is freed (a size no longer asked for); else (every slot busy or of this size) freed. NULL:
+ * nothing. */
 static void scratch_give(void *memory, size_t bytes) {
     if (memory == NULL)
         return;
     pthread_mutex_lock(&scratch_lock);
-    int kept = 0;
-    for (int s = 0; s < SCRATCH_SLOTS && !kept; s++)
+    int slot = -1;
+    for (int s = 0; s < SCRATCH_SLOTS && slot < 0; s++)
         if (scratch_slots[s].memory == memory)
-            scratch_slots[s].busy = 0, kept = 1;
-    for (int s = 0; s < SCRATCH_SLOTS && !kept; s++)
+            slot = s;
+    for (int s = 0; s < SCRATCH_SLOTS && slot < 0; s++)
         if (scratch_slots[s].memory == NULL)
-            scratch_slots[s].memory = memory, scratch_slots[s].bytes = bytes, scratch_slots[s].busy = 0, kept = 1;
+            slot = s;
+    void *evicted = NULL;
+    if (slot < 0) {
+        for (int s = 0; s < SCRATCH_SLOTS; s++)
+            if (!scratch_slots[s].busy && scratch_slots[s].bytes != bytes
+                && (slot < 0 || scratch_slots[s].last_used < scratch_slots[slot].last_used))
+                slot = s;
+        if (slot >= 0)
+            evicted = scratch_slots[slot].memory;
+    }
+    if (slot >= 0)
+        scratch_slots[slot].memory = memory, scratch_slots[slot].bytes = bytes, scratch_slots[slot].busy = 0,
+        scratch_slots[slot].last_used = ++scratch_clock;
     pthread_mutex_unlock(&scratch_lock);
-    if (!kept)
+    free(evicted);
+    if (slot < 0)
         free(memory);
 }
 
@@ -151,6 +188,16 @@ int64_t vitlab_block_scratch_bytes(void) {
             total += (int64_t)scratch_slots[s].bytes;
     pthread_mutex_unlock(&scratch_lock);
     return total;
+}
+
+/* How many slots hold buffers of exactly `bytes` (busy or idle). */
+int vitlab_block_scratch_holds(int64_t bytes) {
+    int count = 0;
+    pthread_mutex_lock(&scratch_lock);
+    for (int s = 0; s < SCRATCH_SLOTS; s++)
+        count += scratch_slots[s].memory != NULL && (int64_t)scratch_slots[s].bytes == bytes;
+    pthread_mutex_unlock(&scratch_lock);
+    return count;
 }
 
 /* Fill the idle slots' memory with `byte` (tests: a temporary read before it is written then shows); returns the bytes
@@ -169,18 +216,14 @@ int64_t vitlab_block_fill_scratch(int byte) {
 
 /* Free the idle slots' memory (a call in progress keeps its own); returns the bytes freed. */
 int64_t vitlab_block_release_scratch(void) {
-    int64_t freed = 0;
     pthread_mutex_lock(&scratch_lock);
-    for (int s = 0; s < SCRATCH_SLOTS; s++)
-        if (scratch_slots[s].memory != NULL && !scratch_slots[s].busy) {
-            free(scratch_slots[s].memory);
-            freed += (int64_t)scratch_slots[s].bytes;
-            scratch_slots[s].memory = NULL, scratch_slots[s].bytes = 0;
-        }
+    int64_t freed = release_idle_slots();
     pthread_mutex_unlock(&scratch_lock);
     return freed;
 }
 
+/* Round to bf16 as PyTorch's conversion does: to nearest even, the same bits for every number. A NaN becomes 0xFFFF, as
+ * its vectorised conversion writes (its scalar loop for a tail writes 0x7FC0): a NaN either way, its payload may differ. */
 static inline uint16_t torch_bf16(float value) { return value != value ? 0xFFFFu : float_to_bf16(value); }
 
 /* A layer's fp32 weight (outs × ins) → its bf16 copy → the matmul kernel's pairs (forward into `forward_pairs`,
@@ -431,7 +474,8 @@ int vitlab_first_token_block_backward(const BlockSizes *sizes, const FirstTokenB
              *grad_key_value = scratch_take(sizeof(uint16_t) * (size_t)(rows * 2 * width)),
              *grad_normalised = scratch_take(sizeof(uint16_t) * (size_t)(rows * width));
     float *grad_first = malloc(sizeof(float) * (size_t)(batch * width)), *grad_stream = scratch_take(sizeof(float) * (size_t)(rows * width));
-    if (grad_stream != NULL) /* zeros, each thread's rows by that thread (the norm's backward reads them so split) */
+    if (grad_stream != NULL) /* zeros, each thread's rows by that thread (the norm's backward reads them so split; the
+                              * first token's rows, set below by the calling thread, are the exception) */
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t row = 0; row < rows; row++)
             memset(grad_stream + row * width, 0, sizeof(float) * (size_t)width);
@@ -504,6 +548,10 @@ int64_t vitlab_block_scratch_bytes(void) { return 0; }
 int64_t vitlab_block_release_scratch(void) { return 0; }
 int64_t vitlab_block_fill_scratch(int byte) {
     (void)byte;
+    return 0;
+}
+int vitlab_block_scratch_holds(int64_t bytes) {
+    (void)bytes;
     return 0;
 }
 int vitlab_block_forward(const void *sizes, const void *block) {

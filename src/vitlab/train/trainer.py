@@ -150,7 +150,7 @@ class Runner:
                 self.ema.copy_to_model()
                 self.ema = None
         finally:
-            release_buffers()  # the attention kernel's weights, kept from step to step (also after an error)
+            release_buffers()  # the attention weights and block temporaries kept from step to step (also after an error)
         return self.history
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
