@@ -179,25 +179,15 @@ static void scratch_give(void *memory, size_t bytes) {
         free(memory);
 }
 
-/* The bytes the slots hold (busy or idle). */
-int64_t vitlab_block_scratch_bytes(void) {
+/* The bytes the slots hold (busy or idle): all of them for `size` 0, else those of buffers of exactly `size` bytes. */
+int64_t vitlab_block_scratch_bytes(int64_t size) {
     int64_t total = 0;
     pthread_mutex_lock(&scratch_lock);
     for (int s = 0; s < SCRATCH_SLOTS; s++)
-        if (scratch_slots[s].memory != NULL)
+        if (scratch_slots[s].memory != NULL && (size == 0 || (int64_t)scratch_slots[s].bytes == size))
             total += (int64_t)scratch_slots[s].bytes;
     pthread_mutex_unlock(&scratch_lock);
     return total;
-}
-
-/* How many slots hold buffers of exactly `bytes` (busy or idle). */
-int vitlab_block_scratch_holds(int64_t bytes) {
-    int count = 0;
-    pthread_mutex_lock(&scratch_lock);
-    for (int s = 0; s < SCRATCH_SLOTS; s++)
-        count += scratch_slots[s].memory != NULL && (int64_t)scratch_slots[s].bytes == bytes;
-    pthread_mutex_unlock(&scratch_lock);
-    return count;
 }
 
 /* Fill the idle slots' memory with `byte` (tests: a temporary read before it is written then shows); returns the bytes
@@ -544,14 +534,13 @@ int vitlab_first_token_block_backward(const BlockSizes *sizes, const FirstTokenB
 #else
 
 int vitlab_block_supported(void) { return 0; }
-int64_t vitlab_block_scratch_bytes(void) { return 0; }
+int64_t vitlab_block_scratch_bytes(int64_t size) {
+    (void)size;
+    return 0;
+}
 int64_t vitlab_block_release_scratch(void) { return 0; }
 int64_t vitlab_block_fill_scratch(int byte) {
     (void)byte;
-    return 0;
-}
-int vitlab_block_scratch_holds(int64_t bytes) {
-    (void)bytes;
     return 0;
 }
 int vitlab_block_forward(const void *sizes, const void *block) {

@@ -92,10 +92,11 @@ def first_token_sizes_supported(batch: int, tokens: int, width: int, hidden: int
                 (width, width), (width, 2 * width), (width, hidden), (hidden, width))))
 
 
-def scratch_bytes() -> int:
-    """The bytes block.c keeps between calls for its temporaries (0 where this process has not loaded the library)."""
+def scratch_bytes(size: int = 0) -> int:
+    """The bytes block.c keeps between calls for its temporaries: all of them, or with `size` those in buffers of exactly
+    that many bytes (0 where this process has not loaded the library)."""
     library = library_if_loaded()
-    return 0 if library is None else int(library.vitlab_block_scratch_bytes())
+    return 0 if library is None else int(library.vitlab_block_scratch_bytes(size))
 
 
 def release_scratch() -> int:

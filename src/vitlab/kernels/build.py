@@ -82,10 +82,9 @@ SIGNATURES = {
     "vitlab_block_backward": ([ctypes.c_void_p] * 2, ctypes.c_int),
     "vitlab_first_token_block_forward": ([ctypes.c_void_p] * 2, ctypes.c_int),
     "vitlab_first_token_block_backward": ([ctypes.c_void_p] * 2, ctypes.c_int),
-    "vitlab_block_scratch_bytes": ([], ctypes.c_int64),
+    "vitlab_block_scratch_bytes": ([ctypes.c_int64], ctypes.c_int64),
     "vitlab_block_release_scratch": ([], ctypes.c_int64),
     "vitlab_block_fill_scratch": ([ctypes.c_int], ctypes.c_int64),
-    "vitlab_block_scratch_holds": ([ctypes.c_int64], ctypes.c_int),
     "vitlab_core_round_trip_ns": ([ctypes.c_int64], ctypes.c_double),
 }
 
