@@ -36,6 +36,16 @@ def test_results_name_the_commit_the_run_started_from_and_what_malloc_keeps(cifa
     assert results["cpu_freed_memory"] == run_module.keep_freed_memory()
 
 
+def test_results_say_whether_the_cpus_cores_shared_a_cache_before_and_after_training(cifar_root, tmp_path, monkeypatch):
+    from vitlab.train import run as run_module
+
+    probes = iter([55.0, 330.0])  # ns: a shared L3 when training started, none when it ended
+    monkeypatch.setattr(run_module, "core_round_trip_ns", lambda: next(probes))
+    out = tmp_path / "run"
+    assert train(["--model", "cnn-small", "--data-dir", str(cifar_root)], out) == 0
+    assert json.loads((out / "results.json").read_text())["core_round_trips_ns"] == [55.0, 330.0]
+
+
 @pytest.mark.parametrize("model_args", [
     ["--model", "cnn-small"],
     ["--model", "vit", "--patch_size", "6", "--hidden_size", "32", "--num_heads", "4", "--num_blocks", "2", "--pool", "mean"],

@@ -12,6 +12,7 @@ from vitlab.config import DataConfig, RunConfig
 from vitlab.data import CIFAR10
 from vitlab.errors import RunStopped, VitlabError
 from vitlab.kernels import kernel_status
+from vitlab.kernels.cores import core_round_trip_ns
 from vitlab.models import VitlabModel, model_from_config
 from vitlab.models.flops import forward_flops_per_image
 from vitlab.provenance import cpu_description, device_description, git_commit, measured_matmul_peak, versions
@@ -138,6 +139,10 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir
             loggers.append(TensorBoardLogger(model, watched[0], folder))
             runner.epoch_end_hooks.append(loggers[-1])
     peak = measured_matmul_peak(runner.device) if distributed.is_main else None
+    # whether the CPU's cores shared a cache, before and after training (it moved steps on a cloud machine; one process
+    # only: a second one's threads would share the cores with the probe)
+    probe_cores = runner.device.type == "cpu" and not distributed.enabled
+    cores_before = core_round_trip_ns() if probe_cores else None
     if run.train.progress and distributed.is_main:
         included = " (the validation images included)" if run.data.train_on_validation else ""
         print(f"{'resuming' if resume else 'training'} {run.preset or run.model_name} ({model.num_parameters:,} parameters) on "
@@ -150,6 +155,7 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir
         for logger in loggers:
             logger.close()
         release_freed_memory()  # the steps' kept memory back to the OS: the next run in this process starts trimmed
+    cores_after = core_round_trip_ns() if probe_cores else None
     test = runner.evaluate(data.test_images, data.test_labels)
     if not distributed.is_main:  # every rank tested the same weights; rank 0 writes the folder
         barrier(distributed)
@@ -179,6 +185,8 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir
         "device": device_description(runner.device),
         "cpu": cpu_description(),
         "bf16_matmul_peak_tflop_s": peak,
+        # a cache line's round trip between two cores, ns (tens: a shared L3; hundreds: none), or None where not probed
+        "core_round_trips_ns": [cores_before, cores_after] if probe_cores else None,
         "precision": runner.precision,
         "cpu_kernels": kernel_status() if runner.device.type == "cpu" else None,
         "cpu_freed_memory": keep_freed_memory() if runner.device.type == "cpu" else None,
