@@ -7,6 +7,7 @@ import urllib.error
 from pathlib import Path
 
 import pytest
+import torch
 
 from vitlab.cli import main
 from vitlab.data import FOLDER
@@ -41,9 +42,15 @@ def test_results_say_whether_the_cpus_cores_shared_a_cache_before_and_after_trai
 
     probes = iter([55.0, 330.0])  # ns: a shared L3 when training started, none when it ended
     monkeypatch.setattr(run_module, "core_round_trip_ns", lambda: next(probes))
-    out = tmp_path / "run"
-    assert train(["--model", "cnn-small", "--data-dir", str(cifar_root)], out) == 0
-    assert json.loads((out / "results.json").read_text())["core_round_trips_ns"] == [55.0, 330.0]
+    threads = torch.get_num_threads()
+    for run_threads, expected in ((2, [55.0, 330.0]), (1, None)):  # one thread shares nothing between cores: no probe
+        torch.set_num_threads(run_threads)
+        try:
+            out = tmp_path / f"run{run_threads}"
+            assert train(["--model", "cnn-small", "--data-dir", str(cifar_root)], out) == 0
+        finally:
+            torch.set_num_threads(threads)
+        assert json.loads((out / "results.json").read_text())["core_round_trips_ns"] == expected
 
 
 @pytest.mark.parametrize("model_args", [

@@ -139,9 +139,10 @@ def finish_run(run: RunConfig, model: VitlabModel, data: CIFAR10, folder: RunDir
             loggers.append(TensorBoardLogger(model, watched[0], folder))
             runner.epoch_end_hooks.append(loggers[-1])
     peak = measured_matmul_peak(runner.device) if distributed.is_main else None
-    # whether the CPU's cores shared a cache, before and after training (it moved steps on a cloud machine; one process
-    # only: a second one's threads would share the cores with the probe)
-    probe_cores = runner.device.type == "cpu" and not distributed.enabled
+    # whether the CPU's cores shared a cache, before and after training (it moved steps on a cloud machine). Only for a
+    # single process training on several threads: a one-thread run shares nothing between cores, and beside other
+    # processes (DDP ranks, a sweep's parallel jobs) the probe's two spinning threads would take their cores
+    probe_cores = runner.device.type == "cpu" and not distributed.enabled and torch.get_num_threads() > 1
     cores_before = core_round_trip_ns() if probe_cores else None
     if run.train.progress and distributed.is_main:
         included = " (the validation images included)" if run.data.train_on_validation else ""
